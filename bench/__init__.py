@@ -1,0 +1,1 @@
+"""fastnn benchmarks: python -m bench [--suite NAME] [--device cpu|cuda] [--quick]."""

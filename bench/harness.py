@@ -1,0 +1,183 @@
+"""Benchmark harness: each case runs against its peer in the same process, alternating, median of repeats
+(CUDA events on the GPU), and reports achieved throughput as a fraction of this machine's measured ceiling.
+
+A suite is a module in bench/suites with `cases(device, quick) -> list[Case]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark row. `work` is the floor for the metric: bytes for GB/s, flops for TFLOP/s."""
+    suite: str
+    case: str
+    shape: str
+    dtype: str
+    ours: Callable[[], object]
+    peer: str
+    peer_fn: Optional[Callable[[], object]]
+    metric: str = "GB/s"          # "GB/s" (vs the copy ceiling) or "TFLOP/s" (vs the matmul ceiling)
+    work: float = 0.0
+    check: Optional[Callable[[object, object], bool]] = None  # ours vs peer output agreement
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], device: str) -> float:
+    """Seconds for one call (CUDA events on the GPU)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def time_pair(ours: Callable, peer: Optional[Callable], device: str, quick: bool) -> tuple:
+    """Median seconds of ours and peer, alternating calls. Repeats adapt to the slower of the two so a
+    case takes about 1 s (0.3 s quick); a call of over 1 s is timed twice (its warm-up counts)."""
+    fns = [ours] + ([peer] if peer is not None else [])
+    first = []
+    for fn in fns:  # warm-up, also the first estimate
+        _sync(device)
+        first.append(time_call(fn, device))
+    slowest = max(first)
+    budget = 0.3 if quick else 1.0
+    if slowest > 1.0:
+        repeats = 1
+        samples = [[f] for f in first]
+    else:
+        repeats = int(min(max(budget / max(slowest, 1e-6), 3), 25 if quick else 100))
+        samples = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            samples[i].append(time_call(fn, device))
+    medians = [statistics.median(s) for s in samples]
+    return medians[0], (medians[1] if peer is not None else None)
+
+
+def measure_ceilings(device: str, quick: bool) -> dict:
+    """This machine's copy bandwidth (GB/s, bytes read + written) and matmul rate (TFLOP/s)."""
+    if device == "cuda":
+        n_copy, n_mm, mm_dtype = 256 * 2**20, 8192, torch.bfloat16
+    else:
+        n_copy, n_mm, mm_dtype = 32 * 2**20, 2048, torch.float32
+    src = torch.empty(n_copy // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy_s = min(time_call(lambda: dst.copy_(src), device) for _ in range(5 if quick else 10))
+    a = torch.randn(n_mm, n_mm, device=device).to(mm_dtype)
+    b = torch.randn(n_mm, n_mm, device=device).to(mm_dtype)
+    torch.mm(a, b)
+    mm_s = min(time_call(lambda: torch.mm(a, b), device) for _ in range(3 if quick else 5))
+    return {"copy_GBps": 2 * n_copy / copy_s / 1e9, "matmul_TFLOPs": 2 * n_mm**3 / mm_s / 1e12,
+            "matmul_dtype": str(mm_dtype).replace("torch.", "")}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> List[dict]:
+    records = []
+    for c in cases:
+        ours_s, peer_s = time_pair(c.ours, c.peer_fn, device, quick)
+        agree = None
+        if c.check is not None and c.peer_fn is not None:
+            agree = bool(c.check(c.ours(), c.peer_fn()))
+        if c.metric == "TFLOP/s":
+            value = c.work / ours_s / 1e12
+            ceiling = ceilings["matmul_TFLOPs"]
+        else:
+            value = c.work / ours_s / 1e9
+            ceiling = ceilings["copy_GBps"]
+        rec = {
+            "suite": c.suite, "case": c.case, "device": device, "dtype": c.dtype, "shape": c.shape,
+            "ours_ms": ours_s * 1e3, "peer": c.peer, "peer_ms": None if peer_s is None else peer_s * 1e3,
+            "speedup": None if peer_s is None else peer_s / ours_s,
+            "metric": c.metric, "value": value, "ceiling_fraction": value / ceiling if ceiling else None,
+            "agrees_with_peer": agree,
+        }
+        records.append(rec)
+        print(format_row(rec), flush=True)
+    return records
+
+
+HEADER = (f"{'suite':<7} {'case':<26} {'shape':<22} {'dtype':<8} {'dev':<5} {'ours ms':>10} "
+          f"{'peer':<22} {'peer ms':>10} {'speedup':>8} {'achieved':>14} {'ceil%':>6}")
+
+
+def format_row(r: dict) -> str:
+    peer_ms = "-" if r["peer_ms"] is None else f"{r['peer_ms']:.3f}"
+    speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+    ach = f"{r['value']:.3g} {r['metric']}"
+    frac = "-" if r["ceiling_fraction"] is None else f"{100 * r['ceiling_fraction']:.2f}"
+    flag = "" if r.get("agrees_with_peer") in (None, True) else "  DISAGREES WITH PEER"
+    return (f"{r['suite']:<7} {r['case']:<26} {r['shape']:<22} {r['dtype']:<8} {r['device']:<5} "
+            f"{r['ours_ms']:>10.3f} {r['peer']:<22} {peer_ms:>10} {speed:>8} {ach:>14} {frac:>6}{flag}")
+
+
+def write_results(records: List[dict], device: str, ceilings: dict, out_dir: str, extra: dict) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    payload = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device, "card": device_name(device), "torch": torch.__version__,
+        "ceilings": ceilings, **extra, "records": records,
+    }
+    path = os.path.join(out_dir, f"{device}-latest.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    return path
+
+
+def plot_suite(records: List[dict], suite: str, device: str, card: str, out_dir: str) -> Optional[str]:
+    """Bar chart of ours vs peer time per case (log scale), speedups annotated. Returns the PNG path."""
+    rows = [r for r in records if r["suite"] == suite]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['case']}\n{r['shape']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
+    ax.bar([i - 0.2 for i in x], [r["ours_ms"] for r in rows], width=0.4, label="fastnn")
+    ax.bar([i + 0.2 for i in x], [r["peer_ms"] or 0 for r in rows], width=0.4, label="peer")
+    for i, r in enumerate(rows):
+        if r["speedup"]:
+            ax.annotate(f"{r['speedup']:.1f}x", (i, max(r["ours_ms"], r["peer_ms"] or 0)), ha="center",
+                        va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (median)")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_title(f"{suite} on {device} ({card})")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{device}-{suite}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,58 @@
+"""Input validation shared by every op: each check names the argument and what was expected."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(x, name: str, *, dtypes: Optional[Sequence[torch.dtype]] = None, integer: bool = False,
+           shape: Optional[Sequence[Optional[int]]] = None) -> Tensor:
+    """Checks that `x` is a tensor on a supported device with an accepted dtype and shape.
+
+    dtypes: accepted dtypes; integer=True accepts any integer dtype (not bool). shape: expected sizes,
+    None for a free size; its length is the expected number of dimensions.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type not in SUPPORTED_DEVICES and x.device.type != "meta":
+        raise ValueError(f"{name} must be on a CPU or CUDA device, got {x.device}")
+    if integer:
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+    elif dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_dtype_names(dtypes)}; got {x.dtype}")
+    if shape is not None:
+        ok = x.dim() == len(shape) and all(s is None or x.shape[i] == s for i, s in enumerate(shape))
+        if not ok:
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
+            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    return x
+
+
+def same_device(reference_name: str, reference: Tensor, **others: Tensor) -> None:
+    """Checks that every tensor in `others` is on the device of `reference`."""
+    for name, t in others.items():
+        if t.device != reference.device:
+            raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}; "
+                             "expected the same device")
+
+
+def real_number(x, name: str, *, allow_nan: bool = False) -> float:
+    """Checks that `x` is a real Python number (not bool), finite or infinite, NaN only if allowed."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if math.isnan(x) and not allow_nan:
+        raise ValueError(f"{name} must not be NaN")
+    return x

@@ -1,0 +1,4 @@
+"""Plain-PyTorch oracles for every fastnn op: readable, slow, float64-capable. Tests compare kernels here."""
+from . import boxes
+
+__all__ = ["boxes"]

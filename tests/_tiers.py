@@ -1,0 +1,204 @@
+"""Helpers for the five test tiers (DESIGN.md section 5). A kernel family gets every tier by calling these.
+
+  tier 1-3  compare(...)/lowp_close(...): kernels vs fastnn.reference, fp32 tight, fp16/bf16 by the
+            flash-attention rule; backends_under_test(device) lists what can run here
+  tier 4    aot_compile(...): Triton kernels compiled for sm_90 / sm_80 with register, spill and shared
+            memory reports; cuda_cxx_resource_usage() reads the same for the compiled CUDA C++ kernels
+  tier 5    the same comparisons on CUDA tensors in tests marked `cuda`
+  plus      run_opcheck, run_gradcheck, check_compiles, expect_error
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from typing import Callable, Iterable, Sequence
+
+import pytest
+import torch
+
+import fastnn
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+# Per-block shared memory limits (bytes) the AOT test enforces.
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+
+
+def backends_under_test(device: str, implemented: Sequence[str]) -> list:
+    """Kernel backends (not the reference) of an op that can run on `device` in this process."""
+    return [b for b in implemented if b != "reference" and b in fastnn.usable_backends(device)]
+
+
+def cuda_param(value):
+    """A pytest param for a CUDA-only case: marked `cuda`, so it is skipped without a GPU."""
+    return pytest.param(value, marks=pytest.mark.cuda)
+
+
+def device_params() -> list:
+    """["cpu", "cuda" (marked cuda)] for parametrising over devices."""
+    return ["cpu", cuda_param("cuda")]
+
+
+@contextmanager
+def backend(name: str):
+    """Force backend `name` inside the block."""
+    with fastnn.use_backend(name):
+        yield
+
+
+def lowp_close(out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor, factor: float = 2.0,
+               floor: float = 1e-6, what: str = "output") -> None:
+    """flash-attention's rule for low precision: the kernel's max error against an fp64 reference is at
+    most `factor` x the max error of the same reference math run in the low precision (+ a tiny floor)."""
+    out, ref64, ref_lowp = out.double(), ref64.double(), ref_lowp.double()
+    finite = torch.isfinite(ref64)
+    assert torch.equal(torch.isfinite(out), finite), f"{what}: non-finite pattern differs from the reference"
+    err = (out - ref64)[finite].abs().max().item() if finite.any() else 0.0
+    base = (ref_lowp - ref64)[finite].abs().max().item() if finite.any() else 0.0
+    assert err <= factor * base + floor, f"{what}: error {err:.3g} > {factor} x reference low-precision error {base:.3g}"
+
+
+def assert_same_nonfinite_and_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float,
+                                    what: str = "output") -> None:
+    """Same NaN/inf pattern, finite values close. (Poisoned unwritten outputs fail here.)"""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} != {ref.dtype}"
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def run_opcheck(op, args: Iterable[tuple], kwargs: dict | None = None, skip_autograd: bool = False) -> None:
+    """torch.library.opcheck on each argument tuple (schema, fake, autograd registration, AOT dispatch)."""
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    if not skip_autograd:
+        tests = tests + ("test_autograd_registration",)
+    for a in args:
+        torch.library.opcheck(op, a, kwargs or {}, test_utils=tests)
+
+
+def run_gradcheck(fn: Callable, inputs: tuple, backends: Sequence[str], **kw) -> None:
+    """torch.autograd.gradcheck in float64 for each backend."""
+    for b in backends:
+        with fastnn.use_backend(b):
+            assert torch.autograd.gradcheck(fn, inputs, **kw), f"gradcheck failed on backend {b}"
+
+
+def check_compiles(fn: Callable, args: tuple, backend: str = "inductor", dynamic: bool | None = None) -> None:
+    """fn compiled with torch.compile(fullgraph=True) gives the eager results (exactly, for index outputs)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend, dynamic=dynamic)
+    got, want = compiled(*args), fn(*args)
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    for g, w in zip(got, want):
+        if g.is_floating_point():
+            torch.testing.assert_close(g, w, equal_nan=True)
+        else:
+            assert torch.equal(g, w)
+
+
+def expect_error(fn: Callable, args: tuple, exc: type, match: str) -> None:
+    """fn(*args) raises `exc` whose message matches `match` (names the argument)."""
+    with pytest.raises(exc, match=match):
+        fn(*args)
+
+
+# ---------------------------------------------------------------- tier 4: ahead-of-time compilation
+
+def _triton_bin(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def parse_resource_usage(text: str) -> dict:
+    """{function name: {"REG": int, "STACK": int, "SHARED": int, ...}} from cuobjdump --dump-resource-usage."""
+    usage, current = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            current = m.group(1)
+            continue
+        if current and "REG:" in line:
+            usage[current] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+            current = None
+    return usage
+
+
+def aot_compile(kernel, signature: dict, constexprs: dict, num_warps: int, arch: int) -> dict:
+    """Compiles a Triton kernel for sm_<arch> without a GPU and returns its resource report:
+    {"REG", "STACK" (bytes spilled to local memory), "SHARED" (static), "dynamic_shared", "wgmma"}.
+    Needs the compiler, so it cannot run under TRITON_INTERPRET=1: see aot_reports()."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "enable_fp_fusion": False})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([_triton_bin("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    usage = parse_resource_usage(out)
+    assert len(usage) == 1, f"expected one kernel in the cubin, got {list(usage)}"
+    report = next(iter(usage.values()))
+    report["dynamic_shared"] = compiled.metadata.shared
+    report["wgmma"] = "wgmma" in compiled.asm["ptx"]
+    return report
+
+
+def spec_id(spec) -> str:
+    """Readable id of an (module, kernel, signature, constexprs, num_warps) AOT spec."""
+    module, kernel, _, constexprs, num_warps = spec
+    name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+    return f"{module}.{name}[" + ",".join(f"{k}={v}" for k, v in constexprs.items()) + f",warps={num_warps}]"
+
+
+_AOT_CACHE: dict = {}
+
+
+def aot_reports(archs=(90, 80)) -> dict:
+    """{spec_id: {arch: report}} for every spec in fastnn.kernels.all_aot_specs(), compiled in a child
+    process without TRITON_INTERPRET (the interpreter replaces @triton.jit functions). Cached."""
+    key = tuple(archs)
+    if key not in _AOT_CACHE:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        code = ("import json, sys; sys.path.insert(0, %r); import _tiers; "
+                "from fastnn.kernels import all_aot_specs; "
+                "print(json.dumps({_tiers.spec_id(s): {a: _tiers.aot_compile(*s[1:], a) for a in %r} "
+                "for s in all_aot_specs()}))") % (os.path.dirname(os.path.abspath(__file__)), list(archs))
+        proc = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, f"ahead-of-time compilation failed:\n{proc.stderr[-4000:]}"
+        raw = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+        _AOT_CACHE[key] = {sid: {int(a): r for a, r in per.items()} for sid, per in raw.items()}
+    return _AOT_CACHE[key]
+
+
+def assert_fits(report: dict, arch: int, what: str) -> None:
+    """No spills, shared memory (static + dynamic) within the chip's per-block limit."""
+    assert report.get("STACK", 0) == 0, f"{what}: spills {report['STACK']} bytes to local memory on sm_{arch}"
+    shared = report.get("SHARED", 0) + report["dynamic_shared"]
+    assert shared <= SHARED_LIMIT[arch], f"{what}: {shared} bytes of shared memory > sm_{arch} limit"
+
+
+def cuda_cxx_resource_usage() -> dict:
+    """Resource usage of every kernel in the compiled fastnn._C, per architecture: {arch: {fn: report}}."""
+    from fastnn import _backend
+
+    so = _backend._C.__file__
+    out = subprocess.run([_triton_bin("cuobjdump"), "--dump-resource-usage", so], capture_output=True, text=True,
+                         check=True).stdout
+    per_arch, chunk, arch = {}, [], None
+    for line in out.splitlines() + ["arch = end"]:
+        m = re.search(r"arch = (\S+)", line)
+        if m:
+            if arch is not None:
+                per_arch.setdefault(arch, {}).update(parse_resource_usage("\n".join(chunk)))
+            arch, chunk = m.group(1), []
+        else:
+            chunk.append(line)
+    return per_arch

@@ -1,0 +1,43 @@
+"""Tier 4: every Triton kernel configuration compiles ahead of time for sm_90 and sm_80 (no GPU needed),
+without register spills and within the chip's shared memory; the compiled CUDA C++ kernels likewise."""
+import os
+
+import pytest
+
+import fastnn
+
+pytest.importorskip("triton")
+
+from fastnn.kernels import all_aot_specs  # noqa: E402
+
+from _tiers import aot_reports, assert_fits, cuda_cxx_resource_usage, spec_id  # noqa: E402
+
+SPEC_IDS = [spec_id(s) for s in all_aot_specs()]
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("sid", SPEC_IDS)
+def test_triton_kernel_compiles_without_spills(sid, arch):
+    report = aot_reports()[sid][arch]
+    assert_fits(report, arch, sid)
+    assert report["REG"] <= 255
+
+
+@pytest.mark.skipif(not fastnn.build_info()["cuda_compiled"], reason="fastnn._C built without CUDA C++")
+def test_cuda_cxx_kernels_have_no_spills():
+    usage = cuda_cxx_resource_usage()
+    assert {"sm_80", "sm_90a"} <= set(usage), f"archs in fastnn._C: {sorted(usage)}"
+    for arch, kernels in usage.items():
+        fastnn_kernels = {k: v for k, v in kernels.items() if "fastnn" in k}
+        assert fastnn_kernels, f"no fastnn kernels for {arch}"
+        for name, report in fastnn_kernels.items():
+            assert report.get("STACK", 0) == 0, f"{name} spills on {arch}: {report}"
+
+
+def test_cuda_sources_compiled_when_forced():
+    """CI builds with FASTNN_CUDA=1: then every CUDA C++ source must be in the extension."""
+    if os.environ.get("FASTNN_CUDA") != "1":
+        pytest.skip("FASTNN_CUDA=1 not set for this run")
+    info = fastnn.build_info()
+    assert info["cuda_compiled"], info
+    assert {"sm_80", "sm_90a"} <= set(info["cuda_archs"])
