@@ -25,12 +25,12 @@ def test_triton_kernel_compiles_without_spills(sid, arch):
 
 @pytest.mark.skipif(not fastnn.build_info()["cuda_compiled"], reason="fastnn._C built without CUDA C++")
 def test_cuda_cxx_kernels_have_no_spills():
-    usage = cuda_cxx_resource_usage()
-    assert {"sm_80", "sm_90a"} <= set(usage), f"archs in fastnn._C: {sorted(usage)}"
-    for arch, kernels in usage.items():
-        fastnn_kernels = {k: v for k, v in kernels.items() if "fastnn" in k}
-        assert fastnn_kernels, f"no fastnn kernels for {arch}"
-        for name, report in fastnn_kernels.items():
+    usage = {arch: {k: v for k, v in kernels.items() if "fastnn" in k}
+             for arch, kernels in cuda_cxx_resource_usage().items()}
+    machine_code = {arch for arch, kernels in usage.items() if kernels}  # PTX entries report nothing
+    assert {"sm_80", "sm_90a"} <= machine_code, f"archs with fastnn kernels in fastnn._C: {sorted(machine_code)}"
+    for arch in machine_code:
+        for name, report in usage[arch].items():
             assert report.get("STACK", 0) == 0, f"{name} spills on {arch}: {report}"
 
 

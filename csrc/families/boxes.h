@@ -15,11 +15,11 @@ std::vector<at::Tensor> pairwise_box_iou_backward(const at::Tensor& grad, const 
 
 #ifdef FASTNN_WITH_CUDA
 namespace cuda {
+at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, const c10::optional<at::Tensor>& idxs,
+               double threshold);
 at::Tensor nms_mask(const at::Tensor& boxes, const at::Tensor& block_segment, const at::Tensor& seg_first_block,
                     const at::Tensor& seg_num_blocks, const at::Tensor& seg_mask_offset, int64_t max_blocks,
                     int64_t total_words, double threshold);
-at::Tensor nms_sweep(const at::Tensor& mask, const at::Tensor& valid_words, const at::Tensor& seg_first_block,
-                     const at::Tensor& seg_num_blocks, const at::Tensor& seg_mask_offset, int64_t max_blocks);
 }  // namespace cuda
 #endif
 
@@ -32,8 +32,9 @@ inline void register_boxes(pybind11::module& m) {
         "Gradients of pairwise (generalized) IoU on CPU", pybind11::arg("grad"), pybind11::arg("boxes1"),
         pybind11::arg("boxes2"), pybind11::arg("generalized"));
 #ifdef FASTNN_WITH_CUDA
-  m.def("nms_mask_cuda", &cuda::nms_mask, "NMS suppression bitmask over the segmented layout (CUDA)");
-  m.def("nms_sweep_cuda", &cuda::nms_sweep, "Greedy keep-sweep over an NMS bitmask (CUDA)");
+  m.def("nms_cuda", &cuda::nms, "Greedy NMS on CUDA (bitmask + on-GPU sweep); kept indices by descending score",
+        pybind11::arg("boxes"), pybind11::arg("scores"), pybind11::arg("idxs"), pybind11::arg("iou_threshold"));
+  m.def("nms_mask_cuda", &cuda::nms_mask, "NMS suppression bitmask over a segmented layout (CUDA; tests)");
 #endif
 }
 

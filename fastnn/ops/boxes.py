@@ -34,7 +34,8 @@ def _triton_boxes():
 # ---------------------------------------------------------------- NMS on the GPU (Triton or CUDA C++)
 
 def _nms_layout(boxes: Tensor, scores: Tensor, idxs: Optional[Tensor]):
-    """Sorted, class-segmented, 64-padded layout shared by the Triton and CUDA C++ NMS kernels.
+    """Sorted, class-segmented, 64-padded layout of the Triton NMS kernels (nms_cuda.cu builds the same
+    one in C++ for the CUDA kernels).
 
     Returns a dict: boxes (P, 4) in compute dtype, valid_words (B,), block_segment (B,), seg_first_block,
     seg_num_blocks, seg_mask_offset (S,), max_blocks, total_words, order (rank -> box index) and
@@ -87,19 +88,14 @@ def _nms_layout(boxes: Tensor, scores: Tensor, idxs: Optional[Tensor]):
                 max_blocks=max_blocks, total_words=total_words, order=order, pos_rank=pos_rank, n=n)
 
 
-def _nms_tiled(boxes: Tensor, scores: Tensor, idxs: Optional[Tensor], iou_threshold: float, kernels) -> Tensor:
-    """NMS through the bitmask + sweep kernels of `kernels` ("triton" or "cuda")."""
+def _nms_triton(boxes: Tensor, scores: Tensor, idxs: Optional[Tensor], iou_threshold: float) -> Tensor:
+    """NMS through the Triton bitmask and sweep kernels over the layout above."""
+    kb = _triton_boxes()
     lay = _nms_layout(boxes, scores, idxs)
     thr = ref.threshold_below(iou_threshold, lay["boxes"].dtype)
     tables = (lay["seg_first_block"], lay["seg_num_blocks"], lay["seg_mask_offset"])
-    if kernels == "cuda":
-        mask = _C.nms_mask_cuda(lay["boxes"], lay["block_segment"], *tables, lay["max_blocks"],
-                                lay["total_words"], thr)
-        keep_words = _C.nms_sweep_cuda(mask, lay["valid_words"], *tables, lay["max_blocks"])
-    else:
-        kb = _triton_boxes()
-        mask = kb.nms_mask(lay["boxes"], lay["block_segment"], *tables, lay["max_blocks"], lay["total_words"], thr)
-        keep_words = kb.nms_sweep(mask, lay["valid_words"], *tables, lay["max_blocks"])
+    mask = kb.nms_mask(lay["boxes"], lay["block_segment"], *tables, lay["max_blocks"], lay["total_words"], thr)
+    keep_words = kb.nms_sweep(mask, lay["valid_words"], *tables, lay["max_blocks"])
     shifts = torch.arange(_BLOCK, device=boxes.device)
     keep_pos = ((keep_words[:, None] >> shifts) & 1).bool().flatten()
     n = lay["n"]
@@ -124,8 +120,9 @@ def _nms_reference(boxes, scores, idxs, iou_threshold):
 _NMS_IMPLS = {
     "reference": _nms_reference,
     "cpp": _nms_cpp,
-    "cuda": lambda b, s, i, t: _nms_tiled(b, s, i, t, "cuda"),
-    "triton": lambda b, s, i, t: _nms_tiled(b, s, i, t, "triton"),
+    # the whole CUDA C++ path is one call (csrc/cuda/nms_cuda.cu): a few launches, no Python glue
+    "cuda": lambda b, s, i, t: _C.nms_cuda(b, s, i, t),
+    "triton": _nms_triton,
 }
 
 
