@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from fastnn import _alloc
+from fastnn.reference.boxes import clamp_grad_at_zero
 
 NMS_BLOCK = 64
 # Mask: 4 column blocks per program, 64 x 64 IoU tiles at 8 warps: 186 registers for fp32 (255 at 4
@@ -212,6 +213,14 @@ def _min_share(x, y):
 
 
 @triton.jit
+def _clamp_passes(v, AT_ZERO: tl.constexpr):
+    if AT_ZERO:
+        return v >= 0
+    else:
+        return v > 0
+
+
+@triton.jit
 def _pairwise_iou_backward_kernel(
     grad_ptr,              # (N, M) upstream gradient, box dtype
     b1_ptr, b2_ptr,        # (N, 4), (M, 4)
@@ -219,12 +228,13 @@ def _pairwise_iou_backward_kernel(
     N, M,
     GENERALIZED: tl.constexpr,
     FOR_BOXES1: tl.constexpr,  # which side this launch reduces for (the other is summed over)
+    CLAMP_AT_ZERO: tl.constexpr,  # clamp(min=0) passes the gradient at exactly 0 (torch-version dependent)
     IS_FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     # Mirrors pair_iou_backward in csrc/common/box_math.h: torch autograd through the forward, clamp
-    # passing gradient where its input is > 0, min/max splitting ties evenly.
+    # passing gradient where its input is > 0 (or >= 0, CLAMP_AT_ZERO), min/max splitting ties evenly.
     own_n = N if FOR_BOXES1 else M
     other_n = M if FOR_BOXES1 else N
     own_ptr = b1_ptr if FOR_BOXES1 else b2_ptr
@@ -282,8 +292,8 @@ def _pairwise_iou_backward_kernel(
             d_num = -_div(g, enclose, IS_FP64)
             d_enc = _div(g * (enclose - uni), enclose * enclose, IS_FP64) + d_num
             d_uni = d_uni - d_num
-            d_cw0 = tl.where(cw0 > 0, d_enc * ch, 0.0)
-            d_ch0 = tl.where(ch0 > 0, d_enc * cw, 0.0)
+            d_cw0 = tl.where(_clamp_passes(cw0, CLAMP_AT_ZERO), d_enc * ch, 0.0)
+            d_ch0 = tl.where(_clamp_passes(ch0, CLAMP_AT_ZERO), d_enc * cw, 0.0)
             if FOR_BOXES1:
                 s2 += d_cw0 * _max_share(ax2, bx2)
                 s0 -= d_cw0 * _min_share(ax1, bx1)
@@ -295,8 +305,8 @@ def _pairwise_iou_backward_kernel(
                 s3 += d_ch0 * _max_share(by2, ay2)
                 s1 -= d_ch0 * _min_share(by1, ay1)
         d_inter = d_inter - d_uni
-        d_w0 = tl.where(w0 > 0, d_inter * h, 0.0)
-        d_h0 = tl.where(h0 > 0, d_inter * w, 0.0)
+        d_w0 = tl.where(_clamp_passes(w0, CLAMP_AT_ZERO), d_inter * h, 0.0)
+        d_h0 = tl.where(_clamp_passes(h0, CLAMP_AT_ZERO), d_inter * w, 0.0)
         if FOR_BOXES1:
             s2 += d_uni * ha + d_w0 * _min_share(ax2, bx2)
             s0 -= d_uni * ha + d_w0 * _max_share(ax1, bx1)
@@ -362,8 +372,9 @@ def pairwise_iou(boxes1, boxes2, generalized: bool):
     return out
 
 
-def pairwise_iou_backward(grad, boxes1, boxes2, generalized: bool):
-    """Gradients (boxes1, boxes2) of pairwise_iou for upstream `grad` (N, M), in the boxes' dtype."""
+def pairwise_iou_backward(grad, boxes1, boxes2, generalized: bool, grad_at_zero: bool):
+    """Gradients (boxes1, boxes2) of pairwise_iou for upstream `grad` (N, M), in the boxes' dtype.
+    grad_at_zero: whether clamp(min=0) passes the gradient at exactly 0 (as the running torch does)."""
     n, m = boxes1.shape[0], boxes2.shape[0]
     outs = []
     for for_boxes1, rows in ((True, n), (False, m)):
@@ -372,7 +383,8 @@ def pairwise_iou_backward(grad, boxes1, boxes2, generalized: bool):
             if n and m:
                 _pairwise_iou_backward_kernel[(triton.cdiv(rows, IOU_BWD_ROWS),)](
                     grad, boxes1, boxes2, out, n, m, GENERALIZED=generalized, FOR_BOXES1=for_boxes1,
-                    IS_FP64=boxes1.dtype == torch.float64, BLOCK_R=IOU_BWD_ROWS, BLOCK_C=IOU_BWD_COLS,
+                    CLAMP_AT_ZERO=grad_at_zero, IS_FP64=boxes1.dtype == torch.float64, BLOCK_R=IOU_BWD_ROWS,
+                    BLOCK_C=IOU_BWD_COLS,
                     num_warps=4, **_EXACT)
             else:
                 out.zero_()
@@ -383,6 +395,7 @@ def pairwise_iou_backward(grad, boxes1, boxes2, generalized: bool):
 def aot_specs():
     """Every kernel configuration the launchers use, for the ahead-of-time compile test:
     (kernel, signature, constexprs, num_warps)."""
+    at_zero = clamp_grad_at_zero()
     specs = []
     for fp in ("fp32", "fp64"):
         is64 = fp == "fp64"
@@ -403,8 +416,10 @@ def aot_specs():
                 specs.append((_pairwise_iou_backward_kernel,
                               {"grad_ptr": f"*{fp}", "b1_ptr": f"*{fp}", "b2_ptr": f"*{fp}", "out_ptr": f"*{fp}",
                                "N": "i32", "M": "i32", "GENERALIZED": "constexpr", "FOR_BOXES1": "constexpr",
-                               "IS_FP64": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-                              {"GENERALIZED": gen, "FOR_BOXES1": side, "IS_FP64": is64, "BLOCK_R": IOU_BWD_ROWS,
+                               "CLAMP_AT_ZERO": "constexpr", "IS_FP64": "constexpr", "BLOCK_R": "constexpr",
+                               "BLOCK_C": "constexpr"},
+                              {"GENERALIZED": gen, "FOR_BOXES1": side, "CLAMP_AT_ZERO": at_zero, "IS_FP64": is64,
+                               "BLOCK_R": IOU_BWD_ROWS,
                                "BLOCK_C": IOU_BWD_COLS}, 4))
     specs.append((_nms_sweep_kernel,
                   {"mask_ptr": "*i64", "valid_ptr": "*i64", "seg_first_block_ptr": "*i64", "seg_num_blocks_ptr": "*i64",

@@ -297,6 +297,28 @@ def test_iou_backward_matches_torch_autograd(device, generalized):
                                                msg=lambda m: f"{backend} {gen.__name__} {dtype}: {m}")
 
 
+@pytest.mark.parametrize("at_zero", [False, True])
+def test_iou_backward_clamp_convention_at_touching_boxes(at_zero):
+    """torch <= 2.11 passes clamp(min=0)'s gradient at exactly 0, torch 2.14 does not; the kernels take
+    the convention as a flag and the ops pass the running torch's (checked against autograd above)."""
+    a = torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0, 0.0, 2.0, 1.0]], dtype=torch.float64)   # touching: intersection width exactly 0
+    grad = torch.ones(1, 1, dtype=torch.float64)
+    half = 0.5 if at_zero else 0.0   # d iou / d inter = 1 / union = 1/2, times height 1
+    want_a = torch.tensor([[0.0, 0.0, half, 0.0]], dtype=torch.float64)
+    want_b = torch.tensor([[-half, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    g1, g2 = fastnn._backend._C.pairwise_box_iou_backward_cpu(grad, a, b, False, at_zero)
+    torch.testing.assert_close(g1, want_a)
+    torch.testing.assert_close(g2, want_b)
+    if "triton" in fastnn.usable_backends("cpu"):
+        from fastnn.kernels import boxes as kb
+
+        t1, t2 = kb.pairwise_iou_backward(grad, a, b, False, at_zero)
+        torch.testing.assert_close(t1, want_a)
+        torch.testing.assert_close(t2, want_b)
+    assert box_ops._CLAMP_AT_ZERO == ref.clamp_grad_at_zero()
+
+
 @pytest.mark.parametrize("generalized", [False, True])
 def test_iou_backward_low_precision(generalized):
     fn = ops.generalized_box_iou if generalized else ops.box_iou

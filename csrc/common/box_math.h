@@ -94,9 +94,12 @@ template <typename T>
 FASTNN_HD T min_share(T x, T y) { return x < y ? T(1) : (x == y ? T(0.5) : T(0)); }
 
 // Adds d pair_iou(a, b) / da * g to ga and d / db * g to gb, following torch autograd through the
-// forward above (clamp passes the gradient where its input is > 0, min/max split ties evenly).
+// forward above: min/max split ties evenly; clamp(min=0) passes the gradient where its input is > 0, and
+// also at exactly 0 when clamp_grad_at_zero (torch changed this convention between releases, so the
+// caller passes what the running torch does).
 template <typename T>
-FASTNN_HD void pair_iou_backward(const T* a, const T* b, T g, bool generalized, T* ga, T* gb) {
+FASTNN_HD void pair_iou_backward(const T* a, const T* b, T g, bool generalized, bool clamp_grad_at_zero, T* ga,
+                                 T* gb) {
   const T wa = a[2] - a[0], ha = a[3] - a[1], wb = b[2] - b[0], hb = b[3] - b[1];
   const T area_a = wa * ha, area_b = wb * hb;
   const T w0 = nan_min(a[2], b[2]) - nan_max(a[0], b[0]);
@@ -114,8 +117,8 @@ FASTNN_HD void pair_iou_backward(const T* a, const T* b, T g, bool generalized, 
     const T d_num = -g / enclose;
     const T d_enclose = g * (enclose - uni) / (enclose * enclose) + d_num;
     d_uni -= d_num;
-    const T d_cw0 = cw0 > T(0) ? d_enclose * ch : T(0);
-    const T d_ch0 = ch0 > T(0) ? d_enclose * cw : T(0);
+    const T d_cw0 = (cw0 > T(0) || (clamp_grad_at_zero && cw0 == T(0))) ? d_enclose * ch : T(0);
+    const T d_ch0 = (ch0 > T(0) || (clamp_grad_at_zero && ch0 == T(0))) ? d_enclose * cw : T(0);
     ga[2] += d_cw0 * max_share(a[2], b[2]); gb[2] += d_cw0 * max_share(b[2], a[2]);
     ga[0] -= d_cw0 * min_share(a[0], b[0]); gb[0] -= d_cw0 * min_share(b[0], a[0]);
     ga[3] += d_ch0 * max_share(a[3], b[3]); gb[3] += d_ch0 * max_share(b[3], a[3]);
@@ -129,8 +132,8 @@ FASTNN_HD void pair_iou_backward(const T* a, const T* b, T g, bool generalized, 
   ga[2] += d_uni * ha; ga[0] -= d_uni * ha; ga[3] += d_uni * wa; ga[1] -= d_uni * wa;
   gb[2] += d_uni * hb; gb[0] -= d_uni * hb; gb[3] += d_uni * wb; gb[1] -= d_uni * wb;
   // inter = clamp(w0) * clamp(h0)
-  const T d_w0 = w0 > T(0) ? d_inter * h : T(0);
-  const T d_h0 = h0 > T(0) ? d_inter * w : T(0);
+  const T d_w0 = (w0 > T(0) || (clamp_grad_at_zero && w0 == T(0))) ? d_inter * h : T(0);
+  const T d_h0 = (h0 > T(0) || (clamp_grad_at_zero && h0 == T(0))) ? d_inter * w : T(0);
   ga[2] += d_w0 * min_share(a[2], b[2]); gb[2] += d_w0 * min_share(b[2], a[2]);
   ga[0] -= d_w0 * max_share(a[0], b[0]); gb[0] -= d_w0 * max_share(b[0], a[0]);
   ga[3] += d_h0 * min_share(a[3], b[3]); gb[3] += d_h0 * min_share(b[3], a[3]);

@@ -32,19 +32,19 @@ void iou_forward(const T* b1, const T* b2, int64_t n, int64_t m, bool generalize
 
 // Two deterministic passes: rows of boxes1 reduce over boxes2, then rows of boxes2 over boxes1.
 template <typename T>
-void iou_backward(const T* grad, const T* b1, const T* b2, int64_t n, int64_t m, bool generalized, T* g1,
-                  T* g2) {
+void iou_backward(const T* grad, const T* b1, const T* b2, int64_t n, int64_t m, bool generalized,
+                  bool clamp_grad_at_zero, T* g1, T* g2) {
   at::parallel_for(0, n, std::max<int64_t>(1, kPairsPerTask / std::max<int64_t>(m, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       T acc[4] = {0, 0, 0, 0}, unused[4];
-      for (int64_t j = 0; j < m; ++j) pair_iou_backward(b1 + 4 * i, b2 + 4 * j, grad[i * m + j], generalized, acc, unused);
+      for (int64_t j = 0; j < m; ++j) pair_iou_backward(b1 + 4 * i, b2 + 4 * j, grad[i * m + j], generalized, clamp_grad_at_zero, acc, unused);
       for (int k = 0; k < 4; ++k) g1[4 * i + k] = acc[k];
     }
   });
   at::parallel_for(0, m, std::max<int64_t>(1, kPairsPerTask / std::max<int64_t>(n, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
       T acc[4] = {0, 0, 0, 0}, unused[4];
-      for (int64_t i = 0; i < n; ++i) pair_iou_backward(b1 + 4 * i, b2 + 4 * j, grad[i * m + j], generalized, unused, acc);
+      for (int64_t i = 0; i < n; ++i) pair_iou_backward(b1 + 4 * i, b2 + 4 * j, grad[i * m + j], generalized, clamp_grad_at_zero, unused, acc);
       for (int k = 0; k < 4; ++k) g2[4 * j + k] = acc[k];
     }
   });
@@ -67,9 +67,11 @@ at::Tensor pairwise_box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2, 
   return out;
 }
 
-// Returns (grad_boxes1, grad_boxes2) in the dtypes of boxes1 and boxes2.
+// Returns (grad_boxes1, grad_boxes2) in the dtypes of boxes1 and boxes2. clamp_grad_at_zero: see
+// pair_iou_backward.
 std::vector<at::Tensor> pairwise_box_iou_backward(const at::Tensor& grad, const at::Tensor& boxes1,
-                                                  const at::Tensor& boxes2, bool generalized) {
+                                                  const at::Tensor& boxes2, bool generalized,
+                                                  bool clamp_grad_at_zero) {
   const auto ct = compute_type(boxes1);
   at::Tensor a = boxes1.to(ct).contiguous(), b = boxes2.to(ct).contiguous(), g = grad.to(ct).contiguous();
   at::Tensor g1 = new_output(a.sizes(), a.options()), g2 = new_output(b.sizes(), b.options());
@@ -79,7 +81,8 @@ std::vector<at::Tensor> pairwise_box_iou_backward(const at::Tensor& grad, const 
   } else {
     AT_DISPATCH_FLOATING_TYPES(ct, "pairwise_box_iou_backward", [&] {
       iou_backward<scalar_t>(g.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), a.size(0),
-                             b.size(0), generalized, g1.data_ptr<scalar_t>(), g2.data_ptr<scalar_t>());
+                             b.size(0), generalized, clamp_grad_at_zero, g1.data_ptr<scalar_t>(),
+                             g2.data_ptr<scalar_t>());
     });
   }
   return {g1.to(boxes1.scalar_type()), g2.to(boxes2.scalar_type())};

@@ -56,7 +56,8 @@ void launch_mask(const at::Tensor& laid, const Segments& seg, int64_t max_blocks
 
 void launch_sweep(const at::Tensor& mask, const at::Tensor& summary, const at::Tensor& valid_words,
                   const Segments& seg, int64_t segments, int64_t max_blocks, const at::Tensor& keep_words,
-                  const int64_t* order, int64_t* out, int64_t* out_count, cudaStream_t stream) {
+                  const int64_t* order, int64_t order_len, int64_t* out, int64_t* out_count,
+                  cudaStream_t stream) {
   const auto* m = reinterpret_cast<const uint64_t*>(mask.data_ptr<int64_t>());
   const auto* sm = reinterpret_cast<const unsigned long long*>(summary.data_ptr<int64_t>());
   const auto* v = reinterpret_cast<const uint64_t*>(valid_words.data_ptr<int64_t>());
@@ -69,11 +70,12 @@ void launch_sweep(const at::Tensor& mask, const at::Tensor& summary, const at::T
                                           static_cast<int>(shared_bytes)));
     }
     nms_sweep_kernel<true><<<static_cast<unsigned>(segments), kSweepThreads, shared_bytes, stream>>>(
-        m, sm, v, seg, nullptr, k, order, out, out_count);
+        m, sm, v, seg, nullptr, k, order, order_len, out, out_count);
   } else {
     at::Tensor removed = at::empty({keep_words.size(0)}, keep_words.options());
     nms_sweep_kernel<false><<<static_cast<unsigned>(segments), kSweepThreads, 0, stream>>>(
-        m, sm, v, seg, reinterpret_cast<uint64_t*>(removed.data_ptr<int64_t>()), k, order, out, out_count);
+        m, sm, v, seg, reinterpret_cast<uint64_t*>(removed.data_ptr<int64_t>()), k, order, order_len, out,
+        out_count);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -131,7 +133,7 @@ at::Tensor nms_typed(const at::Tensor& boxes, const at::Tensor& scores_ct, const
     at::Tensor keep = new_output({nb}, lo);
     at::Tensor out = new_output({n}, lo);
     at::Tensor count = at::empty({1}, lo);
-    launch_sweep(mask, summary, valid, seg, 1, nb, keep, order.data_ptr<int64_t>(), out.data_ptr<int64_t>(),
+    launch_sweep(mask, summary, valid, seg, 1, nb, keep, order.data_ptr<int64_t>(), n, out.data_ptr<int64_t>(),
                  count.data_ptr<int64_t>(), stream);
     return out.narrow(0, 0, count.item<int64_t>());
   }
@@ -146,7 +148,7 @@ at::Tensor nms_typed(const at::Tensor& boxes, const at::Tensor& scores_ct, const
   at::Tensor mask = new_output({L.total_words}, lo);
   launch_mask<T>(laid, seg, L.max_blocks, threshold, mask, summary, stream);
   at::Tensor keep = new_output({L.total_blocks}, lo);
-  launch_sweep(mask, summary, valid, seg, L.segments, L.max_blocks, keep, nullptr, nullptr, nullptr, stream);
+  launch_sweep(mask, summary, valid, seg, L.segments, L.max_blocks, keep, nullptr, 0, nullptr, nullptr, stream);
   at::Tensor keep_rank = at::zeros({n}, boxes.options().dtype(at::kByte));
   const int64_t positions = L.total_blocks * kNmsBlock;
   nms_scatter_keep_kernel<<<static_cast<unsigned>((positions + 255) / 256), 256, 0, stream>>>(

@@ -119,39 +119,45 @@ __global__ void __launch_bounds__(kNmsBlock) nms_mask_kernel(const T* __restrict
 }
 
 // grid (num_segments), block kSweepThreads. The greedy sweep of one segment, block by block:
-//  1. warp 0 resolves the 64 boxes of block b in order (kept unless removed by an earlier kept box); the
-//     block's diagonal words, valid bits and summaries were prefetched during the previous step;
-//  2. the (kept row, non-zero chunk) pairs are dealt round-robin to the warps; each lane keeps up to
-//     kSweepQueue coalesced loads in flight and ORs the non-zero words into the removed-bits of later
-//     blocks (shared-memory atomics, rarely taken).
+//  1. warp 0 resolves the 64 boxes of block b in order (kept unless removed by an earlier kept box) and
+//     lists the (kept row, non-zero chunk) pairs in shared memory (a warp prefix sum places each lane's);
+//     the block's diagonal words, valid bits, summaries and indices were prefetched during the previous
+//     step;
+//  2. every warp takes every num_warps-th listed 32-word load, kSweepQueue of them in flight per lane, and
+//     ORs the non-zero words into the removed-bits of later blocks (shared atomics, rarely taken).
 // removed lives in shared memory when it fits (kSharedRemoved), else in removed_global (one word per
 // block). keep_words gets the kept bits of every block. With a single segment and `out` set, the kept
-// boxes' indices order[p] are also written to out in order and their count to *out_count.
+// boxes' indices order[p] (p < order_len) are also written to out in order and their count to *out_count.
 template <bool kSharedRemoved>
 __global__ void __launch_bounds__(kSweepThreads) nms_sweep_kernel(
     const uint64_t* __restrict__ mask, const unsigned long long* __restrict__ summary,
     const uint64_t* __restrict__ valid_words, Segments seg, uint64_t* __restrict__ removed_global,
-    uint64_t* __restrict__ keep_words, const int64_t* __restrict__ order, int64_t* __restrict__ out,
-    int64_t* __restrict__ out_count) {
+    uint64_t* __restrict__ keep_words, const int64_t* __restrict__ order, int64_t order_len,
+    int64_t* __restrict__ out, int64_t* __restrict__ out_count) {
   extern __shared__ unsigned long long removed_shared[];
-  __shared__ unsigned long long tasks[kNmsBlock];  // summary of each kept row of the block, 0 if not kept
-  __shared__ uint64_t kept_now;
+  __shared__ uint16_t task_list[kNmsBlock * 64];  // (chunk << 6) | row, for each kept row's non-zero chunk
+  __shared__ int task_count;
   const int64_t s = blockIdx.x;
   const int64_t first = seg.first(s), nb = seg.blocks(s), offset = seg.offset(s);
   unsigned long long* removed =
       kSharedRemoved ? removed_shared : reinterpret_cast<unsigned long long*>(removed_global) + first;
   for (int64_t w = threadIdx.x; w < nb; w += blockDim.x) removed[w] = 0;
   const int chunk_log2 = summary_chunk_log2(nb);
+  const int sub_log2 = chunk_log2 - 5;  // 32-word loads per chunk, log2
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
   uint64_t d_lo = 0, d_hi = 0, valid = 0, sum_lo = 0, sum_hi = 0;
-  int64_t kept_total = 0;
+  int64_t ord_lo = 0, ord_hi = 0, kept_total = 0;
   if (warp == 0) {  // prefetch block 0
     d_lo = mask[offset + lane * nb];
     d_hi = mask[offset + (lane + 32) * nb];
     sum_lo = summary[first * kNmsBlock + lane];
     sum_hi = summary[first * kNmsBlock + lane + 32];
     valid = valid_words[first];
+    if (out != nullptr) {
+      ord_lo = lane < order_len ? order[lane] : -1;
+      ord_hi = lane + 32 < order_len ? order[lane + 32] : -1;
+    }
   }
   __syncthreads();
 
@@ -171,18 +177,27 @@ __global__ void __launch_bounds__(kSweepThreads) nms_sweep_kernel(
           }
         }
       }
-      tasks[lane] = ((kept >> lane) & 1ull) ? sum_lo : 0;
-      tasks[lane + 32] = ((kept >> (lane + 32)) & 1ull) ? sum_hi : 0;
-      if (lane == 0) {
-        kept_now = kept;
-        keep_words[first + b] = kept;
+      const bool keep_lo = (kept >> lane) & 1ull, keep_hi = (kept >> (lane + 32)) & 1ull;
+      // List this lane's tasks (rows lane and lane + 32) after those of the lanes below it.
+      const unsigned long long m_lo = keep_lo ? sum_lo : 0ull, m_hi = keep_hi ? sum_hi : 0ull;
+      const int mine = __popcll(m_lo) + __popcll(m_hi);
+      int inclusive = mine;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, inclusive, d);
+        if (lane >= d) inclusive += v;
       }
+      int slot = inclusive - mine;
+      for (unsigned long long c = m_lo; c != 0; c &= c - 1)
+        task_list[slot++] = static_cast<uint16_t>(((__ffsll(static_cast<long long>(c)) - 1) << 6) | lane);
+      for (unsigned long long c = m_hi; c != 0; c &= c - 1)
+        task_list[slot++] = static_cast<uint16_t>(((__ffsll(static_cast<long long>(c)) - 1) << 6) | (lane + 32));
+      if (lane == 31) task_count = inclusive;
+      if (lane == 0) keep_words[first + b] = kept;
       if (out != nullptr) {  // compaction, in score order
         const uint64_t below = (1ull << lane) - 1;
-        const int64_t p0 = (first + b) * kNmsBlock;
-        if ((kept >> lane) & 1ull) out[kept_total + __popcll(kept & below)] = order[p0 + lane];
-        if ((kept >> (lane + 32)) & 1ull)
-          out[kept_total + __popcll(kept & 0xffffffffull) + __popcll((kept >> 32) & below)] = order[p0 + lane + 32];
+        if (keep_lo) out[kept_total + __popcll(kept & below)] = ord_lo;
+        if (keep_hi) out[kept_total + __popcll(kept & 0xffffffffull) + __popcll((kept >> 32) & below)] = ord_hi;
         kept_total += __popcll(kept);
       }
       if (b + 1 < nb) {  // the next block's words load while the OR step runs
@@ -192,48 +207,35 @@ __global__ void __launch_bounds__(kSweepThreads) nms_sweep_kernel(
         sum_lo = summary[(first + b + 1) * kNmsBlock + lane];
         sum_hi = summary[(first + b + 1) * kNmsBlock + lane + 32];
         valid = valid_words[first + b + 1];
+        if (out != nullptr) {
+          const int64_t p = (b + 1) * kNmsBlock + lane;
+          ord_lo = p < order_len ? order[p] : -1;
+          ord_hi = p + 32 < order_len ? order[p + 32] : -1;
+        }
       }
     }
     __syncthreads();
 
-    // (kept row i, sub-chunk) tasks, numbered in a fixed order; task t goes to warp t % num_warps.
-    const uint64_t kept = kept_now;
-    const int sub_per_chunk = 1 << (chunk_log2 - 5);
-    int t = 0, queued = 0;
-    int64_t q_row[kSweepQueue], q_word[kSweepQueue];  // row index in block, first word offset (from b)
-    auto flush = [&]() {
+    const int loads = task_count << sub_log2;
+    for (int base = warp; base < loads; base += num_warps * kSweepQueue) {
       uint64_t v[kSweepQueue];
+      int64_t off[kSweepQueue];
 #pragma unroll
       for (int u = 0; u < kSweepQueue; ++u) {
         v[u] = 0;
-        if (u < queued) {
-          const int64_t off = q_word[u] + lane;  // word offset in the row: column block b + off
-          if (off > 0 && off < stride) v[u] = mask[row0 + q_row[u] * stride + off];
+        off[u] = 0;
+        const int idx = base + u * num_warps;
+        if (idx < loads) {
+          const int task = task_list[idx >> sub_log2];
+          const int row = task & 63;
+          off[u] = ((static_cast<int64_t>(task >> 6)) << chunk_log2) + 32 * (idx & ((1 << sub_log2) - 1)) + lane;
+          if (off[u] > 0 && off[u] < stride) v[u] = mask[row0 + row * stride + off[u]];
         }
       }
 #pragma unroll
       for (int u = 0; u < kSweepQueue; ++u)
-        if (v[u]) atomicOr(removed + b + q_word[u] + lane, static_cast<unsigned long long>(v[u]));
-      queued = 0;
-    };
-    for (uint64_t k = kept; k != 0; k &= k - 1) {
-      const int i = __ffsll(static_cast<long long>(k)) - 1;
-      for (unsigned long long c = tasks[i]; c != 0; c &= c - 1) {
-        const int chunk = __ffsll(static_cast<long long>(c)) - 1;
-        for (int sub = 0; sub < sub_per_chunk; ++sub, ++t) {
-          if (t % num_warps != warp) continue;
-#pragma unroll
-          for (int u = 0; u < kSweepQueue; ++u) {  // constant indices keep the queue in registers
-            if (u == queued) {
-              q_row[u] = i;
-              q_word[u] = (static_cast<int64_t>(chunk) << chunk_log2) + 32 * sub;
-            }
-          }
-          if (++queued == kSweepQueue) flush();
-        }
-      }
+        if (v[u]) atomicOr(removed + b + off[u], static_cast<unsigned long long>(v[u]));
     }
-    if (queued) flush();
     __syncthreads();
   }
   if (out_count != nullptr && threadIdx.x == 0) *out_count = kept_total;

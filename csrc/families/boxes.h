@@ -10,7 +10,8 @@ at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, const c10::opt
                double threshold);
 at::Tensor pairwise_box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2, bool generalized);
 std::vector<at::Tensor> pairwise_box_iou_backward(const at::Tensor& grad, const at::Tensor& boxes1,
-                                                  const at::Tensor& boxes2, bool generalized);
+                                                  const at::Tensor& boxes2, bool generalized,
+                                                  bool clamp_grad_at_zero);
 }  // namespace cpu
 
 #ifdef FASTNN_WITH_CUDA
@@ -30,7 +31,7 @@ inline void register_boxes(pybind11::module& m) {
         pybind11::arg("boxes1"), pybind11::arg("boxes2"), pybind11::arg("generalized"));
   m.def("pairwise_box_iou_backward_cpu", &cpu::pairwise_box_iou_backward,
         "Gradients of pairwise (generalized) IoU on CPU", pybind11::arg("grad"), pybind11::arg("boxes1"),
-        pybind11::arg("boxes2"), pybind11::arg("generalized"));
+        pybind11::arg("boxes2"), pybind11::arg("generalized"), pybind11::arg("clamp_grad_at_zero"));
 #ifdef FASTNN_WITH_CUDA
   m.def("nms_cuda", &cuda::nms, "Greedy NMS on CUDA (bitmask + on-GPU sweep); kept indices by descending score",
         pybind11::arg("boxes"), pybind11::arg("scores"), pybind11::arg("idxs"), pybind11::arg("iou_threshold"));

@@ -218,9 +218,14 @@ def _iou_triton(boxes1, boxes2, generalized):
     return _triton_boxes().pairwise_iou(boxes1.contiguous(), boxes2.contiguous(), generalized)
 
 
+# Measured here, at import: inside an op body autograd is off. (The kernels follow the running torch so
+# gradients at touching boxes equal torchvision's.)
+_CLAMP_AT_ZERO = ref.clamp_grad_at_zero()
+
+
 def _iou_backward_triton(grad, boxes1, boxes2, generalized):
     g1, g2 = _triton_boxes().pairwise_iou_backward(grad.contiguous(), boxes1.contiguous(), boxes2.contiguous(),
-                                                   generalized)
+                                                   generalized, _CLAMP_AT_ZERO)
     return g1, g2
 
 
@@ -237,7 +242,7 @@ _IOU_IMPLS = {
 }
 _IOU_BACKWARD_IMPLS = {
     "reference": _iou_backward_reference,
-    "cpp": lambda grad, a, b, g: tuple(_C.pairwise_box_iou_backward_cpu(grad, a, b, g)),
+    "cpp": lambda grad, a, b, g: tuple(_C.pairwise_box_iou_backward_cpu(grad, a, b, g, _CLAMP_AT_ZERO)),
     "triton": _iou_backward_triton,
 }
 

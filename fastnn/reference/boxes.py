@@ -6,6 +6,7 @@ input and in the input dtype otherwise. NMS is written as the textbook greedy lo
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -30,6 +31,15 @@ def threshold_below(threshold: float, dtype: torch.dtype) -> float:
     if float(t) > threshold:
         t = np.nextafter(t, np.float32(-np.inf))
     return float(t)
+
+
+@functools.lru_cache(maxsize=None)
+def clamp_grad_at_zero() -> bool:
+    """Whether torch's clamp(min=0) passes the gradient at exactly 0: it does up to torch 2.11 and does
+    not in 2.14. The kernels' backward follows the running torch (call this with autograd enabled)."""
+    x = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(x.clamp(min=0).sum(), x)
+    return bool(g.item() == 1.0)
 
 
 def pairwise_box_iou(boxes1: Tensor, boxes2: Tensor, generalized: bool = False) -> Tensor:
