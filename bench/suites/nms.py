@@ -41,7 +41,7 @@ def cases(device: str, quick: bool):
         floor = n * (4 * 4 + 4)  # read boxes and scores once (the output is smaller)
         for b in backends:
             out.append(Case("nms", f"nms[{b}]", f"N={n}", "float32", _with_backend(b, ops.nms, boxes, scores, 0.5),
-                            f"torchvision.ops.nms", lambda bx=boxes, s=scores: torchvision.ops.nms(bx, s, 0.5),
+                            "torchvision.ops.nms", lambda bx=boxes, s=scores: torchvision.ops.nms(bx, s, 0.5),
                             work=floor, check=_same_set))
         if n >= 10000:
             for b in backends:

@@ -36,22 +36,19 @@ void radix_sort_pairs(std::vector<Key>& keys, std::vector<int64_t>& payload, int
   }
 }
 
-// Maps a float to an unsigned key whose ascending order is the float's DESCENDING order.
-// -0.0 and +0.0 map to the same key (they compare equal, so they must tie).
-inline uint32_t descending_key(float f) {
-  if (f == 0.0f) f = 0.0f;
-  uint32_t u;
+// Maps a float (F = float / double, U = the unsigned integer of its size) to a key whose ascending order is
+// the float's DESCENDING order. -0.0 and +0.0 map to the same key (they compare equal, so they must tie).
+template <typename F, typename U>
+inline U descending_key_bits(F f) {
+  constexpr U kSign = U(1) << (sizeof(U) * 8 - 1);
+  if (f == F(0)) f = F(0);
+  U u;
   std::memcpy(&u, &f, sizeof(u));
-  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  u = (u & kSign) ? ~u : (u | kSign);
   return ~u;
 }
 
-inline uint64_t descending_key(double f) {
-  if (f == 0.0) f = 0.0;
-  uint64_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  u = (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
-  return ~u;
-}
+inline uint32_t descending_key(float f) { return descending_key_bits<float, uint32_t>(f); }
+inline uint64_t descending_key(double f) { return descending_key_bits<double, uint64_t>(f); }
 
 }  // namespace fastnn::cpu
