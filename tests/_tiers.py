@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import tempfile
-from contextlib import contextmanager
 from typing import Callable, Iterable, Sequence
 
 import pytest
@@ -22,7 +21,6 @@ import torch
 import fastnn
 
 HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 # Per-block shared memory limits (bytes) the AOT test enforces.
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
@@ -42,11 +40,10 @@ def device_params() -> list:
     return ["cpu", cuda_param("cuda")]
 
 
-@contextmanager
-def backend(name: str):
-    """Force backend `name` inside the block."""
-    with fastnn.use_backend(name):
-        yield
+def run(backend: str, fn: Callable, *args):
+    """fn(*args) with backend `backend` forced."""
+    with fastnn.use_backend(backend):
+        return fn(*args)
 
 
 def lowp_close(out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor, factor: float = 2.0,

@@ -18,6 +18,7 @@ from _tiers import (
     device_params,
     expect_error,
     lowp_close,
+    run,
     run_gradcheck,
     run_opcheck,
 )
@@ -70,11 +71,6 @@ def scores_for(n, *, ties=False, dtype=torch.float32, device="cpu"):
     if ties:
         return (torch.randint(0, 7, (n,)).to(torch.float64) / 7).to(dtype=dtype, device=device)
     return torch.randperm(n).to(torch.float64).div(max(n, 1)).to(dtype=dtype, device=device)
-
-
-def run(backend, fn, *args):
-    with fastnn.use_backend(backend):
-        return fn(*args)
 
 
 # ---------------------------------------------------------------- tier 1: reference vs torchvision
@@ -252,10 +248,8 @@ def test_iou_matches_reference(device, generalized, dtype):
         want = ref.pairwise_box_iou(a.cpu(), b.cpu(), generalized)
         for backend in _iou_backends(device):
             got = run(backend, fn, a, b)
-            # fp32: the same rounding sequence as torch; the GPU's division may differ by 1 ulp.
-            assert_same_nonfinite_and_close(got.cpu(), want, rtol=2e-7 if dtype == torch.float32 else 1e-15,
-                                            atol=1e-7 if dtype == torch.float32 else 1e-15,
-                                            what=f"{backend} {gen.__name__}")
+            # Same operations in the same order as torch, IEEE division, no FMA contraction: exact.
+            assert_same_nonfinite_and_close(got.cpu(), want, rtol=0, atol=0, what=f"{backend} {gen.__name__}")
 
 
 @pytest.mark.parametrize("device", device_params())
