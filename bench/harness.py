@@ -32,6 +32,7 @@ class Case:
     metric: str = "GB/s"          # "GB/s" (vs the copy ceiling) or "TFLOP/s" (vs the matmul ceiling)
     work: float = 0.0
     check: Optional[Callable[[object, object], bool]] = None  # ours vs peer output agreement
+    peak_memory: bool = False     # also record the peak memory of one call of each (CUDA only)
 
 
 def _sync(device: str) -> None:
@@ -99,10 +100,28 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
+def peak_memory_mb(fn: Callable[[], object], device: str) -> Optional[float]:
+    """Peak CUDA memory allocated during one call, above what was allocated before it (MB)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del result
+    return (peak - base) / 2**20
+
+
 def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> List[dict]:
     records = []
     for c in cases:
-        ours_s, peer_s = time_pair(c.ours, c.peer_fn, device, quick)
+        try:
+            ours_s, peer_s = time_pair(c.ours, c.peer_fn, device, quick)
+        except torch.OutOfMemoryError:
+            print(f"{c.suite} {c.case} {c.shape}: out of memory, skipped", flush=True)
+            continue
         agree = None
         if c.check is not None and c.peer_fn is not None:
             agree = bool(c.check(c.ours(), c.peer_fn()))
@@ -119,6 +138,9 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
             "metric": c.metric, "value": value, "ceiling_fraction": value / ceiling if ceiling else None,
             "agrees_with_peer": agree,
         }
+        if c.peak_memory and device == "cuda":
+            rec["ours_peak_MB"] = peak_memory_mb(c.ours, device)
+            rec["peer_peak_MB"] = None if c.peer_fn is None else peak_memory_mb(c.peer_fn, device)
         records.append(rec)
         print(format_row(rec), flush=True)
     return records
@@ -134,6 +156,8 @@ def format_row(r: dict) -> str:
     ach = f"{r['value']:.3g} {r['metric']}"
     frac = "-" if r["ceiling_fraction"] is None else f"{100 * r['ceiling_fraction']:.2f}"
     flag = "" if r.get("agrees_with_peer") in (None, True) else "  DISAGREES WITH PEER"
+    if r.get("ours_peak_MB") is not None:
+        flag += f"  peak MB {r['ours_peak_MB']:.0f} vs {r['peer_peak_MB'] or 0:.0f}"
     return (f"{r['suite']:<7} {r['case']:<26} {r['shape']:<22} {r['dtype']:<8} {r['device']:<5} "
             f"{r['ours_ms']:>10.3f} {r['peer']:<22} {peer_ms:>10} {speed:>8} {ach:>14} {frac:>6}{flag}")
 

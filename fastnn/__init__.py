@@ -6,10 +6,10 @@ import torch  # noqa: F401  (fastnn._C links against torch's libraries)
 from . import _backend
 from ._alloc import set_poison
 from ._backend import use_backend, usable_backends
-from . import ops, reference  # noqa: E402
+from . import nn, ops, reference  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "use_backend", "usable_backends", "build_info", "set_poison", "__version__"]
+__all__ = ["nn", "ops", "reference", "use_backend", "usable_backends", "build_info", "set_poison", "__version__"]
 
 
 def build_info() -> dict:

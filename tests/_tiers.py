@@ -124,7 +124,16 @@ def parse_resource_usage(text: str) -> dict:
     return usage
 
 
-def aot_compile(kernel, signature: dict, constexprs: dict, num_warps: int, arch: int) -> dict:
+def spec_options(spec) -> dict:
+    """The options of an AOT spec: {"num_stages": int or None, "archs": archs it is launched on}."""
+    opts = dict(spec[5]) if len(spec) > 5 else {}
+    opts.setdefault("num_stages", None)
+    opts.setdefault("archs", (90, 80))
+    return opts
+
+
+def aot_compile(kernel, signature: dict, constexprs: dict, num_warps: int, arch: int,
+                num_stages: int | None = None) -> dict:
     """Compiles a Triton kernel for sm_<arch> without a GPU and returns its resource report:
     {"REG", "STACK" (bytes spilled to local memory), "SHARED" (static), "dynamic_shared", "wgmma"}.
     Needs the compiler, so it cannot run under TRITON_INTERPRET=1: see aot_reports()."""
@@ -133,8 +142,10 @@ def aot_compile(kernel, signature: dict, constexprs: dict, num_warps: int, arch:
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "enable_fp_fusion": False})
+    options = {"num_warps": num_warps, "enable_fp_fusion": False}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -149,29 +160,44 @@ def aot_compile(kernel, signature: dict, constexprs: dict, num_warps: int, arch:
 
 
 def spec_id(spec) -> str:
-    """Readable id of an (module, kernel, signature, constexprs, num_warps) AOT spec."""
-    module, kernel, _, constexprs, num_warps = spec
+    """Readable id of an (module, kernel, signature, constexprs, num_warps[, options]) AOT spec."""
+    module, kernel, _, constexprs, num_warps = spec[:5]
+    opts = spec_options(spec)
     name = getattr(kernel, "__name__", None) or kernel.fn.__name__
-    return f"{module}.{name}[" + ",".join(f"{k}={v}" for k, v in constexprs.items()) + f",warps={num_warps}]"
+    extra = "" if opts["num_stages"] is None else f",stages={opts['num_stages']}"
+    if tuple(opts["archs"]) != (90, 80):
+        extra += ",sm=" + "/".join(str(a) for a in opts["archs"])
+    return (f"{module}.{name}[" + ",".join(f"{k}={v}" for k, v in constexprs.items())
+            + f",warps={num_warps}{extra}]")
 
 
 _AOT_CACHE: dict = {}
 
 
 def aot_reports(archs=(90, 80)) -> dict:
-    """{spec_id: {arch: report}} for every spec in fastnn.kernels.all_aot_specs(), compiled in a child
-    process without TRITON_INTERPRET (the interpreter replaces @triton.jit functions). Cached."""
+    """{spec_id: {arch: report}} for every spec in fastnn.kernels.all_aot_specs() and each of its archs
+    among `archs`, compiled in child
+    processes without TRITON_INTERPRET (the interpreter replaces @triton.jit functions), one per core,
+    each taking every n-th spec. Cached."""
     key = tuple(archs)
     if key not in _AOT_CACHE:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        workers = max(1, min(os.cpu_count() or 1, 8))
         code = ("import json, sys; sys.path.insert(0, %r); import _tiers; "
                 "from fastnn.kernels import all_aot_specs; "
-                "print(json.dumps({_tiers.spec_id(s): {a: _tiers.aot_compile(*s[1:], a) for a in %r} "
-                "for s in all_aot_specs()}))") % (os.path.dirname(os.path.abspath(__file__)), list(archs))
-        proc = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=env)
-        assert proc.returncode == 0, f"ahead-of-time compilation failed:\n{proc.stderr[-4000:]}"
-        raw = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
-        _AOT_CACHE[key] = {sid: {int(a): r for a, r in per.items()} for sid, per in raw.items()}
+                "print(json.dumps({_tiers.spec_id(s): {a: _tiers.aot_compile(*s[1:5], a, "
+                "_tiers.spec_options(s)['num_stages']) for a in %r if a in _tiers.spec_options(s)['archs']} "
+                "for s in all_aot_specs()[%d::%d]}))")
+        here = os.path.dirname(os.path.abspath(__file__))
+        procs = [subprocess.Popen([os.sys.executable, "-c", code % (here, list(archs), w, workers)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for w in range(workers)]
+        merged = {}
+        for proc in procs:
+            out, err = proc.communicate()
+            assert proc.returncode == 0, f"ahead-of-time compilation failed:\n{err[-4000:]}"
+            merged.update(__import__("json").loads(out.strip().splitlines()[-1]))
+        _AOT_CACHE[key] = {sid: {int(a): r for a, r in per.items()} for sid, per in merged.items()}
     return _AOT_CACHE[key]
 
 

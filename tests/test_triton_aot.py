@@ -10,13 +10,14 @@ pytest.importorskip("triton")
 
 from fastnn.kernels import all_aot_specs  # noqa: E402
 
-from _tiers import aot_reports, assert_fits, cuda_cxx_resource_usage, spec_id  # noqa: E402
+from _tiers import aot_reports, assert_fits, cuda_cxx_resource_usage, spec_id, spec_options  # noqa: E402
 
-SPEC_IDS = [spec_id(s) for s in all_aot_specs()]
+# (spec id, arch) for each architecture a configuration is launched on
+SPEC_ARCHS = [pytest.param(spec_id(s), a, id=f"{spec_id(s)}-sm{a}")
+              for s in all_aot_specs() for a in spec_options(s)["archs"]]
 
 
-@pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("sid", SPEC_IDS)
+@pytest.mark.parametrize("sid,arch", SPEC_ARCHS)
 def test_triton_kernel_compiles_without_spills(sid, arch):
     report = aot_reports()[sid][arch]
     assert_fits(report, arch, sid)

@@ -1,0 +1,510 @@
+"""Fused attention: scaled_dot_product_attention (torch's signature), flash_attention, attention_decode.
+
+Custom ops (``torch.ops.fastnn.*``): attention_forward, attention_backward (its autograd), attention_decode.
+All three use the kernels' calling convention of fastnn/reference/attention.py (4-D (B, L, H, D) views,
+last stride 1; varlen through cu_seqlens; the float bias or bool mask expanded to (B, H, Lq, Lk)).
+Kernels:
+  CPU   C++ (csrc/cpu/attention_*.cpp): tiled online softmax, fp32 accumulation, parallel over
+        batch x heads x query blocks; backward recomputes P from the log-sum-exp, deterministic.
+  CUDA  Triton (kernels/attention.py): FlashAttention-2 forward / backward (dK dV and dQ passes, no
+        atomics) and a split-KV decode kernel with a combine step. Head dims 32-256 with D == Dv, float16,
+        bfloat16 and float32; anything else on CUDA (float64, other head dims) runs the reference, logged once.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .._backend import _C, forced_backend, pick
+from ..reference import attention as ref
+from . import _checks
+
+_log = logging.getLogger("fastnn")
+_PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton",)}
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+_fallback_logged: set = set()
+
+
+def _triton_attention():
+    from fastnn.kernels import attention as ka  # imported on first use: importing triton costs ~1 s
+
+    return ka
+
+
+def _last_dim_contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
+    return x if x is None or x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def _triton_can_run(q: Tensor, v: Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot take these inputs (None when they can)."""
+    if q.dtype == torch.float64:
+        return "float64 inputs"
+    if q.shape[-1] != v.shape[-1] or q.shape[-1] not in TRITON_HEAD_DIMS:
+        return f"head dims {q.shape[-1]}/{v.shape[-1]} (Triton has D == Dv in {TRITON_HEAD_DIMS})"
+    return None
+
+
+def _pick(op: str, q: Tensor, v: Tensor, impls: dict):
+    """pick(), except that CUDA inputs the Triton kernels do not cover run the reference (logged once)
+    unless a backend is forced (then the forced kernel raises its own error)."""
+    if q.device.type == "cuda" and forced_backend() is None:
+        why = _triton_can_run(q, v)
+        if why is not None:
+            if (op, why) not in _fallback_logged:
+                _fallback_logged.add((op, why))
+                _log.warning("fastnn.%s on cuda runs the slow reference implementation for %s", op, why)
+            return impls["reference"]
+    return pick(op, q.device, impls, _PREFERENCE.get(q.device.type, ()))
+
+
+# ---------------------------------------------------------------- implementations per backend
+
+def _forward_cpp(*args):
+    return tuple(_C.attention_forward_cpu(*args))
+
+
+def _forward_triton(*args):
+    return tuple(_triton_attention().forward(*args))
+
+
+def _backward_reference(dout, q, k, v, out, lse, *rest):
+    return ref.attention_backward(dout, q, k, v, out, lse, *rest)
+
+
+def _backward_cpp(*args):
+    return tuple(_C.attention_backward_cpu(*args))
+
+
+def _backward_triton(*args):
+    return tuple(_triton_attention().backward(*args))
+
+
+_FORWARD_IMPLS = {"reference": ref.attention_forward, "cpp": _forward_cpp, "triton": _forward_triton}
+_BACKWARD_IMPLS = {"reference": _backward_reference, "cpp": _backward_cpp, "triton": _backward_triton}
+
+
+def _decode_reference(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, window_right, num_splits):
+    return ref.attention_forward(q, k_cache, v_cache, None, None, cache_seqlens, 0, 0, None, scale, softcap,
+                                 window_left, window_right, True, 0.0, 0)
+
+
+def _decode_cpp(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, window_right, num_splits):
+    # On the CPU, decoding is the forward kernel with per-sequence key counts.
+    return tuple(_C.attention_forward_cpu(q, k_cache, v_cache, None, None, cache_seqlens, 0, 0, None, scale,
+                                          softcap, window_left, window_right, True, 0.0, 0))
+
+
+def _decode_triton(*args):
+    return tuple(_triton_attention().decode(*args))
+
+
+_DECODE_IMPLS = {"reference": _decode_reference, "cpp": _decode_cpp, "triton": _decode_triton}
+
+
+# ---------------------------------------------------------------- custom ops
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _like(x: Tensor, value: Tensor) -> Tensor:
+    """value in x's dtype and strides (empty_like's layout: broadcast dims become dense)."""
+    out = torch.empty_like(x)
+    return value.to(x.dtype) if value.stride() == out.stride() else out.copy_(value)
+
+
+def _seed_int(seed: Optional[Tensor], dropout_p: float) -> int:
+    return int(seed.item()) if dropout_p > 0 and seed is not None else 0
+
+
+def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int) -> None:
+    """Data checks of cu_seqlens; run in the op body on CPU tensors (on CUDA they would cost a sync)."""
+    for name, cu, total in (("cu_seqlens_q", cu_q, total_q), ("cu_seqlens_k", cu_k, total_k)):
+        if cu.device.type != "cpu" or cu.numel() == 0:
+            continue
+        if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) != total:
+            raise ValueError(f"{name} must start at 0, never decrease and end at the number of packed tokens "
+                             f"({total}); got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
+
+
+@torch.library.custom_op("fastnn::attention_forward", mutates_args=())
+def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor],
+                          cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], max_seqlen_q: int,
+                          max_seqlen_k: int, bias: Optional[Tensor], scale: float, softcap: float,
+                          window_left: int, window_right: int, bottom_right: bool, dropout_p: float,
+                          seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    B, Lq, H, _ = q.shape
+    if cu_seqlens_q is not None:
+        _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, Lq, k.shape[1])
+    if q.numel() == 0 or k.shape[1] == 0 or v.shape[-1] == 0:  # nothing to attend to: zeros, lse -inf
+        return (q.new_zeros(B, Lq, H, v.shape[-1]),
+                torch.full((B, H, Lq), -math.inf, dtype=_lse_dtype(q), device=q.device))
+    impl = _pick("attention", q, v, _FORWARD_IMPLS)
+    out, lse = impl(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), cu_seqlens_q,
+                    cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bias, scale, softcap, window_left,
+                    window_right, bottom_right, dropout_p, _seed_int(seed, dropout_p))
+    return out, lse
+
+
+@_attention_forward_op.register_fake
+def _attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bias,
+                            scale, softcap, window_left, window_right, bottom_right, dropout_p, seed):
+    B, Lq, H, _ = q.shape
+    return q.new_empty(B, Lq, H, v.shape[-1]), q.new_empty(B, H, Lq, dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("fastnn::attention_backward", mutates_args=())
+def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                           seqused_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                           bias: Optional[Tensor], bias_requires_grad: bool, scale: float, softcap: float,
+                           window_left: int, window_right: int, bottom_right: bool, dropout_p: float,
+                           seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dbias); dbias is the full (B, H, Lq, Lk) gradient in the bias dtype, or an empty
+    tensor when bias_requires_grad is False."""
+    want_dbias = bias_requires_grad and bias is not None and bias.dtype != torch.bool
+    if q.numel() == 0 or k.shape[1] == 0 or v.shape[-1] == 0:
+        dbias = torch.zeros_like(bias) if want_dbias else q.new_empty(0)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+    impl = _pick("attention_backward", q, v, _BACKWARD_IMPLS)
+    dq, dk, dv, dbias = impl(_last_dim_contiguous(dout), _last_dim_contiguous(q), _last_dim_contiguous(k),
+                             _last_dim_contiguous(v), out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                             max_seqlen_k, bias, want_dbias, scale, softcap, window_left, window_right,
+                             bottom_right, dropout_p, _seed_int(seed, dropout_p))
+    # gradients in their inputs' layouts, as the fake promises (and as the compiler expects)
+    dbias = _like(bias, dbias) if want_dbias else q.new_empty(0)
+    return _like(q, dq), _like(k, dk), _like(v, dv), dbias
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                             max_seqlen_k, bias, bias_requires_grad, scale, softcap, window_left, window_right,
+                             bottom_right, dropout_p, seed):
+    want_dbias = bias_requires_grad and bias is not None and bias.dtype != torch.bool
+    dbias = torch.empty_like(bias) if want_dbias else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+_FORWARD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "max_seqlen_q", "max_seqlen_k", "bias",
+                 "scale", "softcap", "window_left", "window_right", "bottom_right", "dropout_p", "seed")
+_BIAS_INDEX = _FORWARD_ARGS.index("bias")
+
+
+def _forward_setup_context(ctx, inputs, output):
+    a = dict(zip(_FORWARD_ARGS, inputs))
+    out, lse = output
+    ctx.save_for_backward(a["q"], a["k"], a["v"], out, lse, a["cu_seqlens_q"], a["cu_seqlens_k"], a["seqused_k"],
+                          a["bias"], a["seed"])
+    ctx.params = (a["max_seqlen_q"], a["max_seqlen_k"], a["scale"], a["softcap"], a["window_left"],
+                  a["window_right"], a["bottom_right"], a["dropout_p"])
+
+
+def _forward_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, used_k, bias, seed = ctx.saved_tensors
+    max_q, max_k, scale, softcap, wl, wr, br, p = ctx.params
+    bias_grad = bool(ctx.needs_input_grad[_BIAS_INDEX])
+    dq, dk, dv, dbias = torch.ops.fastnn.attention_backward(
+        dout, q, k, v, out, lse, cu_q, cu_k, used_k, max_q, max_k, bias, bias_grad, scale, softcap, wl, wr, br, p,
+        seed)
+    grads = [dq, dk, dv] + [None] * (len(_FORWARD_ARGS) - 3)
+    if bias_grad:
+        grads[_BIAS_INDEX] = dbias
+    return tuple(grads)
+
+
+_attention_forward_op.register_autograd(_forward_backward, setup_context=_forward_setup_context)
+
+
+@torch.library.custom_op("fastnn::attention_decode", mutates_args=())
+def _attention_decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
+                         softcap: float, window_left: int, window_right: int,
+                         num_splits: int) -> Tuple[Tensor, Tensor]:
+    B, Lq, H, _ = q.shape
+    if q.numel() == 0 or k_cache.shape[1] == 0 or v_cache.shape[-1] == 0:
+        return (q.new_zeros(B, Lq, H, v_cache.shape[-1]),
+                torch.full((B, H, Lq), -math.inf, dtype=_lse_dtype(q), device=q.device))
+    impl = _pick("attention_decode", q, v_cache, _DECODE_IMPLS)
+    out, lse = impl(_last_dim_contiguous(q), _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache),
+                    cache_seqlens, scale, softcap, window_left, window_right, num_splits)
+    return out, lse
+
+
+@_attention_decode_op.register_fake
+def _attention_decode_fake(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, window_right,
+                           num_splits):
+    B, Lq, H, _ = q.shape
+    return q.new_empty(B, Lq, H, v_cache.shape[-1]), q.new_empty(B, H, Lq, dtype=_lse_dtype(q))
+
+
+# ---------------------------------------------------------------- validation shared by the public functions
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names=("q", "k", "v")) -> None:
+    qn, kn, vn = names
+    _checks.tensor(q, qn, dtypes=ATTENTION_DTYPES)
+    _checks.tensor(k, kn, dtypes=ATTENTION_DTYPES)
+    _checks.tensor(v, vn, dtypes=ATTENTION_DTYPES)
+    _checks.same_device(qn, q, **{kn: k, vn: v})
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{qn}, {kn} and {vn} must have the same dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in ((qn, q), (kn, k), (vn, v)):
+        if t.dim() == 0:
+            raise ValueError(f"{name} must have dimensions (..., seqlen, heads, head_dim); got a 0-d tensor")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{qn} and {kn} must have the same head dim (last size); got {q.shape[-1]} and {k.shape[-1]}")
+
+
+def _check_heads(H: int, Hkv: int, qn: str, kn: str, allow_gqa: bool) -> None:
+    if Hkv == 0 or H % Hkv != 0 or (not allow_gqa and H != Hkv):
+        want = "a divisor of" if allow_gqa else "equal to"
+        raise ValueError(f"the number of heads of {kn} ({Hkv}) must be {want} the number of heads of {qn} ({H})"
+                         + ("" if allow_gqa else "; pass enable_gqa=True for grouped-query attention"))
+
+
+def _window_pair(window, causal: bool) -> Tuple[int, int]:
+    if window is None:
+        window = (-1, -1)
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"window must be a pair of ints (left, right), -1 for unbounded; got {window!r}")
+    left, right = (int(w) for w in window)
+    if left < -1 or right < -1:
+        raise ValueError(f"window sizes must be >= 0, or -1 for unbounded; got {window!r}")
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def _scale_value(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    return _checks.real_number(scale, "scale")
+
+
+def _dropout_value(dropout_p) -> float:
+    p = _checks.real_number(dropout_p, "dropout_p")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {p}")
+    return p
+
+
+def _softcap_value(softcap) -> float:
+    c = _checks.real_number(softcap, "softcap")
+    if c < 0 or math.isinf(c):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 disables it); got {c}")
+    return c
+
+
+def _draw_seed(dropout_p: float) -> Optional[Tensor]:
+    """A 63-bit dropout seed from torch's default CPU generator (torch.manual_seed makes it repeatable)."""
+    if dropout_p <= 0:
+        return None
+    return torch.randint(0, 2 ** 62, (), dtype=torch.long)
+
+
+def _bias_for(bias: Optional[Tensor], q: Tensor, shape: Sequence[int], name: str) -> Optional[Tensor]:
+    """bias checked and expanded (a view, no copy) to `shape` = (B, H, Lq, Lk)."""
+    if bias is None:
+        return None
+    _checks.tensor(bias, name)
+    _checks.same_device("query" if name == "attn_mask" else "q", q, **{name: bias})
+    if bias.dtype != torch.bool and bias.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"{name} must be bool or have the query's dtype ({q.dtype}) or float32; got {bias.dtype}")
+    try:
+        return bias.expand(*shape)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(bias.shape)} does not broadcast to {tuple(shape)} "
+                         "(batch, heads, query length, key length)") from None
+
+
+# ---------------------------------------------------------------- public functions
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, window=(-1, -1),
+                    softcap: float = 0.0, bias: Optional[Tensor] = None, dropout_p: float = 0.0,
+                    scale: Optional[float] = None, cu_seqlens_q: Optional[Tensor] = None,
+                    cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
+                    max_seqlen_k: Optional[int] = None, seqused_k: Optional[Tensor] = None,
+                    return_lse: bool = False):
+    """Fused attention in flash-attention's layout, differentiable in q, k, v and a float bias.
+
+    Args:
+        q: (B, Lq, H, D) queries, or (total_q, H, D) packed sequences with ``cu_seqlens_q``. float16,
+            bfloat16, float32 (computed in float32) or float64; CPU or CUDA.
+        k: (B, Lk, Hkv, D) keys (or (total_k, Hkv, D)); H must be a multiple of Hkv (grouped-query /
+            multi-query attention: query head h uses key head h // (H // Hkv)).
+        v: (B, Lk, Hkv, Dv) values, same dtype and device.
+        causal: query i sees keys j <= i + Lk - Lq: causal masking aligned to the bottom-right corner
+            when Lq != Lk (the last query sees every key), as in flash-attention. (torch SDPA's is_causal
+            aligns top-left; :func:`scaled_dot_product_attention` keeps that.)
+        window: (left, right) sliding window: query i sees keys i + Lk - Lq - left ... i + Lk - Lq + right;
+            -1 leaves a side unbounded. causal=True sets right to 0.
+        softcap: when > 0, scores s become softcap * tanh(s / softcap) (before the bias).
+        bias: additive float bias (q's dtype or float32) or bool mask (True takes part), broadcastable to
+            (B, H, Lq, Lk); it gets a gradient when it requires grad. Not with cu_seqlens.
+        dropout_p: dropout on the attention probabilities (a counter-based mask seeded from torch's
+            default generator and regenerated identically in the backward).
+        scale: score scale, 1/sqrt(D) by default.
+        cu_seqlens_q, cu_seqlens_k: (nseq + 1,) int32 cumulative sequence lengths of the packed batch,
+            from 0 to the number of packed tokens.
+        max_seqlen_q, max_seqlen_k: the longest sequences (computed from cu_seqlens when omitted; on CUDA
+            that costs a host sync, and cu_seqlens values are not validated there).
+        seqused_k: (B,) int32 number of valid keys per sequence (the rest are ignored).
+        return_lse: also return the log-sum-exp of each row's scores: (B, H, Lq) or (H, total_q), float32.
+
+    Returns:
+        out with q's leading shape and Dv (plus lse when return_lse). A query row that sees no key
+        returns zeros (not NaN) and lse -inf.
+    """
+    _check_qkv(q, k, v)
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    want = 3 if varlen else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != want:
+            layout = "(total, heads, head_dim) with cu_seqlens" if varlen else "(batch, seqlen, heads, head_dim)"
+            raise ValueError(f"{name} must be {want}-D {layout}; got shape {tuple(t.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k and v must agree on all but the last size; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if not varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"q and k must have the same batch size; got {q.shape[0]} and {k.shape[0]}")
+    H, Hkv = q.shape[-2], k.shape[-2]
+    _check_heads(H, Hkv, "q", "k", True)
+    left, right = _window_pair(window, bool(causal))
+    sc = _softcap_value(softcap)
+    p = _dropout_value(dropout_p)
+    s = _scale_value(scale, q.shape[-1])
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+        if bias is not None:
+            raise ValueError("bias is not supported with cu_seqlens (packed sequences)")
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            _checks.tensor(cu, name, integer=True)
+            _checks.same_device("q", q, **{name: cu})
+            if cu.dim() != 1 or cu.numel() < 1:
+                raise ValueError(f"{name} must be 1-D with nseq + 1 entries; got shape {tuple(cu.shape)}")
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length (nseq + 1); got "
+                             f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+        cu_q, cu_k = cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous()
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.numel() > 1 else 0
+        q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        nseq = cu_q.numel() - 1
+    else:
+        cu_q = cu_k = None
+        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+        q4, k4, v4 = q, k, v
+        nseq = q.shape[0]
+    used = None
+    if seqused_k is not None:
+        _checks.tensor(seqused_k, "seqused_k", integer=True, shape=(nseq,))
+        _checks.same_device("q", q, seqused_k=seqused_k)
+        used = seqused_k.to(torch.int32).contiguous()
+    b4 = None if bias is None else _bias_for(bias, q, (q.shape[0], H, q.shape[1], k.shape[1]), "bias")
+    out, lse = torch.ops.fastnn.attention_forward(q4, k4, v4, cu_q, cu_k, used, int(max_seqlen_q),
+                                                  int(max_seqlen_k), b4, s, sc, left, right, True, p,
+                                                  _draw_seed(p))
+    if varlen:
+        out, lse = out.squeeze(0), lse.squeeze(0)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: same signature and semantics.
+
+    Args:
+        query: (N, ..., Hq, L, E); key: (N, ..., H, S, E); value: (N, ..., H, S, Ev). float16, bfloat16,
+            float32 or float64, CPU or CUDA.
+        attn_mask: bool (True takes part) or float (added to the scores; query's dtype or float32), broadcastable
+            to (N, ..., Hq, L, S). Not together with is_causal (as torch).
+        dropout_p: dropout probability, applied whenever > 0 (as torch's functional form). The mask is fastnn's
+            counter-based one seeded from torch's default generator, so it differs from torch's bits.
+        is_causal: causal mask aligned top-left (query i sees keys j <= i), as torch.
+        scale: defaults to 1 / sqrt(E).
+        enable_gqa: allow Hq to be a multiple of H (grouped-query attention).
+
+    Returns:
+        (N, ..., Hq, L, Ev) in query's dtype, stored as (N, ..., L, Hq, Ev) underneath (a transposed view, as
+        torch's flash kernel returns). Differs from torch in one documented way: a query row whose keys are all
+        masked returns zeros, where torch's math backend returns NaN.
+    """
+    _check_qkv(query, key, value, names=("query", "key", "value"))
+    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError("query, key and value must have the same number of dimensions, at least 3 "
+                         f"((N, ..., H, L, E)); got {query.dim()}, {key.dim()}, {value.dim()}")
+    lead = query.shape[:-3]
+    if key.shape[:-3] != lead or value.shape[:-3] != lead:
+        raise ValueError(f"query, key and value must have the same batch dims; got {tuple(query.shape[:-3])}, "
+                         f"{tuple(key.shape[:-3])}, {tuple(value.shape[:-3])}")
+    if key.shape[-2] != value.shape[-2] or key.shape[-3] != value.shape[-3]:
+        raise ValueError(f"key and value must have the same heads and length; got {tuple(key.shape)} and "
+                         f"{tuple(value.shape)}")
+    Hq, L, E = query.shape[-3:]
+    Hkv, S = key.shape[-3], key.shape[-2]
+    _check_heads(Hq, Hkv, "query", "key", bool(enable_gqa))
+    p = _dropout_value(dropout_p)
+    s = _scale_value(scale, E)
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask must be None when is_causal=True (as in torch)")
+    B = math.prod(lead) if lead else 1
+    q4 = query.reshape(B, Hq, L, E).transpose(1, 2)
+    k4 = key.reshape(B, Hkv, S, E).transpose(1, 2)
+    v4 = value.reshape(B, Hkv, S, value.shape[-1]).transpose(1, 2)
+    b4 = None
+    if attn_mask is not None:
+        full = _bias_for(attn_mask, query, (*lead, Hq, L, S), "attn_mask")
+        b4 = full.reshape(B, Hq, L, S)
+    out, _ = torch.ops.fastnn.attention_forward(q4, k4, v4, None, None, None, L, S, b4, s, 0.0, -1,
+                                                0 if is_causal else -1, False, p, _draw_seed(p))
+    return out.transpose(1, 2).reshape(*lead, Hq, L, value.shape[-1])
+
+
+def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
+                     scale: Optional[float] = None, causal: bool = False, window=(-1, -1), softcap: float = 0.0,
+                     num_splits: int = 0, return_lse: bool = False):
+    """Attention of a few new query tokens against a KV cache (inference; no autograd).
+
+    Args:
+        q: (B, Lq, H, D) new queries (Lq small: 1 for plain decoding, a few for speculative decoding).
+        k_cache: (B, Lk_max, Hkv, D) key cache; v_cache: (B, Lk_max, Hkv, Dv); H a multiple of Hkv.
+        cache_seqlens: (B,) integer number of valid cache entries per sequence (the new tokens' keys
+            included: write them into the cache first). Entries past it are never read.
+        causal: query i sees cache positions j <= i + cache_seqlens[b] - Lq (bottom-right aligned).
+        window, softcap, scale: as in :func:`flash_attention`.
+        num_splits: how many parts the keys are split into on CUDA (combined afterwards); 0 chooses from the
+            shape to fill the GPU. Ignored on the CPU.
+        return_lse: also return the (B, H, Lq) float32 log-sum-exp.
+
+    Returns:
+        (B, Lq, H, Dv) output (and lse). A sequence with cache_seqlens 0 gives zeros.
+    """
+    _check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seqlen, heads, head_dim); got shape {tuple(t.shape)}")
+    if k_cache.shape[:-1] != v_cache.shape[:-1] or k_cache.shape[0] != q.shape[0]:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must agree on all "
+                         f"but the last size, with q's batch size {q.shape[0]}")
+    _check_heads(q.shape[2], k_cache.shape[2], "q", "k_cache", True)
+    _checks.tensor(cache_seqlens, "cache_seqlens", integer=True, shape=(q.shape[0],))
+    _checks.same_device("q", q, cache_seqlens=cache_seqlens)
+    if cache_seqlens.device.type == "cpu" and cache_seqlens.numel() and (
+            bool((cache_seqlens < 0).any()) or int(cache_seqlens.max()) > k_cache.shape[1]):
+        raise ValueError(f"cache_seqlens must be in [0, {k_cache.shape[1]}] (the cache length); "
+                         f"got {cache_seqlens.tolist()[:8]}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = automatic); got {num_splits!r}")
+    left, right = _window_pair(window, bool(causal))
+    out, lse = torch.ops.fastnn.attention_decode(q.detach(), k_cache.detach(), v_cache.detach(),
+                                                 cache_seqlens.to(torch.int32).contiguous(),
+                                                 _scale_value(scale, q.shape[-1]), _softcap_value(softcap), left,
+                                                 right, int(num_splits))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,677 @@
+"""Attention: scaled_dot_product_attention, flash_attention, attention_decode and MultiheadAttention through
+every tier of DESIGN.md section 5 (C++ on the CPU, Triton under the interpreter here, both on CUDA)."""
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnn
+from fastnn import ops
+from fastnn.nn import MultiheadAttention
+from fastnn.ops import attention as attn_ops
+from fastnn.reference import attention as ref
+
+from _tiers import (
+    HAS_CUDA,
+    backends_under_test,
+    check_compiles,
+    cuda_param,
+    expect_error,
+    lowp_close,
+    run_gradcheck,
+    run_opcheck,
+)
+
+IMPLS = tuple(attn_ops._FORWARD_IMPLS)
+CPU_BACKENDS = backends_under_test("cpu", IMPLS)
+INTERPRETED = fastnn._backend.triton_interpreting()
+
+
+# ---------------------------------------------------------------- tier 1: the reference
+
+def _fmix32_python(x: int) -> int:
+    """MurmurHash3 fmix32 in plain Python integers: an independent formulation of the hash."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_fmix32_matches_plain_python_and_murmur3():
+    xs = torch.randint(0, 2 ** 32, (2000,), dtype=torch.long)
+    xs[:3] = torch.tensor([0, 1, 2 ** 32 - 1])
+    got = ref.fmix32(xs).tolist()
+    assert got == [_fmix32_python(x) for x in xs.tolist()]
+    assert got[0] == 0 and got[1] == 0x514E28B7  # MurmurHash3's published finaliser value for 1
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_statistics(p):
+    rows = torch.arange(512)[:, None] + 7 * 2 ** 31  # large row ids wrap mod 2^32 like the kernels'
+    keep = ref.dropout_keep(1234, p, rows, torch.arange(512)[None, :]).double()
+    n = keep.numel()
+    assert abs(keep.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    # neighbouring rows and columns are uncorrelated, and another seed gives another mask
+    for a, b in ((keep[1:], keep[:-1]), (keep[:, 1:], keep[:, :-1])):
+        corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+        assert abs(corr) < 0.02
+    other = ref.dropout_keep(1235, p, rows, torch.arange(512)[None, :]).double()
+    assert abs(torch.corrcoef(torch.stack([keep.flatten(), other.flatten()]))[0, 1].item()) < 0.02
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_reference_matches_torch_sdpa(causal, mask):
+    q = torch.randn(2, 4, 9, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 13, 16, dtype=torch.float64), torch.randn(2, 2, 13, 8, dtype=torch.float64)
+    m = None
+    if mask == "bool":
+        m = torch.rand(2, 1, 9, 13) > 0.4
+        m[..., 0] = True  # torch's math gives NaN on fully masked rows; ours 0: compare where both agree
+    elif mask == "float":
+        m = torch.randn(1, 4, 9, 13, dtype=torch.float64)
+    if causal and m is not None:
+        pytest.skip("torch rejects attn_mask with is_causal")
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(ref.sdpa(q, k, v, m, is_causal=causal, enable_gqa=True), want, rtol=1e-12, atol=1e-12)
+    out, lse = ref.attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                     bias=None if m is None else m.expand(2, 4, 9, 13), scale=0.25,
+                                     window_right=0 if causal else -1, bottom_right=False)
+    torch.testing.assert_close(out.transpose(1, 2), want, rtol=1e-12, atol=1e-12)
+    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
+    if causal:
+        s = s.masked_fill(~torch.ones(9, 13, dtype=torch.bool).tril(), -math.inf)
+    if m is not None:
+        s = s.masked_fill(~m, -math.inf) if m.dtype == torch.bool else s + m
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_sdpa_and_kernel_convention_share_dropout_rows():
+    q, k, v = (torch.randn(3, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    a = ref.sdpa(q, k, v, dropout_p=0.4, seed=99)
+    b, _ = ref.attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=8 ** -0.5,
+                                 bottom_right=False, dropout_p=0.4, seed=99)
+    torch.testing.assert_close(a, b.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_varlen_equals_each_sequence_alone():
+    lq, lk = [3, 0, 6], [5, 2, 4]
+    cq = torch.tensor([0, 3, 3, 9], dtype=torch.int32)
+    ck = torch.tensor([0, 5, 7, 11], dtype=torch.int32)
+    q, k, v = (torch.randn(1, n, 2, 8, dtype=torch.float64) for n in (9, 11, 11))
+    out, lse = ref.attention_forward(q, k, v, cq, ck, window_right=0, dropout_p=0.3, seed=5, scale=0.3)
+    for b in range(3):
+        if lq[b] == 0:
+            continue
+        qs, ks = int(cq[b]), int(ck[b])
+        o, l_ = ref.attention_forward(q[:, qs:qs + lq[b]], k[:, ks:ks + lk[b]], v[:, ks:ks + lk[b]],
+                                      window_right=0, scale=0.3)
+        torch.testing.assert_close(lse[:, :, qs:qs + lq[b]], l_)
+        if b == 0:  # no dropout in this one (dropout rows depend on the packed position): compare outputs too
+            o_full, _ = ref.attention_forward(q, k, v, cq, ck, window_right=0, scale=0.3)
+            torch.testing.assert_close(o_full[:, qs:qs + lq[b]], o)
+
+
+# ---------------------------------------------------------------- tiers 2-3: kernels against the reference
+
+@dataclass(frozen=True)
+class Case:
+    B: int = 2
+    H: int = 2
+    Hkv: int = 2
+    Lq: int = 17
+    Lk: int = 17
+    D: int = 32
+    causal: bool = False
+    window: tuple = (-1, -1)
+    softcap: float = 0.0
+    bias: Optional[str] = None     # None | "float" (full) | "broadcast" (1, H, 1, Lk) | "bool"
+    dropout: float = 0.0
+    varlen: Optional[tuple] = None  # ((lq, lk), ...) per sequence
+    seqused: bool = False
+
+
+CASES = {
+    "basic": Case(),
+    "len1": Case(Lq=1, Lk=1, D=64),
+    "lq_lt_lk_causal": Case(Lq=9, Lk=23, D=64, causal=True),
+    "lq_gt_lk_causal": Case(Lq=23, Lk=9, causal=True),  # bottom-right: the first 14 rows see no key
+    "gqa": Case(H=4, Hkv=2),
+    "mqa": Case(H=4, Hkv=1, causal=True),
+    "window": Case(Lq=20, Lk=26, window=(5, 3)),
+    "window_causal": Case(window=(4, 0)),
+    "softcap": Case(softcap=2.5),
+    "bias_full": Case(bias="float"),
+    "bias_broadcast": Case(H=4, Hkv=2, bias="broadcast", causal=True),
+    "mask_bool": Case(Lq=12, Lk=20, bias="bool"),
+    "dropout": Case(Lq=20, Lk=24, dropout=0.25),
+    "varlen": Case(B=1, varlen=((5, 9), (0, 3), (11, 7), (1, 1)), causal=True),
+    "seqused": Case(Lk=24, seqused=True, causal=True),
+    "everything": Case(H=4, Hkv=2, Lq=19, Lk=25, causal=True, window=(9, -1), softcap=4.0, bias="broadcast",
+                       dropout=0.2),
+    "d96": Case(D=96, causal=True), "d128": Case(D=128), "d192": Case(D=192, Lq=5, Lk=9),
+    "d256": Case(D=256, Lq=5, Lk=9, causal=True),
+}
+LONG_CASES = {"long": Case(B=1, H=2, Lq=1000, Lk=1000, D=64), "long_causal": Case(B=1, H=2, Lq=1000, Lk=700,
+                                                                                   D=64, causal=True)}
+
+
+def make_inputs(case: Case, seed: int = 0):
+    """fp64 q, k, v, dout (flash layout, or packed with cu_seqlens), bias and the flash_attention kwargs."""
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(causal=case.causal, window=case.window, softcap=case.softcap, dropout_p=case.dropout)
+    if case.varlen:
+        lqs, lks = zip(*case.varlen)
+        kw["cu_seqlens_q"] = torch.tensor([0, *torch.tensor(lqs).cumsum(0).tolist()], dtype=torch.int32)
+        kw["cu_seqlens_k"] = torch.tensor([0, *torch.tensor(lks).cumsum(0).tolist()], dtype=torch.int32)
+        qshape, kshape = (sum(lqs), case.H, case.D), (sum(lks), case.Hkv, case.D)
+    else:
+        qshape, kshape = (case.B, case.Lq, case.H, case.D), (case.B, case.Lk, case.Hkv, case.D)
+    q = torch.randn(qshape, generator=g, dtype=torch.float64)
+    k = torch.randn(kshape, generator=g, dtype=torch.float64)
+    v = torch.randn(kshape, generator=g, dtype=torch.float64)
+    dout = torch.randn(qshape, generator=g, dtype=torch.float64)
+    bias = None
+    if case.bias == "float":
+        bias = torch.randn(case.B, case.H, case.Lq, case.Lk, generator=g, dtype=torch.float64)
+    elif case.bias == "broadcast":
+        bias = torch.randn(1, case.H, 1, case.Lk, generator=g, dtype=torch.float64)
+    elif case.bias == "bool":
+        bias = torch.rand(case.B, 1, case.Lq, case.Lk, generator=g) > 0.5
+        bias[:, :, 2] = False  # a fully masked row
+    if case.seqused:
+        kw["seqused_k"] = torch.randint(0, case.Lk + 1, (case.B,), generator=g, dtype=torch.int32)
+        kw["seqused_k"][0] = 0  # a sequence with an empty cache
+    return q, k, v, dout, bias, kw
+
+
+def run_flash(backend, q, k, v, dout, bias, kw, dtype, grads=True, seed=7):
+    """Forward (+ backward) through fastnn.ops.flash_attention with one backend forced, inputs cast to dtype
+    (the bias keeps float32 unless dtype is float64). Returns [out, lse, dq, dk, dv, dbias]."""
+    leaves = [t.to(dtype).requires_grad_(grads) for t in (q, k, v)]
+    b = None
+    if bias is not None:
+        b = bias if bias.dtype == torch.bool else bias.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        b = b.requires_grad_(grads and b.is_floating_point())
+    with fastnn.use_backend(backend):
+        torch.manual_seed(seed)
+        out, lse = ops.flash_attention(*leaves, bias=b, return_lse=True, **kw)
+        res = [out, lse]
+        if grads:
+            wrt = leaves + ([b] if b is not None and b.requires_grad else [])
+            res += list(torch.autograd.grad(out, wrt, dout.to(dtype)))
+    return res
+
+
+def check_against_reference(backend, case, dtype, grads=True):
+    q, k, v, dout, bias, kw = make_inputs(case)
+    qd, kd, vd = (t.to(dtype).double() for t in (q, k, v))  # the reference sees the rounded inputs
+    got = run_flash(backend, q, k, v, dout, bias, kw, dtype, grads)
+    want = run_flash("reference", qd, kd, vd, dout.to(dtype).double(), bias, kw, torch.float64, grads)
+    names = ["out", "lse", "dq", "dk", "dv", "dbias"]
+    if dtype in (torch.float32, torch.float64):
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        for name, g, w in zip(names, got, want):
+            assert g.dtype == dtype, f"{name}: dtype {g.dtype}"  # lse and the bias are float32 here
+            torch.testing.assert_close(g.double(), w, rtol=tol * 10, atol=tol, msg=lambda m: f"{name}: {m}")
+    else:
+        lowp = run_flash("reference", q.to(dtype), k.to(dtype), v.to(dtype), dout, bias, kw, dtype, grads)
+        for name, g, w, lp in zip(names, got, want, lowp):
+            if name == "lse":  # stored in fp32 by every path: tight
+                torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-3)
+            else:
+                lowp_close(g, w, lp, floor=1e-3 if name.startswith("d") else 1e-4, what=name)
+    return got, want
+
+
+def _kernel_params(cases, lowp):
+    params = []
+    for backend in CPU_BACKENDS:
+        dtypes = [torch.float32] + ([torch.float16] if lowp else [])
+        if backend == "cpp" and lowp:
+            dtypes.append(torch.bfloat16)  # the Triton interpreter mishandles bf16 (bf16 runs on CUDA)
+        for name in cases:
+            for dt in dtypes:
+                params.append(pytest.param(backend, name, dt, id=f"{backend}-{name}-{str(dt)[6:]}"))
+    return params
+
+
+@pytest.mark.parametrize("backend,name,dtype", _kernel_params(CASES, lowp=True))
+def test_kernel_matches_reference(backend, name, dtype):
+    case = CASES[name]
+    if backend == "triton" and dtype != torch.float32 and case.D >= 192:
+        pytest.skip("fp16 at head dim >= 192 in the interpreter adds minutes; covered in fp32 and on CUDA")
+    check_against_reference(backend, case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(LONG_CASES))
+def test_cpp_long_sequences(name, dtype):
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("fastnn._C not built")
+    check_against_reference("cpp", LONG_CASES[name], dtype)
+
+
+def test_cpp_float64_matches_reference():
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("fastnn._C not built")
+    check_against_reference("cpp", CASES["everything"], torch.float64)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fully_masked_rows_are_zero_not_nan(backend):
+    q, k, v = (torch.randn(1, 3, 2, 32) for _ in range(3))
+    mask = torch.ones(1, 2, 3, 3, dtype=torch.bool)
+    mask[0, 1, 1] = False
+    ninf = torch.zeros(1, 2, 3, 3).masked_fill(~mask, -math.inf)  # an all -inf float bias row as well
+    with fastnn.use_backend(backend):
+        for b in (mask, ninf):
+            out, lse = ops.flash_attention(q, k, v, bias=b, return_lse=True)
+            assert torch.equal(out[0, 1, 1], torch.zeros(32)) and lse[0, 1, 1] == -math.inf
+            assert torch.isfinite(out).all()
+        out = ops.flash_attention(q[:, :2], k[:, :1], v[:, :1], causal=True)  # Lq > Lk: row 0 sees nothing
+        assert torch.equal(out[0, 0], torch.zeros(2, 32))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_statistics_and_consistency(backend):
+    """With v the identity, out = dropped P: about p of the probabilities are zeroed, the rest scaled by
+    1 / (1 - p); the same seed gives the same output, and the gradient is that of the same mask."""
+    L, p = 32, 0.3
+    q, k = torch.randn(1, L, 2, 32), torch.randn(1, L, 2, 32)
+    v = torch.eye(L).view(1, L, 1, L).expand(1, L, 2, L).contiguous()
+    with fastnn.use_backend(backend):
+        torch.manual_seed(3)
+        dropped = ops.flash_attention(q, k, v, dropout_p=p)
+        torch.manual_seed(3)
+        again = ops.flash_attention(q, k, v, dropout_p=p)
+        plain = ops.flash_attention(q, k, v)
+    assert torch.equal(dropped, again)
+    zero = dropped == 0
+    frac = zero.double().mean().item()
+    assert abs(frac - p) < 4 * math.sqrt(p * (1 - p) / zero.numel())
+    torch.testing.assert_close(dropped[~zero], plain[~zero] / (1 - p), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- public API semantics
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("variant", ["plain", "causal", "bool_mask", "float_mask", "gqa", "scale", "5d", "3d",
+                                     "dv_differs"])
+def test_sdpa_matches_torch(backend, variant):
+    shape_q, shape_kv, dv = (2, 4, 11, 32), (2, 4, 15, 32), 32
+    kw, mask = {}, None
+    if variant == "gqa":
+        shape_kv, kw = (2, 2, 15, 32), dict(enable_gqa=True)
+    if variant == "5d":
+        shape_q, shape_kv = (2, 3, 2, 11, 32), (2, 3, 2, 15, 32)
+    if variant == "3d":
+        shape_q, shape_kv = (4, 11, 32), (4, 15, 32)
+    if variant == "dv_differs":
+        if backend == "triton":
+            pytest.skip("the Triton kernels have D == Dv (other shapes run the reference on CUDA)")
+        dv = 16
+    q = torch.randn(shape_q)
+    k = torch.randn(shape_kv)
+    v = torch.randn(*shape_kv[:-1], dv)
+    if variant == "causal":
+        kw["is_causal"] = True
+    if variant == "bool_mask":
+        mask = torch.rand(11, 15) > 0.3
+        mask[:, 0] = True
+    if variant == "float_mask":
+        mask = torch.randn(2, 1, 11, 15)
+    if variant == "scale":
+        kw["scale"] = 0.05
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=None if mask is None else (
+        mask if mask.dtype == torch.bool else mask.double()), **kw)
+    with fastnn.use_backend(backend):
+        got = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+    assert got.shape == want.shape and got.dtype == q.dtype
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sdpa_gradients_match_torch(backend):
+    q, k, v = (torch.randn(2, 2, 13, 32, dtype=torch.float64) for _ in range(3))
+    mask = torch.randn(13, 13, dtype=torch.float64, requires_grad=True)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    m32 = mask.detach().float().requires_grad_()
+    with fastnn.use_backend(backend):
+        out = ops.scaled_dot_product_attention(*leaves, attn_mask=m32)
+    want = F.scaled_dot_product_attention(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), attn_mask=mask)
+    dout = torch.randn_like(want)
+    got_g = torch.autograd.grad(out, leaves + [m32], dout.float())
+    want_g = torch.autograd.grad(want, [q, k, v, mask], dout)
+    for g, w in zip(got_g, want_g):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_flash_attention_lse_varlen_and_layouts(backend):
+    case = CASES["varlen"]
+    q, k, v, _, _, kw = make_inputs(case)
+    q, k, v = q.float(), k.float(), v.float()
+    with fastnn.use_backend(backend):
+        out, lse = ops.flash_attention(q, k, v, return_lse=True, **kw)
+        assert out.shape == q.shape and lse.shape == (case.H, q.shape[0]) and lse.dtype == torch.float32
+        cq, ck = kw["cu_seqlens_q"].tolist(), kw["cu_seqlens_k"].tolist()
+        for b in range(len(cq) - 1):
+            if cq[b + 1] == cq[b]:
+                continue
+            o1, l1 = ops.flash_attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                                         causal=True, return_lse=True)
+            torch.testing.assert_close(out[cq[b]:cq[b + 1]], o1[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(lse[:, cq[b]:cq[b + 1]], l1[0], rtol=1e-5, atol=1e-6)
+        # non-contiguous inputs (SDPA layout seen through a transpose, a strided slice) give the same numbers
+        qb, kb, vb = (torch.randn(2, 3, 10, 64)[..., ::2] for _ in range(3))
+        strided = ops.flash_attention(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2))
+        dense = ops.flash_attention(*(t.transpose(1, 2).contiguous() for t in (qb, kb, vb)))
+        torch.testing.assert_close(strided, dense, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("lq,hkv,causal,window,softcap", [(1, 2, False, (-1, -1), 0.0), (1, 1, True, (-1, -1), 0.0),
+                                                          (3, 2, True, (6, 0), 3.0), (4, 4, False, (-1, -1), 0.0)])
+def test_decode_matches_flash_attention(backend, lq, hkv, causal, window, softcap):
+    B, H, D, cache = 3, 4, 64, 37
+    q = torch.randn(B, lq, H, D)
+    kc, vc = torch.randn(B, cache, hkv, D), torch.randn(B, cache, hkv, D)
+    lens = torch.tensor([cache, 2, 0], dtype=torch.int32)  # full, shorter than some causal rows need, empty
+    with fastnn.use_backend(backend):
+        out, lse = ops.attention_decode(q, kc, vc, lens, causal=causal, window=window, softcap=softcap,
+                                        num_splits=3, return_lse=True)
+        for b in range(B):
+            n = int(lens[b])
+            if n == 0:
+                assert torch.equal(out[b], torch.zeros_like(out[b])) and bool((lse[b] == -math.inf).all())
+                continue
+            o1, l1 = ops.flash_attention(q[b:b + 1], kc[b:b + 1, :n], vc[b:b + 1, :n], causal=causal, window=window,
+                                         softcap=softcap, return_lse=True)
+            torch.testing.assert_close(out[b:b + 1], o1, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(lse[b:b + 1], l1, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- MultiheadAttention
+
+MHA_COMBOS = [
+    dict(),
+    dict(batch_first=True),
+    dict(kdim=12, vdim=20),
+    dict(add_bias_kv=True),
+    dict(add_zero_attn=True, bias=False),
+    dict(add_bias_kv=True, add_zero_attn=True, batch_first=True, kdim=8, vdim=8),
+]
+MHA_CALLS = [
+    dict(need_weights=False),
+    dict(need_weights=True),
+    dict(need_weights=True, average_attn_weights=False),
+    dict(need_weights=False, attn_mask="causal_bool", is_causal=True),
+    dict(need_weights=True, attn_mask="bool"),
+    dict(need_weights=False, attn_mask="float", key_padding_mask="float"),
+    dict(need_weights=False, attn_mask="bool", key_padding_mask="bool"),
+    dict(need_weights=True, attn_mask="heads_float", key_padding_mask="float"),
+    dict(need_weights=False, key_padding_mask="bool", attn_mask="causal_bool", is_causal=True),
+]
+
+
+def _mha_masks(call, N, H, L, S):
+    call = dict(call)
+    m = call.pop("attn_mask", None)
+    if m == "causal_bool":
+        call["attn_mask"] = torch.ones(L, S, dtype=torch.bool).triu(1)
+    elif m == "bool":
+        call["attn_mask"] = torch.rand(L, S) > 0.6
+        call["attn_mask"][:, 0] = False
+    elif m == "float":
+        call["attn_mask"] = torch.randn(L, S)
+    elif m == "heads_float":
+        call["attn_mask"] = torch.randn(N * H, L, S)
+    kpm = call.pop("key_padding_mask", None)
+    if kpm == "bool":
+        call["key_padding_mask"] = torch.rand(N, S) > 0.6
+        call["key_padding_mask"][:, 0] = False
+    elif kpm == "float":
+        call["key_padding_mask"] = torch.randn(N, S)
+    return call
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("ci", range(len(MHA_CALLS)))
+@pytest.mark.parametrize("mi", range(len(MHA_COMBOS)))
+def test_multihead_attention_matches_torch(backend, mi, ci):
+    if backend == "triton" and mi % 2 != ci % 2:
+        pytest.skip("the interpreter runs half the grid (the C++ backend runs all of it)")
+    E, H, L, S, N = 32, 4, 7, 9, 3
+    cfg = MHA_COMBOS[mi]
+    theirs = torch.nn.MultiheadAttention(E, H, **cfg)
+    ours = MultiheadAttention(E, H, **cfg)
+    ours.load_state_dict(theirs.state_dict())
+    bf = cfg.get("batch_first", False)
+    shape = lambda n, e: (N, n, e) if bf else (n, N, e)  # noqa: E731
+    q = torch.randn(shape(L, E))
+    k, v = torch.randn(shape(S, cfg.get("kdim") or E)), torch.randn(shape(S, cfg.get("vdim") or E))
+    call = _mha_masks(MHA_CALLS[ci], N, H, L, S)
+    with fastnn.use_backend(backend):
+        out, w = ours(q, k, v, **call)
+    out_t, w_t = theirs(q, k, v, **call)
+    torch.testing.assert_close(out, out_t, rtol=1e-4, atol=2e-5)
+    assert (w is None) == (w_t is None)
+    if w is not None:
+        torch.testing.assert_close(w, w_t, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    out_t.sum().backward()
+    for (name, p), p_t in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, p_t.grad, rtol=1e-4, atol=5e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_multihead_attention_state_dict_self_attention_eval_and_unbatched():
+    theirs = torch.nn.MultiheadAttention(32, 4, dropout=0.1, batch_first=True).eval()
+    ours = MultiheadAttention(32, 4, dropout=0.1, batch_first=True)
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())  # and back
+    ours.eval()
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():  # torch takes its fast path here
+        torch.testing.assert_close(ours(x, x, x, need_weights=False)[0], theirs(x, x, x, need_weights=False)[0],
+                                   rtol=1e-4, atol=2e-5)
+    u = torch.randn(6, 32)
+    o, w = ours(u, u, u)
+    o_t, w_t = theirs(u, u, u)
+    torch.testing.assert_close(o, o_t, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(w, w_t, rtol=1e-4, atol=1e-5)
+    assert "MultiheadAttention" in repr(ours)
+
+
+def test_multihead_attention_training_dropout_is_seeded_and_scaled():
+    ours = MultiheadAttention(16, 2, dropout=0.5)
+    x = torch.randn(5, 2, 16)
+    torch.manual_seed(1)
+    a, _ = ours(x, x, x, need_weights=False)
+    torch.manual_seed(1)
+    b, _ = ours(x, x, x, need_weights=False)
+    assert torch.equal(a, b)
+    c, _ = ours.eval()(x, x, x, need_weights=False)
+    assert not torch.allclose(a, c)
+
+
+# ---------------------------------------------------------------- opcheck, gradcheck, torch.compile
+
+def _op_args(case: Case, dtype=torch.float64, bias_grad=True):
+    q, k, v, _, bias, kw = make_inputs(case)
+    q4, k4, v4 = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    raw = None if bias is None else bias.to(dtype).requires_grad_(bias_grad)
+    b4 = None if raw is None else raw.expand(case.B, case.H, case.Lq, case.Lk)
+    left, right = attn_ops._window_pair(case.window, case.causal)
+    seed = torch.tensor(11) if case.dropout else None
+    return (q4, k4, v4, None, None, None, case.Lq, case.Lk, b4, 0.2, case.softcap, left, right, True, case.dropout,
+            seed), raw
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_opcheck(backend):
+    with fastnn.use_backend(backend):
+        run_opcheck(torch.ops.fastnn.attention_forward, [_op_args(CASES["everything"], torch.float32)[0]])
+        q, kc, vc = torch.randn(2, 1, 4, 32), torch.randn(2, 9, 2, 32), torch.randn(2, 9, 2, 32)
+        run_opcheck(torch.ops.fastnn.attention_decode,
+                    [(q, kc, vc, torch.tensor([9, 4], dtype=torch.int32), 0.2, 0.0, -1, -1, 0)], skip_autograd=True)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in CPU_BACKENDS if b == "cpp"])
+def test_gradcheck_float64(backend):
+    case = Case(B=1, H=2, Hkv=1, Lq=5, Lk=7, D=8, causal=True, window=(4, -1), softcap=3.0, bias="broadcast",
+                dropout=0.3)
+    args, raw_bias = _op_args(case)
+
+    def f(q, k, v, b):
+        b = b.expand(case.B, case.H, case.Lq, case.Lk)
+        return torch.ops.fastnn.attention_forward(q, k, v, *args[3:8], b, *args[9:])[0]
+
+    run_gradcheck(f, (args[0], args[1], args[2], raw_bias), [backend])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compiles_fullgraph(backend):
+    q, k, v = (torch.randn(2, 4, 9, 32) for _ in range(3))
+    qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    with fastnn.use_backend(backend):
+        check_compiles(lambda a, b, c: ops.scaled_dot_product_attention(a, b, c, is_causal=True), (q, k, v))
+        check_compiles(lambda a, b, c: ops.flash_attention(a, b, c, window=(3, 1), return_lse=True), (qf, kf, vf))
+
+        # the backward through a fullgraph-compiled forward (AOTAutograd traces the registered autograd)
+        for p in (0.0, 0.2):
+            torch._dynamo.reset()
+            compiled = torch.compile(lambda a, b, c: ops.scaled_dot_product_attention(a, b, c, dropout_p=p),
+                                     fullgraph=True)
+            a, c = q.clone().requires_grad_(), v.clone().requires_grad_()
+            dout = torch.randn_like(q)
+            loss = (compiled(a, k, c) * dout).sum()
+            loss.backward()
+            # out is linear in v, so loss == <v, dloss/dv>: the backward used the forward's dropout mask
+            torch.testing.assert_close(loss, (c * c.grad).sum(), rtol=1e-4, atol=1e-4)
+            if p == 0.0:
+                a2 = q.clone().requires_grad_()
+                (ops.scaled_dot_product_attention(a2, k, v) * dout).sum().backward()
+                torch.testing.assert_close(a.grad, a2.grad)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def test_bad_inputs_name_the_argument():
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+    sdpa = ops.scaled_dot_product_attention
+    expect_error(sdpa, (q, k.double(), v), TypeError, "same dtype")
+    expect_error(sdpa, (q.int(), k, v), TypeError, "query must have dtype")
+    expect_error(sdpa, (q, torch.randn(2, 4, 8, 8), v), ValueError, "same head dim")
+    expect_error(sdpa, (q, torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)), ValueError, "enable_gqa")
+    expect_error(lambda: sdpa(q, torch.randn(2, 3, 8, 16), torch.randn(2, 3, 8, 16), enable_gqa=True), (),
+                 ValueError, "divisor")
+    expect_error(lambda: sdpa(q, k, v, dropout_p=1.0), (), ValueError, "dropout_p")
+    expect_error(lambda: sdpa(q, k, v, attn_mask=torch.ones(3, 8, 8, dtype=torch.bool)), (), ValueError, "attn_mask")
+    expect_error(lambda: sdpa(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.int32)), (), TypeError, "attn_mask")
+    expect_error(lambda: sdpa(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True), (), ValueError,
+                 "is_causal")
+    expect_error(lambda: sdpa(q, k, v, scale=float("nan")), (), ValueError, "scale")
+    expect_error(sdpa, ([1.0], k, v), TypeError, "query must be a torch.Tensor")
+    fa = ops.flash_attention
+    qf = q.transpose(1, 2)
+    expect_error(fa, (q[0], k[0], v[0]), ValueError, "q must be 4-D")
+    expect_error(lambda: fa(qf, qf, qf, window=(2,)), (), TypeError, "window")
+    expect_error(lambda: fa(qf, qf, qf, window=(-3, 0)), (), ValueError, "window")
+    expect_error(lambda: fa(qf, qf, qf, softcap=-1.0), (), ValueError, "softcap")
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    expect_error(lambda: fa(qf[0], qf[0], qf[0], cu_seqlens_q=cu), (), ValueError, "together")
+    expect_error(lambda: fa(qf[0], qf[0], qf[0], cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 9, 3],
+                                                                                             dtype=torch.int32)),
+                 (), ValueError, "cu_seqlens_k")
+    expect_error(lambda: fa(qf[0], qf[0], qf[0], cu_seqlens_q=cu, cu_seqlens_k=cu, bias=torch.zeros(8, 8)), (),
+                 ValueError, "bias")
+    expect_error(lambda: fa(qf, qf, qf, seqused_k=torch.tensor([1])), (), ValueError, "seqused_k")
+    dec = ops.attention_decode
+    kc = torch.randn(2, 10, 2, 16)
+    expect_error(dec, (qf[:, :1], kc, kc, torch.tensor([3, 11])), ValueError, "cache_seqlens")
+    expect_error(dec, (qf[:, :1], kc, kc, torch.tensor([3.0, 1.0])), TypeError, "cache_seqlens")
+    expect_error(lambda: dec(qf[:, :1], kc, kc, torch.tensor([3, 1]), num_splits=-1), (), ValueError, "num_splits")
+    mha = MultiheadAttention(16, 2)
+    x = torch.randn(5, 2, 16)
+    expect_error(lambda: mha(x, x, x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)), (), ValueError,
+                 "key_padding_mask")
+    expect_error(lambda: mha(x, x, x, attn_mask=torch.zeros(4, 5)), (), ValueError, "attn_mask")
+    expect_error(lambda: mha(x, x, x, is_causal=True), (), ValueError, "is_causal")
+    expect_error(lambda: mha(torch.randn(5, 2, 8), x, x), (), ValueError, "embed_dim")
+
+
+def test_empty_inputs():
+    for backend in ["reference"] + CPU_BACKENDS:
+        with fastnn.use_backend(backend):
+            out = ops.scaled_dot_product_attention(torch.randn(2, 3, 0, 16), torch.randn(2, 3, 5, 16),
+                                                   torch.randn(2, 3, 5, 8))
+            assert out.shape == (2, 3, 0, 8)
+            q = torch.randn(2, 4, 3, 16, requires_grad=True)
+            out, lse = ops.flash_attention(q, torch.randn(2, 0, 3, 16), torch.randn(2, 0, 3, 16), return_lse=True)
+            assert torch.equal(out, torch.zeros(2, 4, 3, 16)) and bool((lse == -math.inf).all())
+            out.sum().backward()
+            assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+# ---------------------------------------------------------------- tier 5: CUDA
+
+CUDA_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("name", list(CASES) + list(LONG_CASES))
+def test_cuda_kernel_matches_reference(name, dtype):
+    case = {**CASES, **LONG_CASES}[name]
+    q, k, v, dout, bias, kw = make_inputs(case)
+    cuda = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    kw_cuda = {n: cuda(t) for n, t in kw.items()}
+    got = run_flash("triton", cuda(q), cuda(k), cuda(v), cuda(dout), cuda(bias), kw_cuda, dtype)
+    qd, kd, vd = (t.to(dtype).double() for t in (q, k, v))
+    want = run_flash("reference", qd, kd, vd, dout.to(dtype).double(), bias, kw, torch.float64)
+    lowp = run_flash("reference", q.to(dtype), k.to(dtype), v.to(dtype), dout, bias, kw,
+                     dtype if dtype != torch.float32 else torch.float32)
+    for name_, g, w, lp in zip(["out", "lse", "dq", "dk", "dv", "dbias"], got, want, lowp):
+        if dtype == torch.float32 or name_ == "lse":
+            torch.testing.assert_close(g.cpu().double(), w, rtol=2e-3, atol=2e-3, msg=lambda m: f"{name_}: {m}")
+        else:
+            lowp_close(g.cpu(), w, lp, floor=1e-3, what=name_)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hkv", [1, 2, 8])
+def test_cuda_decode_matches_reference(dtype, hkv):
+    B, H, D, cache = 4, 8, 128, 3000
+    q = torch.randn(B, 2, H, D, device="cuda", dtype=dtype)
+    kc, vc = (torch.randn(B, cache, hkv, D, device="cuda", dtype=dtype) for _ in range(2))
+    lens = torch.tensor([3000, 1, 0, 1777], dtype=torch.int32, device="cuda")
+    out, lse = ops.attention_decode(q, kc, vc, lens, causal=True, return_lse=True)
+    with fastnn.use_backend("reference"):
+        want, wl = ops.attention_decode(q.double(), kc.double(), vc.double(), lens, causal=True, return_lse=True)
+        lp = ops.attention_decode(q, kc, vc, lens, causal=True)
+    lowp_close(out, want, lp, what="decode out")
+    torch.testing.assert_close(lse.double(), wl, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_sdpa_and_mha_match_torch():
+    q, k, v = (torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for causal in (False, True):
+        got = ops.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
+        lp = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        lowp_close(got, want, lp, what=f"sdpa causal={causal}")
+    theirs = torch.nn.MultiheadAttention(128, 2, batch_first=True).cuda()
+    ours = MultiheadAttention(128, 2, batch_first=True).cuda()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 50, 128, device="cuda")
+    torch.testing.assert_close(ours(x, x, x, need_weights=False)[0], theirs(x, x, x, need_weights=False)[0],
+                               rtol=2e-3, atol=2e-3)
