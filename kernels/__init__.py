@@ -5,11 +5,13 @@ ahead-of-time compile test (tests/test_triton_aot.py) builds for sm_90 and sm_80
 """
 import importlib
 
-KERNEL_MODULES = ("boxes",)
+KERNEL_MODULES = ("attention", "boxes")
 
 
 def all_aot_specs():
-    """(module, kernel, signature, constexprs, num_warps) for every Triton kernel configuration used."""
+    """(module, kernel, signature, constexprs, num_warps[, options]) for every Triton kernel configuration
+    used; options may give "num_stages" and "archs" (the compute capabilities, e.g. (90,), whose launches
+    use this configuration; default both sm_90 and sm_80)."""
     specs = []
     for name in KERNEL_MODULES:
         mod = importlib.import_module(f"{__name__}.{name}")

@@ -161,10 +161,13 @@ def aot_compile(kernel, signature: dict, constexprs: dict, num_warps: int, arch:
 
 def spec_id(spec) -> str:
     """Readable id of an (module, kernel, signature, constexprs, num_warps[, options]) AOT spec."""
-    module, kernel, _, constexprs, num_warps = spec[:5]
+    module, kernel, signature, constexprs, num_warps = spec[:5]
     opts = spec_options(spec)
     name = getattr(kernel, "__name__", None) or kernel.fn.__name__
-    extra = "" if opts["num_stages"] is None else f",stages={opts['num_stages']}"
+    pointer_types = list(dict.fromkeys(t[1:] for t in signature.values() if t.startswith("*")))
+    extra = "," + "/".join(pointer_types) if pointer_types else ""
+    if opts["num_stages"] is not None:
+        extra += f",stages={opts['num_stages']}"
     if tuple(opts["archs"]) != (90, 80):
         extra += ",sm=" + "/".join(str(a) for a in opts["archs"])
     return (f"{module}.{name}[" + ",".join(f"{k}={v}" for k, v in constexprs.items())

@@ -8,7 +8,8 @@ Kernels:
         batch x heads x query blocks; backward recomputes P from the log-sum-exp, deterministic.
   CUDA  Triton (kernels/attention.py): FlashAttention-2 forward / backward (dK dV and dQ passes, no
         atomics) and a split-KV decode kernel with a combine step. Head dims 32-256 with D == Dv, float16,
-        bfloat16 and float32; anything else on CUDA (float64, other head dims) runs the reference, logged once.
+        bfloat16 and float32 (float32 with a bias, dropout or softcap up to D = 64); anything else on CUDA
+        (float64, other head dims) runs the reference, logged once.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from . import _checks
 _log = logging.getLogger("fastnn")
 _PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton",)}
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TRITON_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 _fallback_logged: set = set()
 
 
@@ -40,20 +40,20 @@ def _last_dim_contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
     return x if x is None or x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
-def _triton_can_run(q: Tensor, v: Tensor) -> Optional[str]:
+def _triton_can_run(q: Tensor, v: Tensor, general: bool) -> Optional[str]:
     """Why the Triton kernels cannot take these inputs (None when they can)."""
-    if q.dtype == torch.float64:
-        return "float64 inputs"
-    if q.shape[-1] != v.shape[-1] or q.shape[-1] not in TRITON_HEAD_DIMS:
-        return f"head dims {q.shape[-1]}/{v.shape[-1]} (Triton has D == Dv in {TRITON_HEAD_DIMS})"
-    return None
+    try:
+        return _triton_attention().unsupported(q.dtype, q.shape[-1], v.shape[-1], general)
+    except ImportError as exc:
+        return f"triton is not importable ({exc})"
 
 
-def _pick(op: str, q: Tensor, v: Tensor, impls: dict):
-    """pick(), except that CUDA inputs the Triton kernels do not cover run the reference (logged once)
-    unless a backend is forced (then the forced kernel raises its own error)."""
+def _pick(op: str, q: Tensor, v: Tensor, impls: dict, general: bool = False):
+    """pick(), except that CUDA inputs the Triton kernels do not cover (kernels.attention.unsupported) run the
+    reference, logged once, unless a backend is forced (then the forced kernel raises its own error).
+    general: a bias, dropout or softcap is used."""
     if q.device.type == "cuda" and forced_backend() is None:
-        why = _triton_can_run(q, v)
+        why = _triton_can_run(q, v, general)
         if why is not None:
             if (op, why) not in _fallback_logged:
                 _fallback_logged.add((op, why))
@@ -144,7 +144,7 @@ def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optiona
     if q.numel() == 0 or k.shape[1] == 0 or v.shape[-1] == 0:  # nothing to attend to: zeros, lse -inf
         return (q.new_zeros(B, Lq, H, v.shape[-1]),
                 torch.full((B, H, Lq), -math.inf, dtype=_lse_dtype(q), device=q.device))
-    impl = _pick("attention", q, v, _FORWARD_IMPLS)
+    impl = _pick("attention", q, v, _FORWARD_IMPLS, bias is not None or dropout_p > 0 or softcap > 0)
     out, lse = impl(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), cu_seqlens_q,
                     cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bias, scale, softcap, window_left,
                     window_right, bottom_right, dropout_p, _seed_int(seed, dropout_p))
@@ -171,7 +171,7 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     if q.numel() == 0 or k.shape[1] == 0 or v.shape[-1] == 0:
         dbias = torch.zeros_like(bias) if want_dbias else q.new_empty(0)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
-    impl = _pick("attention_backward", q, v, _BACKWARD_IMPLS)
+    impl = _pick("attention_backward", q, v, _BACKWARD_IMPLS, bias is not None or dropout_p > 0 or softcap > 0)
     dq, dk, dv, dbias = impl(_last_dim_contiguous(dout), _last_dim_contiguous(q), _last_dim_contiguous(k),
                              _last_dim_contiguous(v), out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
                              max_seqlen_k, bias, want_dbias, scale, softcap, window_left, window_right,
