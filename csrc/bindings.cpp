@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "common/alloc.h"
+#include "families/attention.h"
 #include "families/boxes.h"
 #include "generated/build_config.h"
 
@@ -16,4 +17,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_poison", [](bool on) { fastnn::poison_outputs() = on; },
         "Fill new kernel outputs with NaN / -1 before the kernel writes (tests)");
   fastnn::register_boxes(m);
+  fastnn::register_attention(m);
 }

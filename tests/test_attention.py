@@ -277,6 +277,23 @@ def test_fully_masked_rows_are_zero_not_nan(backend):
         assert torch.equal(out[0, 0], torch.zeros(2, 32))
 
 
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b == "cpp"])
+def test_nan_inputs_propagate_like_the_reference(backend):
+    q, k, v = (torch.randn(1, 6, 2, 32) for _ in range(3))
+    q[0, 2, 1, 3] = math.nan
+    k[0, 4, 0, 0] = math.nan
+    bias = torch.zeros(1, 1, 6, 6)
+    bias[0, 0, 1, 1] = math.nan
+    for kw in (dict(causal=True), dict(bias=bias)):
+        with fastnn.use_backend(backend):
+            out = ops.flash_attention(q, k, v, **kw)
+        with fastnn.use_backend("reference"):
+            want = ops.flash_attention(q, k, v, **kw)
+        assert torch.isnan(want).any()
+        assert torch.equal(torch.isnan(out), torch.isnan(want))
+        torch.testing.assert_close(out, want, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_dropout_statistics_and_consistency(backend):
     """With v the identity, out = dropped P: about p of the probabilities are zeroed, the rest scaled by

@@ -64,7 +64,33 @@ def _pick(op: str, q: Tensor, v: Tensor, impls: dict, general: bool = False):
 
 # ---------------------------------------------------------------- implementations per backend
 
+def _nonfinite(*tensors: Optional[Tensor]) -> bool:
+    """Whether q / k / v / dout hold a NaN or inf, or a float bias a NaN or +inf (-inf masks: allowed)."""
+    for t in tensors:
+        if t is None or not t.is_floating_point():
+            continue
+        # an expanded (broadcast) bias: look at each stored element once
+        t = t.as_strided([1 if st == 0 else n for n, st in zip(t.shape, t.stride())], t.stride())
+        if bool(torch.isnan(t).any()) or bool((t == math.inf).any()):
+            return True
+    return False
+
+
+def _cpu_nonfinite_fallback(op: str, *tensors: Optional[Tensor]) -> bool:
+    """The C++ kernels' max/exp steps do not carry NaN through; inputs with NaN or inf (checked at the cost
+    of one pass, free of syncs on the CPU) run the reference, which propagates them like torch's math."""
+    if not _nonfinite(*tensors):
+        return False
+    if (op, "nonfinite") not in _fallback_logged:
+        _fallback_logged.add((op, "nonfinite"))
+        _log.warning("fastnn.%s: non-finite inputs run the reference implementation", op)
+    return True
+
+
 def _forward_cpp(*args):
+    q, k, v, bias = args[0], args[1], args[2], args[8]
+    if _cpu_nonfinite_fallback("attention", q, k, v, None if bias is None or bias.dtype == torch.bool else bias):
+        return ref.attention_forward(*args)
     return tuple(_C.attention_forward_cpu(*args))
 
 
@@ -77,6 +103,10 @@ def _backward_reference(dout, q, k, v, out, lse, *rest):
 
 
 def _backward_cpp(*args):
+    dout, q, k, v, bias = args[0], args[1], args[2], args[3], args[11]
+    if _cpu_nonfinite_fallback("attention_backward", dout, q, k, v,
+                               None if bias is None or bias.dtype == torch.bool else bias):
+        return ref.attention_backward(*args)
     return tuple(_C.attention_backward_cpu(*args))
 
 
@@ -95,6 +125,10 @@ def _decode_reference(q, k_cache, v_cache, cache_seqlens, scale, softcap, window
 
 def _decode_cpp(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, window_right, num_splits):
     # On the CPU, decoding is the forward kernel with per-sequence key counts.
+    # only q is checked: cache entries past cache_seqlens are never read and may hold anything
+    if _cpu_nonfinite_fallback("attention_decode", q):
+        return _decode_reference(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, window_right,
+                                 num_splits)
     return tuple(_C.attention_forward_cpu(q, k_cache, v_cache, None, None, cache_seqlens, 0, 0, None, scale,
                                           softcap, window_left, window_right, True, 0.0, 0))
 
