@@ -64,22 +64,25 @@ def _pick(op: str, q: Tensor, v: Tensor, impls: dict, general: bool = False):
 
 # ---------------------------------------------------------------- implementations per backend
 
-def _nonfinite(*tensors: Optional[Tensor]) -> bool:
-    """Whether q / k / v / dout hold a NaN or inf, or a float bias a NaN or +inf (-inf masks: allowed)."""
+def _nonfinite(*tensors: Optional[Tensor], bias: Optional[Tensor] = None) -> bool:
+    """Whether the tensors hold a NaN or inf, or a float bias a NaN or +inf (-inf masks are allowed).
+    One sum per tensor (a vectorised pass, ~0.2 ms for 8 MB here; isnan().any() took 5 ms): NaN and inf
+    survive the sum. Sums that overflow flag finite inputs too, which then take the slower exact path."""
     for t in tensors:
-        if t is None or not t.is_floating_point():
-            continue
-        # an expanded (broadcast) bias: look at each stored element once
-        t = t.as_strided([1 if st == 0 else n for n, st in zip(t.shape, t.stride())], t.stride())
-        if bool(torch.isnan(t).any()) or bool((t == math.inf).any()):
+        if t is not None and not bool(torch.isfinite(t.sum())):
             return True
+    if bias is not None and bias.is_floating_point():
+        # an expanded (broadcast) bias: each stored element once
+        stored = bias.as_strided([1 if st == 0 else n for n, st in zip(bias.shape, bias.stride())], bias.stride())
+        total = stored.sum()
+        return bool(torch.isnan(total) or total == math.inf)
     return False
 
 
-def _cpu_nonfinite_fallback(op: str, *tensors: Optional[Tensor]) -> bool:
+def _cpu_nonfinite_fallback(op: str, *tensors: Optional[Tensor], bias: Optional[Tensor] = None) -> bool:
     """The C++ kernels' max/exp steps do not carry NaN through; inputs with NaN or inf (checked at the cost
     of one pass, free of syncs on the CPU) run the reference, which propagates them like torch's math."""
-    if not _nonfinite(*tensors):
+    if not _nonfinite(*tensors, bias=bias):
         return False
     if (op, "nonfinite") not in _fallback_logged:
         _fallback_logged.add((op, "nonfinite"))
@@ -89,7 +92,7 @@ def _cpu_nonfinite_fallback(op: str, *tensors: Optional[Tensor]) -> bool:
 
 def _forward_cpp(*args):
     q, k, v, bias = args[0], args[1], args[2], args[8]
-    if _cpu_nonfinite_fallback("attention", q, k, v, None if bias is None or bias.dtype == torch.bool else bias):
+    if _cpu_nonfinite_fallback("attention", q, k, v, bias=bias):
         return ref.attention_forward(*args)
     return tuple(_C.attention_forward_cpu(*args))
 
@@ -104,8 +107,7 @@ def _backward_reference(dout, q, k, v, out, lse, *rest):
 
 def _backward_cpp(*args):
     dout, q, k, v, bias = args[0], args[1], args[2], args[3], args[11]
-    if _cpu_nonfinite_fallback("attention_backward", dout, q, k, v,
-                               None if bias is None or bias.dtype == torch.bool else bias):
+    if _cpu_nonfinite_fallback("attention_backward", dout, q, k, v, bias=bias):
         return ref.attention_backward(*args)
     return tuple(_C.attention_backward_cpu(*args))
 
