@@ -342,7 +342,7 @@ template <typename T> inline T row_max(const T* x, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
   int64_t j = 0;
 #ifdef FASTNN_ATTN_AVX512
-  if (std::is_same<T, float>::value) {
+  if constexpr (std::is_same<T, float>::value) {
     const float* xf = reinterpret_cast<const float*>(x);
     __m512 vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     if (n >= 64) {
@@ -380,7 +380,7 @@ inline T exp_row(const T* x, int64_t n, T sc, T sh, ct* dst, const DropRow& dr) 
   T sum = 0;
 #ifdef FASTNN_ATTN_AVX512
   constexpr int kDeg = is_vnni<ct>() ? 3 : 5;
-  if (std::is_same<T, float>::value) {
+  if constexpr (std::is_same<T, float>::value) {
     const float* xf = reinterpret_cast<const float*>(x);
     const __m512 vsc = _mm512_set1_ps(float(sc) * kLog2e), vsh = _mm512_set1_ps(float(sh) * kLog2e);
     __m512 acc = _mm512_setzero_ps();
@@ -431,7 +431,7 @@ inline void bwd_row(const T* s, const T* dp, const T* dsoft, int64_t n, T sc, T 
   int64_t j = 0;
 #ifdef FASTNN_ATTN_AVX512
   constexpr int kDeg = is_vnni<ct>() ? 3 : 5;
-  if (std::is_same<T, float>::value) {
+  if constexpr (std::is_same<T, float>::value) {
     const float* sf = reinterpret_cast<const float*>(s);
     const float* dpf = reinterpret_cast<const float*>(dp);
     const float* dsf = reinterpret_cast<const float*>(dsoft);

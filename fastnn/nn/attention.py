@@ -12,7 +12,7 @@ from ..ops import attention as ops_attention
 from ..reference.attention import dropout_keep
 
 
-def _keep_mask(mask: Optional[Tensor], name: str) -> Optional[Tensor]:
+def _keep_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
     """torch's masks say True = masked out; fastnn's bool masks say True = takes part."""
     if mask is None or mask.dtype != torch.bool:
         return mask
@@ -147,9 +147,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if not masks:
             return None
         if all(m.dtype == torch.bool for m in masks):
-            keep = _keep_mask(masks[0], "mask")
-            return keep if len(masks) == 1 else keep & _keep_mask(masks[1], "mask")
-        add = [_additive(m, dtype).to(dtype) for m in masks]
+            keep = _keep_mask(masks[0])
+            return keep if len(masks) == 1 else keep & _keep_mask(masks[1])
+        add = [_additive(m, dtype).to(dtype) for m in masks]  # float masks keep their dtype until here
         return add[0] if len(add) == 1 else add[0] + add[1]
 
     def _explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], p: float):
