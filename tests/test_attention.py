@@ -662,7 +662,9 @@ def test_cuda_kernel_matches_reference(name, dtype):
     lowp = run_flash("reference", q.to(dtype), k.to(dtype), v.to(dtype), dout, bias, kw,
                      dtype if dtype != torch.float32 else torch.float32)
     for name_, g, w, lp in zip(["out", "lse", "dq", "dk", "dv", "dbias"], got, want, lowp):
-        if dtype == torch.float32 or name_ == "lse":
+        if dtype == torch.float32:  # float32 dots run as exact FMA ("ieee") in the Triton kernels
+            torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name_}: {m}")
+        elif name_ == "lse":  # float32 statistics of low-precision scores
             torch.testing.assert_close(g.cpu().double(), w, rtol=2e-3, atol=2e-3, msg=lambda m: f"{name_}: {m}")
         else:
             lowp_close(g.cpu(), w, lp, floor=1e-3, what=name_)

@@ -5,11 +5,7 @@
 //  - the causal / sliding-window visibility rule, as the contiguous range of keys a query row sees.
 #pragma once
 
-#if defined(__CUDACC__)
-#define FASTNN_HD __host__ __device__ __forceinline__
-#else
-#define FASTNN_HD inline
-#endif
+#include "hd.h"
 
 #if !defined(__CUDACC_RTC__)
 #include <cmath>

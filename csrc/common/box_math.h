@@ -6,11 +6,7 @@
 // device) every backend produces bit-identical overlaps and therefore identical NMS decisions.
 #pragma once
 
-#if defined(__CUDACC__)
-#define FASTNN_HD __host__ __device__ __forceinline__
-#else
-#define FASTNN_HD inline
-#endif
+#include "hd.h"
 
 #if !defined(__CUDACC_RTC__)
 #include <cmath>
