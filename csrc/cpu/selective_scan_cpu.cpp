@@ -1,0 +1,910 @@
+// Selective scan (Mamba) on the CPU: forward and backward, semantics of fastnn/reference/ssm.py.
+//
+// Layout of the work: a "slab" is up to W channels of one group (W = 16 fp32 lanes, 8 fp64) of one batch
+// row; the slab's channels are the lanes of one vector, so every step is vertical vector math over the
+// channels with B[t, n] and C[t, n] broadcast (one group per slab), and the N states are N vectors in
+// registers. Why channels and not the state dimension in the lanes: the output y_t = sum_n h[n] C[n] and
+// the backward's d(dt) are then plain vector FMAs, no horizontal sums; only dB / dC sum over channels.
+//
+// Each slab walks its sequence in chunks of `chunk_size` steps, staging u, dt, z (and dout) transposed
+// into [step][lane] buffers. The forward saves the state before every chunk; the backward walks the
+// chunks in reverse, recomputes the chunk's states from that saved state (kept in a per-thread buffer
+// with the decay factors, so exp runs once per state element in the backward too), then runs the
+// adjoint recurrence g_t = a_{t+1} g_{t+1} + C_t dy_t.
+//
+// Determinism: dB / dC (per step) are summed over the channels of a group. A task owns a fixed set of
+// slabs (kSlabsPerTask, independent of the thread count) and writes its own partial buffer; the partials
+// are added in task order afterwards. dA, dD, d(delta_bias) and fixed (D, N) dB / dC are summed over the
+// batch through per-row partials likewise. Results do not depend on the number of threads.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "common/alloc.h"
+#include "common/ssm_math.h"
+#include "families/ssm.h"
+
+namespace fastnn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------- lane vectors
+
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  static constexpr int W = 16;
+};
+template <>
+struct Lanes<double> {
+  typedef double V __attribute__((vector_size(64)));
+  static constexpr int W = 8;
+};
+using VF = Lanes<float>::V;
+using VI = Lanes<float>::I;
+using VD = Lanes<double>::V;
+
+template <typename V>
+inline V splat(typename std::remove_reference<decltype(V{}[0])>::type x) {
+  V v;
+  for (size_t i = 0; i < sizeof(V) / sizeof(x); ++i) v[i] = x;
+  return v;
+}
+
+// a * b + c, fused where the ISA has it (the build uses -ffp-contract=off, so write it out).
+inline VF fmadd(VF a, VF b, VF c) {
+#if defined(__AVX512F__)
+  return (VF)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#else
+  return a * b + c;
+#endif
+}
+inline VD fmadd(VD a, VD b, VD c) {
+#if defined(__AVX512F__)
+  return (VD)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#else
+  return a * b + c;
+#endif
+}
+
+inline VF vmax(VF a, VF b) { return a > b ? a : b; }
+inline VF vmin(VF a, VF b) { return a < b ? a : b; }
+
+// 2^x on 16 floats: x = k + f with k = round(x), |f| <= 1/2, a degree-6 polynomial for 2^f (least-squares
+// fit on Chebyshev nodes, max relative error 1e-7 in fp32, ~1 ulp), then 2^k. With AVX-512, roundscale and
+// scalef (which handles under- and overflow: 0 and inf come out right); otherwise the exponent bits, with
+// x clamped to [-126, 127] (results below 2^-126 come out as ~1e-38 instead of a denormal or 0).
+inline VF vexp2(VF x) {
+#if defined(__AVX512F__)
+  const __m512 k = _mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const VF f = x - (VF)k;
+#else
+  x = vmin(vmax(x, splat<VF>(-126.0f)), splat<VF>(127.0f));
+  const VF magic = splat<VF>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const VF k = (x + magic) - magic;
+  const VF f = x - k;
+#endif
+  VF p = splat<VF>(1.534580806037411e-4f);
+  p = fmadd(p, f, splat<VF>(1.3399930903688073e-3f));
+  p = fmadd(p, f, splat<VF>(9.618489071726799e-3f));
+  p = fmadd(p, f, splat<VF>(5.550328642129898e-2f));
+  p = fmadd(p, f, splat<VF>(2.4022646248340607e-1f));
+  p = fmadd(p, f, splat<VF>(6.931471824645996e-1f));
+  p = fmadd(p, f, splat<VF>(1.0f));
+#if defined(__AVX512F__)
+  return (VF)_mm512_scalef_ps((__m512)p, k);
+#else
+  return p * (VF)((__builtin_convertvector(k, VI) + 127) << 23);
+#endif
+}
+inline VD vexp2(VD x) {
+  for (int i = 0; i < 8; ++i) x[i] = std::exp2(x[i]);
+  return x;
+}
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+inline VF vexp(VF x) { return vexp2(x * float(kLog2e)); }
+inline VD vexp(VD x) {
+  for (int i = 0; i < 8; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+// natural log of 16 positive normal floats (Cephes' logf polynomial on [sqrt(1/2), sqrt(2))).
+inline VF vlog(VF x) {
+  VI bits = (VI)x;
+  VI e = ((bits >> 23) & 0xff) - 127;
+  VF m = (VF)((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const auto big = m > splat<VF>(1.41421356f);
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1 : e;
+  const VF f = m - 1.0f;
+  VF p = splat<VF>(7.0376836292e-2f);
+  p = fmadd(p, f, splat<VF>(-1.1514610310e-1f));
+  p = fmadd(p, f, splat<VF>(1.1676998740e-1f));
+  p = fmadd(p, f, splat<VF>(-1.2420140846e-1f));
+  p = fmadd(p, f, splat<VF>(1.4249322787e-1f));
+  p = fmadd(p, f, splat<VF>(-1.6668057665e-1f));
+  p = fmadd(p, f, splat<VF>(2.0000714765e-1f));
+  p = fmadd(p, f, splat<VF>(-2.4999993993e-1f));
+  p = fmadd(p, f, splat<VF>(3.3333331174e-1f));
+  const VF f2 = f * f;
+  VF y = f2 * f * p;
+  const VF ef = __builtin_convertvector(e, VF);
+  y = fmadd(ef, splat<VF>(-2.12194440e-4f), y);
+  y = fmadd(f2, splat<VF>(-0.5f), y);
+  return fmadd(ef, splat<VF>(0.693359375f), f + y);
+}
+
+// softplus with torch's threshold: x above 20 passes through; else log1p(exp(x)) as
+// max(x, 0) + log1p(exp(-|x|)), log1p(w) = log(1 + w) * w / ((1 + w) - 1) (exact-rounding correction).
+inline VF vsoftplus(VF x) {
+  const VF w = vexp(-(x > 0 ? x : -x));
+  const VF onep = w + 1.0f;
+  const VF den = onep - 1.0f;
+  const VF l1p = den == 0 ? w : vlog(onep) * (w / (den == 0 ? splat<VF>(1.0f) : den));
+  const VF sp = vmax(x, splat<VF>(0.0f)) + l1p;
+  return x > ssm::kSoftplusThreshold ? x : sp;
+}
+inline VD vsoftplus(VD x) {
+  for (int i = 0; i < 8; ++i) x[i] = ssm::softplus(x[i]);
+  return x;
+}
+inline VF vsigmoid(VF x) { return 1.0f / (1.0f + vexp(-x)); }
+inline VD vsigmoid(VD x) {
+  for (int i = 0; i < 8; ++i) x[i] = ssm::sigmoid(x[i]);
+  return x;
+}
+
+template <typename V>
+inline auto hsum(V v) -> typename std::remove_reference<decltype(v[0])>::type {
+  typename std::remove_reference<decltype(v[0])>::type s = 0;
+  for (size_t i = 0; i < sizeof(V) / sizeof(s); ++i) s += v[i];
+  return s;
+}
+
+// ---------------------------------------------------------------- staging (dtype conversion + transpose)
+
+// dst[t * W + lane] = src[t] for t < T, converting the row of one channel into the lane-major buffer.
+template <typename acc_t, int W>
+void load_lane(const void* src, at::ScalarType st, int64_t T, acc_t* dst, int lane) {
+  switch (st) {
+    case at::kFloat: {
+      const float* s = static_cast<const float*>(src);
+      for (int64_t t = 0; t < T; ++t) dst[t * W + lane] = static_cast<acc_t>(s[t]);
+      break;
+    }
+    case at::kDouble: {
+      const double* s = static_cast<const double*>(src);
+      for (int64_t t = 0; t < T; ++t) dst[t * W + lane] = static_cast<acc_t>(s[t]);
+      break;
+    }
+    case at::kHalf: {
+      const at::Half* s = static_cast<const at::Half*>(src);
+      for (int64_t t = 0; t < T; ++t) dst[t * W + lane] = static_cast<acc_t>(static_cast<float>(s[t]));
+      break;
+    }
+    case at::kBFloat16: {
+      const at::BFloat16* s = static_cast<const at::BFloat16*>(src);
+      for (int64_t t = 0; t < T; ++t) dst[t * W + lane] = static_cast<acc_t>(static_cast<float>(s[t]));
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "selective_scan (cpu): unsupported dtype ", st);
+  }
+}
+
+template <typename acc_t, int W>
+void store_lane(void* dst, at::ScalarType st, int64_t T, const acc_t* src, int lane) {
+  switch (st) {
+    case at::kFloat: {
+      float* d = static_cast<float*>(dst);
+      for (int64_t t = 0; t < T; ++t) d[t] = static_cast<float>(src[t * W + lane]);
+      break;
+    }
+    case at::kDouble: {
+      double* d = static_cast<double*>(dst);
+      for (int64_t t = 0; t < T; ++t) d[t] = static_cast<double>(src[t * W + lane]);
+      break;
+    }
+    case at::kHalf: {
+      at::Half* d = static_cast<at::Half*>(dst);
+      for (int64_t t = 0; t < T; ++t) d[t] = static_cast<at::Half>(static_cast<float>(src[t * W + lane]));
+      break;
+    }
+    case at::kBFloat16: {
+      at::BFloat16* d = static_cast<at::BFloat16*>(dst);
+      for (int64_t t = 0; t < T; ++t) d[t] = static_cast<at::BFloat16>(static_cast<float>(src[t * W + lane]));
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "selective_scan (cpu): unsupported dtype ", st);
+  }
+}
+
+// ---------------------------------------------------------------- problem description
+
+template <typename acc_t>
+struct Scan {
+  int64_t batch, dim, len, nstate, ngroups, chunk, nchunks;
+  at::ScalarType io;         // dtype of u, delta, z, out (and dout, du, ddelta, dz)
+  size_t io_size;
+  const char *u, *delta, *z;  // (B, D, L)
+  const acc_t *A, *Bm, *Cm, *Dskip, *dbias, *init;
+  bool b_fixed, c_fixed, softplus, per_seq;
+  const int32_t* seq_idx;  // (B, L) or null
+  // forward outputs
+  char* out;
+  acc_t *last, *chunk_states;
+  // backward
+  const char* dout;
+  const acc_t* dlast;
+  char *du, *ddelta, *dz;
+  acc_t *dA_part, *dD_part, *dbias_part, *dBfix_part, *dCfix_part;  // per batch row: (B, D, N) / (B, D)
+  acc_t *dBstep_part, *dCstep_part;                                  // per task: (tasks, N, L)
+  acc_t* dinit;
+
+  int64_t group_size() const { return dim / ngroups; }
+  int64_t slabs_per_group(int W) const { return (group_size() + W - 1) / W; }
+  const char* row(const char* base, int64_t b, int64_t d, int64_t t) const {
+    return base + ((b * dim + d) * len + t) * io_size;
+  }
+  char* row(char* base, int64_t b, int64_t d, int64_t t) const {
+    return base + ((b * dim + d) * len + t) * io_size;
+  }
+  bool is_start(int64_t b, int64_t t) const {
+    return t == 0 || (seq_idx != nullptr && seq_idx[b * len + t] != seq_idx[b * len + t - 1]);
+  }
+  bool is_end(int64_t b, int64_t t) const {
+    return t == len - 1 || (seq_idx != nullptr && seq_idx[b * len + t + 1] != seq_idx[b * len + t]);
+  }
+  // Row of initial_state / last_state that a segment starting or ending at t uses (-1: none).
+  int64_t state_row(int64_t b, int64_t t, bool at_boundary_of_row) const {
+    if (per_seq) return seq_idx[b * len + t];
+    return at_boundary_of_row ? b : -1;
+  }
+};
+
+// One slab: channels d0 .. d0 + nl - 1 (nl <= W) of batch row b, all in group g.
+struct Slab {
+  int64_t b, g, d0;
+  int nl;
+};
+
+template <typename acc_t>
+struct Buffers {
+  static constexpr int W = Lanes<acc_t>::W;
+  using V = typename Lanes<acc_t>::V;
+  std::vector<V> U, DT, DTU, Z, Y, DO, HP, AA, PB, PC, DU, DDT, DZ, RAW;
+  std::vector<acc_t> Bs, Cs;  // [t][n] per chunk (per-step B / C)
+  explicit Buffers(int64_t chunk, int64_t nstate, bool backward) {
+    for (auto* v : {&U, &DT, &DTU, &Z, &Y}) v->resize(chunk);
+    Bs.resize(chunk * nstate);
+    Cs.resize(chunk * nstate);
+    if (backward) {
+      for (auto* v : {&DO, &DU, &DDT, &DZ, &RAW}) v->resize(chunk);
+      for (auto* v : {&HP, &AA, &PB, &PC}) v->resize(chunk * nstate);
+    }
+  }
+};
+
+template <typename acc_t>
+using VecOf = typename Lanes<acc_t>::V;
+
+// Lane vector of a per-channel (D,) parameter (0 in unused lanes and when absent).
+template <typename acc_t>
+VecOf<acc_t> channel_vec(const acc_t* p, const Slab& s, acc_t absent) {
+  VecOf<acc_t> v = splat<VecOf<acc_t>>(absent);
+  if (p != nullptr)
+    for (int l = 0; l < s.nl; ++l) v[l] = p[s.d0 + l];
+  return v;
+}
+
+// Lane vectors of a (rows, D, N) state row `r` (zeros when r < 0 or the tensor is absent).
+template <typename acc_t>
+void load_state(const acc_t* base, int64_t r, const Scan<acc_t>& p, const Slab& s, VecOf<acc_t>* h) {
+  for (int64_t n = 0; n < p.nstate; ++n) h[n] = splat<VecOf<acc_t>>(acc_t(0));
+  if (base == nullptr || r < 0) return;
+  for (int l = 0; l < s.nl; ++l) {
+    const acc_t* src = base + (r * p.dim + s.d0 + l) * p.nstate;
+    for (int64_t n = 0; n < p.nstate; ++n) h[n][l] = src[n];
+  }
+}
+
+template <typename acc_t>
+void store_state(acc_t* base, int64_t r, const Scan<acc_t>& p, const Slab& s, const VecOf<acc_t>* h) {
+  for (int l = 0; l < s.nl; ++l) {
+    acc_t* dst = base + (r * p.dim + s.d0 + l) * p.nstate;
+    for (int64_t n = 0; n < p.nstate; ++n) dst[n] = h[n][l];
+  }
+}
+
+// Stage one chunk [t0, t0 + T) of the slab: u, dt (bias + softplus applied), dt * u, z (and dout, raw dt).
+template <typename acc_t>
+void stage_chunk(const Scan<acc_t>& p, const Slab& s, int64_t t0, int64_t T, Buffers<acc_t>& buf,
+                 VecOf<acc_t> bias_v, bool backward) {
+  using V = VecOf<acc_t>;
+  constexpr int W = Lanes<acc_t>::W;
+  acc_t* U = reinterpret_cast<acc_t*>(buf.U.data());
+  acc_t* DT = reinterpret_cast<acc_t*>(buf.DT.data());
+  acc_t* Z = reinterpret_cast<acc_t*>(buf.Z.data());
+  acc_t* DO = backward ? reinterpret_cast<acc_t*>(buf.DO.data()) : nullptr;
+  if (s.nl < W) {  // unused lanes hold zeros: A = 0 there keeps their state at 0
+    std::memset(U, 0, sizeof(V) * T);
+    std::memset(DT, 0, sizeof(V) * T);
+    std::memset(Z, 0, sizeof(V) * T);
+    if (backward) std::memset(DO, 0, sizeof(V) * T);
+  }
+  for (int l = 0; l < s.nl; ++l) {
+    const int64_t d = s.d0 + l;
+    load_lane<acc_t, W>(p.row(p.u, s.b, d, t0), p.io, T, U, l);
+    load_lane<acc_t, W>(p.row(p.delta, s.b, d, t0), p.io, T, DT, l);
+    if (p.z != nullptr) load_lane<acc_t, W>(p.row(p.z, s.b, d, t0), p.io, T, Z, l);
+    if (backward) load_lane<acc_t, W>(p.row(p.dout, s.b, d, t0), p.io, T, DO, l);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    V raw = buf.DT[t] + bias_v;
+    if (backward) buf.RAW[t] = raw;
+    V dt = p.softplus ? vsoftplus(raw) : raw;
+    buf.DT[t] = dt;
+    buf.DTU[t] = dt * buf.U[t];
+  }
+}
+
+// Stage per-step B / C of one chunk as [t][n] (shared by every slab of the task: one batch row, one group).
+template <typename acc_t>
+void stage_bc(const Scan<acc_t>& p, int64_t b, int64_t g, int64_t t0, int64_t T, Buffers<acc_t>& buf) {
+  const int64_t N = p.nstate;
+  if (!p.b_fixed) {
+    const acc_t* src = p.Bm + (b * p.ngroups + g) * N * p.len + t0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t t = 0; t < T; ++t) buf.Bs[t * N + n] = src[n * p.len + t];
+  }
+  if (!p.c_fixed) {
+    const acc_t* src = p.Cm + (b * p.ngroups + g) * N * p.len + t0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t t = 0; t < T; ++t) buf.Cs[t * N + n] = src[n * p.len + t];
+  }
+}
+
+// Per-state lane vectors of a fixed (D, N) B or C, or of A (times `scale`).
+template <typename acc_t>
+void state_matrix(const acc_t* M, const Scan<acc_t>& p, const Slab& s, VecOf<acc_t>* out, acc_t scale = 1) {
+  for (int64_t n = 0; n < p.nstate; ++n) {
+    out[n] = splat<VecOf<acc_t>>(acc_t(0));
+    for (int l = 0; l < s.nl; ++l) out[n][l] = M[(s.d0 + l) * p.nstate + n] * scale;
+  }
+}
+
+// exp(dt * A) from the slab's scaled A: fp32 runs exp2 on A * log2(e); fp64 runs exp on A itself.
+inline VF decay(VF dt, VF a_scaled) { return vexp2(dt * a_scaled); }
+inline VD decay(VD dt, VD a_scaled) { return vexp(dt * a_scaled); }
+template <typename acc_t>
+constexpr acc_t a_scale() {
+  return sizeof(acc_t) == 4 ? acc_t(kLog2e) : acc_t(1);
+}
+
+// What a slab carries across chunks, and its per-channel constants.
+template <typename acc_t>
+struct SlabState {
+  using V = VecOf<acc_t>;
+  Slab s;
+  std::vector<V> h, A, Bf, Cf;     // state (forward) / adjoint g (backward); scaled A; fixed B, C
+  std::vector<V> dA, dBf, dCf;      // backward accumulators
+  V bias_v, D_v, dD, dbias;
+  void init(const Scan<acc_t>& p, const Slab& slab, bool backward) {
+    s = slab;
+    const int64_t N = p.nstate;
+    const V zero = splat<V>(acc_t(0));
+    h.assign(N, zero);
+    A.resize(N);
+    state_matrix(p.A, p, s, A.data(), a_scale<acc_t>());
+    if (p.b_fixed) Bf.resize(N), state_matrix(p.Bm, p, s, Bf.data());
+    if (p.c_fixed) Cf.resize(N), state_matrix(p.Cm, p, s, Cf.data());
+    bias_v = channel_vec(p.dbias, s, acc_t(0));
+    D_v = channel_vec(p.Dskip, s, acc_t(0));
+    dD = dbias = zero;
+    if (backward) {
+      dA.assign(N, zero);
+      if (p.b_fixed) dBf.assign(N, zero);
+      if (p.c_fixed) dCf.assign(N, zero);
+    }
+  }
+};
+
+// ---------------------------------------------------------------- forward
+
+// One chunk of one slab: the state goes from `st.h` (before the chunk) to after it; outputs written.
+template <typename acc_t, bool kBFixed, bool kCFixed>
+void forward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf) {
+  using V = VecOf<acc_t>;
+  constexpr int W = Lanes<acc_t>::W;
+  const int64_t N = p.nstate;
+  const Slab& s = st.s;
+  V* h = st.h.data();
+  const V* A = st.A.data();
+  for (int l = 0; l < s.nl; ++l) {  // the state before this chunk, for the backward
+    acc_t* dst = p.chunk_states + (((s.b * p.dim + s.d0 + l) * p.nchunks) + t0 / p.chunk) * N;
+    for (int64_t n = 0; n < N; ++n) dst[n] = h[n][l];
+  }
+  stage_chunk(p, s, t0, T, buf, st.bias_v, false);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t tt = t0 + t;
+    if (tt > 0 && p.seq_idx != nullptr && p.is_start(s.b, tt))
+      load_state(p.init, p.state_row(s.b, tt, false), p, s, h);
+    const V dt = buf.DT[t], dtu = buf.DTU[t];
+    const acc_t* Bt = buf.Bs.data() + t * N;
+    const acc_t* Ct = buf.Cs.data() + t * N;
+    V y = st.D_v * buf.U[t];
+    for (int64_t n = 0; n < N; ++n) {
+      const V a = decay(dt, A[n]);
+      const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
+      const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
+      h[n] = fmadd(a, h[n], dtu * bn);
+      y = fmadd(h[n], cn, y);
+    }
+    if (p.z != nullptr) {
+      const V z = buf.Z[t];
+      y = y * (z * vsigmoid(z));
+    }
+    buf.Y[t] = y;
+    if (p.per_seq && p.is_end(s.b, tt)) store_state(p.last, p.state_row(s.b, tt, true), p, s, h);
+  }
+  const acc_t* Y = reinterpret_cast<const acc_t*>(buf.Y.data());
+  for (int l = 0; l < s.nl; ++l) store_lane<acc_t, W>(p.row(p.out, s.b, s.d0 + l, t0), p.io, T, Y, l);
+}
+
+template <typename acc_t, bool kBFixed, bool kCFixed>
+void forward_task(const Scan<acc_t>& p, const Slab* slabs, int count, Buffers<acc_t>& buf,
+                  std::vector<SlabState<acc_t>>& states) {
+  states.resize(count);
+  for (int j = 0; j < count; ++j) {
+    states[j].init(p, slabs[j], false);
+    load_state(p.init, p.len > 0 ? p.state_row(slabs[j].b, 0, true) : -1, p, slabs[j], states[j].h.data());
+  }
+  for (int64_t c = 0; c < p.nchunks; ++c) {
+    const int64_t t0 = c * p.chunk, T = std::min(p.chunk, p.len - t0);
+    stage_bc(p, slabs[0].b, slabs[0].g, t0, T, buf);
+    for (int j = 0; j < count; ++j) forward_chunk<acc_t, kBFixed, kCFixed>(p, states[j], t0, T, buf);
+  }
+  if (!p.per_seq)
+    for (int j = 0; j < count; ++j) store_state(p.last, slabs[j].b, p, slabs[j], states[j].h.data());
+}
+
+// ---------------------------------------------------------------- backward
+
+// One chunk of one slab, backwards: recompute the chunk's states from the saved one, then the adjoint
+// g (st.h holds g_{t0+T} a_{t0+T} on entry, g_{t0} a_{t0} on exit). Per-step dB / dC go to the task's
+// lane vectors PB / PC ([t][n], summed over the task's slabs; the lanes are added once per task).
+template <typename acc_t, bool kBFixed, bool kCFixed>
+void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf,
+                    std::vector<VecOf<acc_t>>& hbuf) {
+  using V = VecOf<acc_t>;
+  constexpr int W = Lanes<acc_t>::W;
+  const int64_t N = p.nstate, L = p.len;
+  const Slab& s = st.s;
+  const V* A = st.A.data();
+  const V zero = splat<V>(acc_t(0));
+  stage_chunk(p, s, t0, T, buf, st.bias_v, true);
+  // Recompute: previous state HP and decay AA of every step.
+  V* h = hbuf.data();
+  for (int l = 0; l < W; ++l) {
+    const acc_t* src = p.chunk_states + (((s.b * p.dim + s.d0 + l) * p.nchunks) + t0 / p.chunk) * N;
+    for (int64_t n = 0; n < N; ++n) h[n][l] = l < s.nl ? src[n] : acc_t(0);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t tt = t0 + t;
+    if (tt > 0 && p.seq_idx != nullptr && p.is_start(s.b, tt))
+      load_state(p.init, p.state_row(s.b, tt, false), p, s, h);
+    const V dt = buf.DT[t], dtu = buf.DTU[t];
+    const acc_t* Bt = buf.Bs.data() + t * N;
+    const acc_t* Ct = buf.Cs.data() + t * N;
+    V y = st.D_v * buf.U[t];
+    V* HP = buf.HP.data() + t * N;
+    V* AA = buf.AA.data() + t * N;
+    for (int64_t n = 0; n < N; ++n) {
+      const V a = decay(dt, A[n]);
+      const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
+      const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
+      HP[n] = h[n];
+      AA[n] = a;
+      h[n] = fmadd(a, h[n], dtu * bn);
+      y = fmadd(h[n], cn, y);
+    }
+    buf.Y[t] = y;  // before the gate
+  }
+  V* g = st.h.data();
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const int64_t tt = t0 + t;
+    if (p.dlast != nullptr && p.is_end(s.b, tt)) {
+      const int64_t r = p.state_row(s.b, tt, tt == L - 1);
+      if (r >= 0) {
+        load_state(p.dlast, r, p, s, h);  // h is free now: borrow it
+        for (int64_t n = 0; n < N; ++n) g[n] += h[n];
+      }
+    }
+    V dy = buf.DO[t];
+    if (p.z != nullptr) {
+      const V z = buf.Z[t];
+      const V sg = vsigmoid(z);
+      buf.DZ[t] = dy * buf.Y[t] * (sg * (1 + z * (1 - sg)));
+      dy = dy * (z * sg);
+    }
+    const V u = buf.U[t], dt = buf.DT[t], dtu = buf.DTU[t];
+    st.dD = fmadd(dy, u, st.dD);
+    const acc_t* Bt = buf.Bs.data() + t * N;
+    const acc_t* Ct = buf.Cs.data() + t * N;
+    const V* HP = buf.HP.data() + t * N;
+    const V* AA = buf.AA.data() + t * N;
+    V* PB = buf.PB.data() + t * N;
+    V* PC = buf.PC.data() + t * N;
+    V gB = zero, ddt = zero;
+    for (int64_t n = 0; n < N; ++n) {
+      const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
+      const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
+      const V hn = fmadd(AA[n], HP[n], dtu * bn);  // h_t
+      const V gn = fmadd(cn, dy, g[n]);            // dL/dh_t
+      const V ghA = gn * HP[n] * AA[n];
+      ddt = fmadd(ghA, A[n], ddt);  // times 1 / a_scale below
+      st.dA[n] = fmadd(ghA, dt, st.dA[n]);
+      gB = fmadd(gn, bn, gB);
+      if (kBFixed) st.dBf[n] = fmadd(gn, dtu, st.dBf[n]);
+      else PB[n] = fmadd(gn, dtu, PB[n]);
+      if (kCFixed) st.dCf[n] = fmadd(hn, dy, st.dCf[n]);
+      else PC[n] = fmadd(hn, dy, PC[n]);
+      g[n] = gn * AA[n];  // carried to step t - 1
+    }
+    if (p.is_start(s.b, tt)) {
+      // The state before this step was the segment's start state: its gradient is g (already times
+      // a_t); nothing flows into the previous segment.
+      const int64_t r = p.state_row(s.b, tt, tt == 0);
+      if (p.dinit != nullptr && r >= 0) store_state(p.dinit, r, p, s, g);
+      for (int64_t n = 0; n < N; ++n) g[n] = zero;
+    }
+    ddt = fmadd(gB, u, ddt * (acc_t(1) / a_scale<acc_t>()));
+    buf.DU[t] = fmadd(gB, dt, dy * st.D_v);
+    if (p.softplus) {
+      const V raw = buf.RAW[t];
+      ddt = raw > acc_t(ssm::kSoftplusThreshold) ? ddt : ddt * vsigmoid(raw);
+    }
+    st.dbias += ddt;
+    buf.DDT[t] = ddt;
+  }
+  const acc_t* DU = reinterpret_cast<const acc_t*>(buf.DU.data());
+  const acc_t* DDT = reinterpret_cast<const acc_t*>(buf.DDT.data());
+  const acc_t* DZ = reinterpret_cast<const acc_t*>(buf.DZ.data());
+  for (int l = 0; l < s.nl; ++l) {
+    const int64_t d = s.d0 + l;
+    store_lane<acc_t, W>(p.row(p.du, s.b, d, t0), p.io, T, DU, l);
+    store_lane<acc_t, W>(p.row(p.ddelta, s.b, d, t0), p.io, T, DDT, l);
+    if (p.z != nullptr) store_lane<acc_t, W>(p.row(p.dz, s.b, d, t0), p.io, T, DZ, l);
+  }
+}
+
+template <typename acc_t, bool kBFixed, bool kCFixed>
+void backward_task(const Scan<acc_t>& p, const Slab* slabs, int count, int64_t task, Buffers<acc_t>& buf,
+                   std::vector<SlabState<acc_t>>& states) {
+  using V = VecOf<acc_t>;
+  const int64_t N = p.nstate, L = p.len;
+  const V zero = splat<V>(acc_t(0));
+  states.resize(count);
+  for (int j = 0; j < count; ++j) states[j].init(p, slabs[j], true);  // h holds the adjoint g: 0
+  std::vector<V> hbuf(N);
+  acc_t* dBstep = kBFixed ? nullptr : p.dBstep_part + task * N * L;
+  acc_t* dCstep = kCFixed ? nullptr : p.dCstep_part + task * N * L;
+  for (int64_t c = p.nchunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * p.chunk, T = std::min(p.chunk, L - t0);
+    stage_bc(p, slabs[0].b, slabs[0].g, t0, T, buf);
+    if (!kBFixed) std::fill(buf.PB.begin(), buf.PB.begin() + T * N, zero);
+    if (!kCFixed) std::fill(buf.PC.begin(), buf.PC.begin() + T * N, zero);
+    for (int j = 0; j < count; ++j) backward_chunk<acc_t, kBFixed, kCFixed>(p, states[j], t0, T, buf, hbuf);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n) {
+        if (!kBFixed) dBstep[n * L + t0 + t] = hsum(buf.PB[t * N + n]);
+        if (!kCFixed) dCstep[n * L + t0 + t] = hsum(buf.PC[t * N + n]);
+      }
+  }
+  for (int j = 0; j < count; ++j) {  // per-row partials of the batch-summed parameters
+    const SlabState<acc_t>& st = states[j];
+    for (int l = 0; l < st.s.nl; ++l) {
+      const int64_t d = st.s.d0 + l;
+      for (int64_t n = 0; n < N; ++n) {
+        p.dA_part[(st.s.b * p.dim + d) * N + n] = st.dA[n][l];
+        if (kBFixed) p.dBfix_part[(st.s.b * p.dim + d) * N + n] = st.dBf[n][l];
+        if (kCFixed) p.dCfix_part[(st.s.b * p.dim + d) * N + n] = st.dCf[n][l];
+      }
+      p.dD_part[st.s.b * p.dim + d] = st.dD[l];
+      p.dbias_part[st.s.b * p.dim + d] = st.dbias[l];
+    }
+  }
+}
+
+// ---------------------------------------------------------------- tasks
+
+// Slabs per task: a fixed partition (so the dB / dC partial sums, and the result, do not depend on the
+// thread count). The task's slabs share B / C staging, and the backward adds the lanes of its dB / dC
+// vectors once per task instead of once per slab.
+constexpr int64_t kSlabsPerTask = 8;
+
+struct TaskPlan {
+  int64_t slabs_per_group, tasks_per_group, tasks;
+};
+
+template <typename acc_t>
+TaskPlan plan(const Scan<acc_t>& p) {
+  TaskPlan t;
+  t.slabs_per_group = p.slabs_per_group(Lanes<acc_t>::W);
+  t.tasks_per_group = (t.slabs_per_group + kSlabsPerTask - 1) / kSlabsPerTask;
+  t.tasks = p.batch * p.ngroups * t.tasks_per_group;
+  return t;
+}
+
+template <typename acc_t>
+Slab slab_of(const Scan<acc_t>& p, int64_t b, int64_t g, int64_t j) {
+  constexpr int W = Lanes<acc_t>::W;
+  const int64_t gs = p.group_size();
+  Slab s;
+  s.b = b;
+  s.g = g;
+  s.d0 = g * gs + j * W;
+  s.nl = static_cast<int>(std::min<int64_t>(W, gs - j * W));
+  return s;
+}
+
+// f(task, slabs, count, buffers, states) for every task, in parallel; buffers live per worker range.
+template <typename acc_t, typename F>
+void for_each_task(const Scan<acc_t>& p, bool backward, F&& f) {
+  const TaskPlan tp = plan(p);
+  at::parallel_for(0, tp.tasks, 1, [&](int64_t begin, int64_t end) {
+    Buffers<acc_t> buf(p.chunk, p.nstate, backward);
+    std::vector<SlabState<acc_t>> states;
+    Slab slabs[kSlabsPerTask];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (p.ngroups * tp.tasks_per_group);
+      const int64_t g = (task / tp.tasks_per_group) % p.ngroups;
+      const int64_t k = task % tp.tasks_per_group;
+      const int64_t j_end = std::min(tp.slabs_per_group, (k + 1) * kSlabsPerTask);
+      int count = 0;
+      for (int64_t j = k * kSlabsPerTask; j < j_end; ++j) slabs[count++] = slab_of(p, b, g, j);
+      f(task, slabs, count, buf, states);
+    }
+  });
+}
+
+template <typename acc_t, bool kBFixed, bool kCFixed>
+void run_forward(const Scan<acc_t>& p) {
+  for_each_task(p, false, [&](int64_t, const Slab* slabs, int count, Buffers<acc_t>& buf,
+                              std::vector<SlabState<acc_t>>& states) {
+    forward_task<acc_t, kBFixed, kCFixed>(p, slabs, count, buf, states);
+  });
+}
+
+template <typename acc_t, bool kBFixed, bool kCFixed>
+void run_backward(const Scan<acc_t>& p) {
+  for_each_task(p, true, [&](int64_t task, const Slab* slabs, int count, Buffers<acc_t>& buf,
+                             std::vector<SlabState<acc_t>>& states) {
+    backward_task<acc_t, kBFixed, kCFixed>(p, slabs, count, task, buf, states);
+  });
+}
+
+template <typename acc_t>
+void dispatch_forward(const Scan<acc_t>& p) {
+  if (p.b_fixed && p.c_fixed) run_forward<acc_t, true, true>(p);
+  else if (p.b_fixed) run_forward<acc_t, true, false>(p);
+  else if (p.c_fixed) run_forward<acc_t, false, true>(p);
+  else run_forward<acc_t, false, false>(p);
+}
+
+template <typename acc_t>
+void dispatch_backward(const Scan<acc_t>& p) {
+  if (p.b_fixed && p.c_fixed) run_backward<acc_t, true, true>(p);
+  else if (p.b_fixed) run_backward<acc_t, true, false>(p);
+  else if (p.c_fixed) run_backward<acc_t, false, true>(p);
+  else run_backward<acc_t, false, false>(p);
+}
+
+// ---------------------------------------------------------------- argument plumbing
+
+template <typename T>
+const T* opt_ptr(const c10::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+void check_inputs(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
+                  const c10::optional<Tensor>& z, const c10::optional<Tensor>& seq_idx, bool per_seq,
+                  int64_t chunk_size) {
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "selective_scan (cpu): u and delta must be (B, D, L)");
+  TORCH_CHECK(u.is_contiguous() && delta.is_contiguous(), "selective_scan (cpu): u, delta must be contiguous");
+  TORCH_CHECK(delta.scalar_type() == u.scalar_type(), "selective_scan (cpu): delta must have u's dtype");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1), "selective_scan (cpu): A must be (D, N)");
+  for (const Tensor* m : {&Bm, &Cm})
+    TORCH_CHECK((m->dim() == 2 && m->sizes() == A.sizes()) ||
+                    (m->dim() == 4 && m->size(0) == u.size(0) && m->size(2) == A.size(1) &&
+                     m->size(3) == u.size(2) && u.size(1) % m->size(1) == 0),
+                "selective_scan (cpu): B and C must be (D, N) or (B, G, N, L)");
+  if (z.has_value() && z->defined())
+    TORCH_CHECK(z->sizes() == u.sizes() && z->is_contiguous() && z->scalar_type() == u.scalar_type(),
+                "selective_scan (cpu): z must be a contiguous (B, D, L) tensor of u's dtype");
+  if (seq_idx.has_value() && seq_idx->defined())
+    TORCH_CHECK(seq_idx->scalar_type() == at::kInt && seq_idx->dim() == 2 && seq_idx->size(0) == u.size(0) &&
+                    seq_idx->size(1) == u.size(2) && seq_idx->is_contiguous(),
+                "selective_scan (cpu): seq_idx must be a contiguous int32 (B, L) tensor");
+  TORCH_CHECK(!per_seq || (seq_idx.has_value() && seq_idx->defined() && u.size(0) == 1),
+              "selective_scan (cpu): per-sequence states need seq_idx and B == 1");
+  TORCH_CHECK(chunk_size >= 1, "selective_scan (cpu): chunk_size must be positive");
+}
+
+template <typename acc_t>
+Scan<acc_t> describe(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
+                     const c10::optional<Tensor>& D_skip, const c10::optional<Tensor>& z,
+                     const c10::optional<Tensor>& delta_bias, bool delta_softplus,
+                     const c10::optional<Tensor>& initial_state, const c10::optional<Tensor>& seq_idx,
+                     bool per_seq, int64_t chunk_size) {
+  Scan<acc_t> p{};
+  p.batch = u.size(0);
+  p.dim = u.size(1);
+  p.len = u.size(2);
+  p.nstate = A.size(1);
+  p.b_fixed = Bm.dim() == 2;
+  p.c_fixed = Cm.dim() == 2;
+  p.ngroups = !p.b_fixed ? Bm.size(1) : (!p.c_fixed ? Cm.size(1) : 1);
+  TORCH_CHECK(p.b_fixed || p.c_fixed || Bm.size(1) == Cm.size(1),
+              "selective_scan (cpu): per-step B and C must have the same number of groups");
+  p.chunk = chunk_size;
+  p.nchunks = (p.len + chunk_size - 1) / chunk_size;
+  p.io = u.scalar_type();
+  p.io_size = u.element_size();
+  p.u = static_cast<const char*>(u.data_ptr());
+  p.delta = static_cast<const char*>(delta.data_ptr());
+  p.z = z.has_value() && z->defined() ? static_cast<const char*>(z->data_ptr()) : nullptr;
+  p.A = A.data_ptr<acc_t>();
+  p.Bm = Bm.data_ptr<acc_t>();
+  p.Cm = Cm.data_ptr<acc_t>();
+  p.Dskip = opt_ptr<acc_t>(D_skip);
+  p.dbias = opt_ptr<acc_t>(delta_bias);
+  p.init = opt_ptr<acc_t>(initial_state);
+  p.softplus = delta_softplus;
+  p.per_seq = per_seq;
+  p.seq_idx = opt_ptr<int32_t>(seq_idx);
+  return p;
+}
+
+// Sum of a contiguous tensor over `dim`, adding the slices in index order (deterministic for any thread
+// count, unlike a parallel reduction).
+Tensor ordered_sum(const Tensor& part, int64_t dim) {
+  auto sizes = part.sizes().vec();
+  const int64_t R = sizes[dim];
+  int64_t outer = 1, inner = 1;
+  for (int64_t i = 0; i < dim; ++i) outer *= sizes[i];
+  for (size_t i = dim + 1; i < sizes.size(); ++i) inner *= sizes[i];
+  sizes.erase(sizes.begin() + dim);
+  Tensor out = at::zeros(sizes, part.options());
+  AT_DISPATCH_FLOATING_TYPES(part.scalar_type(), "ordered_sum", [&] {
+    const scalar_t* src = part.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, outer * inner, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t o = i / inner, k = i % inner;
+        scalar_t acc = 0;
+        for (int64_t r = 0; r < R; ++r) acc += src[(o * R + r) * inner + k];
+        dst[i] = acc;
+      }
+    });
+  });
+  return out;
+}
+
+at::ScalarType acc_type(const Tensor& u) { return u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+int64_t state_rows(const Tensor& u, const c10::optional<Tensor>& initial_state,
+                   const c10::optional<Tensor>& seq_idx, bool per_seq) {
+  if (!per_seq) return u.size(0);
+  if (initial_state.has_value() && initial_state->defined()) return initial_state->size(0);
+  return u.size(2) == 0 ? 0 : int64_t(seq_idx->max().item<int32_t>()) + 1;
+}
+
+}  // namespace
+
+std::vector<Tensor> selective_scan_forward(FASTNN_SCAN_FWD_ARGS) {
+  check_inputs(u, delta, A, Bm, Cm, z, seq_idx, per_sequence_states, chunk_size);
+  const auto at_ = acc_type(u);
+  const int64_t Bsz = u.size(0), Dm = u.size(1), L = u.size(2), N = A.size(1);
+  const int64_t nchunks = (L + chunk_size - 1) / chunk_size;
+  const int64_t R = state_rows(u, initial_state, seq_idx, per_sequence_states);
+  Tensor out = new_output(u.sizes(), u.options());
+  Tensor last = new_output({R, Dm, N}, u.options().dtype(at_));
+  Tensor chunks = new_output({Bsz, Dm, nchunks, N}, u.options().dtype(at_));
+  if (u.numel() == 0) {
+    if (initial_state.has_value() && initial_state->defined() && !per_sequence_states) last.copy_(*initial_state);
+    else last.zero_();
+    return {out, last, chunks};
+  }
+  AT_DISPATCH_FLOATING_TYPES(at_, "selective_scan_forward_cpu", [&] {
+    auto p = describe<scalar_t>(u, delta, A, Bm, Cm, D_skip, z, delta_bias, delta_softplus, initial_state, seq_idx,
+                                per_sequence_states, chunk_size);
+    p.out = static_cast<char*>(out.data_ptr());
+    p.last = last.data_ptr<scalar_t>();
+    p.chunk_states = chunks.data_ptr<scalar_t>();
+    dispatch_forward(p);
+  });
+  return {out, last, chunks};
+}
+
+std::vector<Tensor> selective_scan_backward(FASTNN_SCAN_BWD_ARGS) {
+  (void)deterministic;  // always deterministic here
+  check_inputs(u, delta, A, Bm, Cm, z, seq_idx, per_sequence_states, chunk_size);
+  TORCH_CHECK(dout.sizes() == u.sizes() && dout.is_contiguous() && dout.scalar_type() == u.scalar_type(),
+              "selective_scan_backward (cpu): dout must be a contiguous (B, D, L) tensor of u's dtype");
+  const auto at_ = acc_type(u);
+  const int64_t Bsz = u.size(0), Dm = u.size(1), L = u.size(2), N = A.size(1);
+  const int64_t nchunks = (L + chunk_size - 1) / chunk_size;
+  TORCH_CHECK(chunk_states.dim() == 4 && chunk_states.size(2) == nchunks && chunk_states.is_contiguous(),
+              "selective_scan_backward (cpu): chunk_states do not match chunk_size");
+  const bool has_z = z.has_value() && z->defined();
+  const bool has_init = initial_state.has_value() && initial_state->defined();
+  Tensor du = new_output(u.sizes(), u.options());
+  Tensor ddelta = new_output(u.sizes(), u.options());
+  Tensor dz = has_z ? new_output(u.sizes(), u.options()) : Tensor();
+  auto facc = u.options().dtype(at_);
+  Tensor dinit = has_init ? at::zeros(initial_state->sizes(), facc) : Tensor();
+  const bool b_fixed = Bm.dim() == 2, c_fixed = Cm.dim() == 2;
+  Tensor dA_part = at::zeros({Bsz, Dm, N}, facc), dD_part = at::zeros({Bsz, Dm}, facc);
+  Tensor dbias_part = at::zeros({Bsz, Dm}, facc);
+  Tensor dBfix_part = b_fixed ? at::zeros({Bsz, Dm, N}, facc) : Tensor();
+  Tensor dCfix_part = c_fixed ? at::zeros({Bsz, Dm, N}, facc) : Tensor();
+  const int64_t G = !b_fixed ? Bm.size(1) : (!c_fixed ? Cm.size(1) : 1);
+  const int W = at_ == at::kDouble ? Lanes<double>::W : Lanes<float>::W;
+  const int64_t slabs = ((Dm / G) + W - 1) / W;
+  const int64_t tasks_per_group = (slabs + kSlabsPerTask - 1) / kSlabsPerTask;  // as plan()
+  Tensor dB_part = b_fixed ? Tensor() : at::zeros({Bsz, G, tasks_per_group, N, L}, facc);
+  Tensor dC_part = c_fixed ? Tensor() : at::zeros({Bsz, G, tasks_per_group, N, L}, facc);
+  if (u.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(at_, "selective_scan_backward_cpu", [&] {
+      auto p = describe<scalar_t>(u, delta, A, Bm, Cm, D_skip, z, delta_bias, delta_softplus, initial_state,
+                                  seq_idx, per_sequence_states, chunk_size);
+      p.chunk_states = const_cast<scalar_t*>(chunk_states.data_ptr<scalar_t>());
+      p.dout = static_cast<const char*>(dout.data_ptr());
+      p.dlast = opt_ptr<scalar_t>(dlast_state);
+      p.du = static_cast<char*>(du.data_ptr());
+      p.ddelta = static_cast<char*>(ddelta.data_ptr());
+      p.dz = has_z ? static_cast<char*>(dz.data_ptr()) : nullptr;
+      p.dA_part = dA_part.data_ptr<scalar_t>();
+      p.dD_part = dD_part.data_ptr<scalar_t>();
+      p.dbias_part = dbias_part.data_ptr<scalar_t>();
+      p.dBfix_part = b_fixed ? dBfix_part.data_ptr<scalar_t>() : nullptr;
+      p.dCfix_part = c_fixed ? dCfix_part.data_ptr<scalar_t>() : nullptr;
+      p.dBstep_part = b_fixed ? nullptr : dB_part.data_ptr<scalar_t>();
+      p.dCstep_part = c_fixed ? nullptr : dC_part.data_ptr<scalar_t>();
+      p.dinit = has_init ? dinit.data_ptr<scalar_t>() : nullptr;
+      dispatch_backward(p);
+    });
+  } else {
+    du.zero_();
+    ddelta.zero_();
+    if (has_z) dz.zero_();
+    if (has_init && dlast_state.has_value() && dlast_state->defined() && !per_sequence_states)
+      dinit.copy_(*dlast_state);
+  }
+  // Ordered sums over the batch (and over tasks for per-step B / C): deterministic.
+  Tensor dA = ordered_sum(dA_part, 0);
+  Tensor dB = b_fixed ? ordered_sum(dBfix_part, 0) : ordered_sum(dB_part, 2);
+  Tensor dC = c_fixed ? ordered_sum(dCfix_part, 0) : ordered_sum(dC_part, 2);
+  Tensor dD = D_skip.has_value() && D_skip->defined() ? ordered_sum(dD_part, 0) : Tensor();
+  Tensor dbias = delta_bias.has_value() && delta_bias->defined() ? ordered_sum(dbias_part, 0) : Tensor();
+  return {du, ddelta, dz, dA, dB, dC, dD, dbias, dinit};
+}
+
+}  // namespace cpu
+}  // namespace fastnn
