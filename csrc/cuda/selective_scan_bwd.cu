@@ -28,7 +28,7 @@ template <typename T>
 void launch_bwd(const ScanBwdParams& q, bool has_z, int rows, cudaStream_t stream) {
   const int threads = scan_threads(q.f.seqlen, kBwdItems, kBwdMaxThreads);
   const dim3 grid(static_cast<unsigned>(q.dcount), static_cast<unsigned>(rows));
-  const size_t shared = static_cast<size_t>(2 + 3 * (threads / 32)) * q.f.dstate * sizeof(float);
+  const size_t shared = static_cast<size_t>(4 + 3 * (threads / 32)) * q.f.dstate * sizeof(float);
   if (has_z) {
     selective_scan_bwd_kernel<T, true><<<grid, threads, shared, stream>>>(q);
   } else {

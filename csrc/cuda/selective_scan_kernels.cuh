@@ -44,6 +44,10 @@ constexpr int kFwdMaxThreads = 128;     // forward: kFwdMaxThreads * kFwdItems =
 constexpr int kBwdItems = 8;            // backward: steps per thread
 constexpr int kBwdMaxThreads = 256;     // backward: kBwdMaxThreads * kBwdItems == kScanChunk
 constexpr int kMaxScanState = 256;      // largest N
+// CTAs per SM the register allocation must allow (__launch_bounds__): 128 registers per thread for both,
+// 16 warps per SM, enough to hide the shuffle / shared-memory latency of the per-state scans.
+constexpr int kFwdMinBlocks = 4;
+constexpr int kBwdMinBlocks = 2;
 static_assert(kFwdMaxThreads * kFwdItems == kScanChunk, "forward tile must be one chunk");
 static_assert(kBwdMaxThreads * kBwdItems == kScanChunk, "backward tile must be one chunk");
 
@@ -107,6 +111,16 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// 16-bit element <-> float through the bits of a 32-bit word (no local arrays: they cost stack on sm_80).
+__device__ __forceinline__ float half_bits_to_f(unsigned short x, __half*) { return __half2float(__ushort_as_half(x)); }
+__device__ __forceinline__ float half_bits_to_f(unsigned short x, __nv_bfloat16*) {
+  return __bfloat162float(__ushort_as_bfloat16(x));
+}
+__device__ __forceinline__ unsigned short f_to_half_bits(float x, __half*) { return __half_as_ushort(__float2half_rn(x)); }
+__device__ __forceinline__ unsigned short f_to_half_bits(float x, __nv_bfloat16*) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+
 // K consecutive elements from row[p..p+K), zeros past L: 16-byte loads when the whole run is in range and
 // aligned (always, when L * sizeof(T) is a multiple of 16), else element by element.
 template <int K, typename T>
@@ -117,10 +131,18 @@ __device__ __forceinline__ void load_items(const T* __restrict__ row, int p, int
   if (p + K <= L && (reinterpret_cast<uintptr_t>(src) & 15) == 0) {
 #pragma unroll
     for (int j = 0; j < K / kVec; ++j) {
-      alignas(16) T e[kVec];
-      *reinterpret_cast<uint4*>(e) = __ldg(reinterpret_cast<const uint4*>(src) + j);
+      if constexpr (sizeof(T) == 4) {
+        const float4 f = __ldg(reinterpret_cast<const float4*>(src) + j);
+        v[4 * j] = f.x, v[4 * j + 1] = f.y, v[4 * j + 2] = f.z, v[4 * j + 3] = f.w;
+      } else {
+        const uint4 r = __ldg(reinterpret_cast<const uint4*>(src) + j);
+        const uint32_t w[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) v[j * kVec + k] = to_f(e[k]);
+        for (int k = 0; k < 4; ++k) {
+          v[8 * j + 2 * k] = half_bits_to_f(static_cast<unsigned short>(w[k] & 0xffffu), static_cast<T*>(nullptr));
+          v[8 * j + 2 * k + 1] = half_bits_to_f(static_cast<unsigned short>(w[k] >> 16), static_cast<T*>(nullptr));
+        }
+      }
     }
   } else {
 #pragma unroll
@@ -135,10 +157,16 @@ __device__ __forceinline__ void store_items(T* __restrict__ row, int p, int L, c
   if (p + K <= L && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
 #pragma unroll
     for (int j = 0; j < K / kVec; ++j) {
-      alignas(16) T e[kVec];
+      if constexpr (sizeof(T) == 4) {
+        reinterpret_cast<float4*>(dst)[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+      } else {
+        uint32_t w[4];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) e[k] = from_f<T>(v[j * kVec + k]);
-      reinterpret_cast<uint4*>(dst)[j] = *reinterpret_cast<const uint4*>(e);
+        for (int k = 0; k < 4; ++k)
+          w[k] = static_cast<uint32_t>(f_to_half_bits(v[8 * j + 2 * k], static_cast<T*>(nullptr))) |
+                 (static_cast<uint32_t>(f_to_half_bits(v[8 * j + 2 * k + 1], static_cast<T*>(nullptr))) << 16);
+        reinterpret_cast<uint4*>(dst)[j] = make_uint4(w[0], w[1], w[2], w[3]);
+      }
     }
   } else {
 #pragma unroll
@@ -157,6 +185,19 @@ __device__ __forceinline__ void load_coef(const float* __restrict__ base, bool v
     const float c = __ldg(base + n);
 #pragma unroll
     for (int i = 0; i < K; ++i) v[i] = c;
+  }
+}
+
+// Per-step dB / dC values of the thread's K steps: red.add into the group's row (atomic), or stores into
+// the channel's own plane (summed in order later).
+template <int K>
+__device__ __forceinline__ void put_step_grads(float* __restrict__ row, int p, int L, bool atomic, const float (&v)[K]) {
+  if (atomic) {
+#pragma unroll
+    for (int i = 0; i < K; ++i)
+      if (p + i < L) atomicAdd(row + p + i, v[i]);
+  } else {
+    store_items<K>(row, p, L, v);
   }
 }
 
@@ -207,9 +248,10 @@ __device__ __forceinline__ int first_state_row(const ScanFwdParams& p, int b) {
 
 // ------------------------------------------------------------------------------------------------ forward
 
-// grid (D, B), block scan_threads(L, kFwdItems, kFwdMaxThreads), dynamic shared memory 2 * N floats.
+// grid (D, B), block scan_threads(L, kFwdItems, kFwdMaxThreads), dynamic shared memory 2 * N floats: the
+// carry [2][N].
 template <typename T, bool kHasZ>
-__global__ void __launch_bounds__(kFwdMaxThreads) selective_scan_fwd_kernel(ScanFwdParams p) {
+__global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) selective_scan_fwd_kernel(ScanFwdParams p) {
   constexpr int K = kFwdItems;
   FASTNN_SCAN_DYNAMIC_SHARED(float, fwd_carry);        // [2][N]: the state entering chunk c is in (c & 1)
   __shared__ Aff warp_total[2][kFwdMaxThreads / 32];   // [n & 1][warp]
@@ -310,8 +352,8 @@ __global__ void __launch_bounds__(kFwdMaxThreads) selective_scan_fwd_kernel(Scan
     store_items<K>(static_cast<T*>(p.out) + row, pos, L, acc);
   }
 
+  __syncthreads();   // unconditional: a barrier under a branch makes ptxas keep values on the stack
   if (!p.per_seq) {  // the row's final state (per sequence, the ends wrote it)
-    __syncthreads();
     const float* fin = fwd_carry + (p.nchunks & 1) * N;
     float* last = p.last_state + (static_cast<int64_t>(b) * Dm + d) * N;
     for (int n = tid; n < N; n += blockDim.x) last[n] = fin[n];
@@ -321,10 +363,10 @@ __global__ void __launch_bounds__(kFwdMaxThreads) selective_scan_fwd_kernel(Scan
 // ------------------------------------------------------------------------------------------------ backward
 
 // grid (dcount, rows of this launch), block scan_threads(L, kBwdItems, kBwdMaxThreads), dynamic shared
-// memory (2 + 3 * warps) * N floats: the reverse carry [2][N] and per-warp sums over time of dA, dB, dC
-// for each state ([3][N][warps], each slot only ever updated by its own warp, so the order is fixed).
+// memory (4 + 3 * warps) * N floats: the reverse carry [2][N], A[d, :], the chunk's saved state, and
+// per-warp sums over time of dA, dB, dC for each state ([3][N][warps], each slot only ever updated by its own warp, so the order is fixed).
 template <typename T, bool kHasZ>
-__global__ void __launch_bounds__(kBwdMaxThreads) selective_scan_bwd_kernel(ScanBwdParams q) {
+__global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) selective_scan_bwd_kernel(ScanBwdParams q) {
   constexpr int K = kBwdItems;
   constexpr int kMaxWarps = kBwdMaxThreads / 32;
   FASTNN_SCAN_DYNAMIC_SHARED(float, bwd_smem);
@@ -337,7 +379,9 @@ __global__ void __launch_bounds__(kBwdMaxThreads) selective_scan_bwd_kernel(Scan
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   const int L = p.seqlen, N = p.dstate, Dm = p.dim;
   float* rev_carry = bwd_smem;           // [2][N]: w entering chunk c from its right in ((nchunks-1-c) & 1)
-  float* sum_dA = bwd_smem + 2 * N;      // [N][nwarps]
+  float* A_row = bwd_smem + 2 * N;       // [N]: A[d, :]
+  float* h_chunk = A_row + N;            // [N]: the state before this chunk (chunk_states)
+  float* sum_dA = h_chunk + N;           // [N][nwarps]
   float* sum_dB = sum_dA + N * nwarps;
   float* sum_dC = sum_dB + N * nwarps;
 
@@ -366,21 +410,24 @@ __global__ void __launch_bounds__(kBwdMaxThreads) selective_scan_bwd_kernel(Scan
       w = q.dlast[(static_cast<int64_t>(r) * Dm + d) * N + n];
     }
     rev_carry[n] = w;
+    A_row[n] = p.A[static_cast<int64_t>(d) * N + n];
   }
   for (int k = tid; k < 3 * N * nwarps; k += blockDim.x) sum_dA[k] = 0.0f;
-  float dD_acc = 0.0f, dbias_acc = 0.0f;
+  if (tid < 2 * kMaxWarps) final_sum[tid / kMaxWarps][tid % kMaxWarps] = 0.0f;
 
   for (int c = p.nchunks - 1; c >= 0; --c) {
     const int it = p.nchunks - 1 - c;
     float* rin = rev_carry + (it & 1) * N;
     float* rout = rev_carry + ((it + 1) & 1) * N;
     __syncthreads();  // carries and sums of the previous chunk are visible
+    // Row pointers of the n loop live in shared memory: keeps the loop within 128 registers, no spills.
     const float* hsaved = q.chunk_states + ((static_cast<int64_t>(b) * Dm + d) * p.nchunks + c) * N;
+    for (int n = tid; n < N; n += blockDim.x) h_chunk[n] = hsaved[n];
 
     const int pos = c * kScanChunk + tid * K;
-    float u[K], x[K], dt[K], dy[K], du[K], ddt[K], y[K];
+    float u[K], dt[K], dy[K], du[K], ddt[K], y[K];
     load_items<K>(u_row, pos, L, u);
-    load_items<K>(delta_row, pos, L, x);
+    load_items<K>(delta_row, pos, L, dt);
     load_items<K>(dout_row, pos, L, dy);
     if (kHasZ) {
       float zv[K];
@@ -390,8 +437,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads) selective_scan_bwd_kernel(Scan
     }
 #pragma unroll
     for (int i = 0; i < K; ++i) {
-      x[i] += bias;
-      dt[i] = p.softplus ? ssm::softplus(x[i]) : x[i];
+      dt[i] += bias;
+      if (p.softplus) dt[i] = ssm::softplus(dt[i]);
       du[i] = 0.0f;
       ddt[i] = 0.0f;
       y[i] = 0.0f;
@@ -401,8 +448,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads) selective_scan_bwd_kernel(Scan
     const bool sums_B = !p.B_var, sums_C = !p.C_var;
 
     for (int n = 0; n < N; ++n) {
-      const float An = p.A[static_cast<int64_t>(d) * N + n];
-      const float h_chunk = hsaved[n];
+      const float An = A_row[n];
       float Bv[K], Cv[K], a[K], prev[K];
       load_coef<K>(Bbase, p.B_var, n, N, L, pos, Bv);
       load_coef<K>(Cbase, p.C_var, n, N, L, pos, Cv);
@@ -445,7 +491,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads) selective_scan_bwd_kernel(Scan
       }
       if (lane == 0) rev_total[n & 1][warp] = ragg;
       __syncthreads();
-      float h = h_chunk;
+      float h = h_chunk[n];
       for (int w = 0; w < warp; ++w) h = fwd_total[n & 1][w].a * h + fwd_total[n & 1][w].b;
       h = fexcl.a * h + fexcl.b;
       float wr = rin[n];
@@ -453,61 +499,47 @@ __global__ void __launch_bounds__(kBwdMaxThreads) selective_scan_bwd_kernel(Scan
       if (tid == 0)  // w at this chunk's first step, for the chunk before it (warp 0's total last)
         rout[n] = rev_total[n & 1][0].a * wr + rev_total[n & 1][0].b;
       wr = rexcl.a * wr + rexcl.b;
-      // States before each step (the reset start state at a reset).
-#pragma unroll
-      for (int i = 0; i < K; ++i) {
-        if (!((resets >> i) & 1u)) prev[i] = h;
-        h = a[i] * prev[i] + dt[i] * Bv[i] * u[i];
-      }
-      // Adjoint, from the last step back, and every gradient of this state.
+      // States before each step (the reset start state at a reset) and after it: y (for dz) and dC need
+      // only the latter, so they are done here; Cv becomes C * dy, all the reverse pass needs of it.
       float sA = 0.0f, sB = 0.0f, sC = 0.0f;
-      float gB[K], gC[K];
+      {
+        float gC[K];
+#pragma unroll
+        for (int i = 0; i < K; ++i) {
+          if (!((resets >> i) & 1u)) prev[i] = h;
+          h = a[i] * prev[i] + dt[i] * Bv[i] * u[i];
+          gC[i] = dy[i] * h;
+          if (pos + i < L) {
+            if (kHasZ) y[i] += h * Cv[i];
+            sC += gC[i];
+          }
+          Cv[i] *= dy[i];
+        }
+        if (p.C_var) put_step_grads<K>(dCrow + static_cast<int64_t>(n) * L, pos, L, q.atomic_var, gC);
+      }
+      // Adjoint, from the last step back, and the other gradients of this state; Bv becomes dB's values.
 #pragma unroll
       for (int i = K - 1; i >= 0; --i) {
-        const bool valid = pos + i < L;
-        const float bu = Bv[i] * u[i];
-        const float hi = a[i] * prev[i] + dt[i] * bu;
-        const float gi = Cv[i] * dy[i] + wr;  // dL/dh after step i
-        const float ga = gi * a[i];           // dL/dh before step i (= w_i when no reset)
-        gB[i] = gi * dt[i] * u[i];
-        gC[i] = dy[i] * hi;
-        if (valid) {
-          if (kHasZ) y[i] += hi * Cv[i];
-          du[i] += gi * dt[i] * Bv[i];
-          ddt[i] += ga * prev[i] * An + gi * bu;
-          sA += ga * prev[i] * dt[i];
-          sB += gB[i];
-          sC += gC[i];
-          if ((resets >> i) & 1u) {
-            if (p.per_seq && q.dinit)  // the sequence's initial state fed this step
-              q.dinit[(static_cast<int64_t>(__ldg(seq + pos + i)) * Dm + d) * N + n] = ga;
-            float wl = 0.0f;
-            if (p.per_seq && q.dlast)
-              wl = q.dlast[(static_cast<int64_t>(__ldg(seq + pos + i - 1)) * Dm + d) * N + n];
-            wr = wl;
-          } else {
-            wr = ga;
-          }
-        }
-      }
-      if (p.B_var) {
-        if (q.atomic_var) {
-#pragma unroll
-          for (int i = 0; i < K; ++i)
-            if (pos + i < L) atomicAdd(dBrow + static_cast<int64_t>(n) * L + pos + i, gB[i]);
+        if (pos + i >= L) continue;
+        const float gi = Cv[i] + wr;  // dL/dh after step i
+        const float ga = gi * a[i];   // dL/dh before step i (= w_i when no reset)
+        du[i] += gi * dt[i] * Bv[i];
+        ddt[i] += ga * prev[i] * An + gi * Bv[i] * u[i];
+        sA += ga * prev[i] * dt[i];
+        Bv[i] = gi * dt[i] * u[i];
+        sB += Bv[i];
+        if ((resets >> i) & 1u) {
+          if (p.per_seq && q.dinit)  // the sequence's initial state fed this step
+            q.dinit[(static_cast<int64_t>(__ldg(seq + pos + i)) * Dm + d) * N + n] = ga;
+          float wl = 0.0f;
+          if (p.per_seq && q.dlast)
+            wl = q.dlast[(static_cast<int64_t>(__ldg(seq + pos + i - 1)) * Dm + d) * N + n];
+          wr = wl;
         } else {
-          store_items<K>(dBrow + static_cast<int64_t>(n) * L, pos, L, gB);
+          wr = ga;
         }
       }
-      if (p.C_var) {
-        if (q.atomic_var) {
-#pragma unroll
-          for (int i = 0; i < K; ++i)
-            if (pos + i < L) atomicAdd(dCrow + static_cast<int64_t>(n) * L + pos + i, gC[i]);
-        } else {
-          store_items<K>(dCrow + static_cast<int64_t>(n) * L, pos, L, gC);
-        }
-      }
+      if (p.B_var) put_step_grads<K>(dBrow + static_cast<int64_t>(n) * L, pos, L, q.atomic_var, Bv);
       sA = warp_sum(sA);
       if (sums_B) sB = warp_sum(sB);
       if (sums_C) sC = warp_sum(sC);
@@ -527,12 +559,26 @@ __global__ void __launch_bounds__(kBwdMaxThreads) selective_scan_bwd_kernel(Scan
 #pragma unroll
       for (int i = 0; i < K; ++i) dz[i] = dout[i] * (y[i] + Dd * u[i]) * ssm::silu_grad(zv[i]);
     }
+    if (p.softplus) {  // delta again (an L1 / L2 hit) rather than 8 more live registers
+      float x[K];
+      load_items<K>(delta_row, pos, L, x);
+#pragma unroll
+      for (int i = 0; i < K; ++i) ddt[i] *= ssm::softplus_grad(x[i] + bias);
+    }
+    float dD_acc = 0.0f, dbias_acc = 0.0f;  // this chunk's; per-warp running sums in shared memory
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       du[i] += Dd * dy[i];
-      if (pos + i < L) dD_acc += dy[i] * u[i];
-      if (p.softplus) ddt[i] *= ssm::softplus_grad(x[i]);
-      if (pos + i < L) dbias_acc += ddt[i];
+      if (pos + i < L) {
+        dD_acc += dy[i] * u[i];
+        dbias_acc += ddt[i];
+      }
+    }
+    dD_acc = warp_sum(dD_acc);
+    dbias_acc = warp_sum(dbias_acc);
+    if (lane == 0) {
+      final_sum[0][warp] += dD_acc;
+      final_sum[1][warp] += dbias_acc;
     }
     store_items<K>(static_cast<T*>(q.du) + row, pos, L, du);
     store_items<K>(static_cast<T*>(q.ddelta) + row, pos, L, ddt);
@@ -540,12 +586,6 @@ __global__ void __launch_bounds__(kBwdMaxThreads) selective_scan_bwd_kernel(Scan
   }
 
   // Sums over time of this (b, d), in a fixed order.
-  dD_acc = warp_sum(dD_acc);
-  dbias_acc = warp_sum(dbias_acc);
-  if (lane == 0) {
-    final_sum[0][warp] = dD_acc;
-    final_sum[1][warp] = dbias_acc;
-  }
   __syncthreads();  // also: the last chunk's carries and per-warp sums are complete
   if (tid == 0) {
     float sD = 0.0f, sb = 0.0f;

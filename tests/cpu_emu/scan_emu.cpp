@@ -242,7 +242,7 @@ static int run(const std::vector<int64_t>& m, int64_t scratch_cap) {
   q.part_dD = has_D ? pD.data() : nullptr;
   q.part_dbias = has_bias ? pbias.data() : nullptr;
   const int threads = scan_threads(L, kBwdItems, kBwdMaxThreads);
-  const size_t shared = size_t(2 + 3 * (threads / 32)) * N * sizeof(float);
+  const size_t shared = size_t(4 + 3 * (threads / 32)) * N * sizeof(float);
   auto launch = [&](int rows) {
     emu::launch(q.dcount, rows, 1, threads, shared, [&] {
       if (has_z) selective_scan_bwd_kernel<T, true>(q);
