@@ -40,7 +40,8 @@ void launch_bwd(const ScanBwdParams& q, bool has_z, int rows, cudaStream_t strea
 void sum_rows(const at::Tensor& part, int64_t rows, at::Tensor& out, cudaStream_t stream) {
   const int64_t M = out.numel();
   if (M == 0) return;
-  scan_sum_rows_kernel<<<static_cast<unsigned>((M + 255) / 256), 256, 0, stream>>>(
+  scan_sum_rows_kernel<kReduceThreads><<<static_cast<unsigned>((M + kReduceThreads - 1) / kReduceThreads),
+                                         kReduceThreads, 0, stream>>>(
       part.data_ptr<float>(), static_cast<int>(rows), M, out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -48,9 +49,10 @@ void sum_rows(const at::Tensor& part, int64_t rows, at::Tensor& out, cudaStream_
 void reduce_groups(const float* planes, const ScanShapes& s, int b0, int rows, int d0, int dcount, at::Tensor& dX,
                    cudaStream_t stream) {
   const int64_t NL = s.dstate * s.seqlen;
-  const dim3 grid(static_cast<unsigned>((NL + 255) / 256), static_cast<unsigned>(s.groups), static_cast<unsigned>(rows));
-  scan_reduce_group_kernel<<<grid, 256, 0, stream>>>(planes, b0, d0, dcount, static_cast<int>(s.groups),
-                                                     static_cast<int>(s.dim), NL, dX.data_ptr<float>());
+  const dim3 grid(static_cast<unsigned>((NL + kReduceThreads - 1) / kReduceThreads), static_cast<unsigned>(s.groups),
+                  static_cast<unsigned>(rows));
+  scan_reduce_group_kernel<kReduceThreads><<<grid, kReduceThreads, 0, stream>>>(
+      planes, b0, d0, dcount, static_cast<int>(s.groups), static_cast<int>(s.dim), NL, dX.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -614,8 +614,13 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) selective_scan_
 
 // ------------------------------------------------------------------------------------------------ reductions
 
+// The reduction kernels are templates on their block size so that the header can be included by several
+// translation units (a plain __global__ function defined here would be defined in each of them).
+constexpr int kReduceThreads = 256;
+
 // out[i] = sum over r = 0..rows-1 of in[r * M + i], in order (the batch sums of the backward).
-__global__ void scan_sum_rows_kernel(const float* __restrict__ in, int rows, int64_t M, float* __restrict__ out) {
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) scan_sum_rows_kernel(const float* __restrict__ in, int rows, int64_t M, float* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= M) return;
   float s = 0.0f;
@@ -625,8 +630,9 @@ __global__ void scan_sum_rows_kernel(const float* __restrict__ in, int rows, int
 
 // Per-step B / C gradients of one backward launch (rows b0.., channels d0..d0+dcount): for every
 // (b, g, n, t), dX[b, g, n, t] += the group's channels in this launch, summed in channel order.
-// grid (ceil(N * L / 256), groups, rows), block 256.
-__global__ void scan_reduce_group_kernel(const float* __restrict__ planes, int b0, int d0, int dcount, int groups,
+// grid (ceil(N * L / kThreads), groups, rows), block kThreads.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) scan_reduce_group_kernel(const float* __restrict__ planes, int b0, int d0, int dcount, int groups,
                                          int dim, int64_t NL, float* __restrict__ dX) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int g = blockIdx.y, bl = blockIdx.z;

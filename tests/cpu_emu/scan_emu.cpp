@@ -276,18 +276,18 @@ static int run(const std::vector<int64_t>& m, int64_t scratch_cap) {
         const unsigned gx = unsigned((plane + 255) / 256);
         if (B_var)
           emu::launch(gx, G, rows, 256, 0, [&] {
-            scan_reduce_group_kernel(sB.data(), q.b0, q.d0, q.dcount, G, D, plane, dB.data());
+            scan_reduce_group_kernel<256>(sB.data(), q.b0, q.d0, q.dcount, G, D, plane, dB.data());
           });
         if (C_var)
           emu::launch(gx, G, rows, 256, 0, [&] {
-            scan_reduce_group_kernel(sC.data(), q.b0, q.d0, q.dcount, G, D, plane, dC.data());
+            scan_reduce_group_kernel<256>(sC.data(), q.b0, q.d0, q.dcount, G, D, plane, dC.data());
           });
       }
     }
   }
   auto sum_rows = [&](const std::vector<float>& part, std::vector<float>& o) {
     const int64_t M = o.size();
-    emu::launch(unsigned((M + 255) / 256), 1, 1, 256, 0, [&] { scan_sum_rows_kernel(part.data(), B, M, o.data()); });
+    emu::launch(unsigned((M + 255) / 256), 1, 1, 256, 0, [&] { scan_sum_rows_kernel<256>(part.data(), B, M, o.data()); });
   };
   sum_rows(pA, dA);
   if (!B_var) sum_rows(pB, dB);
