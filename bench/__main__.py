@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     ceilings = harness.measure_ceilings(args.device, args.quick)
     card = harness.device_name(args.device)
     print(f"fastnn bench on {args.device} ({card}); ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, "
-          f"matmul {ceilings['matmul_TFLOPs']:.2f} TFLOP/s ({ceilings['matmul_dtype']})")
+          f"matmul {ceilings['matmul_TFLOPs']:.2f} TFLOP/s ({ceilings['matmul_dtype']}), "
+          f"exp {ceilings['exp_Gps']:.2f} G/s")
     print(harness.HEADER)
     records = []
     for name in args.suite or SUITES:

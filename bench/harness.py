@@ -90,8 +90,21 @@ def measure_ceilings(device: str, quick: bool) -> dict:
     b = torch.randn(n_mm, n_mm, device=device).to(mm_dtype)
     torch.mm(a, b)
     mm_s = min(time_call(lambda: torch.mm(a, b), device) for _ in range(3 if quick else 5))
+    # exp rate (fp32, torch's vectorised exp, every thread) on an L2-resident buffer: the compute floor of
+    # ops dominated by exponentials (the selective scan's exp(dt * A) per state element).
+    n_exp = 2**18 if device == "cpu" else 2**26
+    xe = torch.empty(n_exp, dtype=torch.float32, device=device).uniform_(-4, 0)
+    ye = torch.empty_like(xe)
+    reps = 16 if device == "cpu" else 1
+
+    def exps():
+        for _ in range(reps):
+            torch.exp(xe, out=ye)
+
+    exps()
+    exp_s = min(time_call(exps, device) for _ in range(5 if quick else 10))
     return {"copy_GBps": 2 * n_copy / copy_s / 1e9, "matmul_TFLOPs": 2 * n_mm**3 / mm_s / 1e12,
-            "matmul_dtype": str(mm_dtype).replace("torch.", "")}
+            "matmul_dtype": str(mm_dtype).replace("torch.", ""), "exp_Gps": n_exp * reps / exp_s / 1e9}
 
 
 def device_name(device: str) -> str:
@@ -128,9 +141,15 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
         if c.metric == "TFLOP/s":
             value = c.work / ours_s / 1e12
             ceiling = ceilings["matmul_TFLOPs"]
-        else:
+        elif c.metric == "GB/s":
             value = c.work / ours_s / 1e9
             ceiling = ceilings["copy_GBps"]
+        elif c.metric == "Gexp/s":  # work = exponentials the op must evaluate
+            value = c.work / ours_s / 1e9
+            ceiling = ceilings.get("exp_Gps")
+        else:  # a rate without a machine ceiling (e.g. tokens/s)
+            value = c.work / ours_s
+            ceiling = None
         rec = {
             "suite": c.suite, "case": c.case, "device": device, "dtype": c.dtype, "shape": c.shape,
             "ours_ms": ours_s * 1e3, "peer": c.peer, "peer_ms": None if peer_s is None else peer_s * 1e3,

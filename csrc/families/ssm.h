@@ -32,8 +32,7 @@ std::vector<at::Tensor> selective_scan_forward(FASTNN_SCAN_FWD_ARGS);
 std::vector<at::Tensor> selective_scan_backward(FASTNN_SCAN_BWD_ARGS);
 }  // namespace cpu
 
-#if defined(FASTNN_WITH_CUDA) && __has_include("cuda/selective_scan_kernels.cuh")  // TEMP until the CUDA scan lands
-#define FASTNN_SSM_CUDA 1
+#ifdef FASTNN_WITH_CUDA
 namespace cuda {
 std::vector<at::Tensor> selective_scan_forward(FASTNN_SCAN_FWD_ARGS);
 std::vector<at::Tensor> selective_scan_backward(FASTNN_SCAN_BWD_ARGS);
@@ -53,7 +52,7 @@ inline void register_ssm(pybind11::module& m) {
   m.def("selective_scan_backward_cpu", &cpu::selective_scan_backward,
         "Selective scan backward on CPU -> [du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dinitial_state]",
         FASTNN_SCAN_BWD_PYARGS);
-#ifdef FASTNN_SSM_CUDA
+#ifdef FASTNN_WITH_CUDA
   m.def("selective_scan_forward_cuda", &cuda::selective_scan_forward,
         "Selective scan forward on CUDA -> [out, last_state, chunk_states]", FASTNN_SCAN_PYARGS);
   m.def("selective_scan_backward_cuda", &cuda::selective_scan_backward,
