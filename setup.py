@@ -155,7 +155,7 @@ setup(
     name="fastnn",
     version="0.1.0",
     description="Hand-written Triton, CUDA C++ and C++ CPU kernels for PyTorch, as drop-in layers",
-    packages=["fastnn", "fastnn.ops", "fastnn.reference", "fastnn.kernels"],
+    packages=["fastnn", "fastnn.nn", "fastnn.ops", "fastnn.reference", "fastnn.kernels"],
     package_dir={"fastnn.kernels": "kernels"},
     ext_modules=[] if os.environ.get("FASTNN_NO_EXT") == "1" else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
