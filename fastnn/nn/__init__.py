@@ -1,4 +1,5 @@
 """Drop-in modules: same constructor arguments and state_dict as their torch / torchvision counterparts."""
 from .attention import MultiheadAttention
+from .mamba import InferenceParams, Mamba
 
-__all__ = ["MultiheadAttention"]
+__all__ = ["MultiheadAttention", "Mamba", "InferenceParams"]

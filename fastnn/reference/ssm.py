@@ -310,3 +310,29 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
     conv_state[rows] = xc[:, :, -S:].to(conv_state.dtype)
     out = out.to(x.dtype)
     return out.squeeze(-1) if squeeze else out
+
+
+# ---------------------------------------------------------------- the Mamba block
+
+def mamba_forward(block, hidden_states: Tensor, seq_idx: Optional[Tensor] = None,
+                  per_sequence_states: bool = False) -> Tensor:
+    """mamba_ssm.Mamba's forward (mamba_simple, no cache) from a block's parameters (in_proj, conv1d,
+    x_proj, dt_proj, A_log, D, out_proj; duck-typed, so this module imports nothing from fastnn.nn):
+    the plain-PyTorch oracle of fastnn.nn.Mamba, with F.conv1d and the reference scan."""
+    _, L, _ = hidden_states.shape
+    xz = F.linear(hidden_states, block.in_proj.weight, block.in_proj.bias).transpose(1, 2)
+    x, z = xz.chunk(2, dim=1)
+    w = block.conv1d.weight
+    if seq_idx is None:
+        x = F.conv1d(x, w, block.conv1d.bias, padding=w.shape[-1] - 1, groups=w.shape[0])[..., :L]
+        x = F.silu(x)
+    else:
+        x = causal_conv1d(x, w.squeeze(1), block.conv1d.bias, seq_idx=seq_idx, activation="silu")
+    x_dbl = F.linear(x.transpose(1, 2), block.x_proj.weight)
+    N = block.A_log.shape[1]
+    dt, B, C = torch.split(x_dbl, [x_dbl.shape[-1] - 2 * N, N, N], dim=-1)
+    dt = F.linear(dt, block.dt_proj.weight).transpose(1, 2)
+    A = -torch.exp(block.A_log.float())
+    y, _ = selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), block.D.float(), z,
+                          block.dt_proj.bias.float(), True, None, seq_idx, per_sequence_states)
+    return F.linear(y.transpose(1, 2), block.out_proj.weight, block.out_proj.bias)
