@@ -4,6 +4,7 @@
 #include "common/alloc.h"
 #include "families/attention.h"
 #include "families/boxes.h"
+#include "families/ssm_conv.h"
 #include "generated/build_config.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -18,4 +19,5 @@ PYBIND11_MODULE(_C, m) {
         "Fill new kernel outputs with NaN / -1 before the kernel writes (tests)");
   fastnn::register_boxes(m);
   fastnn::register_attention(m);
+  fastnn::register_ssm_conv(m);
 }
