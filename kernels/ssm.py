@@ -33,9 +33,15 @@ from fastnn import _alloc
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 
-# Conv tiles: 16 channels x 128 steps at 4 warps (16 elements per thread). 128 contiguous steps = 256-512
-# bytes per row per load, coalesced; the W (backward W^2) shifted re-loads of the tile hit L1.
-CONV_BLOCK_D, CONV_BLOCK_L, CONV_WARPS = 16, 128, 4
+# Conv tiles, sized by registers (AOT, sm_90 / sm_80, superset of the flags, W = 4). Forward: 16 channels x
+# 64 steps at 4 warps = 8 elements per thread, 104 / 113 registers fp32, 138 / 142 fp64 (16 x 128 took 146
+# fp32). Backward: it recomputes the pre-activation at W shifts (W^2 shifted loads, served by L1), so it needs
+# ~4 elements per thread: 16 x 128 at 16 warps takes 114 / 128 registers (fp32; 8 warps spilled on sm_80) and
+# keeps the dweight / dbias partials at one row per 128 steps; fp64 spills there (ptxas caps 512-thread
+# blocks at 128 registers) and uses 16 x 32 at 4 warps (216 / 220). A time-loop of 4 x 32-step tiles per
+# program was tried for fewer partials: it spilled (168 registers + 16 bytes fp32 on sm_90).
+CONV_BLOCK_D, CONV_BLOCK_L, CONV_WARPS = 16, 64, 4
+CONV_BWD_CFG = {False: (16, 128, 16), True: (16, 32, 4)}  # by IS_FP64: (BLOCK_D, BLOCK_L, warps)
 # dinitial_states / final_states: W - 1 <= 3 positions, padded to 4.
 _HALO = tl.constexpr(4)
 # Update: 64 channels x 4 steps (T = 1 decode uses a quarter of the lanes; it is latency-bound anyway).
@@ -217,7 +223,6 @@ def _conv_bwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     lb = tl.program_id(2)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t = lb * BLOCK_L + tl.arange(0, BLOCK_L)
     dmask = d < D
     row = b * D + d.to(tl.int64)
     x_row = x_ptr + row[:, None] * L
@@ -226,6 +231,7 @@ def _conv_bwd_kernel(
     dfinal_row = dfinal_ptr + row[:, None] * (W - 1)
     seq_row = seq_ptr + b * L
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0)
+    t = lb * BLOCK_L + tl.arange(0, BLOCK_L)
     dx = _dxc(x_row, init_row, seq_row, dout_row, dfinal_row, w_ptr, bias, d, dmask, t, L, W, SILU, HAS_INIT,
               HAS_SEQ, HAS_DFINAL)
     tl.store(dx_ptr + row[:, None] * L + t[None, :], dx.to(dx_ptr.dtype.element_ty),
@@ -410,18 +416,19 @@ def causal_conv1d_bwd(dout, dfinal, x, weight, bias, seq_idx, initial_states, si
     dbias in the compute dtype, summed over (batch, time block) partials in a fixed order."""
     Bsz, D, L = x.shape
     W = weight.shape[1]
-    nlb = triton.cdiv(L, CONV_BLOCK_L)
+    block_d, block_l, warps = CONV_BWD_CFG[x.dtype == torch.float64]
+    nlb = triton.cdiv(L, block_l)
     dx = _alloc.empty((Bsz, D, L), x.dtype, x.device)
     dinit = _alloc.empty((Bsz, D, W - 1), x.dtype, x.device) if want_dinit else None
     dw_part = _alloc.empty((Bsz * nlb, D, W), weight.dtype, x.device)
     db_part = _alloc.empty((Bsz * nlb, D), weight.dtype, x.device)
-    grid = (Bsz, triton.cdiv(D, CONV_BLOCK_D), nlb)
+    grid = (Bsz, triton.cdiv(D, block_d), nlb)
     _conv_bwd_kernel[grid](x, weight, _zeros_bias(bias, weight), seq_idx if seq_idx is not None else _no_index(x.device),
                            initial_states if initial_states is not None else x, dout,
                            dfinal if dfinal is not None else dout, dx, dinit if dinit is not None else dx, dw_part,
                            db_part, D, L, W=W, SILU=silu, HAS_SEQ=seq_idx is not None,
                            HAS_INIT=initial_states is not None, HAS_DFINAL=dfinal is not None,
-                           WANT_DINIT=want_dinit, BLOCK_D=CONV_BLOCK_D, BLOCK_L=CONV_BLOCK_L, num_warps=CONV_WARPS)
+                           WANT_DINIT=want_dinit, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
     return dx, dw_part.sum(0), db_part.sum(0), dinit
 
 
@@ -470,6 +477,7 @@ def aot_specs():
     specs = []
     for dt in _DTYPES.values():
         ct = _ct(dt)
+        bwd_d, bwd_l, bwd_warps = CONV_BWD_CFG[dt == "fp64"]
         for W in (2, 3, 4):
             for on in (False, True):
                 specs.append((_conv_fwd_kernel,
@@ -488,7 +496,7 @@ def aot_specs():
                                "HAS_INIT": "constexpr", "HAS_DFINAL": "constexpr", "WANT_DINIT": "constexpr",
                                "BLOCK_D": "constexpr", "BLOCK_L": "constexpr"},
                               {"W": W, "SILU": on, "HAS_SEQ": on, "HAS_INIT": on, "HAS_DFINAL": on, "WANT_DINIT": on,
-                               "BLOCK_D": CONV_BLOCK_D, "BLOCK_L": CONV_BLOCK_L}, CONV_WARPS))
+                               "BLOCK_D": bwd_d, "BLOCK_L": bwd_l}, bwd_warps))
                 specs.append((_conv_update_kernel,
                               {"x_ptr": f"*{dt}", "state_ptr": f"*{dt}", "w_ptr": f"*{ct}", "bias_ptr": f"*{ct}",
                                "idx_ptr": "*i32", "out_ptr": f"*{dt}", "D": "i32", "T": "i32", "S": "i32",
