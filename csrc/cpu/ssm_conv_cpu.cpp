@@ -165,7 +165,7 @@ void conv_backward(const scalar_t* dout, const scalar_t* dfinal, const scalar_t*
   using acc_t = at::opmath_type<scalar_t>;
   // One task per channel range, every batch row inside: dweight[d] and dbias[d] sum in batch order.
   at::parallel_for(0, D, std::max<int64_t>(1, row_grain(L) / std::max<int64_t>(B, 1)), [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> buf(W - 1 + L), g(L), h(L), dxc(W - 1 + L);
+    std::vector<acc_t> buf(W - 1 + L), g(L), h(L), v(L), dxc(W - 1 + L);
     for (int64_t d = lo; d < hi; ++d) {
       const acc_t* wd = w + d * W;
       acc_t dwk[W] = {}, dbd = 0;
@@ -186,14 +186,21 @@ void conv_backward(const scalar_t* dout, const scalar_t* dfinal, const scalar_t*
         dbd += dot_lanes<acc_t>(g.data(), nullptr, L);
         for (int64_t p = 0; p < W - 1 + L; ++p) dxc[p] = 0;
         for (int k = 0; k < W; ++k) {
-          // h = the part of g that term k reached (same sequence); it feeds dweight[k] and dxc[t + k]
+          // term k of output t (weight k, extended input t + k) exists only within t's sequence: hk = the part
+          // of g it carried back (-> dxc[t + k]), vk = the input it read (-> dweight[k]); selects, so that a
+          // NaN in another sequence stays out as in the forward
           const acc_t* hk = g.data();
+          const acc_t* vk = buf.data() + k;
           if (kb) {
             const uint8_t* m = kb + k * L;
-            for (int64_t t = 0; t < L; ++t) h[t] = m[t] ? g[t] : acc_t(0);
+            for (int64_t t = 0; t < L; ++t) {
+              h[t] = m[t] ? g[t] : acc_t(0);
+              v[t] = m[t] ? buf[t + k] : acc_t(0);
+            }
             hk = h.data();
+            vk = v.data();
           }
-          dwk[k] += dot_lanes<acc_t>(hk, buf.data() + k, L);
+          dwk[k] += dot_lanes<acc_t>(g.data(), vk, L);
           const acc_t wk = wd[k];
           acc_t* __restrict dk = dxc.data() + k;
           for (int64_t t = 0; t < L; ++t) dk[t] += wk * hk[t];

@@ -62,20 +62,39 @@ _FORWARD_IMPLS = {"reference": _fwd_reference, "cpp": _fwd_cpp, "triton": _fwd_t
 
 
 def _bwd_reference(dout, dfinal, x, weight, bias, seq_idx, initial_states, silu, want_dinit):
-    # torch.func.vjp works inside the op body, where the autograd dispatch keys are already excluded.
-    Bsz, D, _ = x.shape
+    """The gradients in plain torch ops, by the chain rule through the reference's definition (torch.func.vjp
+    of the reference does not run under opcheck's schema mode; gradcheck checks this formulation)."""
+    ct = ref.compute_dtype(x.dtype)
+    Bsz, D, L = x.shape
     W = weight.shape[1]
-    init = initial_states if initial_states is not None else x.new_zeros(Bsz, D, W - 1)
-    b = bias if bias is not None else weight.new_zeros(D)
-
-    def f(x_, w_, b_, i_):
-        out, final = ref.causal_conv1d(x_, w_, b_, seq_idx, i_, True, "silu" if silu else None)
-        return out, final
-
-    _, vjp = torch.func.vjp(f, x, weight, b, init)
-    dx, dw, db, dinit = vjp((dout, dfinal if dfinal is not None else torch.zeros_like(init)))
-    # dx and dinit are views of one gradient (the concatenation's): custom op outputs may not alias
-    return dx.clone(), dw, db, (dinit.clone() if want_dinit else None)
+    xf, w = x.to(ct), weight.to(ct)
+    init = initial_states.to(ct) if initial_states is not None else xf.new_zeros(Bsz, D, W - 1)
+    xc = torch.cat([init, xf], 2)  # extended input: position W - 1 + t is step t
+    g = dout.to(ct)
+    if silu:  # d silu(p) / dp = s (1 + p (1 - s)), s = sigmoid(p), at the recomputed pre-activation
+        pre = ref.causal_conv1d(xf, w, None if bias is None else bias.to(ct), seq_idx, init)
+        s = torch.sigmoid(pre)
+        g = g * (s * (1 + pre * (1 - s)))
+    if seq_idx is not None:  # sequence id of every extended position (before step 0: the first sequence)
+        sc = torch.cat([seq_idx[:, :1].expand(Bsz, W - 1), seq_idx], 1)
+    zero = torch.zeros((), dtype=ct, device=x.device)
+    dxc = torch.zeros_like(xc)
+    dw = torch.empty_like(w)
+    for k in range(W):  # output t read extended position t + k through weight[:, k]
+        src = xc[:, :, k:k + L]
+        gk = g
+        if seq_idx is not None:
+            keep = (sc[:, k:k + L] == seq_idx)[:, None, :]
+            src, gk = torch.where(keep, src, zero), torch.where(keep, g, zero)
+        dw[:, k] = (g * src).sum((0, 2))
+        dxc[:, :, k:k + L] += w[:, k, None] * gk
+    if dfinal is not None:  # final_states[j] is extended position L + j
+        df = dfinal.to(ct)
+        if seq_idx is not None:
+            df = torch.where((sc[:, L:] == seq_idx[:, -1:])[:, None, :], df, zero)
+        dxc[:, :, L:] += df
+    dinit = dxc[:, :, :W - 1].to(x.dtype).clone() if want_dinit else None
+    return dxc[:, :, W - 1:].to(x.dtype).clone(), dw, g.sum((0, 2)), dinit
 
 
 def _bwd_cpp(dout, dfinal, x, weight, bias, seq_idx, initial_states, silu, want_dinit):
@@ -424,7 +443,11 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
         H, P = state.shape[1], state.shape[2]
         _checks.tensor(x, "x", shape=(None, H, P))
         Bsz = x.shape[0]
-        G = B.shape[1] if isinstance(B, Tensor) and B.dim() == 3 else None
+        _checks.tensor(B, "B", dtypes=_checks.FLOAT_DTYPES)
+        G = B.shape[1] if B.dim() == 3 else None
+        if G is not None and (G == 0 or H % G != 0):
+            raise ValueError(f"B and C must have a number of groups G dividing the number of heads H = {H}; "
+                             f"got G = {G}")
         xs, chan, bc = (Bsz, H, P), (H, P), (Bsz, G, N)
     if state.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"state must have x's dtype ({x.dtype}) or float32; got {state.dtype}")
@@ -437,8 +460,6 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     for name, t in (("B", B), ("C", C)):
         _checks.tensor(t, name, dtypes=_checks.FLOAT_DTYPES, shape=bc)
         _dtype_is(t, name, x.dtype, "x's dtype")
-    if not three_d and (bc[1] == 0 or H % bc[1] != 0):
-        raise ValueError(f"B and C must have a number of groups G dividing the number of heads H = {H}; got G = {bc[1]}")
     _checks.same_device("x", x, dt=dt, A=A, B=B, C=C)
     for name, t in (("D", D), ("dt_bias", dt_bias)):
         if t is not None:
