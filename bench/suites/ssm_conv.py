@@ -83,8 +83,9 @@ def _decode_cases(device, quick):
         conv0, ssm0 = r(B, D, W - 1).to(dtype), r(B, D, N)  # mamba keeps the ssm state in fp32
         states = {name: (conv0.clone(), ssm0.clone()) for name in ("ours", "peer")}
 
-        def step(update, ssu, name):
-            conv_state, ssm_state = states[name]
+        def step(update, ssu, name, x=x, w=w, bias=bias, dt=dt, A=A, Bm=Bm, Cm=Cm, Dskip=Dskip, z=z, dt_bias=dt_bias,
+                 states=states):
+            conv_state, ssm_state = states[name]  # each side steps its own copy of the same states
 
             def call():
                 xc = update(x, conv_state, w, bias, "silu")

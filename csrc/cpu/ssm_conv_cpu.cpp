@@ -142,11 +142,10 @@ void conv_forward(const scalar_t* x, const at::opmath_type<scalar_t>* w, const a
       load_row(x + row * L, init ? init + row * (W - 1) : nullptr, L, W, buf.data());
       conv_row<W>(buf.data(), w + d * W, bias ? bias[d] : acc_t(0), keep ? keep + b * W * L : nullptr, L, o.data());
       scalar_t* orow = out + row * L;
-      if (silu) {
-        for (int64_t t = 0; t < L; ++t) orow[t] = static_cast<scalar_t>(o[t] * sigmoid_t(o[t]));
-      } else {
-        for (int64_t t = 0; t < L; ++t) orow[t] = static_cast<scalar_t>(o[t]);
+      if (silu) {  // in place first: fused with the bf16 rounding, GCC left this loop scalar
+        for (int64_t t = 0; t < L; ++t) o[t] = o[t] * sigmoid_t(o[t]);
       }
+      for (int64_t t = 0; t < L; ++t) orow[t] = static_cast<scalar_t>(o[t]);
       if (final) {  // the last W - 1 extended-input entries
         for (int j = 0; j < W - 1; ++j) {
           const bool k = !final_keep || final_keep[b * (W - 1) + j];
@@ -174,11 +173,12 @@ void conv_backward(const scalar_t* dout, const scalar_t* dfinal, const scalar_t*
         const uint8_t* kb = keep ? keep + b * W * L : nullptr;
         load_row(x + row * L, init ? init + row * (W - 1) : nullptr, L, W, buf.data());
         const scalar_t* gr = dout + row * L;
-        if (silu) {  // g = dout * silu'(pre), pre recomputed
+        if (silu) {  // g = dout * silu'(pre), pre recomputed; dout widened first (keeps this loop vectorised)
           conv_row<W>(buf.data(), wd, bias ? bias[d] : acc_t(0), kb, L, g.data());
+          for (int64_t t = 0; t < L; ++t) h[t] = static_cast<acc_t>(gr[t]);
           for (int64_t t = 0; t < L; ++t) {
             const acc_t pre = g[t], s = sigmoid_t(pre);
-            g[t] = static_cast<acc_t>(gr[t]) * (s * (acc_t(1) + pre * (acc_t(1) - s)));
+            g[t] = h[t] * (s * (acc_t(1) + pre * (acc_t(1) - s)));
           }
         } else {
           for (int64_t t = 0; t < L; ++t) g[t] = static_cast<acc_t>(gr[t]);

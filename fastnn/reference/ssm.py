@@ -28,7 +28,7 @@ Causal conv1d (causal-conv1d's causal_conv1d_fn), depthwise, kernel width W:
   where x at negative times is initial_states[b, d, W - 1 + t'] (zeros when absent), terms whose step
   lies in another sequence than t (seq_idx) are dropped, and activation "silu" / "swish" applies silu.
   final_states (B, D, W - 1) are the last W - 1 inputs of each row (older ones from initial_states),
-  zeroed where they belong to another sequence than the row's last step.
+  zeroed where they belong to another sequence than the row's last step (with L = 0: the initial states).
 """
 from __future__ import annotations
 
