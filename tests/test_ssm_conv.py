@@ -360,6 +360,20 @@ def test_ssu_matches_reference(backend, name, xdt, sdt):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ssu_softplus_over_its_range(backend):
+    """With A = 0, a zero state and B = C = x = 1 the step returns N * softplus(dt): checks the kernels'
+    softplus (vectorised log1p on the CPU, log1p without libdevice in Triton) from -30 to past the threshold."""
+    dt = torch.linspace(-30, 30, 601).view(1, 601)
+    N = 16
+    state = torch.zeros(1, 601, N)
+    with fastnn.use_backend(backend):
+        out = ops.selective_state_update(state, torch.ones(1, 601), dt, torch.zeros(601, N), torch.ones(1, N),
+                                         torch.ones(1, N), dt_softplus=True)
+    want = F.softplus(dt.double(), threshold=20) * N
+    torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("form", ["mamba1", "mamba2"])
 def test_ssu_stepping_matches_selective_scan(backend, form):
     """Stepping selective_state_update over L steps reproduces the reference selective scan's outputs and
