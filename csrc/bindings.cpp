@@ -5,6 +5,7 @@
 #include "families/attention.h"
 #include "families/boxes.h"
 #include "families/ssm.h"
+#include "families/ssm_conv.h"
 #include "generated/build_config.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -20,4 +21,5 @@ PYBIND11_MODULE(_C, m) {
   fastnn::register_boxes(m);
   fastnn::register_attention(m);
   fastnn::register_ssm(m);
+  fastnn::register_ssm_conv(m);
 }

@@ -28,7 +28,7 @@ Causal conv1d (causal-conv1d's causal_conv1d_fn), depthwise, kernel width W:
   where x at negative times is initial_states[b, d, W - 1 + t'] (zeros when absent), terms whose step
   lies in another sequence than t (seq_idx) are dropped, and activation "silu" / "swish" applies silu.
   final_states (B, D, W - 1) are the last W - 1 inputs of each row (older ones from initial_states),
-  zeroed where they belong to another sequence than the row's last step.
+  zeroed where they belong to another sequence than the row's last step (with L = 0: the initial states).
 """
 from __future__ import annotations
 
@@ -264,6 +264,9 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, seq_
     xf = x.to(ct)
     pre = (initial_states.to(ct) if initial_states is not None else xf.new_zeros(Bsz, Dm, W - 1))
     xc = torch.cat([pre, xf], dim=2)  # (B, D, W - 1 + L): index W - 1 + t is step t
+    if L == 0:  # no steps: nothing to convolve (conv1d rejects an input shorter than the kernel)
+        out = xf.new_zeros(Bsz, Dm, 0)
+        return (out.to(x.dtype), pre.to(x.dtype)) if return_final_states else out.to(x.dtype)
     if seq_idx is None:
         out = F.conv1d(xc, weight.to(ct).unsqueeze(1), None if bias is None else bias.to(ct), groups=Dm)
     else:
