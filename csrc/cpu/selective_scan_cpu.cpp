@@ -57,13 +57,11 @@ using VF = Lanes<float>::V;
 using VI = Lanes<float>::I;
 using VD = Lanes<double>::V;
 
+// x in every lane. (A lane-by-lane loop here compiles to 16 masked broadcasts.)
 template <typename V>
 inline V splat(typename std::remove_reference<decltype(V{}[0])>::type x) {
-  V v;
-  for (size_t i = 0; i < sizeof(V) / sizeof(x); ++i) v[i] = x;
-  return v;
+  return x - V{};  // scalar - vector broadcasts; x - 0 is x exactly, so it folds away
 }
-
 // a * b + c, fused where the ISA has it (the build uses -ffp-contract=off, so write it out).
 inline VF fmadd(VF a, VF b, VF c) {
 #if defined(__AVX512F__)
@@ -234,6 +232,117 @@ void store_lane(void* dst, at::ScalarType st, int64_t T, const acc_t* src, int l
   }
 }
 
+// Whole-slab staging: dst[t * W + l] = row l of the slab at step t (rows >= nl: zeros), and back. With
+// AVX-512 and fp32 lanes, 16 x 16 blocks are loaded a row (16 steps of one channel) at a time, converted,
+// and transposed in registers; elsewhere one scalar per element.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define FASTNN_SCAN_TILES 1
+inline __m512 load16(const char* src, at::ScalarType st, __mmask16 m) {
+  switch (st) {
+    case at::kHalf:
+      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src));
+    case at::kBFloat16:
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src)), 16));
+    default:
+      return _mm512_maskz_loadu_ps(m, src);
+  }
+}
+
+// fp32 -> bf16 with round to nearest even, NaN kept NaN (as c10::BFloat16).
+inline __m256i to_bf16(__m512 x) {
+#if defined(__AVX512BF16__)
+  return (__m256i)_mm512_cvtneps_pbh(x);
+#else
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0)));
+#endif
+}
+
+inline void store16(char* dst, at::ScalarType st, __m512 x, __mmask16 m) {
+  switch (st) {
+    case at::kHalf:
+      _mm256_mask_storeu_epi16(dst, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+    case at::kBFloat16:
+      _mm256_mask_storeu_epi16(dst, m, to_bf16(x));
+      break;
+    default:
+      _mm512_mask_storeu_ps(dst, m, x);
+  }
+}
+
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
+#endif
+
+// rows[l]: step 0 of the tile in channel l's row (l < nl)
+template <typename acc_t>
+void load_tile(const char* const* rows, int nl, at::ScalarType st, size_t esize, int64_t T, acc_t* dst) {
+  constexpr int W = Lanes<acc_t>::W;
+#ifdef FASTNN_SCAN_TILES
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (st != at::kDouble) {
+      for (int64_t t0 = 0; t0 < T; t0 += 16) {
+        const __mmask16 m = tail_mask(T - t0);
+        __m512 r[16];
+        for (int l = 0; l < 16; ++l) r[l] = l < nl ? load16(rows[l] + t0 * esize, st, m) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t k = 0; k < std::min<int64_t>(16, T - t0); ++k) _mm512_storeu_ps(dst + (t0 + k) * W, r[k]);
+      }
+      return;
+    }
+  }
+#endif
+  if (nl < W) std::memset(dst, 0, sizeof(acc_t) * W * T);
+  for (int l = 0; l < nl; ++l) load_lane<acc_t, W>(rows[l], st, T, dst, l);
+}
+
+template <typename acc_t>
+void store_tile(char* const* rows, int nl, at::ScalarType st, size_t esize, int64_t T, const acc_t* src) {
+  constexpr int W = Lanes<acc_t>::W;
+#ifdef FASTNN_SCAN_TILES
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (st != at::kDouble) {
+      for (int64_t t0 = 0; t0 < T; t0 += 16) {
+        const int64_t n = std::min<int64_t>(16, T - t0);
+        __m512 r[16];
+        for (int k = 0; k < 16; ++k) r[k] = k < n ? _mm512_loadu_ps(src + (t0 + k) * W) : _mm512_setzero_ps();
+        transpose16(r);
+        const __mmask16 m = tail_mask(n);
+        for (int l = 0; l < nl; ++l) store16(rows[l] + t0 * esize, st, r[l], m);
+      }
+      return;
+    }
+  }
+#endif
+  for (int l = 0; l < nl; ++l) store_lane<acc_t, W>(rows[l], st, T, src, l);
+}
+
 // ---------------------------------------------------------------- problem description
 
 template <typename acc_t>
@@ -341,19 +450,16 @@ void stage_chunk(const Scan<acc_t>& p, const Slab& s, int64_t t0, int64_t T, Buf
   acc_t* DT = reinterpret_cast<acc_t*>(buf.DT.data());
   acc_t* Z = reinterpret_cast<acc_t*>(buf.Z.data());
   acc_t* DO = backward ? reinterpret_cast<acc_t*>(buf.DO.data()) : nullptr;
-  if (s.nl < W) {  // unused lanes hold zeros: A = 0 there keeps their state at 0
-    std::memset(U, 0, sizeof(V) * T);
-    std::memset(DT, 0, sizeof(V) * T);
-    std::memset(Z, 0, sizeof(V) * T);
-    if (backward) std::memset(DO, 0, sizeof(V) * T);
-  }
-  for (int l = 0; l < s.nl; ++l) {
-    const int64_t d = s.d0 + l;
-    load_lane<acc_t, W>(p.row(p.u, s.b, d, t0), p.io, T, U, l);
-    load_lane<acc_t, W>(p.row(p.delta, s.b, d, t0), p.io, T, DT, l);
-    if (p.z != nullptr) load_lane<acc_t, W>(p.row(p.z, s.b, d, t0), p.io, T, Z, l);
-    if (backward) load_lane<acc_t, W>(p.row(p.dout, s.b, d, t0), p.io, T, DO, l);
-  }
+  // unused lanes hold zeros: A = 0 there keeps their state at 0
+  const char* rows[W];
+  auto tile = [&](const char* base, acc_t* dst) {
+    for (int l = 0; l < s.nl; ++l) rows[l] = p.row(base, s.b, s.d0 + l, t0);
+    load_tile<acc_t>(rows, s.nl, p.io, p.io_size, T, dst);
+  };
+  tile(p.u, U);
+  tile(p.delta, DT);
+  if (p.z != nullptr) tile(p.z, Z);
+  if (backward) tile(p.dout, DO);
   for (int64_t t = 0; t < T; ++t) {
     V raw = buf.DT[t] + bias_v;
     if (backward) buf.RAW[t] = raw;
@@ -427,11 +533,13 @@ struct SlabState {
 // ---------------------------------------------------------------- forward
 
 // One chunk of one slab: the state goes from `st.h` (before the chunk) to after it; outputs written.
-template <typename acc_t, bool kBFixed, bool kCFixed>
+// kN: the state size when fixed at compile time (the inner loops unroll, the states stay in registers),
+// 0 for any N.
+template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
 void forward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf) {
   using V = VecOf<acc_t>;
   constexpr int W = Lanes<acc_t>::W;
-  const int64_t N = p.nstate;
+  const int64_t N = kN > 0 ? kN : p.nstate;
   const Slab& s = st.s;
   V* h = st.h.data();
   const V* A = st.A.data();
@@ -447,14 +555,17 @@ void forward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64
     const V dt = buf.DT[t], dtu = buf.DTU[t];
     const acc_t* Bt = buf.Bs.data() + t * N;
     const acc_t* Ct = buf.Cs.data() + t * N;
-    V y = st.D_v * buf.U[t];
+    // two partial sums halve the latency chain of y through the states
+    V y = st.D_v * buf.U[t], y1 = splat<V>(acc_t(0));
     for (int64_t n = 0; n < N; ++n) {
       const V a = decay(dt, A[n]);
       const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
       const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
       h[n] = fmadd(a, h[n], dtu * bn);
-      y = fmadd(h[n], cn, y);
+      if (n & 1) y1 = fmadd(h[n], cn, y1);
+      else y = fmadd(h[n], cn, y);
     }
+    y += y1;
     if (p.z != nullptr) {
       const V z = buf.Z[t];
       y = y * (z * vsigmoid(z));
@@ -462,11 +573,12 @@ void forward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64
     buf.Y[t] = y;
     if (p.per_seq && p.is_end(s.b, tt)) store_state(p.last, p.state_row(s.b, tt, true), p, s, h);
   }
-  const acc_t* Y = reinterpret_cast<const acc_t*>(buf.Y.data());
-  for (int l = 0; l < s.nl; ++l) store_lane<acc_t, W>(p.row(p.out, s.b, s.d0 + l, t0), p.io, T, Y, l);
+  char* rows[W];
+  for (int l = 0; l < s.nl; ++l) rows[l] = p.row(p.out, s.b, s.d0 + l, t0);
+  store_tile<acc_t>(rows, s.nl, p.io, p.io_size, T, reinterpret_cast<const acc_t*>(buf.Y.data()));
 }
 
-template <typename acc_t, bool kBFixed, bool kCFixed>
+template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
 void forward_task(const Scan<acc_t>& p, const Slab* slabs, int count, Buffers<acc_t>& buf,
                   std::vector<SlabState<acc_t>>& states) {
   states.resize(count);
@@ -477,7 +589,7 @@ void forward_task(const Scan<acc_t>& p, const Slab* slabs, int count, Buffers<ac
   for (int64_t c = 0; c < p.nchunks; ++c) {
     const int64_t t0 = c * p.chunk, T = std::min(p.chunk, p.len - t0);
     stage_bc(p, slabs[0].b, slabs[0].g, t0, T, buf);
-    for (int j = 0; j < count; ++j) forward_chunk<acc_t, kBFixed, kCFixed>(p, states[j], t0, T, buf);
+    for (int j = 0; j < count; ++j) forward_chunk<acc_t, kBFixed, kCFixed, kN>(p, states[j], t0, T, buf);
   }
   if (!p.per_seq)
     for (int j = 0; j < count; ++j) store_state(p.last, slabs[j].b, p, slabs[j], states[j].h.data());
@@ -488,12 +600,12 @@ void forward_task(const Scan<acc_t>& p, const Slab* slabs, int count, Buffers<ac
 // One chunk of one slab, backwards: recompute the chunk's states from the saved one, then the adjoint
 // g (st.h holds g_{t0+T} a_{t0+T} on entry, g_{t0} a_{t0} on exit). Per-step dB / dC go to the task's
 // lane vectors PB / PC ([t][n], summed over the task's slabs; the lanes are added once per task).
-template <typename acc_t, bool kBFixed, bool kCFixed>
+template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
 void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf,
                     std::vector<VecOf<acc_t>>& hbuf) {
   using V = VecOf<acc_t>;
   constexpr int W = Lanes<acc_t>::W;
-  const int64_t N = p.nstate, L = p.len;
+  const int64_t N = kN > 0 ? kN : p.nstate, L = p.len;
   const Slab& s = st.s;
   const V* A = st.A.data();
   const V zero = splat<V>(acc_t(0));
@@ -511,7 +623,7 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
     const V dt = buf.DT[t], dtu = buf.DTU[t];
     const acc_t* Bt = buf.Bs.data() + t * N;
     const acc_t* Ct = buf.Cs.data() + t * N;
-    V y = st.D_v * buf.U[t];
+    V y = st.D_v * buf.U[t], y1 = splat<V>(acc_t(0));
     V* HP = buf.HP.data() + t * N;
     V* AA = buf.AA.data() + t * N;
     for (int64_t n = 0; n < N; ++n) {
@@ -521,9 +633,10 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
       HP[n] = h[n];
       AA[n] = a;
       h[n] = fmadd(a, h[n], dtu * bn);
-      y = fmadd(h[n], cn, y);
+      if (n & 1) y1 = fmadd(h[n], cn, y1);
+      else y = fmadd(h[n], cn, y);
     }
-    buf.Y[t] = y;  // before the gate
+    buf.Y[t] = y + y1;  // before the gate
   }
   V* g = st.h.data();
   for (int64_t t = T - 1; t >= 0; --t) {
@@ -582,18 +695,17 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
     st.dbias += ddt;
     buf.DDT[t] = ddt;
   }
-  const acc_t* DU = reinterpret_cast<const acc_t*>(buf.DU.data());
-  const acc_t* DDT = reinterpret_cast<const acc_t*>(buf.DDT.data());
-  const acc_t* DZ = reinterpret_cast<const acc_t*>(buf.DZ.data());
-  for (int l = 0; l < s.nl; ++l) {
-    const int64_t d = s.d0 + l;
-    store_lane<acc_t, W>(p.row(p.du, s.b, d, t0), p.io, T, DU, l);
-    store_lane<acc_t, W>(p.row(p.ddelta, s.b, d, t0), p.io, T, DDT, l);
-    if (p.z != nullptr) store_lane<acc_t, W>(p.row(p.dz, s.b, d, t0), p.io, T, DZ, l);
-  }
+  char* rows[W];
+  auto tile = [&](char* base, const std::vector<V>& src) {
+    for (int l = 0; l < s.nl; ++l) rows[l] = p.row(base, s.b, s.d0 + l, t0);
+    store_tile<acc_t>(rows, s.nl, p.io, p.io_size, T, reinterpret_cast<const acc_t*>(src.data()));
+  };
+  tile(p.du, buf.DU);
+  tile(p.ddelta, buf.DDT);
+  if (p.z != nullptr) tile(p.dz, buf.DZ);
 }
 
-template <typename acc_t, bool kBFixed, bool kCFixed>
+template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
 void backward_task(const Scan<acc_t>& p, const Slab* slabs, int count, int64_t task, Buffers<acc_t>& buf,
                    std::vector<SlabState<acc_t>>& states) {
   using V = VecOf<acc_t>;
@@ -609,7 +721,7 @@ void backward_task(const Scan<acc_t>& p, const Slab* slabs, int count, int64_t t
     stage_bc(p, slabs[0].b, slabs[0].g, t0, T, buf);
     if (!kBFixed) std::fill(buf.PB.begin(), buf.PB.begin() + T * N, zero);
     if (!kCFixed) std::fill(buf.PC.begin(), buf.PC.begin() + T * N, zero);
-    for (int j = 0; j < count; ++j) backward_chunk<acc_t, kBFixed, kCFixed>(p, states[j], t0, T, buf, hbuf);
+    for (int j = 0; j < count; ++j) backward_chunk<acc_t, kBFixed, kCFixed, kN>(p, states[j], t0, T, buf, hbuf);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t n = 0; n < N; ++n) {
         if (!kBFixed) dBstep[n * L + t0 + t] = hsum(buf.PB[t * N + n]);
@@ -683,36 +795,38 @@ void for_each_task(const Scan<acc_t>& p, bool backward, F&& f) {
   });
 }
 
-template <typename acc_t, bool kBFixed, bool kCFixed>
+template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
 void run_forward(const Scan<acc_t>& p) {
   for_each_task(p, false, [&](int64_t, const Slab* slabs, int count, Buffers<acc_t>& buf,
                               std::vector<SlabState<acc_t>>& states) {
-    forward_task<acc_t, kBFixed, kCFixed>(p, slabs, count, buf, states);
+    forward_task<acc_t, kBFixed, kCFixed, kN>(p, slabs, count, buf, states);
   });
 }
 
-template <typename acc_t, bool kBFixed, bool kCFixed>
+template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
 void run_backward(const Scan<acc_t>& p) {
   for_each_task(p, true, [&](int64_t task, const Slab* slabs, int count, Buffers<acc_t>& buf,
                              std::vector<SlabState<acc_t>>& states) {
-    backward_task<acc_t, kBFixed, kCFixed>(p, slabs, count, task, buf, states);
+    backward_task<acc_t, kBFixed, kCFixed, kN>(p, slabs, count, task, buf, states);
   });
 }
 
-template <typename acc_t>
-void dispatch_forward(const Scan<acc_t>& p) {
-  if (p.b_fixed && p.c_fixed) run_forward<acc_t, true, true>(p);
-  else if (p.b_fixed) run_forward<acc_t, true, false>(p);
-  else if (p.c_fixed) run_forward<acc_t, false, true>(p);
-  else run_forward<acc_t, false, false>(p);
+// Mamba's N = 16 (fp32 lanes) gets its own unrolled instantiation; everything else runs the generic one.
+template <typename acc_t, bool kBFixed, bool kCFixed>
+void dispatch_n(const Scan<acc_t>& p, bool backward) {
+  if (std::is_same<acc_t, float>::value && p.nstate == 16) {
+    backward ? run_backward<acc_t, kBFixed, kCFixed, 16>(p) : run_forward<acc_t, kBFixed, kCFixed, 16>(p);
+  } else {
+    backward ? run_backward<acc_t, kBFixed, kCFixed, 0>(p) : run_forward<acc_t, kBFixed, kCFixed, 0>(p);
+  }
 }
 
 template <typename acc_t>
-void dispatch_backward(const Scan<acc_t>& p) {
-  if (p.b_fixed && p.c_fixed) run_backward<acc_t, true, true>(p);
-  else if (p.b_fixed) run_backward<acc_t, true, false>(p);
-  else if (p.c_fixed) run_backward<acc_t, false, true>(p);
-  else run_backward<acc_t, false, false>(p);
+void dispatch(const Scan<acc_t>& p, bool backward) {
+  if (p.b_fixed && p.c_fixed) dispatch_n<acc_t, true, true>(p, backward);
+  else if (p.b_fixed) dispatch_n<acc_t, true, false>(p, backward);
+  else if (p.c_fixed) dispatch_n<acc_t, false, true>(p, backward);
+  else dispatch_n<acc_t, false, false>(p, backward);
 }
 
 // ---------------------------------------------------------------- argument plumbing
@@ -837,7 +951,7 @@ std::vector<Tensor> selective_scan_forward(FASTNN_SCAN_FWD_ARGS) {
     p.out = static_cast<char*>(out.data_ptr());
     p.last = last.data_ptr<scalar_t>();
     p.chunk_states = chunks.data_ptr<scalar_t>();
-    dispatch_forward(p);
+    dispatch(p, false);
   });
   return {out, last, chunks};
 }
@@ -888,7 +1002,7 @@ std::vector<Tensor> selective_scan_backward(FASTNN_SCAN_BWD_ARGS) {
       p.dBstep_part = b_fixed ? nullptr : dB_part.data_ptr<scalar_t>();
       p.dCstep_part = c_fixed ? nullptr : dC_part.data_ptr<scalar_t>();
       p.dinit = has_init ? dinit.data_ptr<scalar_t>() : nullptr;
-      dispatch_backward(p);
+      dispatch(p, true);
     });
   } else {
     du.zero_();
