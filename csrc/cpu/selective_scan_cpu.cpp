@@ -814,11 +814,13 @@ void run_backward(const Scan<acc_t>& p) {
 // Mamba's N = 16 (fp32 lanes) gets its own unrolled instantiation; everything else runs the generic one.
 template <typename acc_t, bool kBFixed, bool kCFixed>
 void dispatch_n(const Scan<acc_t>& p, bool backward) {
-  if (std::is_same<acc_t, float>::value && p.nstate == 16) {
-    backward ? run_backward<acc_t, kBFixed, kCFixed, 16>(p) : run_forward<acc_t, kBFixed, kCFixed, 16>(p);
-  } else {
-    backward ? run_backward<acc_t, kBFixed, kCFixed, 0>(p) : run_forward<acc_t, kBFixed, kCFixed, 0>(p);
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (p.nstate == 16) {
+      backward ? run_backward<acc_t, kBFixed, kCFixed, 16>(p) : run_forward<acc_t, kBFixed, kCFixed, 16>(p);
+      return;
+    }
   }
+  backward ? run_backward<acc_t, kBFixed, kCFixed, 0>(p) : run_forward<acc_t, kBFixed, kCFixed, 0>(p);
 }
 
 template <typename acc_t>
