@@ -45,8 +45,13 @@ constexpr int kBwdItems = 8;            // backward: steps per thread
 constexpr int kBwdMaxThreads = 256;     // backward: kBwdMaxThreads * kBwdItems == kScanChunk
 constexpr int kMaxScanState = 256;      // largest N
 // CTAs per SM the register allocation must allow (__launch_bounds__): 128 registers per thread for both,
-// 16 warps per SM, enough to hide the shuffle / shared-memory latency of the per-state scans.
+// 16 warps per SM, enough to hide the shuffle / shared-memory latency of the per-state scans. sm_80's
+// forward allows 2 CTAs (175 registers): at 4, ptxas keeps 8 bytes on the stack there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kFwdMinBlocks = 2;
+#else
 constexpr int kFwdMinBlocks = 4;
+#endif
 constexpr int kBwdMinBlocks = 2;
 static_assert(kFwdMaxThreads * kFwdItems == kScanChunk, "forward tile must be one chunk");
 static_assert(kBwdMaxThreads * kBwdItems == kScanChunk, "backward tile must be one chunk");
