@@ -55,13 +55,14 @@ def time_call(fn: Callable[[], object], device: str) -> float:
 
 
 def time_pair(ours: Callable, peer: Optional[Callable], device: str, quick: bool) -> tuple:
-    """Median seconds of ours and peer, alternating calls. Ours is called once untimed first; repeats adapt
-    to the slower of the two so a case takes about 1 s (0.3 s quick); a call of over 1 s is timed twice (its
-    warm-up counts)."""
+    """Median seconds of ours and peer, alternating calls after one untimed call of each. Repeats adapt to
+    the slower of the two so a case takes about 1 s (0.3 s quick); a call of over 1 s is timed twice (its
+    first timed call counts)."""
     fns = [ours] + ([peer] if peer is not None else [])
     # The first call of a torch custom op pays a one-time set-up (~1.5 s on the CPU machine, independent of
-    # the input): untimed for ours; the peer's first call is its warm-up below.
-    ours()
+    # the input): one untimed call of each (both, so cases that step a state in place stay in step).
+    for fn in fns:
+        fn()
     first = []
     for fn in fns:  # warm-up, also the first estimate
         _sync(device)
