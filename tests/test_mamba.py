@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import fastnn
 from fastnn.nn import InferenceParams, Mamba
 from fastnn.reference import ssm as ref
 

@@ -38,10 +38,6 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _or_none(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t if t is not None and t.numel() > 0 else None
-
-
 # ---------------------------------------------------------------- kernel entry points per backend
 
 def _forward_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, per_seq,
