@@ -530,24 +530,16 @@ struct SlabState {
   }
 };
 
-// ---------------------------------------------------------------- forward
-
-// One chunk of one slab: the state goes from `st.h` (before the chunk) to after it; outputs written.
-// kN: the state size when fixed at compile time (the inner loops unroll, the states stay in registers),
-// 0 for any N.
-template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
-void forward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf) {
+// Steps [t0, t0 + T) of one slab from state h (updated in place), the chunk staged in buf: y before the
+// gate into buf.Y; with kRecord, each step's previous state and decay into buf.HP / buf.AA (the
+// backward's recompute). Per-sequence final states are stored at sequence ends when store_last.
+template <typename acc_t, bool kBFixed, bool kCFixed, int kN, bool kRecord>
+void scan_steps(const Scan<acc_t>& p, const SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf,
+                VecOf<acc_t>* h, bool store_last) {
   using V = VecOf<acc_t>;
-  constexpr int W = Lanes<acc_t>::W;
   const int64_t N = kN > 0 ? kN : p.nstate;
   const Slab& s = st.s;
-  V* h = st.h.data();
   const V* A = st.A.data();
-  for (int l = 0; l < s.nl; ++l) {  // the state before this chunk, for the backward
-    acc_t* dst = p.chunk_states + (((s.b * p.dim + s.d0 + l) * p.nchunks) + t0 / p.chunk) * N;
-    for (int64_t n = 0; n < N; ++n) dst[n] = h[n][l];
-  }
-  stage_chunk(p, s, t0, T, buf, st.bias_v, false);
   for (int64_t t = 0; t < T; ++t) {
     const int64_t tt = t0 + t;
     if (tt > 0 && p.seq_idx != nullptr && p.is_start(s.b, tt))
@@ -561,18 +553,44 @@ void forward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64
       const V a = decay(dt, A[n]);
       const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
       const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
+      if (kRecord) {
+        buf.HP[t * N + n] = h[n];
+        buf.AA[t * N + n] = a;
+      }
       h[n] = fmadd(a, h[n], dtu * bn);
       if (n & 1) y1 = fmadd(h[n], cn, y1);
       else y = fmadd(h[n], cn, y);
     }
-    y += y1;
-    if (p.z != nullptr) {
-      const V z = buf.Z[t];
-      y = y * (z * vsigmoid(z));
-    }
-    buf.Y[t] = y;
-    if (p.per_seq && p.is_end(s.b, tt)) store_state(p.last, p.state_row(s.b, tt, true), p, s, h);
+    buf.Y[t] = y + y1;
+    if (store_last && p.per_seq && p.is_end(s.b, tt)) store_state(p.last, p.state_row(s.b, tt, true), p, s, h);
   }
+}
+
+// The saved state of channel d before chunk c: chunk_states[b][d][c][:].
+template <typename acc_t>
+acc_t* chunk_state(const Scan<acc_t>& p, int64_t b, int64_t d, int64_t c) {
+  return p.chunk_states + ((b * p.dim + d) * p.nchunks + c) * p.nstate;
+}
+
+// ---------------------------------------------------------------- forward
+
+// One chunk of one slab: the state goes from `st.h` (before the chunk) to after it; outputs written.
+// kN: the state size when fixed at compile time (the inner loops unroll, the states stay in registers),
+// 0 for any N.
+template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
+void forward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf) {
+  using V = VecOf<acc_t>;
+  constexpr int W = Lanes<acc_t>::W;
+  const Slab& s = st.s;
+  V* h = st.h.data();
+  for (int l = 0; l < s.nl; ++l) {  // the state before this chunk, for the backward
+    acc_t* dst = chunk_state(p, s.b, s.d0 + l, t0 / p.chunk);
+    for (int64_t n = 0; n < p.nstate; ++n) dst[n] = h[n][l];
+  }
+  stage_chunk(p, s, t0, T, buf, st.bias_v, false);
+  scan_steps<acc_t, kBFixed, kCFixed, kN, false>(p, st, t0, T, buf, h, true);
+  if (p.z != nullptr)
+    for (int64_t t = 0; t < T; ++t) buf.Y[t] = buf.Y[t] * (buf.Z[t] * vsigmoid(buf.Z[t]));
   char* rows[W];
   for (int l = 0; l < s.nl; ++l) rows[l] = p.row(p.out, s.b, s.d0 + l, t0);
   store_tile<acc_t>(rows, s.nl, p.io, p.io_size, T, reinterpret_cast<const acc_t*>(buf.Y.data()));
@@ -610,34 +628,13 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
   const V* A = st.A.data();
   const V zero = splat<V>(acc_t(0));
   stage_chunk(p, s, t0, T, buf, st.bias_v, true);
-  // Recompute: previous state HP and decay AA of every step.
+  // Recompute: previous state HP and decay AA of every step, y before the gate.
   V* h = hbuf.data();
   for (int l = 0; l < W; ++l) {
-    const acc_t* src = p.chunk_states + (((s.b * p.dim + s.d0 + l) * p.nchunks) + t0 / p.chunk) * N;
-    for (int64_t n = 0; n < N; ++n) h[n][l] = l < s.nl ? src[n] : acc_t(0);
+    const acc_t* src = l < s.nl ? chunk_state(p, s.b, s.d0 + l, t0 / p.chunk) : nullptr;
+    for (int64_t n = 0; n < N; ++n) h[n][l] = src != nullptr ? src[n] : acc_t(0);
   }
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t tt = t0 + t;
-    if (tt > 0 && p.seq_idx != nullptr && p.is_start(s.b, tt))
-      load_state(p.init, p.state_row(s.b, tt, false), p, s, h);
-    const V dt = buf.DT[t], dtu = buf.DTU[t];
-    const acc_t* Bt = buf.Bs.data() + t * N;
-    const acc_t* Ct = buf.Cs.data() + t * N;
-    V y = st.D_v * buf.U[t], y1 = splat<V>(acc_t(0));
-    V* HP = buf.HP.data() + t * N;
-    V* AA = buf.AA.data() + t * N;
-    for (int64_t n = 0; n < N; ++n) {
-      const V a = decay(dt, A[n]);
-      const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
-      const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
-      HP[n] = h[n];
-      AA[n] = a;
-      h[n] = fmadd(a, h[n], dtu * bn);
-      if (n & 1) y1 = fmadd(h[n], cn, y1);
-      else y = fmadd(h[n], cn, y);
-    }
-    buf.Y[t] = y + y1;  // before the gate
-  }
+  scan_steps<acc_t, kBFixed, kCFixed, kN, true>(p, st, t0, T, buf, h, false);
   V* g = st.h.data();
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t tt = t0 + t;
