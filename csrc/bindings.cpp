@@ -4,6 +4,7 @@
 #include "common/alloc.h"
 #include "families/attention.h"
 #include "families/boxes.h"
+#include "families/rnn.h"
 #include "families/ssm.h"
 #include "families/ssm_conv.h"
 #include "generated/build_config.h"
@@ -22,4 +23,5 @@ PYBIND11_MODULE(_C, m) {
   fastnn::register_attention(m);
   fastnn::register_ssm(m);
   fastnn::register_ssm_conv(m);
+  fastnn::register_rnn(m);
 }

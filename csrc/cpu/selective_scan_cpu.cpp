@@ -30,6 +30,7 @@
 
 #include "common/alloc.h"
 #include "common/ssm_math.h"
+#include "cpu/vec_math.h"
 #include "families/ssm.h"
 
 namespace fastnn {
@@ -37,88 +38,6 @@ namespace cpu {
 namespace {
 
 using at::Tensor;
-
-// ---------------------------------------------------------------- lane vectors
-
-template <typename T>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  static constexpr int W = 16;
-};
-template <>
-struct Lanes<double> {
-  typedef double V __attribute__((vector_size(64)));
-  static constexpr int W = 8;
-};
-using VF = Lanes<float>::V;
-using VI = Lanes<float>::I;
-using VD = Lanes<double>::V;
-
-// x in every lane. (A lane-by-lane loop here compiles to 16 masked broadcasts.)
-template <typename V>
-inline V splat(typename std::remove_reference<decltype(V{}[0])>::type x) {
-  return x - V{};  // scalar - vector broadcasts; x - 0 is x exactly, so it folds away
-}
-// a * b + c, fused where the ISA has it (the build uses -ffp-contract=off, so write it out).
-inline VF fmadd(VF a, VF b, VF c) {
-#if defined(__AVX512F__)
-  return (VF)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#else
-  return a * b + c;
-#endif
-}
-inline VD fmadd(VD a, VD b, VD c) {
-#if defined(__AVX512F__)
-  return (VD)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
-#else
-  return a * b + c;
-#endif
-}
-
-inline VF vmax(VF a, VF b) { return a > b ? a : b; }
-inline VF vmin(VF a, VF b) { return a < b ? a : b; }
-
-// 2^x on 16 floats: x = k + f with k = round(x), |f| <= 1/2, a degree-6 polynomial for 2^f (least-squares
-// fit on Chebyshev nodes, max relative error 1e-7 in fp32, ~1 ulp), then 2^k. With AVX-512, roundscale and
-// scalef (which handles under- and overflow: 0 and inf come out right); otherwise the exponent bits, with
-// x clamped to [-126, 127] (results below 2^-126 come out as ~1e-38 instead of a denormal or 0).
-inline VF vexp2(VF x) {
-#if defined(__AVX512F__)
-  const __m512 k = _mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const VF f = x - (VF)k;
-#else
-  x = vmin(vmax(x, splat<VF>(-126.0f)), splat<VF>(127.0f));
-  const VF magic = splat<VF>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const VF k = (x + magic) - magic;
-  const VF f = x - k;
-#endif
-  VF p = splat<VF>(1.534580806037411e-4f);
-  p = fmadd(p, f, splat<VF>(1.3399930903688073e-3f));
-  p = fmadd(p, f, splat<VF>(9.618489071726799e-3f));
-  p = fmadd(p, f, splat<VF>(5.550328642129898e-2f));
-  p = fmadd(p, f, splat<VF>(2.4022646248340607e-1f));
-  p = fmadd(p, f, splat<VF>(6.931471824645996e-1f));
-  p = fmadd(p, f, splat<VF>(1.0f));
-#if defined(__AVX512F__)
-  return (VF)_mm512_scalef_ps((__m512)p, k);
-#else
-  return p * (VF)((__builtin_convertvector(k, VI) + 127) << 23);
-#endif
-}
-inline VD vexp2(VD x) {
-  for (int i = 0; i < 8; ++i) x[i] = std::exp2(x[i]);
-  return x;
-}
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
-inline VF vexp(VF x) { return vexp2(x * float(kLog2e)); }
-inline VD vexp(VD x) {
-  for (int i = 0; i < 8; ++i) x[i] = std::exp(x[i]);
-  return x;
-}
 
 // natural log of 16 positive normal floats (Cephes' logf polynomial on [sqrt(1/2), sqrt(2))).
 inline VF vlog(VF x) {

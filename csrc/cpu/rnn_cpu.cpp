@@ -1,0 +1,423 @@
+// LSTM / GRU layers on the CPU: forward and backward through time, semantics of fastnn/reference/rnn.py.
+//
+// Per layer and direction: the input projection of every step is one GEMM (x W_ih^T plus biases); then
+// each step is one GEMM of the live rows' h with W_hh (ATen's BLAS, on its own threads) followed by one
+// fused, vectorised pass of gate math over those rows (at::parallel_for over the rows, 16 units per AVX-512
+// vector). A packed batch's step t holds its first batch_sizes[t] sequences, so finished sequences drop
+// out of the GEMM's rows: no work on padding.
+//
+// The backward walks the steps in reverse with one GEMM per step (gate gradients times W_hh) and the fused
+// gate backward; the weight gradients are one GEMM each over all steps at the end, never per step.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common/alloc.h"
+#include "common/rnn_math.h"
+#include "cpu/vec_math.h"
+#include "families/rnn.h"
+
+namespace fastnn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+struct VecMath {
+  static VF sigmoid(VF x) { return vsigmoid(x); }
+  static VF tanh(VF x) { return vtanh(x); }
+  template <typename V>
+  static V one() {
+    return splat<V>(1.0f);
+  }
+};
+
+// How a row's units are visited: 16 floats at a time, then scalars for the tail (doubles: scalars only).
+struct VecLanes {
+  using V = VF;
+  using M = VecMath;
+  static VF load(const float* p) {
+    VF v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static void store(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
+};
+template <typename T>
+struct ScalarLanes {
+  using V = T;
+  using M = rnn::ScalarMath;
+  static T load(const T* p) { return *p; }
+  static void store(T* p, T v) { *p = v; }
+};
+
+template <typename T, typename F>
+inline void for_lanes(int64_t n, F&& body) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + 16 <= n; j += 16) body(j, VecLanes{});
+  }
+  for (; j < n; ++j) body(j, ScalarLanes<T>{});
+}
+
+// f(b) for every row b < rows, in parallel chunks of at least ~8k elements (smaller ones cost more to
+// hand out than to compute).
+template <typename F>
+inline void parallel_rows(int64_t rows, int64_t width, F&& f) {
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(width, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) f(b);
+  });
+}
+
+// Geometry of one layer and direction over a packed batch.
+struct Layer {
+  bool lstm, proj, reverse;
+  int64_t G, H, P, B, T, rows;
+  std::vector<int64_t> bs, off;  // rows and first row of each step
+
+  Layer(const std::string& mode, const Tensor& x, const Tensor& batch_sizes, const Tensor& w_hh,
+        const c10::optional<Tensor>& w_hr, const Tensor& h0, bool reverse_)
+      : lstm(mode == "lstm"), proj(w_hr.has_value()), reverse(reverse_) {
+    TORCH_CHECK(mode == "lstm" || mode == "gru", "rnn_layer: mode must be 'lstm' or 'gru', got ", mode);
+    TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1,
+                "rnn_layer: batch_sizes must be a 1-D int64 CPU tensor");
+    G = lstm ? 4 : 3;
+    H = w_hh.size(0) / G;
+    P = w_hh.size(1);
+    B = h0.size(0);
+    T = batch_sizes.size(0);
+    rows = x.size(0);
+    const int64_t* p = batch_sizes.data_ptr<int64_t>();
+    int64_t acc = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(p[t] >= 1 && p[t] <= B && (t == 0 || p[t] <= p[t - 1]),
+                  "rnn_layer: batch_sizes must be non-increasing, within [1, B]");
+      bs.push_back(p[t]);
+      off.push_back(acc);
+      acc += p[t];
+    }
+    TORCH_CHECK(acc == rows, "rnn_layer: batch_sizes sum to ", acc, " but x has ", rows, " rows");
+  }
+  // the k-th step in the forward walk
+  int64_t step(int64_t k) const { return reverse ? T - 1 - k : k; }
+  // the step walked just before t (whose h and c are t's h_prev, c_prev), or -1
+  int64_t prev_step(int64_t t) const {
+    const int64_t p = reverse ? t + 1 : t - 1;
+    return (p < 0 || p >= T) ? -1 : p;
+  }
+  // how many of step t's rows continue from prev_step(t); the others start from h0 / c0
+  int64_t rows_with_prev(int64_t t) const {
+    const int64_t p = prev_step(t);
+    return p < 0 ? 0 : std::min(bs[t], bs[p]);
+  }
+};
+
+// a @ w^T for one weight w (N, K) over many steps. When torch has MKL's packed GEMM, w is packed once for
+// `m` rows and steps with m rows run on it: at B=32, H=512 that is 365 us a step against 446 us for
+// at::mm, which packs w again on every call (measured here). Other row counts (the tail steps of a packed
+// batch; MKL's packed GEMM is ~7x slower there) and float64 use at::mm on a contiguous w^T.
+class StepGemm {
+ public:
+  StepGemm(const Tensor& w, int64_t m) : w_(w), m_(m) {
+    if (w.scalar_type() == at::kFloat && m > 0) {
+      static const auto reorder = c10::Dispatcher::singleton().findSchema({"mkl::_mkl_reorder_linear_weight", ""});
+      static const auto linear = c10::Dispatcher::singleton().findSchema({"mkl::_mkl_linear", ""});
+      if (reorder && linear) {
+        linear_ = *linear;
+        packed_ = reorder->typed<Tensor(const Tensor&, int64_t)>().call(w, m);
+      }
+    }
+    w_t_ = w.t().contiguous();  // (K, N): at::mm's faster layout for w^T (151 vs 87 GFLOP/s at the size above)
+  }
+  // a (rows, K) -> a @ w^T (rows, N), written to `out` (rows, N) or returned as a new tensor
+  Tensor run(const Tensor& a, Tensor& out) const {
+    if (packed_.defined() && a.size(0) == m_) {
+      return linear_->typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+                                   int64_t)>()
+          .call(a, packed_, w_, c10::nullopt, m_);
+    }
+    at::mm_out(out, a, w_t_);
+    return out;
+  }
+
+ private:
+  Tensor w_, w_t_, packed_;
+  int64_t m_;
+  c10::optional<c10::OperatorHandle> linear_;
+};
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+                                 const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
+                                 const c10::optional<Tensor>& w_hr, const Tensor& h0,
+                                 const c10::optional<Tensor>& c0, bool train) {
+  const auto opt = x.options();
+  const int64_t H = L.H, P = L.P, B = L.B, GH = L.G * L.H;
+  const bool bias = b_ih.has_value();
+  // Input projection of all steps, one GEMM. The LSTM folds both biases in; the GRU only b_ih, since its
+  // b_hn sits inside r * (h W_hn^T + b_hn).
+  Tensor gates = at::empty({L.rows, GH}, opt);
+  if (bias) {
+    at::addmm_out(gates, L.lstm ? (*b_ih + *b_hh) : *b_ih, x, w_ih.t());
+  } else {
+    at::mm_out(gates, x, w_ih.t());
+  }
+  const StepGemm recurrent(w_hh, B);
+  const c10::optional<StepGemm> projection = L.proj ? c10::make_optional(StepGemm(*w_hr, B)) : c10::nullopt;
+  Tensor y = new_output({L.rows, P}, opt);
+  Tensor h = h0.clone();
+  Tensor c = L.lstm ? c0->clone() : Tensor();
+  Tensor rec = at::empty({B, GH}, opt);
+  Tensor aux = train ? new_output({L.rows, H}, opt) : Tensor();
+  Tensor rbuf = L.proj ? (train ? new_output({L.rows, H}, opt) : at::empty({B, H}, opt)) : Tensor();
+
+  T* gates_p = ptr<T>(gates);
+  const T* bhh_p = bias ? ptr<T>(*b_hh) : nullptr;
+  T* y_p = ptr<T>(y);
+  T* h_p = ptr<T>(h);
+  T* c_p = ptr<T>(c);
+  T* aux_p = ptr<T>(aux);
+  T* r_p = ptr<T>(rbuf);
+  for (int64_t k = 0; k < L.T; ++k) {
+    const int64_t t = L.step(k), bs = L.bs[t], off = L.off[t];
+    Tensor rec_rows = rec.narrow(0, 0, bs);
+    const Tensor rec_t = recurrent.run(h.narrow(0, 0, bs), rec_rows);
+    const T* rec_p = ptr<T>(rec_t);
+    parallel_rows(bs, GH, [&](int64_t b) {
+      T* gx = gates_p + (off + b) * GH;
+      const T* rc = rec_p + b * GH;
+      if (L.lstm) {
+        T* c_row = c_p + b * H;
+        T* c_step = train ? aux_p + (off + b) * H : nullptr;
+        T* r_out = L.proj ? r_p + (train ? off + b : b) * H : y_p + (off + b) * P;
+        T* h_out = L.proj ? nullptr : h_p + b * P;
+        for_lanes<T>(H, [&](int64_t j, auto lanes) {
+          using Ln = decltype(lanes);
+          typename Ln::V i, f, g, o, cn, r;
+          rnn::lstm_forward<typename Ln::M>(
+              Ln::load(gx + j) + Ln::load(rc + j), Ln::load(gx + H + j) + Ln::load(rc + H + j),
+              Ln::load(gx + 2 * H + j) + Ln::load(rc + 2 * H + j), Ln::load(gx + 3 * H + j) + Ln::load(rc + 3 * H + j),
+              Ln::load(c_row + j), i, f, g, o, cn, r);
+          Ln::store(c_row + j, cn);
+          Ln::store(r_out + j, r);
+          if (h_out) Ln::store(h_out + j, r);
+          if (train) {
+            Ln::store(gx + j, i);
+            Ln::store(gx + H + j, f);
+            Ln::store(gx + 2 * H + j, g);
+            Ln::store(gx + 3 * H + j, o);
+            Ln::store(c_step + j, cn);
+          }
+        });
+      } else {
+        T* h_row = h_p + b * H;
+        T* y_row = y_p + (off + b) * H;
+        T* hn_step = train ? aux_p + (off + b) * H : nullptr;
+        for_lanes<T>(H, [&](int64_t j, auto lanes) {
+          using Ln = decltype(lanes);
+          using V = typename Ln::V;
+          V h_r = Ln::load(rc + j), h_z = Ln::load(rc + H + j), h_n = Ln::load(rc + 2 * H + j);
+          if (bhh_p) {
+            h_r = h_r + Ln::load(bhh_p + j);
+            h_z = h_z + Ln::load(bhh_p + H + j);
+            h_n = h_n + Ln::load(bhh_p + 2 * H + j);
+          }
+          V r, z, n, hv;
+          rnn::gru_forward<typename Ln::M>(Ln::load(gx + j), Ln::load(gx + H + j), Ln::load(gx + 2 * H + j), h_r, h_z,
+                                           h_n, Ln::load(h_row + j), r, z, n, hv);
+          Ln::store(h_row + j, hv);
+          Ln::store(y_row + j, hv);
+          if (train) {
+            Ln::store(gx + j, r);
+            Ln::store(gx + H + j, z);
+            Ln::store(gx + 2 * H + j, n);
+            Ln::store(hn_step + j, h_n);
+          }
+        });
+      }
+    });
+    if (L.proj) {
+      Tensor y_rows = y.narrow(0, off, bs);
+      const Tensor h_new = projection->run(rbuf.narrow(0, train ? off : 0, bs), y_rows);
+      if (!h_new.is_same(y_rows)) y_rows.copy_(h_new);
+      h.narrow(0, 0, bs).copy_(y_rows);
+    }
+  }
+  const Tensor none = at::empty({0}, opt);
+  return {y, h, L.lstm ? c : none, train ? gates : none, train ? aux : none, (L.proj && train) ? rbuf : none};
+}
+
+template <typename T>
+std::vector<Tensor> backward_impl(const Layer& L, const Tensor& dy, const Tensor& dh_n,
+                                  const c10::optional<Tensor>& dc_n, const Tensor& x, const Tensor& w_ih,
+                                  const Tensor& w_hh, bool bias, const c10::optional<Tensor>& w_hr, const Tensor& h0,
+                                  const c10::optional<Tensor>& c0, const Tensor& y, const Tensor& gates,
+                                  const Tensor& aux, const Tensor& r, bool want_dx, bool want_dweights) {
+  const auto opt = x.options();
+  const int64_t H = L.H, P = L.P, GH = L.G * L.H;
+  // Gate gradients of every step. The LSTM's input and recurrent parts share them; the GRU's differ in
+  // the n gate (the recurrent part's is scaled by r), so it keeps both.
+  Tensor dgx = new_output({L.rows, GH}, opt);
+  Tensor dgh = L.lstm ? dgx : new_output({L.rows, GH}, opt);
+  Tensor dh = dh_n.clone();
+  Tensor dc = L.lstm ? dc_n->clone() : Tensor();
+  Tensor dh_steps = L.proj ? new_output({L.rows, P}, opt) : Tensor();  // gradient reaching each step's h
+  Tensor dr = L.proj ? at::empty({L.B, H}, opt) : Tensor();
+  Tensor dh_rec = L.lstm ? Tensor() : at::empty({L.B, P}, opt);
+  // dh_prev = dgates @ W_hh, dr = dh @ W_hr: StepGemm computes a @ w^T, so it gets the transposes
+  const StepGemm recurrent(w_hh.t().contiguous(), L.B);
+  const c10::optional<StepGemm> projection =
+      L.proj ? c10::make_optional(StepGemm(w_hr->t().contiguous(), L.B)) : c10::nullopt;
+
+  const T* dy_p = ptr<T>(dy);
+  T* dh_p = ptr<T>(dh);
+  T* dc_p = ptr<T>(dc);
+  T* dgx_p = ptr<T>(dgx);
+  T* dgh_p = ptr<T>(dgh);
+  const T* gates_p = ptr<T>(gates);
+  const T* aux_p = ptr<T>(aux);
+  const T* y_p = ptr<T>(y);
+  const T* h0_p = ptr<T>(h0);
+  const T* c0_p = L.lstm ? ptr<T>(*c0) : nullptr;
+  for (int64_t k = L.T - 1; k >= 0; --k) {
+    const int64_t t = L.step(k), bs = L.bs[t], off = L.off[t];
+    const int64_t n_prev = L.rows_with_prev(t), off_prev = n_prev > 0 ? L.off[L.prev_step(t)] : 0;
+    Tensor dr_step;
+    if (L.proj) {
+      Tensor dh_t = dh.narrow(0, 0, bs);
+      dh_t.add_(dy.narrow(0, off, bs));
+      dh_steps.narrow(0, off, bs).copy_(dh_t);
+      Tensor dr_rows = dr.narrow(0, 0, bs);
+      dr_step = projection->run(dh_t, dr_rows);
+    }
+    const T* dr_p = ptr<T>(dr_step);
+    parallel_rows(bs, GH, [&](int64_t b) {
+      const T* gt = gates_p + (off + b) * GH;
+      T* dg = dgx_p + (off + b) * GH;
+      const T* dy_row = dy_p + (off + b) * P;
+      T* dh_row = dh_p + b * P;
+      if (L.lstm) {
+        const T* c_row = aux_p + (off + b) * H;
+        const T* c_prev = b < n_prev ? aux_p + (off_prev + b) * H : c0_p + b * H;
+        T* dc_row = dc_p + b * H;
+        const T* dr_row = L.proj ? dr_p + b * H : nullptr;
+        for_lanes<T>(H, [&](int64_t j, auto lanes) {
+          using Ln = decltype(lanes);
+          using V = typename Ln::V;
+          const V drv = dr_row ? Ln::load(dr_row + j) : Ln::load(dh_row + j) + Ln::load(dy_row + j);
+          V di, df, dgg, dgo, dcp;
+          rnn::lstm_backward<typename Ln::M>(Ln::load(gt + j), Ln::load(gt + H + j), Ln::load(gt + 2 * H + j),
+                                             Ln::load(gt + 3 * H + j), Ln::load(c_prev + j), Ln::load(c_row + j), drv,
+                                             Ln::load(dc_row + j), di, df, dgg, dgo, dcp);
+          Ln::store(dg + j, di);
+          Ln::store(dg + H + j, df);
+          Ln::store(dg + 2 * H + j, dgg);
+          Ln::store(dg + 3 * H + j, dgo);
+          Ln::store(dc_row + j, dcp);
+        });
+      } else {
+        const T* hn_row = aux_p + (off + b) * H;
+        const T* h_prev = b < n_prev ? y_p + (off_prev + b) * H : h0_p + b * H;
+        T* dgr = dgh_p + (off + b) * GH;
+        for_lanes<T>(H, [&](int64_t j, auto lanes) {
+          using Ln = decltype(lanes);
+          using V = typename Ln::V;
+          V d_r, d_z, d_n, d_hn, dh_direct;
+          rnn::gru_backward<typename Ln::M>(Ln::load(gt + j), Ln::load(gt + H + j), Ln::load(gt + 2 * H + j),
+                                            Ln::load(hn_row + j), Ln::load(h_prev + j),
+                                            Ln::load(dh_row + j) + Ln::load(dy_row + j), d_r, d_z, d_n, d_hn,
+                                            dh_direct);
+          Ln::store(dg + j, d_r);
+          Ln::store(dg + H + j, d_z);
+          Ln::store(dg + 2 * H + j, d_n);
+          Ln::store(dgr + j, d_r);
+          Ln::store(dgr + H + j, d_z);
+          Ln::store(dgr + 2 * H + j, d_hn);
+          Ln::store(dh_row + j, dh_direct);
+        });
+      }
+    });
+    Tensor dh_rows = dh.narrow(0, 0, bs);
+    if (L.lstm) {
+      const Tensor got = recurrent.run(dgx.narrow(0, off, bs), dh_rows);
+      if (!got.is_same(dh_rows)) dh_rows.copy_(got);
+    } else {  // the GRU's h_prev also has the direct path z * dh, already in dh
+      Tensor rec_rows = dh_rec.narrow(0, 0, bs);
+      dh_rows.add_(recurrent.run(dgh.narrow(0, off, bs), rec_rows));
+    }
+  }
+  // dh, dc now hold the gradients of h0, c0.
+  const Tensor none = at::empty({0}, opt);
+  Tensor dx = want_dx ? at::mm(dgx, w_ih) : none;
+  Tensor dw_ih = none, dw_hh = none, db_ih = none, db_hh = none, dw_hr = none;
+  if (want_dweights) {
+    dw_ih = at::mm(dgx.t(), x);
+    // h_prev of every row, gathered once, so dW_hh is one GEMM
+    Tensor h_prev = at::empty({L.rows, P}, opt);
+    for (int64_t t = 0; t < L.T; ++t) {
+      const int64_t bs = L.bs[t], off = L.off[t], n_prev = L.rows_with_prev(t);
+      if (n_prev > 0) h_prev.narrow(0, off, n_prev).copy_(y.narrow(0, L.off[L.prev_step(t)], n_prev));
+      if (bs > n_prev) h_prev.narrow(0, off + n_prev, bs - n_prev).copy_(h0.narrow(0, n_prev, bs - n_prev));
+    }
+    dw_hh = at::mm(dgh.t(), h_prev);
+    if (bias) {
+      db_ih = dgx.sum(0);
+      db_hh = L.lstm ? db_ih.clone() : dgh.sum(0);
+    }
+    if (L.proj) dw_hr = at::mm(dh_steps.t(), r);
+  }
+  return {dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh, L.lstm ? dc : none};
+}
+
+void check_dtype(const Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "rnn_layer (CPU kernel): float32 or float64 expected, got ", x.scalar_type());
+}
+
+}  // namespace
+
+std::vector<Tensor> rnn_layer_forward(const std::string& mode, const Tensor& x, const Tensor& batch_sizes,
+                                      const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+                                      const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr,
+                                      const Tensor& h0, const c10::optional<Tensor>& c0, bool reverse, bool train) {
+  check_dtype(x);
+  const Layer L(mode, x, batch_sizes, w_hh, w_hr, h0, reverse);
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnn_layer: b_ih and b_hh must be both given or both absent");
+  TORCH_CHECK(!L.lstm || c0.has_value(), "rnn_layer: the LSTM needs c0");
+  if (x.scalar_type() == at::kFloat) return forward_impl<float>(L, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, train);
+  return forward_impl<double>(L, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, train);
+}
+
+std::vector<Tensor> rnn_layer_backward(const std::string& mode, const Tensor& dy, const Tensor& dh_n,
+                                       const c10::optional<Tensor>& dc_n, const Tensor& x, const Tensor& batch_sizes,
+                                       const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+                                       const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr,
+                                       const Tensor& h0, const c10::optional<Tensor>& c0, const Tensor& y,
+                                       const Tensor& gates, const Tensor& aux, const Tensor& r, bool reverse,
+                                       bool want_dx, bool want_dweights) {
+  check_dtype(x);
+  const Layer L(mode, x, batch_sizes, w_hh, w_hr, h0, reverse);
+  TORCH_CHECK(!L.lstm || (c0.has_value() && dc_n.has_value()), "rnn_layer_backward: the LSTM needs c0 and dc_n");
+  TORCH_CHECK(gates.numel() == L.rows * L.G * L.H && aux.numel() == L.rows * L.H,
+              "rnn_layer_backward: the workspace does not match (was the forward run with train=true?)");
+  const bool bias = b_ih.has_value();
+  if (x.scalar_type() == at::kFloat) {
+    return backward_impl<float>(L, dy, dh_n, dc_n, x, w_ih, w_hh, bias, w_hr, h0, c0, y, gates, aux, r, want_dx,
+                                want_dweights);
+  }
+  return backward_impl<double>(L, dy, dh_n, dc_n, x, w_ih, w_hh, bias, w_hr, h0, c0, y, gates, aux, r, want_dx,
+                               want_dweights);
+}
+
+}  // namespace cpu
+}  // namespace fastnn

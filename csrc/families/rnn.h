@@ -1,0 +1,56 @@
+// Recurrent family: one LSTM / GRU layer in one direction over a time-major packed batch, forward and
+// backward through time. Entry points of the CPU kernels and their registration.
+// Semantics: fastnn/reference/rnn.py (rnn_layer).
+//
+// Inputs are validated and made contiguous by fastnn/ops/rnn.py, all in one float dtype (float32 or
+// float64; the op layer runs fp16 / bf16 in float32):
+//   mode "lstm" (G = 4 gates) or "gru" (G = 3); x (rows, I) packed; batch_sizes (T,) int64 on the CPU,
+//   non-increasing, summing to rows, batch_sizes[0] = B; w_ih (G H, I), w_hh (G H, P), b_ih / b_hh (G H,)
+//   or both absent; w_hr (P, H) for an LSTM with projection (else P = H); h0 (B, P); c0 (B, H) (LSTM).
+// rnn_layer_forward -> [y (rows, P), h_n (B, P), c_n (B, H) or empty, gates, aux, r]. With train = true
+//   the last three are the backward's workspace: gates (rows, G H) activated (LSTM i f g o; GRU r z n),
+//   aux (rows, H) the cell c of each step (LSTM) or h W_hn^T + b_hn (GRU), r (rows, H) = o tanh(c) when
+//   projecting; otherwise empty.
+// rnn_layer_backward -> [dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0], empty where not wanted or absent.
+//   Weight gradients are one GEMM each over all steps, after the recurrence.
+#pragma once
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+namespace fastnn {
+
+namespace cpu {
+std::vector<at::Tensor> rnn_layer_forward(const std::string& mode, const at::Tensor& x, const at::Tensor& batch_sizes,
+                                          const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                          const c10::optional<at::Tensor>& b_ih,
+                                          const c10::optional<at::Tensor>& b_hh,
+                                          const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0,
+                                          const c10::optional<at::Tensor>& c0, bool reverse, bool train);
+std::vector<at::Tensor> rnn_layer_backward(const std::string& mode, const at::Tensor& dy, const at::Tensor& dh_n,
+                                           const c10::optional<at::Tensor>& dc_n, const at::Tensor& x,
+                                           const at::Tensor& batch_sizes, const at::Tensor& w_ih,
+                                           const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                           const c10::optional<at::Tensor>& b_hh,
+                                           const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0,
+                                           const c10::optional<at::Tensor>& c0, const at::Tensor& y,
+                                           const at::Tensor& gates, const at::Tensor& aux, const at::Tensor& r,
+                                           bool reverse, bool want_dx, bool want_dweights);
+}  // namespace cpu
+
+inline void register_rnn(pybind11::module& m) {
+  namespace py = pybind11;
+  m.def("rnn_layer_forward_cpu", &cpu::rnn_layer_forward,
+        "One LSTM / GRU layer and direction over a packed batch on CPU -> [y, h_n, c_n, gates, aux, r]",
+        py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
+        py::arg("b_hh"), py::arg("w_hr"), py::arg("h0"), py::arg("c0"), py::arg("reverse"), py::arg("train"));
+  m.def("rnn_layer_backward_cpu", &cpu::rnn_layer_backward,
+        "Backward through time of rnn_layer_forward_cpu -> [dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0]",
+        py::arg("mode"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("x"), py::arg("batch_sizes"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"), py::arg("h0"),
+        py::arg("c0"), py::arg("y"), py::arg("gates"), py::arg("aux"), py::arg("r"), py::arg("reverse"),
+        py::arg("want_dx"), py::arg("want_dweights"));
+}
+
+}  // namespace fastnn
