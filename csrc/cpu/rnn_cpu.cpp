@@ -253,8 +253,9 @@ std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& 
       h.narrow(0, 0, bs).copy_(y_rows);
     }
   }
-  const Tensor none = at::empty({0}, opt);
-  return {y, h, L.lstm ? c : none, train ? gates : none, train ? aux : none, (L.proj && train) ? rbuf : none};
+  // a fresh empty tensor for each absent output: custom ops may not return aliases
+  const auto none = [&] { return at::empty({0}, opt); };
+  return {y, h, L.lstm ? c : none(), train ? gates : none(), train ? aux : none(), (L.proj && train) ? rbuf : none()};
 }
 
 template <typename T>
@@ -357,9 +358,9 @@ std::vector<Tensor> backward_impl(const Layer& L, const Tensor& dy, const Tensor
     }
   }
   // dh, dc now hold the gradients of h0, c0.
-  const Tensor none = at::empty({0}, opt);
-  Tensor dx = want_dx ? at::mm(dgx, w_ih) : none;
-  Tensor dw_ih = none, dw_hh = none, db_ih = none, db_hh = none, dw_hr = none;
+  const auto none = [&] { return at::empty({0}, opt); };  // fresh for each: custom ops may not return aliases
+  Tensor dx = want_dx ? at::mm(dgx, w_ih) : none();
+  Tensor dw_ih = none(), dw_hh = none(), db_ih = none(), db_hh = none(), dw_hr = none();
   if (want_dweights) {
     dw_ih = at::mm(dgx.t(), x);
     // h_prev of every row, gathered once, so dW_hh is one GEMM
@@ -376,7 +377,7 @@ std::vector<Tensor> backward_impl(const Layer& L, const Tensor& dy, const Tensor
     }
     if (L.proj) dw_hr = at::mm(dh_steps.t(), r);
   }
-  return {dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh, L.lstm ? dc : none};
+  return {dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh, L.lstm ? dc : none()};
 }
 
 void check_dtype(const Tensor& x) {

@@ -1,5 +1,6 @@
 """Drop-in modules: same constructor arguments and state_dict as their torch / torchvision counterparts."""
 from .attention import MultiheadAttention
 from .mamba import InferenceParams, Mamba
+from .rnn import GRU, LSTM, GRUCell, LSTMCell
 
-__all__ = ["MultiheadAttention", "Mamba", "InferenceParams"]
+__all__ = ["MultiheadAttention", "Mamba", "InferenceParams", "LSTM", "GRU", "LSTMCell", "GRUCell"]

@@ -1,0 +1,439 @@
+"""Recurrent layers: LSTM and GRU over padded or packed batches, and their single-step cells.
+
+Custom ops (``torch.ops.fastnn.*``): rnn_layer_forward (one layer, one direction, a whole time-major packed
+batch) and rnn_layer_backward (its backward through time). Contract: csrc/families/rnn.h; semantics
+(torch.nn's gate order and formulas): fastnn/reference/rnn.py.
+Kernels:
+  CPU   C++ (csrc/cpu/rnn_cpu.cpp): one GEMM for the input projection of all steps, per step one GEMM with
+        W_hh and a fused, vectorised gate pass; weight gradients as one GEMM each after the recurrence.
+        fp16 / bf16 inputs run in float32 and are rounded back.
+  CUDA  Triton (kernels/rnn.py) when present: per-step cuBLAS GEMM plus a fused Triton cell.
+Packed batches (PackedSequence) run as they are: step t computes only its batch_sizes[t] live rows.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from .._backend import _C, pick
+from ..reference import rnn as ref
+from . import _checks
+
+_PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton",)}
+RNN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_OUTPUT_NAMES = ("y", "h_n", "c_n", "gates", "aux", "r")
+_GRAD_NAMES = ("dx", "dw_ih", "dw_hh", "db_ih", "db_hh", "dw_hr", "dh0", "dc0")
+
+try:  # the Triton cells (CUDA; CPU tensors under TRITON_INTERPRET=1)
+    from ..kernels import rnn as _triton_rnn
+except ImportError:  # triton missing, or kernels without the recurrent family
+    _triton_rnn = None
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+# ---------------------------------------------------------------- kernel entry points per backend
+
+def _forward_reference(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, train):
+    """The reference keeps no workspace: its backward recomputes the layer under torch.func.vjp."""
+    with torch.no_grad():
+        y, h, c = ref.rnn_layer(mode, x, batch_sizes.tolist(), w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse)
+    none = x.new_empty(0, dtype=workspace_dtype(x.dtype))
+    return [y, h.clone(), _empty(x) if c is None else c.clone(), none, none.clone(), none.clone()]
+
+
+def _backward_reference(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux,
+                        r, reverse, want_dx, want_dweights):
+    names = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
+    given = dict(zip(names, (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)))
+    keys = [k for k in names if given[k] is not None]
+    sizes = batch_sizes.tolist()
+
+    def layer(*xs):
+        a = dict(zip(keys, xs))
+        out, h, c = ref.rnn_layer(mode, a["x"], sizes, a["w_ih"], a["w_hh"], a.get("b_ih"), a.get("b_hh"),
+                                  a.get("w_hr"), a["h0"], a.get("c0"), reverse)
+        return (out, h) if c is None else (out, h, c)
+
+    _, vjp = torch.func.vjp(layer, *[given[k] for k in keys])
+    grads = dict(zip(keys, vjp((dy, dh_n) if mode == "gru" else (dy, dh_n, dc_n))))
+    return [grads.get(k) for k in names]
+
+
+def _lift(args):
+    """fp16 / bf16 tensors to float32 (the C++ kernel's compute dtype); others as they are."""
+    low = (torch.float16, torch.bfloat16)
+    return [a.float() if isinstance(a, Tensor) and a.dtype in low else a for a in args]
+
+
+def _forward_cpp(mode, x, *args):
+    """fp16 / bf16 run in float32: y, h_n, c_n are rounded back, the workspace stays float32."""
+    y, h, c, *workspace = _C.rnn_layer_forward_cpu(mode, *_lift([x, *args]))
+    return [t.to(x.dtype) for t in (y, h, c)] + workspace
+
+
+def _backward_cpp(mode, dy, *args):
+    return [g.to(dy.dtype) for g in _C.rnn_layer_backward_cpu(mode, *_lift([dy, *args]))]
+
+
+def workspace_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the forward's saved workspace: float32 for fp16 / bf16 layers (every backend)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+_FORWARD_IMPLS = {"reference": _forward_reference, "cpp": _forward_cpp}
+_BACKWARD_IMPLS = {"reference": _backward_reference, "cpp": _backward_cpp}
+if _triton_rnn is not None:
+    _FORWARD_IMPLS["triton"] = _triton_rnn.rnn_layer_forward
+    _BACKWARD_IMPLS["triton"] = _triton_rnn.rnn_layer_backward
+
+
+def _pick(op: str, x: Tensor, impls: dict):
+    if x.dtype == torch.float64 and x.device.type == "cuda":
+        impls = {k: v for k, v in impls.items() if k != "triton"}  # the Triton cells are fp16/bf16/fp32
+    return pick(op, x.device, impls, _PREFERENCE.get(x.device.type, ()))
+
+
+# ---------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("fastnn::rnn_layer_forward", mutates_args=())
+def _layer_forward_op(mode: str, x: Tensor, batch_sizes: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                      b_hh: Optional[Tensor], w_hr: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], reverse: bool,
+                      train: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y (rows, P), h_n (B, P), c_n (B, H) or empty, and the backward's workspace gates, aux, r)."""
+    impl = _pick("rnn_layer", x, _FORWARD_IMPLS)
+    return tuple(impl(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, train))
+
+
+@_layer_forward_op.register_fake
+def _layer_forward_fake(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, train):
+    G = ref.gates_per_unit(mode)
+    H = w_hh.shape[0] // G
+    rows = x.shape[0]
+    ws = lambda *shape: x.new_empty(*(shape if train else (0,)), dtype=workspace_dtype(x.dtype))  # noqa: E731
+    return (x.new_empty(rows, h0.shape[1]), torch.empty_like(h0), _empty(x) if c0 is None else torch.empty_like(c0),
+            ws(rows, G * H), ws(rows, H), ws(rows, H) if w_hr is not None else ws(0))
+
+
+@torch.library.custom_op("fastnn::rnn_layer_backward", mutates_args=())
+def _layer_backward_op(mode: str, dy: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], x: Tensor, batch_sizes: Tensor,
+                       w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+                       w_hr: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], y: Tensor, gates: Tensor, aux: Tensor,
+                       r: Tensor, reverse: bool, want_dx: bool,
+                       want_dweights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0); an empty tensor where not wanted or absent."""
+    impl = _pick("rnn_layer_backward", x, _BACKWARD_IMPLS)
+    got = impl(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r, reverse,
+               want_dx, want_dweights)
+    return tuple(_empty(x) if g is None else g for g in got)
+
+
+@_layer_backward_op.register_fake
+def _layer_backward_fake(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
+                         reverse, want_dx, want_dweights):
+    like = lambda t, on: torch.empty_like(t) if (t is not None and on) else _empty(x)  # noqa: E731
+    return (like(x, want_dx), like(w_ih, want_dweights), like(w_hh, want_dweights), like(b_ih, want_dweights),
+            like(b_hh, want_dweights), like(w_hr, want_dweights), torch.empty_like(h0), like(c0, True))
+
+
+_FORWARD_ARGS = ("mode", "x", "batch_sizes", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0", "reverse", "train")
+
+
+def _setup_context(ctx, inputs, output):
+    a = dict(zip(_FORWARD_ARGS, inputs))
+    ctx.save_for_backward(a["x"], a["batch_sizes"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["w_hr"], a["h0"],
+                          a["c0"], output[0], output[3], output[4], output[5])
+    ctx.mode, ctx.reverse = a["mode"], a["reverse"]
+
+
+def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
+    x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
+    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
+    if c0 is not None:
+        dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
+    else:
+        dc_n = None
+    want_dweights = any(need[3:8])
+    grads = torch.ops.fastnn.rnn_layer_backward(ctx.mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                                h0, c0, y, gates, aux, r, ctx.reverse, need[1], want_dweights)
+    dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0 = grads
+    keep = lambda g, i: g if need[i] else None  # noqa: E731
+    return (None, keep(dx, 1), None, keep(dw_ih, 3), keep(dw_hh, 4), keep(db_ih, 5), keep(db_hh, 6), keep(dw_hr, 7),
+            keep(dh0, 8), keep(dc0, 9) if c0 is not None else None, None, None)
+
+
+_layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- validation
+
+def _check_layer_weights(mode: str, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+                         w_hr: Optional[Tensor], where: str) -> Tuple[int, int, int]:
+    """Checks one layer's weights against each other -> (input_size, hidden_size, P)."""
+    G = ref.gates_per_unit(mode)
+    _checks.tensor(w_ih, f"{where}w_ih", dtypes=RNN_DTYPES)
+    _checks.tensor(w_hh, f"{where}w_hh", dtypes=RNN_DTYPES)
+    if w_ih.dim() != 2 or w_hh.dim() != 2 or w_ih.shape[0] % G or w_hh.shape[0] != w_ih.shape[0]:
+        raise ValueError(f"{where}w_ih must be ({G} * hidden_size, input_size) and w_hh ({G} * hidden_size, P) with the "
+                         f"same first size; got w_ih {tuple(w_ih.shape)}, w_hh {tuple(w_hh.shape)}")
+    H = w_ih.shape[0] // G
+    P = w_hh.shape[1]
+    if w_hr is not None:
+        if mode != "lstm":
+            raise ValueError(f"{where}w_hr (the projection) exists for the LSTM only")
+        _checks.tensor(w_hr, f"{where}w_hr", dtypes=RNN_DTYPES, shape=(P, H))
+    elif P != H:
+        raise ValueError(f"{where}w_hh must be ({G} * hidden_size, hidden_size) = ({G * H}, {H}) without a projection; "
+                         f"got {tuple(w_hh.shape)}")
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError(f"{where}b_ih and b_hh must be both given or both None")
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            _checks.tensor(b, f"{where}{name}", dtypes=RNN_DTYPES, shape=(G * H,))
+    for name, t in (("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh), ("w_hr", w_hr)):
+        if t is not None:
+            _checks.same_device(f"{where}w_ih", w_ih, **{f"{where}{name}": t})
+            if t.dtype != w_ih.dtype:
+                raise TypeError(f"{where}{name} has dtype {t.dtype} but {where}w_ih has {w_ih.dtype}; expected one dtype")
+    return w_ih.shape[1], H, P
+
+
+def _check_batch_sizes(batch_sizes: Tensor, rows: int) -> Tensor:
+    _checks.tensor(batch_sizes, "batch_sizes", integer=True)
+    if batch_sizes.dim() != 1 or batch_sizes.device.type != "cpu":
+        raise ValueError(f"batch_sizes must be a 1-D CPU tensor (as in PackedSequence), got shape "
+                         f"{tuple(batch_sizes.shape)} on {batch_sizes.device}")
+    sizes = batch_sizes.to(torch.int64)
+    if sizes.numel():
+        if bool((sizes < 1).any()) or bool((sizes[1:] > sizes[:-1]).any()):
+            raise ValueError("batch_sizes must be positive and non-increasing (sequences sorted by length, as in "
+                             f"PackedSequence); got {sizes.tolist()}")
+    if int(sizes.sum()) != rows:
+        raise ValueError(f"batch_sizes sum to {int(sizes.sum())} but the input has {rows} rows")
+    return sizes.contiguous()
+
+
+def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _layer(mode: str, x: Tensor, batch_sizes: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+           b_hh: Optional[Tensor], w_hr: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
+           reverse: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One validated layer: runs the custom op (empty inputs answered here)."""
+    if x.shape[0] == 0 or h0.shape[0] == 0:  # no step to run: the states pass through
+        return x.new_zeros(x.shape[0], h0.shape[1]), h0.clone(), (None if c0 is None else c0.clone())
+    tensors = (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, h, c, *_ = torch.ops.fastnn.rnn_layer_forward(mode, x.contiguous(), batch_sizes, w_ih.contiguous(),
+                                                     w_hh.contiguous(), _contig(b_ih), _contig(b_hh), _contig(w_hr),
+                                                     h0.contiguous(), _contig(c0), reverse, train)
+    return y, h, (c if mode == "lstm" else None)
+
+
+# ---------------------------------------------------------------- public functions
+
+def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
+              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """One LSTM step, as torch.nn.LSTMCell computes it: ``(h', c')``.
+
+    input (B, I) or unbatched (I,); hx = (h, c), each (B, H) / (H,), or None for zeros; w_ih (4H, I),
+    w_hh (4H, H), optional biases (4H,). Differentiable in every tensor.
+    """
+    return _cell("lstm", input, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+def gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+             b_hh: Optional[Tensor] = None) -> Tensor:
+    """One GRU step, as torch.nn.GRUCell computes it: ``h'``.
+
+    input (B, I) or unbatched (I,); hx (B, H) / (H,) or None for zeros; w_ih (3H, I), w_hh (3H, H),
+    optional biases (3H,). Differentiable in every tensor.
+    """
+    return _cell("gru", input, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
+    I, H, _ = _check_layer_weights(mode, w_ih, w_hh, b_ih, b_hh, None, "")
+    _checks.tensor(input, "input", dtypes=RNN_DTYPES)
+    if input.dim() not in (1, 2) or input.shape[-1] != I:
+        raise ValueError(f"input must be (batch, input_size) or (input_size,) with input_size = {I} (w_ih's second "
+                         f"size); got {tuple(input.shape)}")
+    _checks.same_device("input", input, w_ih=w_ih)
+    batched = input.dim() == 2
+    x = input if batched else input.unsqueeze(0)
+    B = x.shape[0]
+    states = [] if hx is None else (list(hx) if mode == "lstm" else [hx])
+    if mode == "lstm" and hx is not None and len(states) != 2:
+        raise ValueError("hx must be a tuple (h, c) for the LSTM cell")
+    for name, s in zip(("hx[0]", "hx[1]") if mode == "lstm" else ("hx",), states):
+        _checks.tensor(s, name, dtypes=RNN_DTYPES)
+        _checks.same_device("input", input, **{name: s})
+        if tuple(s.shape) != ((B, H) if batched else (H,)):
+            raise ValueError(f"{name} must have shape {(B, H) if batched else (H,)} for input {tuple(input.shape)} and "
+                             f"hidden_size {H}; got {tuple(s.shape)}")
+    dtype = _compute_dtype(x, w_ih, cell=True)
+    x = x.to(dtype)
+    w_ih, w_hh, b_ih, b_hh = [None if w is None else w.to(dtype) for w in (w_ih, w_hh, b_ih, b_hh)]
+    if not states:
+        states = [x.new_zeros(B, H)] * (2 if mode == "lstm" else 1)
+    states = [(s if batched else s.unsqueeze(0)).to(dtype) for s in states]
+    with torch.autocast(x.device.type, enabled=False):
+        y, h, c = _layer(mode, x, torch.tensor([B], dtype=torch.int64), w_ih, w_hh, b_ih, b_hh, None, states[0],
+                         states[1] if mode == "lstm" else None, False)
+    if not batched:
+        h = h.squeeze(0)
+        c = None if c is None else c.squeeze(0)
+    return (h, c) if mode == "lstm" else h
+
+
+def _compute_dtype(x: Tensor, w: Tensor, cell: bool = False, mode: str = "lstm") -> torch.dtype:
+    """The dtype a layer runs in: autocast's, as torch applies it to its RNNs (CUDA: every RNN and cell; CPU:
+    the LSTM layer only), else the weights' (which the input must match)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and (dev == "cuda" or (not cell and mode == "lstm")):
+        return torch.get_autocast_dtype(dev)
+    if x.dtype != w.dtype:
+        raise TypeError(f"input has dtype {x.dtype} but the weights have {w.dtype}; expected the same dtype "
+                        "(or run under torch.autocast)")
+    return w.dtype
+
+
+def rnn(mode: str, input: Union[Tensor, PackedSequence], hx: Union[None, Tensor, Tuple[Tensor, Tensor]],
+        weights: Sequence[Sequence[Optional[Tensor]]], *, num_layers: int, bidirectional: bool = False,
+        batch_first: bool = False, dropout: float = 0.0, training: bool = False):
+    """A stacked (bi)directional LSTM or GRU, as torch.nn.LSTM / GRU compute it.
+
+    mode: "lstm" or "gru". input: (T, B, I) (or (B, T, I) with batch_first), unbatched (T, I), or a
+    PackedSequence (lengths in any order). hx: None (zeros), h0 (GRU) or (h0, c0) (LSTM), each
+    (num_layers * directions, B, P / H) or without the batch dimension for unbatched input.
+    weights: per layer and direction (layer-major, forward then reverse) (w_ih, w_hh, b_ih, b_hh, w_hr),
+    None for absent ones (w_hr: the LSTM's projection, proj_size > 0). dropout: probability of zeroing
+    each output of every layer but the last, in training only.
+    Returns (output, h_n) for the GRU and (output, (h_n, c_n)) for the LSTM; output is a PackedSequence
+    for a PackedSequence input, else (T, B, directions * P) (batch_first: (B, T, .)).
+    """
+    if mode not in ref.MODES:
+        raise ValueError(f"mode must be one of {ref.MODES}, got {mode!r}")
+    directions = 2 if bidirectional else 1
+    if len(weights) != num_layers * directions:
+        raise ValueError(f"weights must hold num_layers * directions = {num_layers * directions} layer tuples, "
+                         f"got {len(weights)}")
+    dropout = _checks.real_number(dropout, "dropout")
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+    sizes = []
+    for k, w in enumerate(weights):
+        where = f"weights[{k}]."
+        sizes.append(_check_layer_weights(mode, *w, where))
+        want_in = sizes[0][0] if k < directions else directions * sizes[0][2]
+        if sizes[-1][0] != want_in:
+            raise ValueError(f"{where}w_ih must have input size {want_in} for layer {k // directions}, got {sizes[-1][0]}")
+        if sizes[-1][1:] != sizes[0][1:]:
+            raise ValueError(f"{where} hidden / projection sizes {sizes[-1][1:]} differ from layer 0's {sizes[0][1:]}")
+    I, H, P = sizes[0]
+    w0 = weights[0][0]
+
+    packed = isinstance(input, PackedSequence)
+    if packed:
+        x, batch_sizes, sorted_indices, unsorted_indices = input
+        _checks.tensor(x, "input.data", dtypes=RNN_DTYPES)
+        if x.dim() != 2 or x.shape[1] != I:
+            raise ValueError(f"input.data must be (rows, input_size) with input_size = {I}; got {tuple(x.shape)}")
+        batch_sizes = _check_batch_sizes(batch_sizes, x.shape[0])
+        B = int(batch_sizes[0]) if batch_sizes.numel() else 0
+        batched = True
+    else:
+        _checks.tensor(input, "input", dtypes=RNN_DTYPES)
+        if input.dim() not in (2, 3) or input.shape[-1] != I:
+            raise ValueError(f"input must be (seq_len, batch, input_size) ({'batch first' if batch_first else 'time first'}) "
+                             f"or unbatched (seq_len, input_size) with input_size = {I}; got {tuple(input.shape)}")
+        batched = input.dim() == 3
+        xt = input if batched else input.unsqueeze(1)
+        if batched and batch_first:
+            xt = xt.transpose(0, 1)
+        T, B = xt.shape[0], xt.shape[1]
+        x = xt.reshape(T * B, I)
+        batch_sizes = torch.full((T,), B, dtype=torch.int64) if B > 0 else torch.zeros(0, dtype=torch.int64)
+        sorted_indices = unsorted_indices = None
+    _checks.same_device("weights[0].w_ih", w0, input=x)
+
+    h0, c0 = _initial_states(mode, hx, num_layers * directions, B, H, P, batched, x, sorted_indices)
+    dtype = _compute_dtype(x, w0, mode=mode)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    layer_in = x.to(dtype)
+    h0, c0 = cast(h0), cast(c0)
+    hs, cs = [], []
+    with torch.autocast(x.device.type, enabled=False):
+        for layer in range(num_layers):
+            outs = []
+            for d in range(directions):
+                k = layer * directions + d
+                w_ih, w_hh, b_ih, b_hh, w_hr = [cast(w) for w in weights[k]]
+                y, h, c = _layer(mode, layer_in, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0[k],
+                                 None if c0 is None else c0[k], d == 1)
+                outs.append(y)
+                hs.append(h)
+                cs.append(c)
+            layer_in = torch.cat(outs, dim=1) if directions == 2 else outs[0]
+            if dropout > 0 and training and layer < num_layers - 1:
+                layer_in = torch.nn.functional.dropout(layer_in, dropout, training=True)
+    h_n = torch.stack(hs)
+    c_n = torch.stack(cs) if mode == "lstm" else None
+    if unsorted_indices is not None:
+        h_n = h_n.index_select(1, unsorted_indices)
+        c_n = None if c_n is None else c_n.index_select(1, unsorted_indices)
+    if packed:
+        output = PackedSequence(layer_in, input.batch_sizes, sorted_indices, unsorted_indices)
+    else:
+        output = layer_in.reshape(T, B, -1)
+        if batched and batch_first:
+            output = output.transpose(0, 1)
+        if not batched:
+            output = output.squeeze(1)
+            h_n = h_n.squeeze(1)
+            c_n = None if c_n is None else c_n.squeeze(1)
+    return (output, (h_n, c_n)) if mode == "lstm" else (output, h_n)
+
+
+def _initial_states(mode, hx, num_states, B, H, P, batched, x, sorted_indices):
+    """(h0, c0) as (num_states, B, .) in the sorted order of a packed batch; zeros when hx is None."""
+    if hx is None:
+        h0 = x.new_zeros(num_states, B, P)
+        return h0, (x.new_zeros(num_states, B, H) if mode == "lstm" else None)
+    if mode == "lstm":
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise ValueError("hx must be a tuple (h_0, c_0) for the LSTM")
+        pairs = (("hx[0]", hx[0], P), ("hx[1]", hx[1], H))
+    else:
+        pairs = (("hx", hx, H),)
+    out = []
+    for name, s, width in pairs:
+        _checks.tensor(s, name, dtypes=RNN_DTYPES)
+        _checks.same_device("input", x, **{name: s})
+        want = (num_states, B, width) if batched else (num_states, width)
+        if tuple(s.shape) != want:
+            raise ValueError(f"{name} must have shape {want} (num_layers * directions, batch, "
+                             f"{'proj_size' if width == P and P != H else 'hidden_size'}); got {tuple(s.shape)}")
+        s = s if batched else s.unsqueeze(1)
+        if sorted_indices is not None:
+            s = s.index_select(1, sorted_indices)
+        out.append(s)
+    return out[0], (out[1] if mode == "lstm" else None)
+
+
+def lstm(input, hx, weights, **kwargs):
+    """``rnn("lstm", ...)``: a stacked LSTM as torch.nn.LSTM computes it -> (output, (h_n, c_n))."""
+    return rnn("lstm", input, hx, weights, **kwargs)
+
+
+def gru(input, hx, weights, **kwargs):
+    """``rnn("gru", ...)``: a stacked GRU as torch.nn.GRU computes it -> (output, h_n)."""
+    return rnn("gru", input, hx, weights, **kwargs)
