@@ -168,7 +168,8 @@ std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& 
   // b_hn sits inside r * (h W_hn^T + b_hn).
   Tensor gates = at::empty({L.rows, GH}, opt);
   if (bias) {
-    at::addmm_out(gates, L.lstm ? (*b_ih + *b_hh) : *b_ih, x, w_ih.t());
+    const Tensor bias_row = L.lstm ? (*b_ih + *b_hh) : *b_ih;
+    at::addmm_out(gates, bias_row.expand({L.rows, GH}), x, w_ih.t());  // 2-D: ATen's CPU addmm wants a matrix
   } else {
     at::mm_out(gates, x, w_ih.t());
   }

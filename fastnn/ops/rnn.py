@@ -282,9 +282,9 @@ def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
     dtype = _compute_dtype(x, w_ih, cell=True)
     x = x.to(dtype)
     w_ih, w_hh, b_ih, b_hh = [None if w is None else w.to(dtype) for w in (w_ih, w_hh, b_ih, b_hh)]
-    if not states:
-        states = [x.new_zeros(B, H)] * (2 if mode == "lstm" else 1)
     states = [(s if batched else s.unsqueeze(0)).to(dtype) for s in states]
+    if not states:
+        states = [x.new_zeros(B, H, dtype=dtype) for _ in range(2 if mode == "lstm" else 1)]
     with torch.autocast(x.device.type, enabled=False):
         y, h, c = _layer(mode, x, torch.tensor([B], dtype=torch.int64), w_ih, w_hh, b_ih, b_hh, None, states[0],
                          states[1] if mode == "lstm" else None, False)
@@ -393,7 +393,7 @@ def rnn(mode: str, input: Union[Tensor, PackedSequence], hx: Union[None, Tensor,
     if packed:
         output = PackedSequence(layer_in, input.batch_sizes, sorted_indices, unsorted_indices)
     else:
-        output = layer_in.reshape(T, B, -1)
+        output = layer_in.reshape(T, B, layer_in.shape[-1])
         if batched and batch_first:
             output = output.transpose(0, 1)
         if not batched:

@@ -1,0 +1,484 @@
+"""Recurrent layers: fastnn.nn.LSTM / GRU / LSTMCell / GRUCell against torch.nn on the same parameters and
+inputs, the layer kernels against fastnn.reference.rnn, packed sequences, low precision, autocast, opcheck,
+gradcheck, torch.compile and bad inputs."""
+import itertools
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastnn
+from fastnn.ops import rnn as rnn_ops
+from fastnn.reference import rnn as ref
+
+from _tiers import backends_under_test, check_compiles, expect_error, lowp_close, run_gradcheck, run_opcheck
+
+CPU_BACKENDS = backends_under_test("cpu", ["reference", "cpp"])
+TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "lstm_cell": torch.nn.LSTMCell, "gru_cell": torch.nn.GRUCell}
+OURS = {"lstm": fastnn.nn.LSTM, "gru": fastnn.nn.GRU, "lstm_cell": fastnn.nn.LSTMCell, "gru_cell": fastnn.nn.GRUCell}
+# fp64: rounding only; fp32: the issue's 1e-5 relative (to the largest magnitude of the compared tensor)
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def assert_rel_close(got, want, dtype, what):
+    scale = max(want.abs().max().item(), 1e-3)
+    err = (got.double() - want.double()).abs().max().item() / scale if want.numel() else 0.0
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]}"
+
+
+def pair(mode, dtype, **kw):
+    """(torch module, our module) with the same parameters."""
+    theirs = TORCH[mode](**kw).to(dtype)
+    ours = OURS[mode](**kw).to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def hidden_states(mode, out):
+    """The (h_n, c_n) / h_n part of an RNN's result as a list."""
+    return list(out) if mode == "lstm" else [out]
+
+
+def compare_modules(mode, theirs, ours, x, hx, dtype):
+    """Forward outputs and every gradient (parameters, input, initial states) equal torch's."""
+    def run(m):
+        xi = x.detach().clone().requires_grad_()
+        h = None if hx is None else [t.detach().clone().requires_grad_() for t in hidden_states(mode, hx)]
+        out, hn = m(xi, None if h is None else (tuple(h) if mode == "lstm" else h[0]))
+        outs = [out] + hidden_states(mode, hn)
+        gen = torch.Generator().manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs)
+        loss.backward()
+        grads = [xi.grad] + ([] if h is None else [t.grad for t in h]) + [p.grad for p in m.parameters()]
+        for p in m.parameters():
+            p.grad = None
+        return outs, grads
+
+    (want_outs, want_grads), (got_outs, got_grads) = run(theirs), run(ours)
+    for i, (g, w) in enumerate(zip(got_outs, want_outs)):
+        assert g.shape == w.shape and g.dtype == w.dtype, f"output {i}: {g.shape}/{g.dtype} vs {w.shape}/{w.dtype}"
+        assert_rel_close(g, w, dtype, f"output {i}")
+    names = ["input"] + ([] if hx is None else ["h0", "c0"][:len(hidden_states(mode, hx))]) + \
+        [n for n, _ in ours.named_parameters()]
+    for name, g, w in zip(names, got_grads, want_grads):
+        assert_rel_close(g, w, dtype, f"grad of {name}")
+
+
+# ---------------------------------------------------------------- tier 1: the reference against torch.nn
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_reference_matches_torch_packed(mode, bidirectional):
+    kw = dict(input_size=5, hidden_size=6, num_layers=2, bidirectional=bidirectional)
+    if mode == "lstm":
+        kw["proj_size"] = 4
+    m = TORCH[mode](**kw).double()
+    x = torch.randn(7, 4, 5, dtype=torch.float64)
+    packed = pack_padded_sequence(x, [7, 5, 5, 2])
+    D = 2 if bidirectional else 1
+    P = kw.get("proj_size", 6)
+    h0 = torch.randn(2 * D, 4, P, dtype=torch.float64)
+    c0 = torch.randn(2 * D, 4, 6, dtype=torch.float64)
+    y, hn = m(packed, (h0, c0) if mode == "lstm" else h0)
+    weights = [(getattr(m, f"weight_ih{s}"), getattr(m, f"weight_hh{s}"), getattr(m, f"bias_ih{s}"),
+                getattr(m, f"bias_hh{s}"), getattr(m, f"weight_hr{s}", None))
+               for s in (f"_l{layer}{r}" for layer in range(2) for r in (["", "_reverse"] if bidirectional else [""]))]
+    yr, hr, cr = ref.rnn(mode, packed.data, packed.batch_sizes.tolist(), weights, h0,
+                         c0 if mode == "lstm" else None, 2, bidirectional)
+    torch.testing.assert_close(yr, y.data, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hr, hn[0] if mode == "lstm" else hn, rtol=1e-12, atol=1e-12)
+    if mode == "lstm":
+        torch.testing.assert_close(cr, hn[1], rtol=1e-12, atol=1e-12)
+
+
+def test_reference_cells_match_torch():
+    x, h, c = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    lc = torch.nn.LSTMCell(5, 6).double()
+    torch.testing.assert_close(ref.lstm_cell(x, h, c, lc.weight_ih, lc.weight_hh, lc.bias_ih, lc.bias_hh), lc(x, (h, c)))
+    gc = torch.nn.GRUCell(5, 6).double()
+    torch.testing.assert_close(ref.gru_cell(x, h, gc.weight_ih, gc.weight_hh, gc.bias_ih, gc.bias_hh), gc(x, h))
+
+
+# ---------------------------------------------------------------- tier 2: the layer kernels against the reference
+
+def _layer_args(mode, dtype, proj, lengths, bias=True, I=5, H=20, B=4, requires_grad=False):
+    G = ref.gates_per_unit(mode)
+    P = proj or H
+    bs = [sum(1 for v in lengths if v > t) for t in range(max(lengths))]
+    t = lambda *s, scale=1.0: (torch.randn(*s, dtype=dtype) * scale).requires_grad_(requires_grad)  # noqa: E731
+    return dict(x=t(sum(bs), I), batch_sizes=torch.tensor(bs), w_ih=t(G * H, I, scale=0.3), w_hh=t(G * H, P, scale=0.3),
+                b_ih=t(G * H) if bias else None, b_hh=t(G * H) if bias else None,
+                w_hr=t(P, H, scale=0.3) if proj else None, h0=t(B, P), c0=t(B, H) if mode == "lstm" else None)
+
+
+LAYER_CASES = [(mode, proj, rev, lengths, bias)
+               for mode, proj in (("lstm", 0), ("lstm", 7), ("gru", 0))
+               for rev in (False, True)
+               for lengths in ([6, 6, 6, 6], [6, 4, 4, 1])
+               for bias in (True, False)]
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode,proj,reverse,lengths,bias", LAYER_CASES)
+def test_layer_kernel_matches_reference(backend, dtype, mode, proj, reverse, lengths, bias):
+    """One layer and direction (H = 20: vector lanes and a scalar tail) forward and backward vs the float64
+    reference under autograd, packed lengths included."""
+    a = _layer_args(mode, dtype, proj, lengths, bias)
+    leaves = {k: (v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) and k != "batch_sizes" else v)
+              for k, v in a.items()}
+    want = ref.rnn_layer(mode, leaves["x"], a["batch_sizes"].tolist(), leaves["w_ih"], leaves["w_hh"], leaves["b_ih"],
+                         leaves["b_hh"], leaves["w_hr"], leaves["h0"], leaves["c0"], reverse)
+    mine = {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) and k != "batch_sizes" else v)
+            for k, v in a.items()}
+    with fastnn.use_backend(backend):
+        got = rnn_ops._layer(mode, mine["x"], mine["batch_sizes"], mine["w_ih"], mine["w_hh"], mine["b_ih"],
+                             mine["b_hh"], mine["w_hr"], mine["h0"], mine["c0"], reverse)
+        outs_got = [t for t in got if t is not None]
+        outs_want = [t for t in want if t is not None]
+        cotangents = [torch.randn_like(t) for t in outs_got]
+        torch.autograd.backward(outs_got, cotangents)
+    torch.autograd.backward(outs_want, [c.double() for c in cotangents])
+    for i, (g, w) in enumerate(zip(outs_got, outs_want)):
+        assert_rel_close(g, w, dtype, f"output {i}")
+    for k in a:
+        if k != "batch_sizes" and a[k] is not None:
+            assert_rel_close(mine[k].grad, leaves[k].grad, dtype, f"grad of {k}")
+
+
+# ---------------------------------------------------------------- modules against torch.nn
+
+MODULE_CASES = [dict(num_layers=nl, bias=bias, batch_first=bf, bidirectional=bi, proj_size=proj)
+                for nl, bias, bf, bi, proj in itertools.product((1, 2), (True, False), (False, True), (False, True), (0, 3))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode,kw", [("lstm", kw) for kw in MODULE_CASES] +
+                         [("gru", {k: v for k, v in kw.items() if k != "proj_size"}) for kw in MODULE_CASES
+                          if not kw["proj_size"]],
+                         ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
+def test_module_matches_torch(mode, kw, dtype):
+    theirs, ours = pair(mode, dtype, input_size=5, hidden_size=17, **kw)
+    T, B = 6, 3
+    x = torch.randn(B, T, 5, dtype=dtype) if kw["batch_first"] else torch.randn(T, B, 5, dtype=dtype)
+    D = 2 if kw["bidirectional"] else 1
+    P = kw.get("proj_size") or 17
+    h0 = torch.randn(kw["num_layers"] * D, B, P, dtype=dtype)
+    c0 = torch.randn(kw["num_layers"] * D, B, 17, dtype=dtype)
+    for hx in (None, (h0, c0) if mode == "lstm" else h0):
+        compare_modules(mode, theirs, ours, x, hx, dtype)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_module_backends_agree(mode, backend):
+    theirs, ours = pair(mode, torch.float64, input_size=4, hidden_size=5, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    with fastnn.use_backend(backend):
+        compare_modules(mode, theirs, ours, x, None, torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_unsorted_matches_torch(mode, dtype, bidirectional):
+    kw = dict(input_size=5, hidden_size=19, num_layers=2, bidirectional=bidirectional)
+    if mode == "lstm":
+        kw["proj_size"] = 4
+    theirs, ours = pair(mode, dtype, **kw)
+    lengths = torch.tensor([3, 7, 1, 5, 7])
+    x = torch.randn(7, 5, 5, dtype=dtype)
+    D = 2 if bidirectional else 1
+    h0 = torch.randn(2 * D, 5, kw.get("proj_size", 19), dtype=dtype)
+    c0 = torch.randn(2 * D, 5, 19, dtype=dtype)
+    hx = (h0, c0) if mode == "lstm" else h0
+
+    def run(m):
+        xi = x.clone().requires_grad_()
+        out, hn = m(pack_padded_sequence(xi, lengths, enforce_sorted=False), hx)
+        padded, out_lengths = pad_packed_sequence(out)
+        outs = [padded] + hidden_states(mode, hn)
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=dtype).view_as(o)).sum() for o in outs).backward()
+        return out, outs, [xi.grad] + [p.grad for p in m.parameters()]
+
+    want_packed, want, want_g = run(theirs)
+    got_packed, got, got_g = run(ours)
+    assert isinstance(got_packed, torch.nn.utils.rnn.PackedSequence)
+    assert torch.equal(got_packed.batch_sizes, want_packed.batch_sizes)
+    assert torch.equal(got_packed.unsorted_indices, want_packed.unsorted_indices)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_rel_close(g, w, dtype, f"output {i}")
+    for i, (g, w) in enumerate(zip(got_g, want_g)):
+        assert_rel_close(g, w, dtype, f"grad {i}")
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_unbatched_input_matches_torch(mode):
+    theirs, ours = pair(mode, torch.float64, input_size=3, hidden_size=4, num_layers=2)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    h0 = torch.randn(2, 4, dtype=torch.float64)
+    hx = (h0, torch.randn(2, 4, dtype=torch.float64)) if mode == "lstm" else h0
+    compare_modules(mode, theirs, ours, x, hx, torch.float64)
+    compare_modules(mode, theirs, ours, x, None, torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["lstm_cell", "gru_cell"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+def test_cells_match_torch(mode, dtype, bias, batched):
+    theirs, ours = pair(mode, dtype, input_size=6, hidden_size=18, bias=bias)
+    x = torch.randn(*((4,) if batched else ()), 6, dtype=dtype)
+    shape = (4, 18) if batched else (18,)
+    for with_state in (False, True):
+        states = [torch.randn(*shape, dtype=dtype) for _ in range(2 if mode == "lstm_cell" else 1)]
+
+        def run(m):
+            xi = x.clone().requires_grad_()
+            st = [s.clone().requires_grad_() for s in states]
+            hx = (tuple(st) if mode == "lstm_cell" else st[0]) if with_state else None
+            out = m(xi, hx)
+            outs = list(out) if mode == "lstm_cell" else [out]
+            sum((o * (1 + torch.arange(o.numel(), dtype=dtype).view_as(o) / 7)).sum() for o in outs).backward()
+            grads = [xi.grad] + ([s.grad for s in st] if with_state else []) + [p.grad for p in m.parameters()]
+            for p in m.parameters():
+                p.grad = None
+            return outs, grads
+
+        (wo, wg), (go, gg) = run(theirs), run(ours)
+        for g, w in zip(go + gg, wo + wg):
+            assert g.shape == w.shape
+            assert_rel_close(g, w, dtype, mode)
+
+
+def test_state_dict_round_trip_and_repr():
+    theirs = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=3)
+    ours = fastnn.nn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=3)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    theirs2 = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=3)
+    theirs2.load_state_dict(ours.state_dict())
+    assert repr(ours) == repr(theirs)
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in theirs.named_parameters()]
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "lstm_cell", "gru_cell"])
+def test_same_initialisation_from_the_same_seed(mode):
+    kw = dict(input_size=5, hidden_size=7, bias=True)
+    if mode in ("lstm", "gru"):
+        kw.update(num_layers=2, bidirectional=True, dropout=0.25)
+    torch.manual_seed(11)
+    theirs = TORCH[mode](**kw)
+    torch.manual_seed(11)
+    ours = OURS[mode](**kw)
+    assert repr(ours) == repr(theirs)
+    for (n, a), (m, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert n == m and torch.equal(a, b)
+
+
+def test_constructor_arguments_checked_like_torch():
+    for kw, exc in ((dict(dropout=1.5), ValueError), (dict(proj_size=7), ValueError), (dict(hidden_size=0), ValueError),
+                    (dict(bias=1), TypeError), (dict(num_layers=0), ValueError)):
+        args = dict(input_size=5, hidden_size=7)
+        args.update(kw)
+        with pytest.raises(exc):
+            torch.nn.LSTM(**args)
+        with pytest.raises(exc):
+            fastnn.nn.LSTM(**args)
+    with pytest.raises(ValueError, match="proj_size"):
+        fastnn.nn.GRU(5, 7, proj_size=2)
+
+
+# ---------------------------------------------------------------- dropout
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_dropout_training_only(mode):
+    theirs, ours = pair(mode, torch.float64, input_size=4, hidden_size=6, num_layers=3, dropout=0.5)
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    ours.eval()
+    theirs.eval()
+    compare_modules(mode, theirs, ours, x, None, torch.float64)  # eval: no dropout, torch's numbers
+    ours.train()
+    torch.manual_seed(3)
+    a = ours(x)[0]
+    torch.manual_seed(3)
+    b = ours(x)[0]
+    torch.manual_seed(4)
+    c = ours(x)[0]
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert not torch.allclose(a, ours.eval()(x)[0])
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_dropout_one_zeroes_the_inputs_of_later_layers(mode):
+    """p = 1 zeroes every output of layers 0 and 1: the result is the reference with all-zero masks."""
+    m = OURS[mode](4, 6, num_layers=3, dropout=1.0).double().train()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    out, hn = m(x)
+    packed, sizes = ref.pad_to_packed(x)
+    weights = [(getattr(m, f"weight_ih_l{k}"), getattr(m, f"weight_hh_l{k}"), getattr(m, f"bias_ih_l{k}"),
+                getattr(m, f"bias_hh_l{k}"), None) for k in range(3)]
+    zeros = torch.zeros(2, 6, dtype=torch.float64)
+    y, h, c = ref.rnn(mode, packed, sizes, weights, torch.zeros(3, 2, 6, dtype=torch.float64),
+                      torch.zeros(3, 2, 6, dtype=torch.float64) if mode == "lstm" else None, 3, False,
+                      dropout_masks=[zeros.new_zeros(10, 6)] * 2)
+    torch.testing.assert_close(out.reshape(-1, 6), y)
+    del zeros, h, c, hn
+
+
+# ---------------------------------------------------------------- low precision and autocast
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_cpu(mode, dtype):
+    """fp16 / bf16 run in float32 and round their results: error vs float64 at most 2x torch's own in the low
+    precision (+ one rounding of the output)."""
+    m64 = TORCH[mode](8, 24, num_layers=2).double()
+    x = torch.randn(10, 3, 8, dtype=torch.float64)
+    want = m64(x)[0]
+    low = TORCH[mode](8, 24, num_layers=2).to(dtype)
+    low.load_state_dict(m64.state_dict())
+    theirs_low = low(x.to(dtype))[0]
+    ours = OURS[mode](8, 24, num_layers=2).to(dtype)
+    ours.load_state_dict(m64.state_dict())
+    got = ours(x.to(dtype))[0]
+    assert got.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    lowp_close(got, want, theirs_low, floor=eps)
+
+
+def test_autocast_cpu_follows_torch():
+    """CPU autocast lowers torch's LSTM layer to bf16 and leaves the GRU and the cells in float32: same here."""
+    x = torch.randn(4, 2, 5)
+    for mode in ("lstm", "gru"):
+        theirs, ours = pair(mode, torch.float32, input_size=5, hidden_size=6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = theirs(x)[0], ours(x)[0]
+        assert got.dtype == want.dtype, (mode, got.dtype, want.dtype)
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.02)
+    theirs, ours = pair("lstm_cell", torch.float32, input_size=5, hidden_size=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(x[0])[0].dtype == theirs(x[0])[0].dtype
+
+
+# ---------------------------------------------------------------- determinism, opcheck, gradcheck, compile
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_backward_is_deterministic(mode):
+    m = OURS[mode](16, 32, num_layers=2, bidirectional=True)
+    x = torch.randn(9, 5, 16)
+
+    def grads():
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        m(xi)[0].square().sum().backward()
+        return [xi.grad] + [p.grad.clone() for p in m.parameters()]
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+def _opcheck_cases(dtype):
+    cases = []
+    for mode, proj, reverse, lengths in (("lstm", 0, False, [3, 3]), ("lstm", 2, True, [3, 1]), ("gru", 0, True, [3, 2])):
+        a = _layer_args(mode, dtype, proj, lengths, I=3, H=4, B=2)
+        for train in (True, False):
+            cases.append((mode, a["x"], a["batch_sizes"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["w_hr"],
+                          a["h0"], a["c0"], reverse, train))
+    return cases
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend):
+    with fastnn.use_backend(backend):
+        run_opcheck(torch.ops.fastnn.rnn_layer_forward.default, _opcheck_cases(torch.float32))
+        mode, x, bs, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, _ = _opcheck_cases(torch.float32)[2]
+        y, h, c, gates, aux, r = torch.ops.fastnn.rnn_layer_forward(mode, x, bs, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0,
+                                                                    reverse, True)
+        run_opcheck(torch.ops.fastnn.rnn_layer_backward.default,
+                    [(mode, torch.randn_like(y), torch.randn_like(h), torch.randn_like(c), x, bs, w_ih, w_hh, b_ih, b_hh,
+                      w_hr, h0, c0, y, gates, aux, r, reverse, True, True)], skip_autograd=True)
+
+
+@pytest.mark.parametrize("mode,proj", [("lstm", 0), ("lstm", 2), ("gru", 0)])
+def test_gradcheck_float64(mode, proj):
+    a = _layer_args(mode, torch.float64, proj, [3, 2, 2], I=3, H=4, B=3, requires_grad=True)
+    names = [k for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0") if a[k] is not None]
+
+    def f(*xs):
+        kw = dict(a, **dict(zip(names, xs)))
+        out = rnn_ops._layer(mode, kw["x"], kw["batch_sizes"], kw["w_ih"], kw["w_hh"], kw["b_ih"], kw["b_hh"],
+                             kw["w_hr"], kw["h0"], kw["c0"], True)
+        return tuple(t for t in out if t is not None)
+
+    run_gradcheck(f, tuple(a[k] for k in names), CPU_BACKENDS)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_compile_fullgraph(mode):
+    m = OURS[mode](6, 8, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 5, 6)
+
+    def fwd(x):
+        out, hn = m(x)
+        return (out,) + tuple(hidden_states(mode, hn))
+
+    check_compiles(fwd, (x,), backend="aot_eager")
+
+    # training: the compiled forward's graph carries the custom op's autograd
+    torch._dynamo.reset()
+    compiled = torch.compile(fwd, fullgraph=True, backend="aot_eager")
+    grads = []
+    for f in (compiled, fwd):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        f(xi)[0].square().sum().backward()
+        grads.append([xi.grad] + [p.grad.clone() for p in m.parameters()])
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w)
+
+
+# ---------------------------------------------------------------- bad inputs and empty ones
+
+def test_bad_inputs_name_the_argument():
+    m = fastnn.nn.LSTM(5, 6, num_layers=2)
+    expect_error(m, (torch.randn(3, 2, 4),), ValueError, r"input.*input_size = 5.*\(3, 2, 4\)")
+    expect_error(m, (torch.randn(3, 2, 5), (torch.randn(2, 2, 6), torch.randn(1, 2, 6))), ValueError,
+                 r"hx\[1\] must have shape \(2, 2, 6\)")
+    expect_error(m, (torch.randn(3, 2, 5), torch.randn(2, 2, 6)), ValueError, r"hx must be a tuple")
+    expect_error(m, (torch.randn(3, 2, 5, dtype=torch.float64),), TypeError, r"input has dtype torch.float64")
+    expect_error(m, (torch.randn(3, 2, 2, 5),), ValueError, r"input must be")
+    g = fastnn.nn.GRU(5, 6)
+    expect_error(g, (torch.randn(3, 2, 5), torch.randn(1, 3, 6)), ValueError, r"hx must have shape \(1, 2, 6\)")
+    cell = fastnn.nn.LSTMCell(5, 6)
+    expect_error(cell, (torch.randn(2, 7),), ValueError, r"input must be .*input_size = 5.*\(2, 7\)")
+    expect_error(cell, (torch.randn(2, 5), (torch.randn(3, 6), torch.randn(2, 6))), ValueError, r"hx\[0\]")
+    a = _layer_args("lstm", torch.float32, 0, [2, 2], I=3, H=4, B=2)
+    expect_error(rnn_ops._check_batch_sizes, (torch.tensor([1, 2]), 3), ValueError, r"batch_sizes must be positive and non-increasing")
+    expect_error(rnn_ops._check_batch_sizes, (torch.tensor([2, 2]), 3), ValueError, r"batch_sizes sum to 4")
+    lstm1 = lambda *args, **kw: rnn_ops.lstm(*args, num_layers=1, **kw)  # noqa: E731
+    expect_error(lstm1, (torch.randn(2, 2, 3), None, [(a["w_ih"], a["w_hh"][:, :3], None, None, None)]),
+                 ValueError, r"w_hh must be")
+    expect_error(lstm1, (torch.randn(2, 2, 3), None, [(a["w_ih"], a["w_hh"], a["b_ih"], None, None)]),
+                 ValueError, r"b_ih and b_hh")
+    expect_error(lambda: rnn_ops.lstm(torch.randn(2, 2, 3), None, [(a["w_ih"], a["w_hh"], None, None, None)],
+                                      num_layers=1, dropout=1.5), (), ValueError, r"dropout must be in \[0, 1\]")
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_empty_batch(mode):
+    theirs, ours = pair(mode, torch.float32, input_size=3, hidden_size=4)
+    x = torch.randn(5, 0, 3)
+    got, want = ours(x), theirs(x)
+    assert got[0].shape == want[0].shape
+    for g, w in zip(hidden_states(mode, got[1]), hidden_states(mode, want[1])):
+        assert g.shape == w.shape
+
+
+def test_nonfinite_input_propagates():
+    m = fastnn.nn.GRU(3, 4)
+    x = torch.randn(4, 2, 3)
+    x[1, 0, 0] = float("nan")
+    out = m(x)[0]
+    assert torch.isnan(out[1:, 0]).all() and torch.isfinite(out[:, 1]).all() and torch.isfinite(out[0]).all()
