@@ -1,0 +1,128 @@
+"""LSTM and GRU layers against torch.nn.LSTM / GRU (oneDNN or ATen on the CPU, cuDNN on the GPU).
+
+  forward (under torch.no_grad, as inference runs it) and forward+backward (backward of a random
+  cotangent through output, with respect to the input and every parameter), one layer, time-major.
+  Floor: the GEMM flops, 2 * rows * G H * (I + H) for the forward (input projection + recurrence), 3x that
+  for forward+backward (the backward's dx / dh GEMMs and the weight-gradient GEMMs), against the
+  machine's matmul rate. G = 4 (LSTM), 3 (GRU).
+  packed: a PackedSequence with lengths spread evenly between T / 4 and T, against the same layer on a
+  padded batch holding as many tokens (the issue's "no slower than padded of the same total length"),
+  and against torch.nn on the same PackedSequence.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastnn
+
+from ..harness import Case
+
+TORCH = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU}
+OURS = {"LSTM": fastnn.nn.LSTM, "GRU": fastnn.nn.GRU}
+
+
+def _close(rtol):
+    def check(x, y):
+        x, y = x.float(), y.float()
+        return bool(((x - y).abs() <= rtol * (y.abs().max() + 1e-6)).all())
+    return check
+
+
+def _output(result):
+    out = result[0]
+    return out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+
+
+def _fwd(module, x):
+    def call():
+        with torch.no_grad():
+            return _output(module(x))
+    return call
+
+
+def _fwd_bwd(module, x, seed=1):
+    leaf = (x.data if isinstance(x, torch.nn.utils.rnn.PackedSequence) else x).detach().clone().requires_grad_()
+    xin = x._replace(data=leaf) if isinstance(x, torch.nn.utils.rnn.PackedSequence) else leaf
+    with torch.no_grad():
+        out = _output(module(xin))
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(out.shape, generator=g).to(out)
+
+    def call():
+        module.zero_grad(set_to_none=True)
+        leaf.grad = None
+        _output(module(xin)).backward(dout)
+        return leaf.grad
+    return call
+
+
+def _pair(kind, I, H, device, dtype):
+    torch.manual_seed(0)
+    theirs = TORCH[kind](I, H).to(device, dtype)
+    ours = OURS[kind](I, H).to(device, dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def _flops(kind, rows, I, H):
+    return 2 * rows * (4 if kind == "LSTM" else 3) * H * (I + H)
+
+
+def shapes(device: str, quick: bool):
+    """(kind, B, H, T, I): the issue's grid; on the 2-core CPU a subset that keeps the suite near a minute
+    (the full grid at B=256, H=1024, T=512 is ~2 TFLOP per forward: seconds per call there)."""
+    if device == "cpu":
+        base = [(k, 32, 512, 256, 512) for k in ("LSTM", "GRU")]  # the issue's CPU target (input 512)
+        if quick:
+            return base
+        return base + [(k, B, H, T, H) for k in ("LSTM", "GRU")
+                       for (B, H, T) in ((1, 256, 64), (16, 256, 64), (64, 256, 64), (256, 256, 64), (16, 1024, 64),
+                                         (64, 512, 64))]
+    grid = [(k, B, H, T, H) for k in ("LSTM", "GRU") for B in (1, 16, 64, 256) for H in (256, 512, 1024)
+            for T in (64, 512)]
+    return [g for g in grid if g[3] == 64] if quick else grid
+
+
+def cases(device: str, quick: bool):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dname = str(dtype).replace("torch.", "")
+    tol = _close(1e-3) if dtype == torch.float32 else _close(5e-2)
+    out = []
+    for kind, B, H, T, I in shapes(device, quick):
+        theirs, ours = _pair(kind, I, H, device, dtype)
+        x = torch.randn(T, B, I, device=device, dtype=dtype)
+        shape = f"B={B},H={H},T={T},I={I}"
+        flops = _flops(kind, T * B, I, H)
+        peer = f"torch.nn.{kind}" + (" (cuDNN)" if device == "cuda" else "")
+        out.append(Case("rnn", f"{kind} fwd", shape, dname, _fwd(ours, x), peer, _fwd(theirs, x),
+                        metric="TFLOP/s", work=flops, check=tol))
+        out.append(Case("rnn", f"{kind} fwd+bwd", shape, dname, _fwd_bwd(ours, x), peer, _fwd_bwd(theirs, x),
+                        metric="TFLOP/s", work=3 * flops, check=tol, peak_memory=True))
+    out += _packed_cases(device, dtype, quick)
+    return out
+
+
+def _packed_cases(device, dtype, quick):
+    """Packed vs padded of the same token count, and vs torch.nn on the same PackedSequence."""
+    dname = str(dtype).replace("torch.", "")
+    B, H, T, I = (32, 512, 256, 512) if device == "cpu" else (64, 1024, 512, 1024)
+    lengths = torch.linspace(T, T // 4, B).round().long()  # sorted, spread evenly
+    tokens = int(lengths.sum())
+    out = []
+    for kind in (("LSTM",) if quick else ("LSTM", "GRU")):
+        theirs, ours = _pair(kind, I, H, device, dtype)
+        x = torch.randn(T, B, I, device=device, dtype=dtype)
+        packed = pack_padded_sequence(x, lengths)
+        T_same = tokens // B  # a padded batch with (about) the same number of tokens
+        padded = torch.randn(T_same, B, I, device=device, dtype=dtype)
+        shape = f"B={B},H={H},T<={T},tokens={tokens}"
+        flops = _flops(kind, tokens, I, H)
+        out.append(Case("rnn", f"{kind} packed fwd+bwd", shape, dname, _fwd_bwd(ours, packed),
+                        f"ours padded T={T_same}", _fwd_bwd(ours, padded), metric="TFLOP/s", work=3 * flops))
+        out.append(Case("rnn", f"{kind} packed fwd+bwd", shape, dname, _fwd_bwd(ours, packed),
+                        f"torch.nn.{kind} packed", _fwd_bwd(theirs, packed), metric="TFLOP/s", work=3 * flops))
+        out.append(Case("rnn", f"{kind} packed fwd", shape, dname, _fwd(ours, packed),
+                        f"torch.nn.{kind} packed", _fwd(theirs, packed), metric="TFLOP/s", work=flops,
+                        check=_close(1e-3) if dtype == torch.float32 else _close(5e-2)))
+    return out
