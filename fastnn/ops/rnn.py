@@ -211,6 +211,8 @@ def _check_batch_sizes(batch_sizes: Tensor, rows: int) -> Tensor:
         raise ValueError(f"batch_sizes must be a 1-D CPU tensor (as in PackedSequence), got shape "
                          f"{tuple(batch_sizes.shape)} on {batch_sizes.device}")
     sizes = batch_sizes.to(torch.int64)
+    if torch.compiler.is_compiling():  # the value checks read data: not traceable (the kernel re-checks)
+        return sizes.contiguous()
     if sizes.numel():
         if bool((sizes < 1).any()) or bool((sizes[1:] > sizes[:-1]).any()):
             raise ValueError("batch_sizes must be positive and non-increasing (sequences sorted by length, as in "
