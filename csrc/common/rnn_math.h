@@ -24,16 +24,35 @@ struct ScalarMath {
   }
 };
 
-// LSTM step for one unit from the pre-activations (input part + recurrent part + biases):
-// activated gates i, f, g, o, the new cell c = f c_prev + i g, and r = o tanh(c) (h, or the input of the
-// projection when proj_size > 0).
+// The LSTM's gates and cell for one unit from the pre-activations: activated i, f, g, o and the new cell
+// c = f c_prev + i g. (The plain LSTM and the layer-normalised one differ only after this.)
 template <typename M, typename T>
-FASTNN_HD void lstm_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev, T& i, T& f, T& g, T& o, T& c, T& r) {
+FASTNN_HD void lstm_gates_and_cell(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev, T& i, T& f, T& g, T& o, T& c) {
   i = M::sigmoid(pre_i);
   f = M::sigmoid(pre_f);
   g = M::tanh(pre_g);
   o = M::sigmoid(pre_o);
   c = f * c_prev + i * g;
+}
+
+// Its backward from dc_total (every gradient reaching c): gradients of the pre-activations i, f, g and of
+// c_prev (the o gate's depends on what reads c, so the caller forms it).
+template <typename M, typename T>
+FASTNN_HD void lstm_cell_backward(T i, T f, T g, T c_prev, T dc_total, T& d_pre_i, T& d_pre_f, T& d_pre_g,
+                                  T& dc_prev) {
+  const T one = M::template one<T>();
+  d_pre_i = dc_total * g * (i * (one - i));
+  d_pre_f = dc_total * c_prev * (f * (one - f));
+  d_pre_g = dc_total * i * (one - g * g);
+  dc_prev = dc_total * f;
+}
+
+// LSTM step for one unit from the pre-activations (input part + recurrent part + biases):
+// activated gates i, f, g, o, the new cell c = f c_prev + i g, and r = o tanh(c) (h, or the input of the
+// projection when proj_size > 0).
+template <typename M, typename T>
+FASTNN_HD void lstm_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev, T& i, T& f, T& g, T& o, T& c, T& r) {
+  lstm_gates_and_cell<M>(pre_i, pre_f, pre_g, pre_o, c_prev, i, f, g, o, c);
   r = o * M::tanh(c);
 }
 
@@ -46,10 +65,7 @@ FASTNN_HD void lstm_backward(T i, T f, T g, T o, T c_prev, T c, T dr, T dc, T& d
   const T tc = M::tanh(c);
   const T dc_total = dc + dr * o * (one - tc * tc);
   d_pre_o = dr * tc * (o * (one - o));
-  d_pre_i = dc_total * g * (i * (one - i));
-  d_pre_f = dc_total * c_prev * (f * (one - f));
-  d_pre_g = dc_total * i * (one - g * g);
-  dc_prev = dc_total * f;
+  lstm_cell_backward<M>(i, f, g, c_prev, dc_total, d_pre_i, d_pre_f, d_pre_g, dc_prev);
 }
 
 // GRU step for one unit: x_* = input part (with b_ih), h_* = recurrent part (with b_hh) ->

@@ -8,17 +8,13 @@
 //
 // The backward walks the steps in reverse with one GEMM per step (gate gradients times W_hh) and the fused
 // gate backward; the weight gradients are one GEMM each over all steps at the end, never per step.
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <algorithm>
-#include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "common/alloc.h"
 #include "common/rnn_math.h"
-#include "cpu/vec_math.h"
+#include "cpu/rnn_steps.h"
 #include "families/rnn.h"
 
 namespace fastnn {
@@ -26,135 +22,24 @@ namespace cpu {
 namespace {
 
 using at::Tensor;
-
-struct VecMath {
-  static VF sigmoid(VF x) { return vsigmoid(x); }
-  static VF tanh(VF x) { return vtanh(x); }
-  template <typename V>
-  static V one() {
-    return splat<V>(1.0f);
-  }
-};
-
-// How a row's units are visited: 16 floats at a time, then scalars for the tail (doubles: scalars only).
-struct VecLanes {
-  using V = VF;
-  using M = VecMath;
-  static VF load(const float* p) {
-    VF v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  }
-  static void store(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
-};
-template <typename T>
-struct ScalarLanes {
-  using V = T;
-  using M = rnn::ScalarMath;
-  static T load(const T* p) { return *p; }
-  static void store(T* p, T v) { *p = v; }
-};
-
-template <typename T, typename F>
-inline void for_lanes(int64_t n, F&& body) {
-  int64_t j = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    for (; j + 16 <= n; j += 16) body(j, VecLanes{});
-  }
-  for (; j < n; ++j) body(j, ScalarLanes<T>{});
-}
-
-// f(b) for every row b < rows, in parallel chunks of at least ~8k elements (smaller ones cost more to
-// hand out than to compute).
-template <typename F>
-inline void parallel_rows(int64_t rows, int64_t width, F&& f) {
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(width, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) f(b);
-  });
-}
+using namespace rnn_steps;
 
 // Geometry of one layer and direction over a packed batch.
-struct Layer {
-  bool lstm, proj, reverse;
-  int64_t G, H, P, B, T, rows;
-  std::vector<int64_t> bs, off;  // rows and first row of each step
+struct Layer : PackedSteps {
+  bool lstm, proj;
+  int64_t G, H, P;
 
   Layer(const std::string& mode, const Tensor& x, const Tensor& batch_sizes, const Tensor& w_hh,
         const c10::optional<Tensor>& w_hr, const Tensor& h0, bool reverse_)
-      : lstm(mode == "lstm"), proj(w_hr.has_value()), reverse(reverse_) {
+      : PackedSteps("rnn_layer", batch_sizes, x.size(0), h0.size(0), reverse_),
+        lstm(mode == "lstm"),
+        proj(w_hr.has_value()) {
     TORCH_CHECK(mode == "lstm" || mode == "gru", "rnn_layer: mode must be 'lstm' or 'gru', got ", mode);
-    TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1,
-                "rnn_layer: batch_sizes must be a 1-D int64 CPU tensor");
     G = lstm ? 4 : 3;
     H = w_hh.size(0) / G;
     P = w_hh.size(1);
-    B = h0.size(0);
-    T = batch_sizes.size(0);
-    rows = x.size(0);
-    const int64_t* p = batch_sizes.data_ptr<int64_t>();
-    int64_t acc = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      TORCH_CHECK(p[t] >= 1 && p[t] <= B && (t == 0 || p[t] <= p[t - 1]),
-                  "rnn_layer: batch_sizes must be non-increasing, within [1, B]");
-      bs.push_back(p[t]);
-      off.push_back(acc);
-      acc += p[t];
-    }
-    TORCH_CHECK(acc == rows, "rnn_layer: batch_sizes sum to ", acc, " but x has ", rows, " rows");
-  }
-  // the k-th step in the forward walk
-  int64_t step(int64_t k) const { return reverse ? T - 1 - k : k; }
-  // the step walked just before t (whose h and c are t's h_prev, c_prev), or -1
-  int64_t prev_step(int64_t t) const {
-    const int64_t p = reverse ? t + 1 : t - 1;
-    return (p < 0 || p >= T) ? -1 : p;
-  }
-  // how many of step t's rows continue from prev_step(t); the others start from h0 / c0
-  int64_t rows_with_prev(int64_t t) const {
-    const int64_t p = prev_step(t);
-    return p < 0 ? 0 : std::min(bs[t], bs[p]);
   }
 };
-
-// a @ w^T for one weight w (N, K) over many steps. When torch has MKL's packed GEMM, w is packed once for
-// `m` rows and steps with m rows run on it: at B=32, H=512 that is 365 us a step against 446 us for
-// at::mm, which packs w again on every call (measured here). Other row counts (the tail steps of a packed
-// batch; MKL's packed GEMM is ~7x slower there) and float64 use at::mm on a contiguous w^T.
-class StepGemm {
- public:
-  StepGemm(const Tensor& w, int64_t m) : w_(w), m_(m) {
-    if (w.scalar_type() == at::kFloat && m > 0) {
-      static const auto reorder = c10::Dispatcher::singleton().findSchema({"mkl::_mkl_reorder_linear_weight", ""});
-      static const auto linear = c10::Dispatcher::singleton().findSchema({"mkl::_mkl_linear", ""});
-      if (reorder && linear) {
-        linear_ = *linear;
-        packed_ = reorder->typed<Tensor(const Tensor&, int64_t)>().call(w, m);
-      }
-    }
-    w_t_ = w.t().contiguous();  // (K, N): at::mm's faster layout for w^T (151 vs 87 GFLOP/s at the size above)
-  }
-  // a (rows, K) -> a @ w^T (rows, N), written to `out` (rows, N) or returned as a new tensor
-  Tensor run(const Tensor& a, Tensor& out) const {
-    if (packed_.defined() && a.size(0) == m_) {
-      return linear_->typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const c10::optional<Tensor>&,
-                                   int64_t)>()
-          .call(a, packed_, w_, c10::nullopt, m_);
-    }
-    at::mm_out(out, a, w_t_);
-    return out;
-  }
-
- private:
-  Tensor w_, w_t_, packed_;
-  int64_t m_;
-  c10::optional<c10::OperatorHandle> linear_;
-};
-
-template <typename T>
-T* ptr(const Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
-}
 
 template <typename T>
 std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
@@ -364,14 +249,7 @@ std::vector<Tensor> backward_impl(const Layer& L, const Tensor& dy, const Tensor
   Tensor dw_ih = none(), dw_hh = none(), db_ih = none(), db_hh = none(), dw_hr = none();
   if (want_dweights) {
     dw_ih = at::mm(dgx.t(), x);
-    // h_prev of every row, gathered once, so dW_hh is one GEMM
-    Tensor h_prev = at::empty({L.rows, P}, opt);
-    for (int64_t t = 0; t < L.T; ++t) {
-      const int64_t bs = L.bs[t], off = L.off[t], n_prev = L.rows_with_prev(t);
-      if (n_prev > 0) h_prev.narrow(0, off, n_prev).copy_(y.narrow(0, L.off[L.prev_step(t)], n_prev));
-      if (bs > n_prev) h_prev.narrow(0, off + n_prev, bs - n_prev).copy_(h0.narrow(0, n_prev, bs - n_prev));
-    }
-    dw_hh = at::mm(dgh.t(), h_prev);
+    dw_hh = at::mm(dgh.t(), L.gather_h_prev(y, h0));
     if (bias) {
       db_ih = dgx.sum(0);
       db_hh = L.lstm ? db_ih.clone() : dgh.sum(0);

@@ -23,6 +23,31 @@ from torch.nn import Parameter
 from ..ops import rnn as rnn_ops
 
 
+def check_rnn_arguments(input_size: int, hidden_size: int, num_layers: int, bias: bool, batch_first: bool,
+                        dropout: float, proj_size: int = 0, stacklevel: int = 4) -> None:
+    """torch.nn.RNNBase's checks of its constructor arguments, with its messages and exception types.
+    stacklevel: the warning's, pointing at the user's constructor call."""
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1:
+        raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
+                         f"element being zeroed; got {dropout!r}")
+    if dropout > 0 and num_layers == 1:
+        warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                      f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                      stacklevel=stacklevel)
+    for name, value, kind in (("bias", bias, bool), ("batch_first", batch_first, bool),
+                              ("input_size", input_size, int), ("hidden_size", hidden_size, int),
+                              ("num_layers", num_layers, int), ("proj_size", proj_size, int)):
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TypeError(f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        if value <= 0:
+            raise ValueError(f"{name} must be greater than zero, got {value}")
+    if proj_size < 0:
+        raise ValueError(f"proj_size should be a positive integer or zero to disable projections, got {proj_size}")
+    if proj_size >= hidden_size:
+        raise ValueError(f"proj_size has to be smaller than hidden_size, got {proj_size} >= {hidden_size}")
+
+
 class _RNNBase(torch.nn.Module):
     """Parameters and arguments of torch.nn.RNNBase for the LSTM (4 gates) and GRU (3 gates)."""
 
@@ -32,25 +57,7 @@ class _RNNBase(torch.nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None) -> None:
         super().__init__()
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1:
-            raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
-                             f"element being zeroed; got {dropout!r}")
-        if dropout > 0 and num_layers == 1:
-            warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
-                          f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
-                          stacklevel=3)
-        for name, value, kind in (("bias", bias, bool), ("batch_first", batch_first, bool),
-                                  ("input_size", input_size, int), ("hidden_size", hidden_size, int),
-                                  ("num_layers", num_layers, int), ("proj_size", proj_size, int)):
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise TypeError(f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if value <= 0:
-                raise ValueError(f"{name} must be greater than zero, got {value}")
-        if proj_size < 0:
-            raise ValueError(f"proj_size should be a positive integer or zero to disable projections, got {proj_size}")
-        if proj_size >= hidden_size:
-            raise ValueError(f"proj_size has to be smaller than hidden_size, got {proj_size} >= {hidden_size}")
+        check_rnn_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
         self.mode = mode
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)

@@ -12,7 +12,7 @@ Packed batches (PackedSequence) run as they are: step t computes only its batch_
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -325,110 +325,162 @@ def rnn(mode: str, input: Union[Tensor, PackedSequence], hx: Union[None, Tensor,
     if mode not in ref.MODES:
         raise ValueError(f"mode must be one of {ref.MODES}, got {mode!r}")
     directions = 2 if bidirectional else 1
+    I, H, P = check_stacked_weights(weights, num_layers, directions,
+                                    lambda w, where: _check_layer_weights(mode, *w, where))
+    dropout = check_dropout(dropout)
+    w0 = weights[0][0]
+
+    seq = pack_input(input, I, batch_first)
+    _checks.same_device("weights[0].w_ih", w0, input=seq.x)
+    h0, c0 = initial_states(hx, num_layers * directions, seq, H, P, with_cell=mode == "lstm")
+    dtype = _compute_dtype(seq.x, w0, mode=mode)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    h0, c0 = cast(h0), cast(c0)
+
+    def run_layer(k, layer_in, reverse):
+        w_ih, w_hh, b_ih, b_hh, w_hr = [cast(w) for w in weights[k]]
+        return _layer(mode, layer_in, seq.batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0[k],
+                      None if c0 is None else c0[k], reverse)
+
+    with torch.autocast(seq.x.device.type, enabled=False):
+        y, h_n, c_n = run_stacked(seq.x.to(dtype), num_layers, directions, run_layer, dropout, training)
+    output, h_n, c_n = unpack_output(seq, y, h_n, c_n)
+    return (output, (h_n, c_n)) if mode == "lstm" else (output, h_n)
+
+
+# ---------------------------------------------------------------- stacking and layout (shared with rnn_ln)
+
+def check_stacked_weights(weights: Sequence, num_layers: int, directions: int,
+                          check_layer: Callable) -> Tuple[int, int, int]:
+    """Checks one weight tuple per layer and direction, each with check_layer(w, where) -> (input_size,
+    hidden_size, P), and that the layers chain (layer l > 0 reads directions * P features) -> layer 0's sizes."""
     if len(weights) != num_layers * directions:
         raise ValueError(f"weights must hold num_layers * directions = {num_layers * directions} layer tuples, "
                          f"got {len(weights)}")
-    dropout = _checks.real_number(dropout, "dropout")
-    if not 0.0 <= dropout <= 1.0:
-        raise ValueError(f"dropout must be in [0, 1], got {dropout}")
     sizes = []
     for k, w in enumerate(weights):
         where = f"weights[{k}]."
-        sizes.append(_check_layer_weights(mode, *w, where))
+        sizes.append(check_layer(w, where))
         want_in = sizes[0][0] if k < directions else directions * sizes[0][2]
         if sizes[-1][0] != want_in:
             raise ValueError(f"{where}w_ih must have input size {want_in} for layer {k // directions}, got {sizes[-1][0]}")
         if sizes[-1][1:] != sizes[0][1:]:
             raise ValueError(f"{where} hidden / projection sizes {sizes[-1][1:]} differ from layer 0's {sizes[0][1:]}")
-    I, H, P = sizes[0]
-    w0 = weights[0][0]
+    return sizes[0]
 
-    packed = isinstance(input, PackedSequence)
-    if packed:
-        x, batch_sizes, sorted_indices, unsorted_indices = input
+
+def check_dropout(dropout) -> float:
+    dropout = _checks.real_number(dropout, "dropout")
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+    return dropout
+
+
+class PackedInput(NamedTuple):
+    """A recurrent layer's input as a time-major packed batch, and what it takes to give the output the
+    input's form back (see pack_input / unpack_output)."""
+    x: Tensor                       # (rows, input_size)
+    batch_sizes: Tensor             # (T,) int64 on the CPU: the rows of each step
+    batch: int                      # B
+    steps: int                      # T of a padded input
+    batched: bool                   # False for an unbatched (T, I) input
+    batch_first: bool
+    packed: Optional[PackedSequence]  # the PackedSequence given, or None for a padded input
+
+
+def pack_input(input: Union[Tensor, PackedSequence], input_size: int, batch_first: bool) -> PackedInput:
+    """Validates a padded ((T, B, I), batch_first (B, T, I), unbatched (T, I)) or PackedSequence input and
+    lays it out as a packed batch (a padded one is the case batch_sizes = [B] * T)."""
+    I = input_size
+    if isinstance(input, PackedSequence):
+        x = input.data
         _checks.tensor(x, "input.data", dtypes=RNN_DTYPES)
         if x.dim() != 2 or x.shape[1] != I:
             raise ValueError(f"input.data must be (rows, input_size) with input_size = {I}; got {tuple(x.shape)}")
-        batch_sizes = _check_batch_sizes(batch_sizes, x.shape[0])
+        batch_sizes = _check_batch_sizes(input.batch_sizes, x.shape[0])
         B = int(batch_sizes[0]) if batch_sizes.numel() else 0
-        batched = True
-    else:
-        _checks.tensor(input, "input", dtypes=RNN_DTYPES)
-        if input.dim() not in (2, 3) or input.shape[-1] != I:
-            raise ValueError(f"input must be (seq_len, batch, input_size) ({'batch first' if batch_first else 'time first'}) "
-                             f"or unbatched (seq_len, input_size) with input_size = {I}; got {tuple(input.shape)}")
-        batched = input.dim() == 3
-        xt = input if batched else input.unsqueeze(1)
-        if batched and batch_first:
-            xt = xt.transpose(0, 1)
-        T, B = xt.shape[0], xt.shape[1]
-        x = xt.reshape(T * B, I)
-        batch_sizes = torch.full((T,), B, dtype=torch.int64) if B > 0 else torch.zeros(0, dtype=torch.int64)
-        sorted_indices = unsorted_indices = None
-    _checks.same_device("weights[0].w_ih", w0, input=x)
-
-    h0, c0 = _initial_states(mode, hx, num_layers * directions, B, H, P, batched, x, sorted_indices)
-    dtype = _compute_dtype(x, w0, mode=mode)
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    layer_in = x.to(dtype)
-    h0, c0 = cast(h0), cast(c0)
-    hs, cs = [], []
-    with torch.autocast(x.device.type, enabled=False):
-        for layer in range(num_layers):
-            outs = []
-            for d in range(directions):
-                k = layer * directions + d
-                w_ih, w_hh, b_ih, b_hh, w_hr = [cast(w) for w in weights[k]]
-                y, h, c = _layer(mode, layer_in, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0[k],
-                                 None if c0 is None else c0[k], d == 1)
-                outs.append(y)
-                hs.append(h)
-                cs.append(c)
-            layer_in = torch.cat(outs, dim=1) if directions == 2 else outs[0]
-            if dropout > 0 and training and layer < num_layers - 1:
-                layer_in = torch.nn.functional.dropout(layer_in, dropout, training=True)
-    h_n = torch.stack(hs)
-    c_n = torch.stack(cs) if mode == "lstm" else None
-    if unsorted_indices is not None:
-        h_n = h_n.index_select(1, unsorted_indices)
-        c_n = None if c_n is None else c_n.index_select(1, unsorted_indices)
-    if packed:
-        output = PackedSequence(layer_in, input.batch_sizes, sorted_indices, unsorted_indices)
-    else:
-        output = layer_in.reshape(T, B, layer_in.shape[-1])
-        if batched and batch_first:
-            output = output.transpose(0, 1)
-        if not batched:
-            output = output.squeeze(1)
-            h_n = h_n.squeeze(1)
-            c_n = None if c_n is None else c_n.squeeze(1)
-    return (output, (h_n, c_n)) if mode == "lstm" else (output, h_n)
+        return PackedInput(x, batch_sizes, B, batch_sizes.numel(), True, False, input)
+    _checks.tensor(input, "input", dtypes=RNN_DTYPES)
+    if input.dim() not in (2, 3) or input.shape[-1] != I:
+        raise ValueError(f"input must be (seq_len, batch, input_size) ({'batch first' if batch_first else 'time first'}) "
+                         f"or unbatched (seq_len, input_size) with input_size = {I}; got {tuple(input.shape)}")
+    batched = input.dim() == 3
+    xt = input if batched else input.unsqueeze(1)
+    if batched and batch_first:
+        xt = xt.transpose(0, 1)
+    T, B = xt.shape[0], xt.shape[1]
+    batch_sizes = torch.full((T,), B, dtype=torch.int64) if B > 0 else torch.zeros(0, dtype=torch.int64)
+    return PackedInput(xt.reshape(T * B, I), batch_sizes, B, T, batched, batch_first, None)
 
 
-def _initial_states(mode, hx, num_states, B, H, P, batched, x, sorted_indices):
-    """(h0, c0) as (num_states, B, .) in the sorted order of a packed batch; zeros when hx is None."""
+def initial_states(hx, num_states: int, seq: PackedInput, H: int, P: int,
+                   with_cell: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """(h0, c0) as (num_states, B, P / H) in the sorted order of a packed batch; zeros when hx is None. hx is
+    (h_0, c_0) with_cell (the LSTMs), else h_0; each (num_states, B, .), or (num_states, .) unbatched."""
+    x = seq.x
     if hx is None:
-        h0 = x.new_zeros(num_states, B, P)
-        return h0, (x.new_zeros(num_states, B, H) if mode == "lstm" else None)
-    if mode == "lstm":
+        h0 = x.new_zeros(num_states, seq.batch, P)
+        return h0, (x.new_zeros(num_states, seq.batch, H) if with_cell else None)
+    if with_cell:
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             raise ValueError("hx must be a tuple (h_0, c_0) for the LSTM")
         pairs = (("hx[0]", hx[0], P), ("hx[1]", hx[1], H))
     else:
         pairs = (("hx", hx, H),)
+    sorted_indices = None if seq.packed is None else seq.packed.sorted_indices
     out = []
     for name, s, width in pairs:
         _checks.tensor(s, name, dtypes=RNN_DTYPES)
         _checks.same_device("input", x, **{name: s})
-        want = (num_states, B, width) if batched else (num_states, width)
+        want = (num_states, seq.batch, width) if seq.batched else (num_states, width)
         if tuple(s.shape) != want:
             raise ValueError(f"{name} must have shape {want} (num_layers * directions, batch, "
                              f"{'proj_size' if width == P and P != H else 'hidden_size'}); got {tuple(s.shape)}")
-        s = s if batched else s.unsqueeze(1)
+        s = s if seq.batched else s.unsqueeze(1)
         if sorted_indices is not None:
             s = s.index_select(1, sorted_indices)
         out.append(s)
-    return out[0], (out[1] if mode == "lstm" else None)
+    return out[0], (out[1] if with_cell else None)
+
+
+def run_stacked(x: Tensor, num_layers: int, directions: int, run_layer: Callable, dropout: float,
+                training: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Stacks layers and directions: run_layer(k, layer_in, reverse) -> (y, h_n, c_n or None) runs layer and
+    direction k (layer-major, forward then reverse); the directions' outputs are concatenated, and dropout
+    applies to every layer's output but the last's, in training. -> (y, h_n stacked, c_n stacked or None)."""
+    hs, cs = [], []
+    layer_in = x
+    for layer in range(num_layers):
+        outs = []
+        for d in range(directions):
+            y, h, c = run_layer(layer * directions + d, layer_in, d == 1)
+            outs.append(y)
+            hs.append(h)
+            cs.append(c)
+        layer_in = torch.cat(outs, dim=1) if directions == 2 else outs[0]
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_in = torch.nn.functional.dropout(layer_in, dropout, training=True)
+    return layer_in, torch.stack(hs), (None if cs[0] is None else torch.stack(cs))
+
+
+def unpack_output(seq: PackedInput, y: Tensor, h_n: Tensor,
+                  c_n: Optional[Tensor]) -> Tuple[Union[Tensor, PackedSequence], Tensor, Optional[Tensor]]:
+    """The packed output y (rows, F) and final states in the form of the input: a PackedSequence (states in
+    the caller's batch order), or padded / batch_first / unbatched."""
+    if seq.packed is not None:
+        if seq.packed.unsorted_indices is not None:
+            h_n = h_n.index_select(1, seq.packed.unsorted_indices)
+            c_n = None if c_n is None else c_n.index_select(1, seq.packed.unsorted_indices)
+        p = seq.packed
+        return PackedSequence(y, p.batch_sizes, p.sorted_indices, p.unsorted_indices), h_n, c_n
+    output = y.reshape(seq.steps, seq.batch, y.shape[-1])
+    if seq.batched and seq.batch_first:
+        output = output.transpose(0, 1)
+    if not seq.batched:
+        output = output.squeeze(1)
+        h_n = h_n.squeeze(1)
+        c_n = None if c_n is None else c_n.squeeze(1)
+    return output, h_n, c_n
 
 
 def lstm(input, hx, weights, **kwargs):
