@@ -5,6 +5,7 @@
 #include "families/attention.h"
 #include "families/boxes.h"
 #include "families/rnn.h"
+#include "families/rnn_ln.h"
 #include "families/ssm.h"
 #include "families/ssm_conv.h"
 #include "generated/build_config.h"
@@ -24,4 +25,5 @@ PYBIND11_MODULE(_C, m) {
   fastnn::register_ssm(m);
   fastnn::register_ssm_conv(m);
   fastnn::register_rnn(m);
+  fastnn::register_rnn_ln(m);
 }

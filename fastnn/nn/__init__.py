@@ -2,5 +2,6 @@
 from .attention import MultiheadAttention
 from .mamba import InferenceParams, Mamba
 from .rnn import GRU, LSTM, GRUCell, LSTMCell
+from .rnn_ln import LayerNormLSTM
 
-__all__ = ["MultiheadAttention", "Mamba", "InferenceParams", "LSTM", "GRU", "LSTMCell", "GRUCell"]
+__all__ = ["MultiheadAttention", "Mamba", "InferenceParams", "LSTM", "GRU", "LSTMCell", "GRUCell", "LayerNormLSTM"]

@@ -5,6 +5,11 @@ Gate order and formulas are torch.nn's:
         c' = sigmoid(f) c + sigmoid(i) tanh(g);  r = sigmoid(o) tanh(c');  h' = r W_hr^T (proj_size) or r
   GRU   r, z, n: r = sigmoid(x_r + h_r), z = sigmoid(x_z + h_z), n = tanh(x_n + r (h W_hn^T + b_hn)),
         h' = (1 - z) n + z h
+  LayerNormLSTM (haste's, beyond torch.nn; same gate order, eps 1e-5 in every layer norm)
+        gates = LN_ih(x W_ih^T) + LN_hh(h W_hh^T) + b  (each LN over the 4H pre-activations, own gain / bias)
+        c' = sigmoid(f) c + sigmoid(i) tanh(g);  h_new = sigmoid(o) tanh(LN_cell(c'))  (LN over H)
+        zoneout z on h only: training h' = m h + (1 - m) h_new, m ~ Bernoulli(z) per unit and step;
+        evaluation h' = z h + (1 - z) h_new. Details and choices: layer_norm_lstm_layer.
 A layer runs over a time-major *packed* batch, the layout of torch.nn.utils.rnn.PackedSequence.data: the
 rows of step t are the first batch_sizes[t] sequences (batch_sizes non-increasing), stored one step after
 the other. A padded (T, B, I) input is the case batch_sizes = [B] * T. The forward direction stops each
@@ -14,7 +19,7 @@ Everything here is differentiable by autograd and runs in float64.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -138,3 +143,119 @@ def packed_to_pad(y: Tensor, batch_sizes: Sequence[int], total_length: int, batc
     for t, bs in enumerate(batch_sizes):
         out[t, :bs] = y[offsets[t]:offsets[t + 1]]
     return out
+
+
+# ---------------------------------------------------------------- layer-normalised LSTM with zoneout
+
+LAYER_NORM_EPS = 1e-5
+
+
+class LayerNormLSTMWeights(NamedTuple):
+    """One layer and direction of a LayerNormLSTM: w_ih (4H, I), w_hh (4H, H), bias (4H,) or None, and the
+    gain / bias of each layer norm: ln_ih_* and ln_hh_* (4H,), ln_cell_* (H,)."""
+    w_ih: Tensor
+    w_hh: Tensor
+    bias: Optional[Tensor]
+    ln_ih_weight: Tensor
+    ln_ih_bias: Tensor
+    ln_hh_weight: Tensor
+    ln_hh_bias: Tensor
+    ln_cell_weight: Tensor
+    ln_cell_bias: Tensor
+
+
+def layer_norm(v: Tensor, weight: Tensor, bias: Tensor, eps: float = LAYER_NORM_EPS) -> Tensor:
+    """Layer norm over the last dimension, written out: (v - mean) / sqrt(biased variance + eps) * weight +
+    bias (torch.nn.functional.layer_norm's definition; the tests check the two agree)."""
+    mean = v.mean(-1, keepdim=True)
+    var = (v - mean).square().mean(-1, keepdim=True)
+    return (v - mean) * torch.rsqrt(var + eps) * weight + bias
+
+
+def zoneout(h_prev: Tensor, h_new: Tensor, keep: Union[float, Tensor]) -> Tensor:
+    """keep * h_prev + (1 - keep) * h_new: keep is a 0 / 1 mask in training (1 = the unit keeps its previous
+    value), the zoneout probability z in evaluation (the expectation of the training update)."""
+    return keep * h_prev + (1 - keep) * h_new
+
+
+def layer_norm_lstm_cell(x: Tensor, h: Tensor, c: Tensor, weights: LayerNormLSTMWeights,
+                         keep: Union[None, float, Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """One step of the layer-normalised LSTM: (h', c') from x (B, I), h (B, H), c (B, H).
+
+    gates = LN_ih(x W_ih^T) + LN_hh(h W_hh^T) + bias, split into i, f, g, o (torch's order);
+    c' = sigmoid(f) c + sigmoid(i) tanh(g);  h_new = sigmoid(o) tanh(LN_cell(c'));
+    h' = zoneout(h, h_new, keep) when keep is given (see zoneout), else h_new. c' is never zoned out.
+    """
+    w = weights
+    gates = (layer_norm(x @ w.w_ih.t(), w.ln_ih_weight, w.ln_ih_bias)
+             + layer_norm(h @ w.w_hh.t(), w.ln_hh_weight, w.ln_hh_bias))
+    if w.bias is not None:
+        gates = gates + w.bias
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(layer_norm(c_new, w.ln_cell_weight, w.ln_cell_bias))
+    if keep is not None:
+        h_new = zoneout(h, h_new, keep)
+    return h_new, c_new
+
+
+def layer_norm_lstm_layer(x: Tensor, batch_sizes: Sequence[int], weights: LayerNormLSTMWeights, h0: Tensor,
+                          c0: Tensor, zoneout_keep: Union[None, float, Tensor] = None,
+                          reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """One layer, one direction of the layer-normalised LSTM over a packed batch: (y (rows, H), h_n (B, H),
+    c_n (B, H)), in the packed layout of rnn_layer.
+
+    The LayerNormLSTM (haste's, with torch's gate order i, f, g, o; eps = 1e-5 in every layer norm):
+      gates = LN_ih(x W_ih^T) + LN_hh(h W_hh^T) + bias     LN_ih / LN_hh over the 4H pre-activations, each
+                                                           with its own gain and bias
+      c' = sigmoid(f) c + sigmoid(i) tanh(g)
+      h_new = sigmoid(o) tanh(LN_cell(c'))                 LN_cell over the H units, with gain and bias
+      h' = m h + (1 - m) h_new                             zoneout, training: m ~ Bernoulli(z) per unit and step
+      h' = z h + (1 - z) h_new                             zoneout, evaluation (the expected update)
+    Choices: the cell state c is not zoned out (as in haste's LSTM); y is the zoned-out h' (the state the
+    next step reads) rather than h_new; a sequence's finished steps carry h and c unchanged, as in rnn_layer.
+    zoneout_keep: None (no zoneout), a float z (evaluation), or a (rows, H) tensor of per-step masks m in the
+    packed layout of x (training; drawn by the caller so tests can choose them).
+    """
+    offsets = step_offsets(batch_sizes)
+    steps = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
+    h, c = h0, c0
+    ys: List[Optional[Tensor]] = [None] * len(batch_sizes)
+    for t in steps:
+        bs = int(batch_sizes[t])
+        rows = slice(offsets[t], offsets[t + 1])
+        keep = zoneout_keep[rows] if isinstance(zoneout_keep, Tensor) else zoneout_keep
+        h_new, c_new = layer_norm_lstm_cell(x[rows], h[:bs], c[:bs], weights, keep)
+        h = torch.cat([h_new, h[bs:]])
+        c = torch.cat([c_new, c[bs:]])
+        ys[t] = h_new
+    y = torch.cat(ys) if ys else x.new_empty(0, h0.shape[-1])
+    return y, h, c
+
+
+def layer_norm_lstm(x: Tensor, batch_sizes: Sequence[int], weights: Sequence[LayerNormLSTMWeights], h0: Tensor,
+                    c0: Tensor, num_layers: int, bidirectional: bool,
+                    dropout_masks: Optional[Sequence[Tensor]] = None,
+                    zoneout_keep: Union[None, float, Sequence[Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """A stacked (bi)directional LayerNormLSTM over a packed batch (see layer_norm_lstm_layer).
+
+    weights: per layer and direction (layer-major, forward then reverse); h0, c0 (num_layers * directions,
+    B, H); dropout_masks as in rnn; zoneout_keep: None, a float z (evaluation) or one (rows, H) mask per layer
+    and direction (training). Returns (y (rows, directions * H), h_n, c_n).
+    """
+    directions = 2 if bidirectional else 1
+    hs, cs = [], []
+    layer_in = x
+    for layer in range(num_layers):
+        outs = []
+        for d in range(directions):
+            k = layer * directions + d
+            keep = zoneout_keep if zoneout_keep is None or isinstance(zoneout_keep, float) else zoneout_keep[k]
+            y, h, c = layer_norm_lstm_layer(layer_in, batch_sizes, weights[k], h0[k], c0[k], keep, reverse=d == 1)
+            outs.append(y)
+            hs.append(h)
+            cs.append(c)
+        layer_in = torch.cat(outs, dim=-1) if directions == 2 else outs[0]
+        if dropout_masks is not None and layer < num_layers - 1:
+            layer_in = layer_in * dropout_masks[layer]
+    return layer_in, torch.stack(hs), torch.stack(cs)

@@ -1,0 +1,302 @@
+"""Layer-normalised LSTM with zoneout (haste's LayerNormLSTM, torch's gate order), beyond torch.nn.
+
+Custom ops (``torch.ops.fastnn.*``): layer_norm_lstm_layer_forward (one layer, one direction, a whole
+time-major packed batch) and layer_norm_lstm_layer_backward (its backward through time). Contract:
+csrc/families/rnn_ln.h; semantics: fastnn/reference/rnn.py (layer_norm_lstm_layer).
+Kernels:
+  CPU   C++ (csrc/cpu/rnn_ln_cpu.cpp): the input projection and its layer norm for all steps up front, per
+        step one GEMM with W_hh and a fused pass per row (layer norms, gates, cell, zoneout); weight
+        gradients as one GEMM each after the recurrence. fp16 / bf16 run in float32 and are rounded back.
+  CUDA  none yet: CUDA tensors run the reference (logged once).
+Zoneout masks are drawn here with torch's RNG (Bernoulli(z) per unit, step, layer and direction) and given
+to the kernel, so a seed reproduces them and tests can pass their own.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from .._backend import _C, pick
+from ..reference import rnn as ref
+from . import _checks
+from .rnn import (RNN_DTYPES, _compute_dtype, _contig, _lift, check_dropout, check_stacked_weights,
+                  initial_states, pack_input, run_stacked, unpack_output, workspace_dtype)
+
+_PREFERENCE = {"cpu": ("cpp",)}
+_WEIGHT_NAMES = ref.LayerNormLSTMWeights._fields  # w_ih, w_hh, bias, ln_ih_weight, ..., ln_cell_bias
+_STATS = 6  # mean and rstd of x W_ih^T, h W_hh^T and c' per row (csrc/families/rnn_ln.h)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _workspace_shapes(rows: int, H: int) -> Tuple[Tuple[int, ...], ...]:
+    """gates, x_proj, h_proj (rows, 4H); cells (rows, H); stats (rows, 6)."""
+    return (rows, 4 * H), (rows, 4 * H), (rows, 4 * H), (rows, H), (rows, _STATS)
+
+
+def _zoneout_keep(zoneout_mask: Optional[Tensor], zoneout: float) -> Union[None, float, Tensor]:
+    """The reference's zoneout argument: the mask (training), the constant z (evaluation), or None."""
+    if zoneout_mask is not None:
+        return zoneout_mask
+    return zoneout if zoneout != 0 else None
+
+
+# ---------------------------------------------------------------- kernel entry points per backend
+
+def _forward_reference(x, batch_sizes, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
+                       ln_cell_weight, ln_cell_bias, h0, c0, zoneout_mask, zoneout, reverse, train):
+    """The reference keeps no workspace: its backward recomputes the layer under torch.func.vjp."""
+    weights = ref.LayerNormLSTMWeights(w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
+                                       ln_cell_weight, ln_cell_bias)
+    with torch.no_grad():
+        y, h, c = ref.layer_norm_lstm_layer(x, batch_sizes.tolist(), weights, h0, c0,
+                                            _zoneout_keep(zoneout_mask, zoneout), reverse)
+    return [y, h.clone(), c.clone()] + [x.new_empty(0, dtype=workspace_dtype(x.dtype)) for _ in range(5)]
+
+
+def _backward_reference(dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight,
+                        ln_hh_bias, ln_cell_weight, ln_cell_bias, h0, c0, zoneout_mask, zoneout, y, gates, x_proj,
+                        h_proj, cells, stats, reverse, want_dx, want_dweights):
+    names = ("x",) + _WEIGHT_NAMES + ("h0", "c0")
+    given = dict(zip(names, (x, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight,
+                             ln_cell_bias, h0, c0)))
+    keys = [k for k in names if given[k] is not None]
+    sizes = batch_sizes.tolist()
+    keep = _zoneout_keep(zoneout_mask, zoneout)
+
+    def layer(*xs):
+        a = dict(zip(keys, xs))
+        weights = ref.LayerNormLSTMWeights(*(a.get(k) for k in _WEIGHT_NAMES))
+        return ref.layer_norm_lstm_layer(a["x"], sizes, weights, a["h0"], a["c0"], keep, reverse)
+
+    _, vjp = torch.func.vjp(layer, *[given[k] for k in keys])
+    grads = dict(zip(keys, vjp((dy, dh_n, dc_n))))
+    return [grads.get(k) for k in names]
+
+
+def _forward_cpp(x, *args):
+    """fp16 / bf16 run in float32: y, h_n, c_n are rounded back, the workspace stays float32."""
+    y, h, c, *workspace = _C.layer_norm_lstm_forward_cpu(*_lift([x, *args]))
+    return [t.to(x.dtype) for t in (y, h, c)] + workspace
+
+
+def _backward_cpp(dy, *args):
+    return [g.to(dy.dtype) for g in _C.layer_norm_lstm_backward_cpu(*_lift([dy, *args]))]
+
+
+_FORWARD_IMPLS = {"reference": _forward_reference, "cpp": _forward_cpp}
+_BACKWARD_IMPLS = {"reference": _backward_reference, "cpp": _backward_cpp}
+
+
+def _pick(op: str, x: Tensor, impls: dict):
+    return pick(op, x.device, impls, _PREFERENCE.get(x.device.type, ()))
+
+
+def _keeps_workspace(x: Tensor) -> bool:
+    """Whether the forward that runs for x keeps a workspace (every backend but the reference)."""
+    return _pick("layer_norm_lstm_layer", x, _FORWARD_IMPLS) is not _forward_reference
+
+
+# ---------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("fastnn::layer_norm_lstm_layer_forward", mutates_args=())
+def _layer_forward_op(x: Tensor, batch_sizes: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor],
+                      ln_ih_weight: Tensor, ln_ih_bias: Tensor, ln_hh_weight: Tensor, ln_hh_bias: Tensor,
+                      ln_cell_weight: Tensor, ln_cell_bias: Tensor, h0: Tensor, c0: Tensor,
+                      zoneout_mask: Optional[Tensor], zoneout: float, reverse: bool,
+                      train: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y (rows, H), h_n, c_n (B, H), and the backward's workspace gates, x_proj, h_proj, cells, stats)."""
+    impl = _pick("layer_norm_lstm_layer", x, _FORWARD_IMPLS)
+    return tuple(impl(x, batch_sizes, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
+                      ln_cell_weight, ln_cell_bias, h0, c0, zoneout_mask, zoneout, reverse, train))
+
+
+@_layer_forward_op.register_fake
+def _layer_forward_fake(x, batch_sizes, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
+                        ln_cell_weight, ln_cell_bias, h0, c0, zoneout_mask, zoneout, reverse, train):
+    # the workspace's shapes follow the backend (the reference keeps none), as its pick does in the real op
+    shapes = _workspace_shapes(x.shape[0], h0.shape[1]) if train and _keeps_workspace(x) else ((0,),) * 5
+    ws_dtype = workspace_dtype(x.dtype)
+    return (x.new_empty(x.shape[0], h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0),
+            *(x.new_empty(s, dtype=ws_dtype) for s in shapes))
+
+
+@torch.library.custom_op("fastnn::layer_norm_lstm_layer_backward", mutates_args=())
+def _layer_backward_op(dy: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, batch_sizes: Tensor, w_ih: Tensor,
+                       w_hh: Tensor, bias: Optional[Tensor], ln_ih_weight: Tensor, ln_ih_bias: Tensor,
+                       ln_hh_weight: Tensor, ln_hh_bias: Tensor, ln_cell_weight: Tensor, ln_cell_bias: Tensor,
+                       h0: Tensor, c0: Tensor, zoneout_mask: Optional[Tensor], zoneout: float, y: Tensor,
+                       gates: Tensor, x_proj: Tensor, h_proj: Tensor, cells: Tensor, stats: Tensor, reverse: bool,
+                       want_dx: bool, want_dweights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw_ih, dw_hh, dbias, d_ln_ih_weight, d_ln_ih_bias, d_ln_hh_weight, d_ln_hh_bias, d_ln_cell_weight,
+    d_ln_cell_bias, dh0, dc0); an empty tensor where not wanted or absent."""
+    # The backward of the forward that made the workspace: an empty one comes from the reference's forward
+    # (run under use_backend("reference")), whose backward recomputes instead of reading it.
+    impl = _backward_reference if gates.numel() == 0 else _pick("layer_norm_lstm_layer_backward", x, _BACKWARD_IMPLS)
+    got = impl(dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
+               ln_cell_weight, ln_cell_bias, h0, c0, zoneout_mask, zoneout, y, gates, x_proj, h_proj, cells, stats,
+               reverse, want_dx, want_dweights)
+    wanted = (want_dx,) + (want_dweights,) * len(_WEIGHT_NAMES) + (True, True)
+    # the reference differentiates everything; drop what was not asked for so both backends agree
+    return tuple(g if (g is not None and on and g.numel()) else _empty(x) for g, on in zip(got, wanted))
+
+
+@_layer_backward_op.register_fake
+def _layer_backward_fake(dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight,
+                         ln_hh_bias, ln_cell_weight, ln_cell_bias, h0, c0, zoneout_mask, zoneout, y, gates, x_proj,
+                         h_proj, cells, stats, reverse, want_dx, want_dweights):
+    like = lambda t, on: torch.empty_like(t) if (t is not None and on) else _empty(x)  # noqa: E731
+    weights = (w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias)
+    return (like(x, want_dx), *(like(w, want_dweights) for w in weights), torch.empty_like(h0), torch.empty_like(c0))
+
+
+_FORWARD_ARGS = ("x", "batch_sizes") + _WEIGHT_NAMES + ("h0", "c0", "zoneout_mask", "zoneout", "reverse", "train")
+_DIFFERENTIABLE = ("x",) + _WEIGHT_NAMES + ("h0", "c0")  # in the order of the backward op's results
+
+
+def _setup_context(ctx, inputs, output):
+    a = dict(zip(_FORWARD_ARGS, inputs))
+    ctx.save_for_backward(*(a[k] for k in ("x", "batch_sizes") + _WEIGHT_NAMES + ("h0", "c0", "zoneout_mask")),
+                          *output[:1], *output[3:])
+    ctx.zoneout, ctx.reverse = a["zoneout"], a["reverse"]
+
+
+def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
+    saved = ctx.saved_tensors
+    x, batch_sizes = saved[:2]
+    weights = saved[2:11]
+    h0, c0, zoneout_mask, y = saved[11:15]
+    workspace = saved[15:]
+    need = dict(zip(_FORWARD_ARGS, ctx.needs_input_grad))
+    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
+    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
+    dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
+    want_dweights = any(need[k] for k in _WEIGHT_NAMES)
+    grads = torch.ops.fastnn.layer_norm_lstm_layer_backward(dy, dh_n, dc_n, x, batch_sizes, *weights, h0, c0,
+                                                            zoneout_mask, ctx.zoneout, y, *workspace, ctx.reverse,
+                                                            need["x"], want_dweights)
+    by_name = dict(zip(_DIFFERENTIABLE, grads))
+    return tuple(by_name[k] if k in by_name and need[k] else None for k in _FORWARD_ARGS)
+
+
+_layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- validation
+
+def _check_layer_weights(w: Sequence[Optional[Tensor]], where: str) -> Tuple[int, int, int]:
+    """Checks one layer's weights (a LayerNormLSTMWeights or a 9-tuple in its order) -> (input_size, H, H)."""
+    if len(w) != len(_WEIGHT_NAMES):
+        raise ValueError(f"{where[:-1]} must hold the {len(_WEIGHT_NAMES)} tensors {', '.join(_WEIGHT_NAMES)}; "
+                         f"got {len(w)}")
+    w = ref.LayerNormLSTMWeights(*w)
+    _checks.tensor(w.w_ih, f"{where}w_ih", dtypes=RNN_DTYPES)
+    _checks.tensor(w.w_hh, f"{where}w_hh", dtypes=RNN_DTYPES)
+    if w.w_ih.dim() != 2 or w.w_ih.shape[0] % 4 or w.w_ih.shape[0] == 0:
+        raise ValueError(f"{where}w_ih must be (4 * hidden_size, input_size); got {tuple(w.w_ih.shape)}")
+    H = w.w_ih.shape[0] // 4
+    _checks.tensor(w.w_hh, f"{where}w_hh", shape=(4 * H, H))
+    for name in _WEIGHT_NAMES[2:]:
+        t = getattr(w, name)
+        if t is None and name == "bias":
+            continue
+        if t is None:
+            raise ValueError(f"{where}{name} must be a tensor (only bias may be None)")
+        _checks.tensor(t, f"{where}{name}", dtypes=RNN_DTYPES, shape=(H,) if name.startswith("ln_cell") else (4 * H,))
+    for name in _WEIGHT_NAMES[1:]:
+        t = getattr(w, name)
+        if t is not None:
+            _checks.same_device(f"{where}w_ih", w.w_ih, **{f"{where}{name}": t})
+            if t.dtype != w.w_ih.dtype:
+                raise TypeError(f"{where}{name} has dtype {t.dtype} but {where}w_ih has {w.w_ih.dtype}; "
+                                "expected one dtype")
+    return w.w_ih.shape[1], H, H
+
+
+def _check_zoneout(zoneout) -> float:
+    zoneout = _checks.real_number(zoneout, "zoneout")
+    if not 0.0 <= zoneout < 1.0:
+        raise ValueError(f"zoneout must be in [0, 1), got {zoneout}")
+    return zoneout
+
+
+def _layer(x: Tensor, batch_sizes: Tensor, weights: ref.LayerNormLSTMWeights, h0: Tensor, c0: Tensor,
+           zoneout_mask: Optional[Tensor], zoneout: float, reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """One validated layer and direction: runs the custom op (empty inputs answered here). zoneout_mask
+    (rows, H) in training, else the constant zoneout (0: none)."""
+    if x.shape[0] == 0 or h0.shape[0] == 0:  # no step to run: the states pass through
+        return x.new_zeros(x.shape[0], h0.shape[1]), h0.clone(), c0.clone()
+    tensors = (x, *weights, h0, c0)
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, h, c, *_ = torch.ops.fastnn.layer_norm_lstm_layer_forward(
+        x.contiguous(), batch_sizes, *(_contig(w) for w in weights), h0.contiguous(), c0.contiguous(),
+        _contig(zoneout_mask), float(zoneout), reverse, train)
+    return y, h, c
+
+
+# ---------------------------------------------------------------- public function
+
+def layer_norm_lstm(input: Union[Tensor, PackedSequence], hx: Optional[Tuple[Tensor, Tensor]],
+                    weights: Sequence[Sequence[Optional[Tensor]]], *, num_layers: int, bidirectional: bool = False,
+                    batch_first: bool = False, dropout: float = 0.0, zoneout: float = 0.0, training: bool = False,
+                    zoneout_masks: Optional[Sequence[Tensor]] = None):
+    """A stacked (bi)directional layer-normalised LSTM with zoneout -> ``(output, (h_n, c_n))``.
+
+    The math (haste's LayerNormLSTM in torch's gate order): fastnn.reference.rnn.layer_norm_lstm_layer.
+      input     (T, B, I) ((B, T, I) with batch_first), unbatched (T, I), or a PackedSequence (lengths in any
+                order): as fastnn.nn.LSTM takes it
+      hx        None (zeros) or (h0, c0), each (num_layers * directions, B, H), or (num_layers * directions, H)
+                for an unbatched input
+      weights   per layer and direction (layer-major, forward then reverse) a LayerNormLSTMWeights, or the
+                tuple (w_ih, w_hh, bias or None, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
+                ln_cell_weight, ln_cell_bias)
+      dropout   probability of zeroing each output of every layer but the last, in training
+      zoneout   z in [0, 1) on h (c is not zoned out). Training: each unit keeps its previous h with
+                probability z, drawn per unit, step, layer and direction from torch's RNG. Evaluation:
+                h' = z h + (1 - z) h_new.
+      zoneout_masks  in training, replaces those draws: one (rows, H) tensor of 0 / 1 per layer and direction,
+                rows in the time-major packed layout of the input (row t * B + b of a padded batch, the data
+                order of a PackedSequence)
+    output: a PackedSequence for a PackedSequence input, else (T, B, directions * H) ((B, T, .) batch_first).
+    """
+    directions = 2 if bidirectional else 1
+    I, H, _ = check_stacked_weights(weights, num_layers, directions, _check_layer_weights)
+    dropout = check_dropout(dropout)
+    zoneout = _check_zoneout(zoneout)
+    w0 = weights[0][0]
+
+    seq = pack_input(input, I, batch_first)
+    _checks.same_device("weights[0].w_ih", w0, input=seq.x)
+    h0, c0 = initial_states(hx, num_layers * directions, seq, H, H, with_cell=True)
+    dtype = _compute_dtype(seq.x, w0, mode="lstm")  # autocast as torch applies it to its LSTM
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    h0, c0 = cast(h0), cast(c0)
+    rows = seq.x.shape[0]
+    if zoneout_masks is not None:
+        if len(zoneout_masks) != num_layers * directions:
+            raise ValueError(f"zoneout_masks must hold num_layers * directions = {num_layers * directions} masks, "
+                             f"got {len(zoneout_masks)}")
+        for k, m in enumerate(zoneout_masks):
+            _checks.tensor(m, f"zoneout_masks[{k}]", dtypes=RNN_DTYPES, shape=(rows, H))
+            _checks.same_device("input", seq.x, **{f"zoneout_masks[{k}]": m})
+
+    def run_layer(k, layer_in, reverse):
+        mask = None
+        if training and zoneout_masks is not None:
+            mask = zoneout_masks[k]
+        elif training and zoneout > 0:
+            mask = torch.empty(rows, H, device=seq.x.device, dtype=dtype).bernoulli_(zoneout)
+        weights_k = ref.LayerNormLSTMWeights(*(cast(w) for w in weights[k]))
+        return _layer(layer_in, seq.batch_sizes, weights_k, h0[k], c0[k], cast(mask),
+                      0.0 if training else zoneout, reverse)
+
+    with torch.autocast(seq.x.device.type, enabled=False):
+        y, h_n, c_n = run_stacked(seq.x.to(dtype), num_layers, directions, run_layer, dropout, training)
+    output, h_n, c_n = unpack_output(seq, y, h_n, c_n)
+    return output, (h_n, c_n)
