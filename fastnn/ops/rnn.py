@@ -93,6 +93,11 @@ if _triton_rnn is not None:
     _BACKWARD_IMPLS["triton"] = _triton_rnn.rnn_layer_backward
 
 
+def _keeps_workspace(x: Tensor) -> bool:
+    """Whether the forward that runs for x keeps a workspace (every backend but the reference)."""
+    return _pick("rnn_layer", x, _FORWARD_IMPLS) is not _forward_reference
+
+
 def _pick(op: str, x: Tensor, impls: dict):
     if x.dtype == torch.float64 and x.device.type == "cuda":
         impls = {k: v for k, v in impls.items() if k != "triton"}  # the Triton cells are fp16/bf16/fp32
@@ -115,7 +120,8 @@ def _layer_forward_fake(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, 
     G = ref.gates_per_unit(mode)
     H = w_hh.shape[0] // G
     rows = x.shape[0]
-    ws = lambda *shape: x.new_empty(*(shape if train else (0,)), dtype=workspace_dtype(x.dtype))  # noqa: E731
+    keeps = train and _keeps_workspace(x)  # the reference keeps none, as the real op's pick decides
+    ws = lambda *shape: x.new_empty(*(shape if keeps else (0,)), dtype=workspace_dtype(x.dtype))  # noqa: E731
     return (x.new_empty(rows, h0.shape[1]), torch.empty_like(h0), _empty(x) if c0 is None else torch.empty_like(c0),
             ws(rows, G * H), ws(rows, H), ws(rows, H) if w_hr is not None else ws(0))
 
@@ -127,9 +133,16 @@ def _layer_backward_op(mode: str, dy: Tensor, dh_n: Tensor, dc_n: Optional[Tenso
                        r: Tensor, reverse: bool, want_dx: bool,
                        want_dweights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0); an empty tensor where not wanted or absent."""
-    impl = _pick("rnn_layer_backward", x, _BACKWARD_IMPLS)
-    got = impl(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r, reverse,
-               want_dx, want_dweights)
+    # The backward of the forward that made the workspace: an empty one comes from the reference's forward,
+    # whose backward recomputes the layer instead of reading it.
+    impl = _backward_reference if gates.numel() == 0 else _pick("rnn_layer_backward", x, _BACKWARD_IMPLS)
+    got = list(impl(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
+                    reverse, want_dx, want_dweights))
+    # the reference differentiates everything: drop what was not asked for, as the kernels do
+    if not want_dx:
+        got[0] = None
+    if not want_dweights:
+        got[1:6] = [None] * 5
     return tuple(_empty(x) if g is None else g for g in got)
 
 
