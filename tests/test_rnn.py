@@ -14,6 +14,7 @@ from fastnn.reference import rnn as ref
 from _tiers import backends_under_test, check_compiles, expect_error, lowp_close, run_gradcheck, run_opcheck
 
 CPU_BACKENDS = backends_under_test("cpu", ["reference", "cpp"])
+TRITON = backends_under_test("cpu", ["triton"])  # the interpreter (fp16 / fp32; kernel tests: test_rnn_triton.py)
 TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "lstm_cell": torch.nn.LSTMCell, "gru_cell": torch.nn.GRUCell}
 OURS = {"lstm": fastnn.nn.LSTM, "gru": fastnn.nn.GRU, "lstm_cell": fastnn.nn.LSTMCell, "gru_cell": fastnn.nn.GRUCell}
 # fp64: rounding only; fp32: the issue's 1e-5 relative (to the largest magnitude of the compared tensor)
@@ -389,7 +390,23 @@ def _opcheck_cases(dtype):
     return cases
 
 
-@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("backend", TRITON)
+def test_module_on_triton_matches_torch(mode, backend):
+    """The whole module through the custom op with the Triton cells (interpreter): fp32, packed included."""
+    kw = dict(input_size=4, hidden_size=5, num_layers=2, bidirectional=True)
+    if mode == "lstm":
+        kw["proj_size"] = 3
+    theirs, ours = pair(mode, torch.float32, **kw)
+    x = torch.randn(4, 2, 4)
+    with fastnn.use_backend(backend):
+        compare_modules(mode, theirs, ours, x, None, torch.float32)
+        packed = pack_padded_sequence(torch.randn(4, 3, 4), torch.tensor([2, 4, 1]), enforce_sorted=False)
+        got, want = ours(packed), theirs(packed)
+    assert_rel_close(got[0].data, want[0].data, torch.float32, "packed output")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS + TRITON)
 def test_opcheck(backend):
     with fastnn.use_backend(backend):
         run_opcheck(torch.ops.fastnn.rnn_layer_forward.default, _opcheck_cases(torch.float32))

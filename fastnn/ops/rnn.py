@@ -88,14 +88,25 @@ def workspace_dtype(dtype: torch.dtype) -> torch.dtype:
 
 _FORWARD_IMPLS = {"reference": _forward_reference, "cpp": _forward_cpp}
 _BACKWARD_IMPLS = {"reference": _backward_reference, "cpp": _backward_cpp}
+
+
+def _fresh_empties(outputs):
+    """A new tensor for every empty output (the launchers share one; custom ops may not return aliases)."""
+    return [t if t.numel() else t.new_empty(0) for t in outputs]
+
+
+def _forward_triton(*args):
+    """Workspace dtypes: gates and r in x's dtype, aux (the per-step c / h W_hn^T + b_hn) in float32."""
+    return _fresh_empties(_triton_rnn.rnn_layer_forward(*args))
+
+
+def _backward_triton(*args):
+    return _fresh_empties(_triton_rnn.rnn_layer_backward(*args))
+
+
 if _triton_rnn is not None:
-    _FORWARD_IMPLS["triton"] = _triton_rnn.rnn_layer_forward
-    _BACKWARD_IMPLS["triton"] = _triton_rnn.rnn_layer_backward
-
-
-def _keeps_workspace(x: Tensor) -> bool:
-    """Whether the forward that runs for x keeps a workspace (every backend but the reference)."""
-    return _pick("rnn_layer", x, _FORWARD_IMPLS) is not _forward_reference
+    _FORWARD_IMPLS["triton"] = _forward_triton
+    _BACKWARD_IMPLS["triton"] = _backward_triton
 
 
 def _pick(op: str, x: Tensor, impls: dict):
@@ -120,10 +131,17 @@ def _layer_forward_fake(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, 
     G = ref.gates_per_unit(mode)
     H = w_hh.shape[0] // G
     rows = x.shape[0]
-    keeps = train and _keeps_workspace(x)  # the reference keeps none, as the real op's pick decides
-    ws = lambda *shape: x.new_empty(*(shape if keeps else (0,)), dtype=workspace_dtype(x.dtype))  # noqa: E731
+    # the workspace follows the backend the real op picks: the reference keeps none; the C++ kernel keeps
+    # float32 for fp16 / bf16 layers; the Triton one keeps gates and r in x's dtype and aux in float32
+    impl = _pick("rnn_layer", x, _FORWARD_IMPLS)
+    keeps = train and impl is not _forward_reference
+    if impl is _FORWARD_IMPLS.get("triton"):
+        dtypes = (x.dtype, torch.float32 if keeps else x.dtype, x.dtype)
+    else:
+        dtypes = (workspace_dtype(x.dtype),) * 3
+    ws = lambda i, *shape: x.new_empty(*(shape if keeps else (0,)), dtype=dtypes[i])  # noqa: E731
     return (x.new_empty(rows, h0.shape[1]), torch.empty_like(h0), _empty(x) if c0 is None else torch.empty_like(c0),
-            ws(rows, G * H), ws(rows, H), ws(rows, H) if w_hr is not None else ws(0))
+            ws(0, rows, G * H), ws(1, rows, H), ws(2, rows, H) if w_hr is not None else ws(2, 0))
 
 
 @torch.library.custom_op("fastnn::rnn_layer_backward", mutates_args=())
