@@ -4,7 +4,9 @@
 // each step is one GEMM of the live rows' h with W_hh (ATen's BLAS, on its own threads) followed by one
 // fused, vectorised pass of gate math over those rows (at::parallel_for over the rows, 16 units per AVX-512
 // vector). A packed batch's step t holds its first batch_sizes[t] sequences, so finished sequences drop
-// out of the GEMM's rows: no work on padding.
+// out of the GEMM's rows: no work on padding. In float32 without projection the steps instead run as one
+// fused recurrence (rnn_recurrence_cpu.cpp: W_hh packed once, gate math on the GEMM's accumulators, one
+// barrier per step).
 //
 // The backward walks the steps in reverse with one GEMM per step (gate gradients times W_hh) and the fused
 // gate backward; the weight gradients are one GEMM each over all steps at the end, never per step.
@@ -14,6 +16,7 @@
 
 #include "common/alloc.h"
 #include "common/rnn_math.h"
+#include "cpu/rnn_recurrence_cpu.h"
 #include "cpu/rnn_steps.h"
 #include "families/rnn.h"
 
@@ -57,6 +60,35 @@ std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& 
     at::addmm_out(gates, bias_row.expand({L.rows, GH}), x, w_ih.t());  // 2-D: ATen's CPU addmm wants a matrix
   } else {
     at::mm_out(gates, x, w_ih.t());
+  }
+  // float32 without projection: the fused recurrence (rnn_recurrence_cpu.cpp) instead of a GEMM and a gate
+  // pass per step
+  if constexpr (std::is_same_v<T, float>) {
+    if (!L.proj && L.T > 0 && H > 0 && recurrence_forward_available()) {
+      Tensor y = new_output({L.rows, H}, opt);
+      Tensor h = h0.clone();
+      Tensor c = L.lstm ? c0->clone() : Tensor();
+      Tensor aux = train ? new_output({L.rows, H}, opt) : Tensor();
+      RecurrenceForward a;
+      a.lstm = L.lstm;
+      a.reverse = L.reverse;
+      a.train = train;
+      a.H = H;
+      a.B = B;
+      a.T = L.T;
+      a.bs = L.bs.data();
+      a.off = L.off.data();
+      a.w_hh = ptr<float>(w_hh);
+      a.b_hh = (bias && !L.lstm) ? ptr<float>(*b_hh) : nullptr;
+      a.gates = ptr<float>(gates);
+      a.y = ptr<float>(y);
+      a.h = ptr<float>(h);
+      a.c = ptr<float>(c);
+      a.aux = ptr<float>(aux);
+      recurrence_forward(a, at::get_num_threads());
+      const auto none = [&] { return at::empty({0}, opt); };
+      return {y, h, L.lstm ? c : none(), train ? gates : none(), train ? aux : none(), none()};
+    }
   }
   const StepGemm recurrent(w_hh, B);
   const c10::optional<StepGemm> projection = L.proj ? c10::make_optional(StepGemm(*w_hr, B)) : c10::nullopt;
