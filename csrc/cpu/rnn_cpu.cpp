@@ -52,15 +52,17 @@ std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& 
   const auto opt = x.options();
   const int64_t H = L.H, P = L.P, B = L.B, GH = L.G * L.H;
   const bool bias = b_ih.has_value();
-  // Input projection of all steps, one GEMM. The LSTM folds both biases in; the GRU only b_ih, since its
-  // b_hn sits inside r * (h W_hn^T + b_hn).
-  Tensor gates = at::empty({L.rows, GH}, opt);
-  if (bias) {
-    const Tensor bias_row = L.lstm ? (*b_ih + *b_hh) : *b_ih;
-    at::addmm_out(gates, bias_row.expand({L.rows, GH}), x, w_ih.t());  // 2-D: ATen's CPU addmm wants a matrix
-  } else {
-    at::mm_out(gates, x, w_ih.t());
-  }
+  // Input projection x W_ih^T + biases of rows [r0, r1) into out. The LSTM folds both biases in; the GRU
+  // only b_ih, since its b_hn sits inside r * (h W_hn^T + b_hn).
+  const Tensor bias_row = bias ? (L.lstm ? (*b_ih + *b_hh) : *b_ih) : Tensor();
+  auto project = [&](int64_t r0, int64_t r1, Tensor out) {
+    const Tensor xr = x.narrow(0, r0, r1 - r0);
+    if (bias) {
+      at::addmm_out(out, bias_row.expand({r1 - r0, GH}), xr, w_ih.t());  // 2-D: ATen's CPU addmm wants a matrix
+    } else {
+      at::mm_out(out, xr, w_ih.t());
+    }
+  };
   // float32 without projection: the fused recurrence (rnn_recurrence_cpu.cpp) instead of a GEMM and a gate
   // pass per step
   if constexpr (std::is_same_v<T, float>) {
@@ -80,16 +82,32 @@ std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& 
       a.off = L.off.data();
       a.w_hh = ptr<float>(w_hh);
       a.b_hh = (bias && !L.lstm) ? ptr<float>(*b_hh) : nullptr;
-      a.gates = ptr<float>(gates);
       a.y = ptr<float>(y);
       a.h = ptr<float>(h);
       a.c = ptr<float>(c);
       a.aux = ptr<float>(aux);
+      Tensor gates;
+      if (train) {  // the backward reads every step's gates: one GEMM for all
+        gates = at::empty({L.rows, GH}, opt);
+        project(0, L.rows, gates);
+      } else {
+        // Inference keeps only ~1024 rows of input projection at a time: a fresh buffer for all of them
+        // (64 MB at T = 256, B = 32, H = 512) costs ~20 ms of page faults and zeroing per call, a quarter
+        // of the recurrence (measured here); this one is reused within the call and, small enough, by the
+        // allocator across calls. GEMMs of 1024 rows still run at the big GEMM's rate.
+        a.chunk_steps = std::max<int64_t>(1, 1024 / B);
+        gates = at::empty({std::min(L.rows, a.chunk_steps * B), GH}, opt);
+        a.input = [&](int64_t, int64_t, int64_t r0, int64_t r1) { project(r0, r1, gates.narrow(0, 0, r1 - r0)); };
+      }
+      a.gates = ptr<float>(gates);
       recurrence_forward(a, at::get_num_threads());
       const auto none = [&] { return at::empty({0}, opt); };
       return {y, h, L.lstm ? c : none(), train ? gates : none(), train ? aux : none(), none()};
     }
   }
+  // Input projection of all steps, one GEMM.
+  Tensor gates = at::empty({L.rows, GH}, opt);
+  project(0, L.rows, gates);
   const StepGemm recurrent(w_hh, B);
   const c10::optional<StepGemm> projection = L.proj ? c10::make_optional(StepGemm(*w_hr, B)) : c10::nullopt;
   Tensor y = new_output({L.rows, P}, opt);

@@ -63,6 +63,8 @@ struct Step {
   const float* hp;  // h_{t-1} (B, H)
   float* hn;        // h_t (B, H)
   int64_t off;      // first row of the step
+  float* gates;     // the input part of the gates of row off + b at (off - row0 + b) GH
+  int64_t row0;
 };
 
 // acc[r][g] += sum_k h[r ldh + k] w[(k G + g) 16 ..] over k < kn; prefetches NPF lines of pf per k.
@@ -93,7 +95,7 @@ template <int G>
 FASTNN_ALWAYS_INLINE void gate_row(const Step& s, const __m512* acc, int64_t b, int64_t u0, __mmask16 m) {
   const RecurrenceForward& a = *s.a;
   const int64_t H = a.H, row = s.off + b;
-  float* gx = a.gates + row * s.GH + u0;
+  float* gx = s.gates + (row - s.row0) * s.GH + u0;
   auto load = [m](const float* p) { return (VF)_mm512_maskz_loadu_ps(m, p); };
   auto store = [m](float* p, VF v) { _mm512_mask_storeu_ps(p, m, (__m512)v); };
   if constexpr (G == 4) {
@@ -145,7 +147,7 @@ void row_block(const Step& s, const float* wblk, int64_t u0, __mmask16 m, int64_
     // chunks before the gate math needs it.
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const float* gx = s.a->gates + (s.off + b0 + r) * s.GH + u0;
+      const float* gx = s.gates + (s.off - s.row0 + b0 + r) * s.GH + u0;
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) _mm_prefetch(reinterpret_cast<const char*>(gx + g * H), _MM_HINT_T1);
       if constexpr (G == 4) _mm_prefetch(reinterpret_cast<const char*>(s.a->c + (b0 + r) * H + u0), _MM_HINT_T1);
@@ -295,19 +297,34 @@ void run(const RecurrenceForward& a, int threads) {
   Buffer part(K > kKc ? int64_t(nt) * B * G * kU : 1);
   std::memcpy(h1.get(), a.h, sizeof(float) * B * H);
   float* hbuf[2] = {a.h, h1.get()};  // both start as h0: rows that join late (reverse) read it from either
+  // walk steps [k0, k1) in one parallel region; the first also packs W (each thread its own blocks)
+  auto steps = [&](int64_t k0, int64_t k1, int64_t row0) {
 #pragma omp parallel num_threads(nt)
-  {
-    // partition by the team actually running (fewer threads when nested)
-    const int team = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t blo = nblk * tid / team, bhi = nblk * (tid + 1) / team;
-    float* my_part = part.get() + (K > kKc ? int64_t(tid) * B * G * kU : 0);
-    pack_blocks(a.w_hh, G, H, wp.get(), blo, bhi);
-    for (int64_t k = 0; k < a.T; ++k) {
-      const int64_t t = a.reverse ? a.T - 1 - k : k;
-      const Step s{&a, G * H, hbuf[k & 1], hbuf[(k + 1) & 1], a.off[t]};
-      step_blocks<G>(s, wp.get(), blo, bhi, a.bs[t], my_part);
-      // h_t complete before anyone reads it, and h_{t-1} no longer read before anyone overwrites it
+    {
+      // partition by the team actually running (fewer threads when nested)
+      const int team = omp_get_num_threads(), tid = omp_get_thread_num();
+      const int64_t blo = nblk * tid / team, bhi = nblk * (tid + 1) / team;
+      float* my_part = part.get() + (K > kKc ? int64_t(tid) * B * G * kU : 0);
+      if (k0 == 0) pack_blocks(a.w_hh, G, H, wp.get(), blo, bhi);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t t = a.reverse ? a.T - 1 - k : k;
+        const Step s{&a, G * H, hbuf[k & 1], hbuf[(k + 1) & 1], a.off[t], a.gates, row0};
+        step_blocks<G>(s, wp.get(), blo, bhi, a.bs[t], my_part);
+        // h_t complete before anyone reads it, and h_{t-1} no longer read before anyone overwrites it
 #pragma omp barrier
+      }
+    }
+  };
+  if (!a.input) {
+    steps(0, a.T, 0);
+  } else {
+    for (int64_t k0 = 0; k0 < a.T; k0 += a.chunk_steps) {
+      const int64_t k1 = std::min(a.T, k0 + a.chunk_steps);
+      // the chunk's rows: contiguous, from its first step in time to its last
+      const int64_t t_first = a.reverse ? a.T - k1 : k0, t_last = a.reverse ? a.T - 1 - k0 : k1 - 1;
+      const int64_t r0 = a.off[t_first], r1 = a.off[t_last] + a.bs[t_last];
+      a.input(k0, k1, r0, r1);
+      steps(k0, k1, r0);
     }
   }
   // h_n of each sequence is its output at the last step it is live in: forward, the last step with more

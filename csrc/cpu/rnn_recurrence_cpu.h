@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 namespace fastnn {
 namespace cpu {
@@ -20,6 +21,10 @@ struct RecurrenceForward {
   const float* w_hh = nullptr;   // (G H, H)
   const float* b_hh = nullptr;   // (G H,) for the GRU (the LSTM's is folded into gates), or null
   float* gates = nullptr;        // (rows, G H): input projection in; activated gates out when train
+  // Without train the input projection may instead come in chunks of steps: input(k0, k1, r0, r1) writes
+  // that of walk steps [k0, k1) (rows [r0, r1)) to `gates` at row r - r0, chunk_steps steps at a time.
+  std::function<void(int64_t k0, int64_t k1, int64_t r0, int64_t r1)> input;
+  int64_t chunk_steps = 0;
   float* y = nullptr;            // (rows, H) out
   float* h = nullptr;            // (B, H): h0 in, h_n out
   float* c = nullptr;            // (B, H): c0 in, c_n out (LSTM)
