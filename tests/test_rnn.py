@@ -148,6 +148,54 @@ def test_layer_kernel_matches_reference(backend, dtype, mode, proj, reverse, len
             assert_rel_close(mine[k].grad, leaves[k].grad, dtype, f"grad of {k}")
 
 
+# The float32 fused recurrence (csrc/cpu/rnn_recurrence_cpu.cpp): units in blocks of 16 (H a multiple of 16
+# and not), microkernel row blocks of up to 6 / 8 rows (B = 1, 5, 32), packed steps, and inference's input
+# projection in chunks of ~1024 rows (the long cases run several chunks).
+FUSED_SHAPES = [(7, 20, [5]), (9, 48, [7, 7, 5, 3, 3]), (16, 48, [6] * 32), (12, 33, [4] * 5), (64, 512, [5] * 32),
+                (32, 512, [9, 8, 8, 6, 5, 5, 3, 2, 1, 1]), (8, 16, [3, 2, 2, 1]), (16, 48, [40] * 32),
+                (12, 20, [700, 600, 410])]
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ backend is not under test")
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("I,H,lengths", FUSED_SHAPES)
+def test_fused_recurrence_float32(mode, reverse, I, H, lengths):
+    """Inference and training forward vs the float64 reference, the gradients of training, and the same
+    bits on one thread as on all (each unit's sums are one thread's, in a fixed order)."""
+    torch.manual_seed(0)
+    a = _layer_args(mode, torch.float32, 0, lengths, I=I, H=H, B=len(lengths))
+    for k in ("w_ih", "w_hh"):  # torch.nn's scale: at H = 512 the tests' 0.3 saturates every gate
+        a[k] = a[k] / 0.3 * min(0.3, H ** -0.5)
+    names = ("x", "batch_sizes", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
+    leaves = {k: (a[k].double().requires_grad_() if isinstance(a[k], torch.Tensor) and k != "batch_sizes" else a[k])
+              for k in names}
+    want = [t for t in ref.rnn_layer(mode, leaves["x"], a["batch_sizes"].tolist(), *(leaves[k] for k in names[2:7]),
+                                     leaves["h0"], leaves["c0"], reverse) if t is not None]
+    with fastnn.use_backend("cpp"):
+        with torch.no_grad():
+            infer = [t for t in rnn_ops._layer(mode, *(a[k] for k in names), reverse) if t is not None]
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                one = [t for t in rnn_ops._layer(mode, *(a[k] for k in names), reverse) if t is not None]
+            finally:
+                torch.set_num_threads(threads)
+        mine = {k: (v.clone().requires_grad_() if isinstance(v, torch.Tensor) and k != "batch_sizes" else v)
+                for k, v in a.items()}
+        train = [t for t in rnn_ops._layer(mode, *(mine[k] for k in names), reverse) if t is not None]
+        cotangents = [torch.randn_like(t) for t in train]
+        torch.autograd.backward(train, cotangents)
+    torch.autograd.backward(want, [c.double() for c in cotangents])
+    for i, (g, t, o, w) in enumerate(zip(infer, train, one, want)):
+        assert_rel_close(g, w, torch.float32, f"output {i}")
+        assert torch.equal(g, t), f"output {i}: training and inference forwards differ"
+        assert torch.equal(g, o), f"output {i}: one thread differs from {threads}"
+    for k in names:
+        if k != "batch_sizes" and a[k] is not None:
+            assert_rel_close(mine[k].grad, leaves[k].grad, torch.float32, f"grad of {k}")
+
+
 # ---------------------------------------------------------------- modules against torch.nn
 
 MODULE_CASES = [dict(num_layers=nl, bias=bias, batch_first=bf, bidirectional=bi, proj_size=proj)
