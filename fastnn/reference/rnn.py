@@ -105,23 +105,34 @@ def rnn(mode: str, x: Tensor, batch_sizes: Sequence[int], weights: Sequence[Sequ
     masks torch's dropout would draw, scaled by 1 / (1 - p)); None for no dropout.
     Returns (y (rows, directions * P), h_n, c_n).
     """
+    def run_layer(k, layer_in, reverse):
+        w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+        return rnn_layer(mode, layer_in, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0[k],
+                         None if c0 is None else c0[k], reverse=reverse)
+
+    y, hs, cs = stacked(x, num_layers, bidirectional, run_layer, dropout_masks)
+    return y, torch.stack(hs), (torch.stack(cs) if mode == "lstm" else None)
+
+
+def stacked(x: Tensor, num_layers: int, bidirectional: bool, run_layer,
+            dropout_masks: Optional[Sequence[Tensor]] = None) -> Tuple[Tensor, List[Tensor], List[Optional[Tensor]]]:
+    """Layers on top of each other, both directions of a layer side by side: run_layer(k, layer_in,
+    reverse) -> (y, h_n, c_n) for layer-and-direction k (layer-major); the dropout masks multiply every
+    layer's output but the last's. Returns (the last layer's output, the h_n list, the c_n list)."""
     directions = 2 if bidirectional else 1
     hs, cs = [], []
     layer_in = x
     for layer in range(num_layers):
         outs = []
         for d in range(directions):
-            k = layer * directions + d
-            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
-            y, h, c = rnn_layer(mode, layer_in, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0[k],
-                                None if c0 is None else c0[k], reverse=d == 1)
+            y, h, c = run_layer(layer * directions + d, layer_in, d == 1)
             outs.append(y)
             hs.append(h)
             cs.append(c)
         layer_in = torch.cat(outs, dim=-1) if directions == 2 else outs[0]
         if dropout_masks is not None and layer < num_layers - 1:
             layer_in = layer_in * dropout_masks[layer]
-    return layer_in, torch.stack(hs), (torch.stack(cs) if mode == "lstm" else None)
+    return layer_in, hs, cs
 
 
 def pad_to_packed(x: Tensor, lengths: Optional[Sequence[int]] = None) -> Tuple[Tensor, List[int]]:
@@ -243,19 +254,9 @@ def layer_norm_lstm(x: Tensor, batch_sizes: Sequence[int], weights: Sequence[Lay
     B, H); dropout_masks as in rnn; zoneout_keep: None, a float z (evaluation) or one (rows, H) mask per layer
     and direction (training). Returns (y (rows, directions * H), h_n, c_n).
     """
-    directions = 2 if bidirectional else 1
-    hs, cs = [], []
-    layer_in = x
-    for layer in range(num_layers):
-        outs = []
-        for d in range(directions):
-            k = layer * directions + d
-            keep = zoneout_keep if zoneout_keep is None or isinstance(zoneout_keep, float) else zoneout_keep[k]
-            y, h, c = layer_norm_lstm_layer(layer_in, batch_sizes, weights[k], h0[k], c0[k], keep, reverse=d == 1)
-            outs.append(y)
-            hs.append(h)
-            cs.append(c)
-        layer_in = torch.cat(outs, dim=-1) if directions == 2 else outs[0]
-        if dropout_masks is not None and layer < num_layers - 1:
-            layer_in = layer_in * dropout_masks[layer]
-    return layer_in, torch.stack(hs), torch.stack(cs)
+    def run_layer(k, layer_in, reverse):
+        keep = zoneout_keep if zoneout_keep is None or isinstance(zoneout_keep, float) else zoneout_keep[k]
+        return layer_norm_lstm_layer(layer_in, batch_sizes, weights[k], h0[k], c0[k], keep, reverse=reverse)
+
+    y, hs, cs = stacked(x, num_layers, bidirectional, run_layer, dropout_masks)
+    return y, torch.stack(hs), torch.stack(cs)
