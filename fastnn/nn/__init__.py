@@ -3,5 +3,7 @@ from .attention import MultiheadAttention
 from .mamba import InferenceParams, Mamba
 from .rnn import GRU, LSTM, GRUCell, LSTMCell
 from .rnn_ln import LayerNormLSTM
+from .roi import MultiScaleRoIAlign, RoIAlign, RoIPool
 
-__all__ = ["MultiheadAttention", "Mamba", "InferenceParams", "LSTM", "GRU", "LSTMCell", "GRUCell", "LayerNormLSTM"]
+__all__ = ["MultiheadAttention", "Mamba", "InferenceParams", "LSTM", "GRU", "LSTMCell", "GRUCell", "LayerNormLSTM", "RoIAlign", "RoIPool",
+           "MultiScaleRoIAlign"]
