@@ -112,6 +112,7 @@ template <typename scalar_t>
 void backward_nchw(const scalar_t* grad, scalar_t* gtop, int64_t planes, int64_t hl, int64_t wl, int64_t ht,
                    int64_t wt, const int64_t* ys, const int64_t* xs) {
   using acc_t = at::opmath_type<scalar_t>;
+  const bool twice = wl == 2 * wt;  // then xs[j] = 2j (src(x) = x >> 1)
   at::parallel_for(0, planes * ht, std::max<int64_t>(1, kElemsPerTask / wl), [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> buf(wl);
     acc_t* b = buf.data();
@@ -124,10 +125,15 @@ void backward_nchw(const scalar_t* grad, scalar_t* gtop, int64_t planes, int64_t
         for (int64_t x = 0; x < wl; ++x) b[x] += static_cast<acc_t>(grow[x]);
       }
       scalar_t* orow = gtop + r * wt;
-      for (int64_t j = 0; j < wt; ++j) {
-        acc_t s = 0;
-        for (int64_t x = xs[j]; x < xs[j + 1]; ++x) s += b[x];
-        orow[j] = static_cast<scalar_t>(s);
+      if (twice) {  // the 2x pyramid: every preimage is the column pair (2j, 2j + 1)
+#pragma omp simd
+        for (int64_t j = 0; j < wt; ++j) orow[j] = static_cast<scalar_t>(b[2 * j] + b[2 * j + 1]);
+      } else {
+        for (int64_t j = 0; j < wt; ++j) {
+          acc_t s = 0;
+          for (int64_t x = xs[j]; x < xs[j + 1]; ++x) s += b[x];
+          orow[j] = static_cast<scalar_t>(s);
+        }
       }
     }
   });
