@@ -90,7 +90,8 @@ def test_kernel_matches_reference_fp32(backend, channels_last, shape):
     want = ref.fpn_topdown_add(lat, top)
     assert _format_ok(out, channels_last)
     torch.testing.assert_close(out, want, rtol=0, atol=0)  # an add of the same two float32 values
-    g = torch.randn(out.shape).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.randn(out.shape).contiguous(memory_format=fmt)
     with fastnn.use_backend(backend):
         gt = torch.ops.fastnn.fpn_topdown_add_backward(g, list(shape[2:]), channels_last)
     assert _format_ok(gt, channels_last)

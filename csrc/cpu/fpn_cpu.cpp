@@ -102,7 +102,9 @@ void forward_channels_last(const scalar_t* lat, const scalar_t* top, scalar_t* o
         const scalar_t* lp = lat + (r * wl + x) * c;
         scalar_t* op = out + (r * wl + x) * c;
 #pragma omp simd
-        for (int64_t k = 0; k < c; ++k) op[k] = static_cast<scalar_t>(static_cast<acc_t>(lp[k]) + static_cast<acc_t>(tp[k]));
+        for (int64_t k = 0; k < c; ++k) {
+          op[k] = static_cast<scalar_t>(static_cast<acc_t>(lp[k]) + static_cast<acc_t>(tp[k]));
+        }
       }
     }
   });

@@ -80,8 +80,8 @@ def multiscale_detect(detector: Callable[[Tensor], list], images: Tensor, scales
             images, size=(h, w), mode="bilinear", align_corners=False)
         dets = detector(batch)
         if not isinstance(dets, (list, tuple)) or len(dets) != b:
-            raise ValueError(f"detector must return a list of {b} dicts (one per image) at scale {s}, "
-                             f"got {type(dets).__name__}" + (f" of length {len(dets)}" if hasattr(dets, "__len__") else ""))
+            got = type(dets).__name__ + (f" of length {len(dets)}" if hasattr(dets, "__len__") else "")
+            raise ValueError(f"detector must return a list of {b} dicts (one per image) at scale {s}, got {got}")
         for i, d in enumerate(dets):
             for key in ("boxes", "scores", "labels"):
                 if key not in d:
