@@ -402,3 +402,14 @@ def test_cuda_triton_matches_reference(device):
             assert torch.equal(out, ref.fpn_topdown_add(lat, top))
             lowp_close(gt, ref.fpn_topdown_add_backward(g.double(), (50, 76)),
                        ref.fpn_topdown_add_backward(g.float(), (50, 76)).to(dtype), what=f"{dtype} grad_top")
+
+
+@pytest.mark.parametrize("device", [cuda_param("cuda")])
+def test_cuda_module_matches_torchvision(device):
+    tv, ours = _pair_modules("p6p7_p5", norm=torch.nn.BatchNorm2d)
+    tv, ours = tv.to(device).eval(), ours.to(device).eval()
+    x = OrderedDict((k, v.to(device)) for k, v in _features().items())
+    want = tv(x)
+    got = ours(x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
