@@ -28,10 +28,10 @@ namespace {
 constexpr int64_t kSampleBudgetBytes = int64_t(32) << 20;
 // Channels per backward task on channels-last input: four cache lines of float32.
 constexpr int64_t kChannelBlock = 64;
-// Planes per task on NCHW input: the sample tables are read once per block instead of once per channel
-// (reading them per channel cost more than the gathers: v1 of the bench), and 8 planes of a 200x200
-// float32 map (1.3 MB) stay in the 2 MB L2 while every RoI of the image samples them.
-constexpr int64_t kPlaneBlock = 8;
+// Planes per task on NCHW input, interleaved into a per-thread buffer so that a tap of all of them is one
+// AVX-512 vector (bench/NOTES.md: per-channel tasks re-read the sample tables per channel, v1; gathers
+// across 16 planes were slower than scalar loads here, v2; interleaving, v3).
+constexpr int kPlaneBlock = 16;
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -142,6 +142,46 @@ int64_t chunk_end(const Groups& g, const T* rois, const int64_t* levels, const s
 
 // ---------------------------------------------------------------- roi_align, NCHW
 
+// A per-thread scratch buffer for the interleaved plane block (grown, never shrunk).
+template <typename T>
+struct Tile {
+  std::vector<T> data;
+  T* get(int64_t pixels) {
+    if (static_cast<int64_t>(data.size()) < pixels * kPlaneBlock) data.resize(pixels * kPlaneBlock);
+    return data.data();
+  }
+};
+
+// cn planes of hw pixels -> buf[pixel * kPlaneBlock + c], lanes cn.. zero.
+template <typename T>
+void to_interleaved(const T* plane, int64_t hw, int64_t cn, T* buf) {
+  constexpr int64_t kRows = 256;  // pixels per pass: 16 planes x 1 KB stay in L1
+  for (int64_t p0 = 0; p0 < hw; p0 += kRows) {
+    const int64_t p1 = std::min(hw, p0 + kRows);
+    for (int64_t c = 0; c < kPlaneBlock; ++c) {
+      if (c < cn) {
+        const T* src = plane + c * hw;
+        for (int64_t px = p0; px < p1; ++px) buf[px * kPlaneBlock + c] = src[px];
+      } else {
+        for (int64_t px = p0; px < p1; ++px) buf[px * kPlaneBlock + c] = T(0);
+      }
+    }
+  }
+}
+
+// buf[pixel * kPlaneBlock + c] -> cn planes.
+template <typename T>
+void from_interleaved(const T* buf, int64_t hw, int64_t cn, T* plane) {
+  constexpr int64_t kRows = 256;
+  for (int64_t p0 = 0; p0 < hw; p0 += kRows) {
+    const int64_t p1 = std::min(hw, p0 + kRows);
+    for (int64_t c = 0; c < cn; ++c) {
+      T* dst = plane + c * hw;
+      for (int64_t px = p0; px < p1; ++px) dst[px] = buf[px * kPlaneBlock + c];
+    }
+  }
+}
+
 template <typename T>
 void align_forward_nchw(const std::vector<const T*>& feats, const std::vector<Level>& lv, const T* rois,
                         const int64_t* levels, const Groups& g, int64_t channels, int pooled_h, int pooled_w,
@@ -162,12 +202,17 @@ void align_forward_nchw(const std::vector<const T*>& feats, const std::vector<Le
     const auto runs = runs_between(g, lo, hi);
     const int64_t blocks = (channels + kPlaneBlock - 1) / kPlaneBlock;
     at::parallel_for(0, static_cast<int64_t>(runs.size()) * blocks, 1, [&](int64_t a, int64_t b) {
+      Tile<T> tile;
       for (int64_t t = a; t < b; ++t) {
         const Run& run = runs[t / blocks];
-        const int64_t c0 = (t % blocks) * kPlaneBlock, cn = std::min(kPlaneBlock, channels - c0);
+        const int64_t c0 = (t % blocks) * kPlaneBlock, cn = std::min<int64_t>(kPlaneBlock, channels - c0);
         const int64_t lvl = run.group / g.n_batch, n = run.group % g.n_batch;
         const int64_t hw = lv[lvl].height * lv[lvl].width;
         const T* plane = feats[lvl] + (n * channels + c0) * hw;
+        // The block's planes, interleaved (pixel-major, kPlaneBlock channels per pixel; unused lanes zero):
+        // each tap is then one contiguous vector, as on channels-last input.
+        T* buf = tile.get(hw);
+        to_interleaved(plane, hw, cn, buf);
         for (int64_t p = run.lo; p < run.hi; ++p) {
           const RoiSamples<T>& s = samples[p - lo];
           T* o = out + (g.order[p] * channels + c0) * bins;
@@ -175,9 +220,13 @@ void align_forward_nchw(const std::vector<const T*>& feats, const std::vector<Le
             T acc[kPlaneBlock] = {};
             for (int32_t j = s.bins[bin]; j < s.bins[bin + 1]; ++j) {
               const BilinearSample<T>& q = s.taps[j];
-              for (int64_t c = 0; c < cn; ++c) {
-                const T* pl = plane + c * hw;
-                acc[c] += q.w1 * pl[q.p1] + q.w2 * pl[q.p2] + q.w3 * pl[q.p3] + q.w4 * pl[q.p4];
+              const T* v1 = buf + int64_t(q.p1) * kPlaneBlock;
+              const T* v2 = buf + int64_t(q.p2) * kPlaneBlock;
+              const T* v3 = buf + int64_t(q.p3) * kPlaneBlock;
+              const T* v4 = buf + int64_t(q.p4) * kPlaneBlock;
+#pragma omp simd
+              for (int c = 0; c < kPlaneBlock; ++c) {
+                acc[c] += q.w1 * v1[c] + q.w2 * v2[c] + q.w3 * v3[c] + q.w4 * v4[c];
               }
             }
             for (int64_t c = 0; c < cn; ++c) o[c * bins + bin] = acc[c] / s.count;
@@ -209,30 +258,45 @@ void align_backward_nchw(const std::vector<T*>& grads, const std::vector<Level>&
     const auto runs = runs_between(g, lo, hi);
     const int64_t blocks = (channels + kPlaneBlock - 1) / kPlaneBlock;
     at::parallel_for(0, static_cast<int64_t>(runs.size()) * blocks, 1, [&](int64_t a, int64_t b) {
+      Tile<T> tile;
       for (int64_t t = a; t < b; ++t) {
         const Run& run = runs[t / blocks];
-        const int64_t c0 = (t % blocks) * kPlaneBlock, cn = std::min(kPlaneBlock, channels - c0);
+        const int64_t c0 = (t % blocks) * kPlaneBlock, cn = std::min<int64_t>(kPlaneBlock, channels - c0);
         const int64_t lvl = run.group / g.n_batch, n = run.group % g.n_batch;
         const int64_t hw = lv[lvl].height * lv[lvl].width;
         T* plane = grads[lvl] + (n * channels + c0) * hw;
+        // Accumulate in the interleaved layout (one vector per tap), continuing from the planes' values so
+        // the additions keep their order across chunks.
+        T* buf = tile.get(hw);
+        to_interleaved(plane, hw, cn, buf);
         for (int64_t p = run.lo; p < run.hi; ++p) {
           const RoiSamples<T>& s = samples[p - lo];
           const T* go = grad_out + (g.order[p] * channels + c0) * bins;
+          const T cnt = s.count;
           for (int64_t bin = 0; bin < bins; ++bin) {
+            T gb[kPlaneBlock] = {};
+            for (int64_t c = 0; c < cn; ++c) gb[c] = go[c * bins + bin];
             for (int32_t j = s.bins[bin]; j < s.bins[bin + 1]; ++j) {
               const BilinearSample<T>& q = s.taps[j];
-              for (int64_t c = 0; c < cn; ++c) {
-                const T gb = go[c * bins + bin];
-                T* pl = plane + c * hw;
-                // torchvision's order: (grad * w) / count
-                pl[q.p1] += gb * q.w1 / s.count;
-                pl[q.p2] += gb * q.w2 / s.count;
-                pl[q.p3] += gb * q.w3 / s.count;
-                pl[q.p4] += gb * q.w4 / s.count;
-              }
+              T* d1 = buf + int64_t(q.p1) * kPlaneBlock;
+              T* d2 = buf + int64_t(q.p2) * kPlaneBlock;
+              T* d3 = buf + int64_t(q.p3) * kPlaneBlock;
+              T* d4 = buf + int64_t(q.p4) * kPlaneBlock;
+              const T w1 = q.w1, w2 = q.w2, w3 = q.w3, w4 = q.w4;
+              // taps may coincide at the border: four sequential vector updates, each in torchvision's
+              // order (grad * w) / count
+#pragma omp simd
+              for (int c = 0; c < kPlaneBlock; ++c) d1[c] += gb[c] * w1 / cnt;
+#pragma omp simd
+              for (int c = 0; c < kPlaneBlock; ++c) d2[c] += gb[c] * w2 / cnt;
+#pragma omp simd
+              for (int c = 0; c < kPlaneBlock; ++c) d3[c] += gb[c] * w3 / cnt;
+#pragma omp simd
+              for (int c = 0; c < kPlaneBlock; ++c) d4[c] += gb[c] * w4 / cnt;
             }
           }
         }
+        from_interleaved(buf, hw, cn, plane);
       }
     });
     lo = hi;

@@ -72,8 +72,9 @@ std::vector<at::Tensor> roi_align_backward_emulated(const at::Tensor& grad, cons
                                               sampling_ratio, aligned, channels_last);
     AT_DISPATCH_FLOATING_TYPES(ct, "roi_align_backward_emulated", [&] {
       using T = scalar_t;
-      RoiGradTargets<T> targets{};
-      for (size_t l = 0; l < n_levels; ++l) targets.grad[l] = grads[l].data_ptr<T>();
+      std::vector<T*> table;
+      for (auto& g : grads) table.push_back(g.data_ptr<T>());
+      const RoiGradTargets<T> targets{table.data()};
       roi_align_backward_sequence(
           k, grad.options().dtype(ct),
           [&](RoiBackwardPlan& pl) {

@@ -140,8 +140,10 @@ std::vector<at::Tensor> roi_align_backward(const at::Tensor& grad, const at::Ten
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(ct, "roi_align_backward_cuda", [&] {
       using T = scalar_t;
-      RoiGradTargets<T> targets{};
-      for (size_t l = 0; l < n_levels; ++l) targets.grad[l] = grads[l].data_ptr<T>();
+      at::Tensor table = at::empty({static_cast<int64_t>(n_levels)}, at::TensorOptions().dtype(at::kLong));
+      for (size_t l = 0; l < n_levels; ++l) table[l] = reinterpret_cast<int64_t>(grads[l].data_ptr<T>());
+      const at::Tensor table_dev = table.to(grad.device());
+      const RoiGradTargets<T> targets{reinterpret_cast<T* const*>(table_dev.data_ptr<int64_t>())};
       roi_align_backward_sequence(
           k, grad.options().dtype(ct),
           [&](RoiBackwardPlan& pl) {

@@ -158,10 +158,12 @@ FASTNN_HD T roi_align_backward_reduce(const int64_t* order, int64_t seg_begin, i
   return acc;
 }
 
-// The per-level gradient buffers the reduce writes (NCHW or channels-last, as RoiAlignParams says).
+// The per-level gradient buffers the reduce writes (NCHW or channels-last, as RoiAlignParams says): a table
+// of pointers in the kernel's memory space (an array held in the kernel's parameters and indexed at run time
+// would be copied to the stack).
 template <typename T>
 struct RoiGradTargets {
-  T* grad[kRoiMaxLevels];
+  T* const* grad;
 };
 
 FASTNN_HD void roi_pixel_destination(const RoiAlignParams& p, int64_t key, int64_t c, int& level, int64_t& offset);
