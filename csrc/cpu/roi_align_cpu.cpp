@@ -31,7 +31,7 @@ constexpr int64_t kChannelBlock = 64;
 // Planes per task on NCHW input, interleaved into a per-thread buffer so that a tap of all of them is one
 // AVX-512 vector (bench/NOTES.md: per-channel tasks re-read the sample tables per channel, v1; gathers
 // across 16 planes were slower than scalar loads here, v2; interleaving, v3).
-constexpr int kPlaneBlock = 16;
+constexpr int kPlaneBlock = 8;
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
