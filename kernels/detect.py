@@ -12,9 +12,9 @@ import triton.language as tl
 
 from fastnn import _alloc
 
-# 1024 pixels per program at 4 warps (8 per thread): one read of the window per pixel from L1/L2; the
-# kernel is bound by reading the map once and writing it once.
-PEAK_BLOCK, PEAK_WARPS = 1024, 4
+# 1024 pixels per program at 8 warps (4 per thread; at 4 warps the 7 x 7 window spilled 16-32 bytes on
+# sm_80): one read of the window per pixel from L1/L2; bound by reading the map once and writing it once.
+PEAK_BLOCK, PEAK_WARPS = 1024, 8
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _peak_scores_kernel(
     h = tl.load(base + offs, mask=inside, other=0.0)
     m = tl.full([BLOCK], float("-inf"), heat_ptr.dtype.element_ty)
     PAD: tl.constexpr = KERNEL // 2
-    for dy in tl.static_range(KERNEL):
+    for dy in range(KERNEL):  # a loop, not unrolled: 7 x 7 fully unrolled spilled on sm_80 (bf16) / sm_90 (fp64)
         for dx in tl.static_range(KERNEL):
             yy = y + (dy - PAD)
             xx = x + (dx - PAD)
@@ -69,25 +69,30 @@ def aot_specs():
                           {"KERNEL": k, "BLOCK": PEAK_BLOCK}, PEAK_WARPS))
     for bt in ("fp32", "fp64"):
         for st in ("fp32", "fp64"):
-            for block in SOFT_NMS_BLOCKS:
+            for block in SOFT_NMS_BLOCKS[bt == "fp64"]:
                 for gaussian in (False, True):
                     specs.append((_soft_nms_kernel,
                                   {"boxes_ptr": f"*{bt}", "scores_ptr": f"*{st}", "keep_ptr": "*i64",
                                    "kept_scores_ptr": f"*{st}", "count_ptr": "*i64", "N": "i32",
                                    "box_params_ptr": f"*{bt}", "score_thr_ptr": f"*{st}",
                                    "GAUSSIAN": "constexpr", "BLOCK": "constexpr"},
-                                  {"GAUSSIAN": gaussian, "BLOCK": block}, SOFT_NMS_WARPS))
+                                  {"GAUSSIAN": gaussian, "BLOCK": block}, SOFT_NMS_WARPS[block]))
     return specs
 
 
 # ---------------------------------------------------------------- Soft-NMS
 
-# One program holds every box in registers (up to SOFT_NMS_MAX_BOXES): each step is a masked argmax, an IoU
-# row and a decay over the block, with no global-memory round trip between steps. 8 warps: 4096 boxes are
-# 16 per thread for each of the 6 per-box values (96 registers of fp32).
-SOFT_NMS_BLOCKS = (256, 1024, 4096)
-SOFT_NMS_MAX_BOXES = SOFT_NMS_BLOCKS[-1]
-SOFT_NMS_WARPS = 8
+# One program holds every box in registers: each step is a masked argmax, an IoU row and a decay over the
+# block, with no global-memory round trip between steps. Float32 boxes: up to 4096 (16 per thread at 8
+# warps); float64 boxes: up to 2048 (4096 spilled 88 bytes at 8 warps and ~200 at 16, where the register
+# file allows 128 per thread).
+SOFT_NMS_BLOCKS = {False: (256, 1024, 4096), True: (256, 1024, 2048)}  # by float64 boxes
+SOFT_NMS_WARPS = {256: 4, 1024: 8, 2048: 8, 4096: 8}
+
+
+def soft_nms_max_boxes(boxes_fp64: bool) -> int:
+    """The most boxes the one-program Soft-NMS kernel holds."""
+    return SOFT_NMS_BLOCKS[boxes_fp64][-1]
 
 
 @triton.jit
@@ -157,19 +162,20 @@ def _soft_nms_kernel(
 
 def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, sigma: float,
              score_threshold: float, gaussian: bool):
-    """Soft-NMS of up to SOFT_NMS_MAX_BOXES boxes in one program: (indices in selection order, scores).
+    """Soft-NMS of up to soft_nms_max_boxes() boxes in one program: (indices in selection order, scores).
     boxes: (N, 4) float32/float64; scores: (N,) float32/float64 with NaN for boxes never to keep.
     One host read (the number kept)."""
     n = boxes.shape[0]
-    if n > SOFT_NMS_MAX_BOXES:
-        raise ValueError(f"soft_nms Triton kernel: at most {SOFT_NMS_MAX_BOXES} boxes, got {n}")
-    block = next(b for b in SOFT_NMS_BLOCKS if b >= n)
+    is64 = boxes.dtype == torch.float64
+    if n > soft_nms_max_boxes(is64):
+        raise ValueError(f"soft_nms Triton kernel: at most {soft_nms_max_boxes(is64)} boxes, got {n}")
+    block = next(b for b in SOFT_NMS_BLOCKS[is64] if b >= n)
     keep = _alloc.empty((n,), torch.long, boxes.device)
     kept = _alloc.empty((n,), scores.dtype, boxes.device)
     count = _alloc.empty((1,), torch.long, boxes.device)
     box_params = torch.tensor([iou_threshold, sigma], dtype=boxes.dtype, device=boxes.device)
     score_thr = torch.tensor([score_threshold], dtype=scores.dtype, device=boxes.device)
     _soft_nms_kernel[(1,)](boxes, scores, keep, kept, count, n, box_params, score_thr,
-                           GAUSSIAN=bool(gaussian), BLOCK=block, num_warps=SOFT_NMS_WARPS)
+                           GAUSSIAN=bool(gaussian), BLOCK=block, num_warps=SOFT_NMS_WARPS[block])
     k = int(count.item())
     return keep[:k], kept[:k]

@@ -9,8 +9,8 @@ Custom ops (``torch.ops.fastnn.*``): heatmap_peaks, detection_postprocess, soft_
         detection_postprocess: a composed path, batched over the images (no per-image Python loop): one
         score filter, one stable ranking, then fastnn's batched_nms with (image, class) groups (the CUDA C++
         or Triton NMS kernels, whichever backend is in force), then a scatter into the padded outputs.
-        soft_nms: Triton, one program holding up to 4096 boxes in registers (more: the reference step
-        loop, logged once).
+        soft_nms: Triton, one program holding up to 4096 boxes (2048 float64 boxes) in registers (more: the
+        reference step loop, logged once).
 decode_fcos, decode_yolo and matrix_nms are compositions of torch ops (and fastnn.ops.box_iou), so they
 inherit autograd, torch.compile and export without custom ops of their own.
 """
@@ -353,13 +353,14 @@ def _soft_reference(boxes, scores, iou_threshold, sigma, score_threshold, gaussi
 def _soft_triton(boxes, scores, iou_threshold, sigma, score_threshold, gaussian):
     from fastnn.kernels import detect as kd
 
-    if boxes.shape[0] > kd.SOFT_NMS_MAX_BOXES:
+    b = boxes.to(box_ref.compute_dtype(boxes.dtype))
+    limit = kd.soft_nms_max_boxes(b.dtype == torch.float64)
+    if boxes.shape[0] > limit:
         if "big" not in _warned_soft:
             _warned_soft.add("big")
             _log.warning("fastnn.soft_nms: more than %d boxes runs the reference step loop (slow) on %s",
-                         kd.SOFT_NMS_MAX_BOXES, boxes.device)
+                         limit, boxes.device)
         return _soft_reference(boxes, scores, iou_threshold, sigma, score_threshold, gaussian)
-    b = boxes.to(box_ref.compute_dtype(boxes.dtype))
     s = scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
     s = torch.where(torch.isnan(b).any(1), torch.full((), float("nan"), dtype=s.dtype, device=s.device), s)
     idx, kept = kd.soft_nms(b.contiguous(), s.contiguous(), iou_threshold, sigma, score_threshold, gaussian)
@@ -413,8 +414,8 @@ def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float = 0.3, sigma: f
     Returns:
         (indices, scores): int64 indices of the kept boxes in selection (decay) order and their decayed
         scores at selection, in the scores' dtype. NaN boxes or scores are never kept. Not differentiable.
-        On CUDA one Triton program runs the whole loop for up to 4096 boxes (beyond: the reference step
-        loop, with a warning logged once).
+        On CUDA one Triton program runs the whole loop for up to 4096 boxes, 2048 float64 boxes (beyond:
+        the reference step loop, with a warning logged once).
     """
     _checks.tensor(boxes, "boxes", dtypes=_checks.FLOAT_DTYPES, shape=(None, 4))
     _checks.tensor(scores, "scores", dtypes=_checks.FLOAT_DTYPES, shape=(boxes.shape[0],))
