@@ -35,16 +35,17 @@ struct Cand {
 
 // ---------------------------------------------------------------- heatmap peaks
 
+// Peak scores of one H x W plane: separable NaN-propagating window max (rows, then columns), then the
+// equality test. Every inner loop runs over x with shifted operands only, so it vectorises.
 template <typename T>
 void peak_scores_plane(const T* heat, int64_t h, int64_t w, int64_t pad, T* rowmax, T* out) {
-  // rowmax[y][x] = max over x-pad..x+pad (NaN propagates, -inf outside); then the column pass.
   for (int64_t y = 0; y < h; ++y) {
     const T* r = heat + y * w;
-    for (int64_t x = 0; x < w; ++x) {
-      const int64_t lo = std::max<int64_t>(0, x - pad), hi = std::min<int64_t>(w - 1, x + pad);
-      T m = r[lo];
-      for (int64_t j = lo + 1; j <= hi; ++j) m = nan_max(m, r[j]);
-      rowmax[y * w + x] = m;
+    T* rm = rowmax + y * w;
+    for (int64_t x = 0; x < w; ++x) rm[x] = r[x];
+    for (int64_t d = 1; d <= pad && d < w; ++d) {
+      for (int64_t x = 0; x < w - d; ++x) rm[x] = nan_max(rm[x], r[x + d]);
+      for (int64_t x = d; x < w; ++x) rm[x] = nan_max(rm[x], r[x - d]);
     }
   }
   for (int64_t y = 0; y < h; ++y) {
@@ -85,9 +86,21 @@ void heatmap_peaks_impl(const at::Tensor& heat, int64_t k, int64_t kernel, at::T
       const T* vi = vp + img * per_image;
       pos.clear();
       neg.clear();
+      // Bounded top-k of the positive scores: a buffer of up to `cap` candidates; when it fills, only the
+      // k best stay and the scan then admits only scores above the k-th (an equal score arriving later
+      // has a larger index, so it ranks below all k).
+      const size_t cap = static_cast<size_t>(std::max<int64_t>(2 * k, 1024));
+      T floor_score = T(0);
       for (int64_t i = 0; i < per_image; ++i) {
         const T x = vi[i];
-        if (x > T(0)) pos.push_back({descending_key(x), i});
+        if (x > floor_score) {
+          pos.push_back({descending_key(x), i});
+          if (pos.size() >= cap) {
+            std::nth_element(pos.begin(), pos.begin() + (k - 1), pos.end());
+            pos.resize(k);
+            floor_score = vi[pos[k - 1].idx];
+          }
+        }
       }
       std::vector<int64_t> picked;
       picked.reserve(k);
