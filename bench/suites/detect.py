@@ -95,17 +95,16 @@ def cases(device: str, quick: bool):
     out.append(Case("detect", "heatmap_peaks", f"{b}x{c}x{hw}x{hw},k=100", "float32",
                     lambda: ops.heatmap_peaks(heat, 100, 3), "max_pool2d+topk", lambda: _peaks_peer(heat, 100),
                     work=heat.numel() * 4, check=_peaks_agree(heat)))
-    if device == "cpu":
-        g = torch.Generator().manual_seed(2)
-        n = 1000
-        centre = torch.rand(n, 2, generator=g) * 400
-        wh = torch.rand(n, 2, generator=g) * 60 + 10
-        sb = torch.cat([centre - wh / 2, centre + wh / 2], 1)
-        ss = torch.rand(n, generator=g)
-        for method in ("linear", "gaussian"):
-            out.append(Case("detect", f"soft_nms[{method}]", f"N={n}", "float32",
-                            lambda m=method: ops.soft_nms(sb, ss, 0.3, 0.5, 0.001, m),
-                            "reference step loop", lambda m=method: ref.soft_nms(sb, ss, 0.3, 0.5, 0.001, m),
-                            work=n * n * 20,
-                            check=lambda x, y: torch.equal(x[0], y[0]) and bool(torch.allclose(x[1], y[1], rtol=1e-5))))
+    g = torch.Generator().manual_seed(2)
+    n = 1000
+    centre = torch.rand(n, 2, generator=g) * 400
+    wh = torch.rand(n, 2, generator=g) * 60 + 10
+    sb = torch.cat([centre - wh / 2, centre + wh / 2], 1).to(device)
+    ss = torch.rand(n, generator=g).to(device)
+    for method in ("linear", "gaussian"):  # CPU: the C++ kernel; CUDA: the one-program Triton kernel
+        out.append(Case("detect", f"soft_nms[{method}]", f"N={n}", "float32",
+                        lambda m=method: ops.soft_nms(sb, ss, 0.3, 0.5, 0.001, m),
+                        "reference step loop", lambda m=method: ref.soft_nms(sb, ss, 0.3, 0.5, 0.001, m),
+                        work=n * n * 20,
+                        check=lambda x, y: torch.equal(x[0], y[0]) and bool(torch.allclose(x[1], y[1], rtol=1e-5))))
     return out
