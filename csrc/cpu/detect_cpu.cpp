@@ -165,24 +165,42 @@ void postprocess_impl(const at::Tensor& boxes, const at::Tensor& scores, double 
   using Key = decltype(descending_key(S()));
   at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
     std::vector<Cand<Key>> cand;
+    std::vector<uint8_t> box_ok;
     std::vector<Kept<T>> kept(agnostic ? 1 : c);
     for (int64_t img = lo; img < hi; ++img) {
       const S* si = sp + img * n * c;
       const T* bi = bp + img * n * (per_class ? c : 1) * 4;
       cand.clear();
-      for (int64_t i = 0; i < n; ++i) {
-        const T* shared = bi + i * 4;
-        const bool shared_ok = per_class || !(std::isnan(shared[0]) || std::isnan(shared[1]) ||
-                                              std::isnan(shared[2]) || std::isnan(shared[3]));
-        if (!shared_ok) continue;
-        for (int64_t j = 0; j < c; ++j) {
-          const S s = si[i * c + j];
-          if (!(s > sthr)) continue;
+      // Score filter over the flat (N * C) scores in blocks of 16: a vectorised "any above threshold"
+      // test per block, the scalar path only for blocks holding a candidate (~10% of them at 0.7% density).
+      box_ok.assign(per_class ? 0 : n, 1);
+      if (!per_class) {
+        for (int64_t i = 0; i < n; ++i) {
+          const T* p = bi + i * 4;
+          box_ok[i] = !(std::isnan(p[0]) || std::isnan(p[1]) || std::isnan(p[2]) || std::isnan(p[3]));
+        }
+      }
+      const int64_t total = n * c;
+      constexpr int64_t kBlock = 16;
+      for (int64_t f0 = 0; f0 < total; f0 += kBlock) {
+        const int64_t f1 = std::min(total, f0 + kBlock);
+        int any = 0;
+        if (f1 - f0 == kBlock) {
+          for (int64_t j = 0; j < kBlock; ++j) any |= si[f0 + j] > sthr;
+        } else {
+          any = 1;
+        }
+        if (!any) continue;
+        for (int64_t f = f0; f < f1; ++f) {
+          const S sc = si[f];
+          if (!(sc > sthr)) continue;
           if (per_class) {
-            const T* p = bi + (i * c + j) * 4;
+            const T* p = bi + f * 4;
             if (std::isnan(p[0]) || std::isnan(p[1]) || std::isnan(p[2]) || std::isnan(p[3])) continue;
+          } else if (!box_ok[f / c]) {
+            continue;
           }
-          cand.push_back({descending_key(s), i * c + j});
+          cand.push_back({descending_key(sc), f});
         }
       }
       for (auto& kl : kept) kl.clear();
