@@ -404,8 +404,24 @@ def test_opcheck_detect_ops():
                 skip_autograd=True)
 
 
-def test_compile_fullgraph_peaks():
+def test_compile_fullgraph_peaks_and_soft_nms():
     check_compiles(lambda h: ops.heatmap_peaks(h, 12, 3), (make_heat((2, 3, 10, 10)),))
+    check_compiles(lambda b, s: ops.soft_nms(b, s, 0.3, 0.5, 0.01, "gaussian"), (make_boxes((40,)), make_scores((40,))),
+                   backend="aot_eager")
+
+
+def test_non_contiguous_inputs():
+    heat = make_heat((2, 3, 12, 9)).transpose(2, 3)
+    boxes, scores = make_boxes((3, 50)), make_scores((3, 6, 50)).transpose(1, 2)
+    assert not heat.is_contiguous() and not scores.is_contiguous()
+    for backend in backends_under_test("cpu", ("cpp",)):
+        for g, w in zip(run(backend, ops.heatmap_peaks, heat, 30, 3), ref.heatmap_peaks(heat, 30, 3)):
+            assert torch.equal(g, w)
+        kw = dict(score_threshold=0.3, iou_threshold=0.5, max_detections=20)
+        _assert_padded_equal(_call(backend, boxes[:, ::1], scores, kw), _ref_post(boxes, scores, kw))
+        sb, ss = make_boxes((60,))[::2], make_scores((60,))[::2]
+        for g, w in zip(run(backend, ops.soft_nms, sb, ss, 0.3), ref.soft_nms(sb, ss, 0.3)):
+            assert torch.equal(g, w)
 
 
 # ---------------------------------------------------------------- Soft-NMS
