@@ -275,6 +275,13 @@ def _post_cases():
     nb[0, ::7, 1] = math.nan
     ns[1, ::5, 2] = math.nan
     cases.append(("nan", nb, ns, dict(score_threshold=0.2, iou_threshold=0.5, max_detections=100)))
+    # > 8 * max_det candidates: the C++ kernel's bounded first pass (prefix of the ranking) suffices ...
+    mb, ms = make_boxes((1, 1000)), make_scores((1, 1000, 8), ties=True)
+    cases.append(("bounded", mb, ms, dict(score_threshold=0.1, iou_threshold=0.0, max_detections=100)))
+    # ... or NMS runs out of the prefix before max_det and the kernel collects every candidate
+    cases.append(("bounded-fallback", mb, ms, dict(score_threshold=0.1, iou_threshold=0.0, max_detections=600)))
+    cases.append(("bounded-topk", mb, ms, dict(score_threshold=0.1, iou_threshold=0.0, max_detections=600,
+                                               pre_nms_top_k=3000)))
     cases.append(("zero-det", b, make_scores((3, 300, 6)), dict(score_threshold=0.3, iou_threshold=0.5,
                                                                max_detections=0)))
     cases.append(("one-class", make_boxes((1, 50)), make_scores((1, 50, 1)),

@@ -170,9 +170,19 @@ void postprocess_impl(const at::Tensor& boxes, const at::Tensor& scores, double 
     for (int64_t img = lo; img < hi; ++img) {
       const S* si = sp + img * n * c;
       const T* bi = bp + img * n * (per_class ? c : 1) * 4;
+      // Two attempts at most. The first keeps a bounded buffer: when it reaches `cap` candidates, only the
+      // best cap/2 stay and the scan then admits only scores above the worst of them (a later equal score
+      // has a larger index, so it ranks below), which leaves an exact prefix of the ranking. If NMS runs
+      // out of that prefix before max_det boxes are kept, the second attempt collects every candidate.
+      const size_t cap = static_cast<size_t>(std::max<int64_t>(8 * max_det, 4096));
+      int64_t count = 0;
+      for (int attempt = 0; attempt < 2; ++attempt) {
+      const bool bounded = attempt == 0;
+      bool truncated = false;
+      S floor_score = sthr;
       cand.clear();
-      // Score filter over the flat (N * C) scores in blocks of 16: a vectorised "any above threshold"
-      // test per block, the scalar path only for blocks holding a candidate (~10% of them at 0.7% density).
+      // Score filter over the flat (N * C) scores in blocks of 16: a vectorised "any above" test per
+      // block, the scalar path only for blocks holding a candidate (~10% of them at 0.7% density).
       box_ok.assign(per_class ? 0 : n, 1);
       if (!per_class) {
         for (int64_t i = 0; i < n; ++i) {
@@ -186,14 +196,14 @@ void postprocess_impl(const at::Tensor& boxes, const at::Tensor& scores, double 
         const int64_t f1 = std::min(total, f0 + kBlock);
         int any = 0;
         if (f1 - f0 == kBlock) {
-          for (int64_t j = 0; j < kBlock; ++j) any |= si[f0 + j] > sthr;
+          for (int64_t j = 0; j < kBlock; ++j) any |= si[f0 + j] > floor_score;
         } else {
           any = 1;
         }
         if (!any) continue;
         for (int64_t f = f0; f < f1; ++f) {
           const S sc = si[f];
-          if (!(sc > sthr)) continue;
+          if (!(sc > floor_score)) continue;
           if (per_class) {
             const T* p = bi + f * 4;
             if (std::isnan(p[0]) || std::isnan(p[1]) || std::isnan(p[2]) || std::isnan(p[3])) continue;
@@ -201,12 +211,20 @@ void postprocess_impl(const at::Tensor& boxes, const at::Tensor& scores, double 
             continue;
           }
           cand.push_back({descending_key(sc), f});
+          if (bounded && cand.size() >= cap) {
+            const size_t keep_n = cap / 2;
+            std::nth_element(cand.begin(), cand.begin() + (keep_n - 1), cand.end());
+            cand.resize(keep_n);
+            floor_score = si[cand[keep_n - 1].idx];
+            truncated = true;
+          }
         }
       }
       for (auto& kl : kept) kl.clear();
       const int64_t m = static_cast<int64_t>(cand.size());
       const int64_t limit = top_k >= 0 ? std::min(m, top_k) : m;
-      int64_t count = 0, start = 0;
+      count = 0;
+      int64_t start = 0;
       int64_t chunk = std::max<int64_t>(256, 2 * max_det);
       // Candidates are ranked lazily: the next chunk is selected (nth_element) and sorted only when the
       // greedy sweep needs it; the sweep stops as soon as max_det boxes are kept.
@@ -229,6 +247,10 @@ void postprocess_impl(const at::Tensor& boxes, const at::Tensor& scores, double 
         }
         start = end;
         chunk *= 2;
+      }
+      // Done unless the prefix was cut short of what NMS (or pre_nms_top_k) could still use.
+      const bool prefix_enough = !truncated || count >= max_det || (top_k >= 0 && top_k <= m);
+      if (prefix_enough) break;
       }
       nump[img] = count;
       for (int64_t r = count; r < max_det; ++r) {
