@@ -5,8 +5,10 @@
 #include "families/attention.h"
 #include "families/boxes.h"
 #include "families/detect.h"
+#include "families/fpn.h"
 #include "families/rnn.h"
 #include "families/rnn_ln.h"
+#include "families/roi.h"
 #include "families/ssm.h"
 #include "families/ssm_conv.h"
 #include "generated/build_config.h"
@@ -23,9 +25,11 @@ PYBIND11_MODULE(_C, m) {
         "Fill new kernel outputs with NaN / -1 before the kernel writes (tests)");
   fastnn::register_boxes(m);
   fastnn::register_detect(m);
+  fastnn::register_fpn(m);
   fastnn::register_attention(m);
   fastnn::register_ssm(m);
   fastnn::register_ssm_conv(m);
   fastnn::register_rnn(m);
   fastnn::register_rnn_ln(m);
+  fastnn::register_roi(m);
 }

@@ -1,0 +1,566 @@
+// CPU RoIAlign (one or several feature levels in one call) and RoIPool, forward and backward.
+//
+// RoIs are grouped by (level, image) with a stable counting sort; within a group they keep their order.
+//   NCHW:          one task per (group, channel): the channel plane of that image stays in cache while every
+//                  RoI of the group samples it. Sample positions and weights are computed once per RoI
+//                  (shared by all channels), for a bounded chunk of RoIs at a time.
+//   channels-last: one task per RoI (forward) or per (group, channel block) (backward); the four taps of a
+//                  sample are contiguous channel vectors, so the inner loop is a vectorised axpy.
+// Every output element is written by one task, and backward tasks add their RoIs in RoI order, bins in
+// order, samples in order: the gradient is bitwise deterministic, equal to torchvision's serial CPU
+// backward, and independent of the thread count. float16 / bfloat16 run in float32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common/alloc.h"
+#include "../common/roi_math.h"
+#include "../families/roi.h"
+
+namespace fastnn::cpu {
+namespace {
+
+// Sample tables for this many bytes of RoIs are built at a time (an RoI with an adaptive grid on a large
+// box can need thousands of samples per bin).
+constexpr int64_t kSampleBudgetBytes = int64_t(32) << 20;
+// Channels per backward task on channels-last input: four cache lines of float32.
+constexpr int64_t kChannelBlock = 64;
+// Planes per task on NCHW input: the sample tables are read once per block instead of once per channel
+// (reading them per channel cost more than the gathers: v1 of the bench), and 8 planes of a 200x200
+// float32 map (1.3 MB) stay in the 2 MB L2 while every RoI of the image samples them.
+constexpr int64_t kPlaneBlock = 8;
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// RoIs sorted by group = level * N + batch (stable), and where each group starts.
+struct Groups {
+  std::vector<int64_t> order;  // sorted position -> RoI index
+  std::vector<int64_t> start;  // group -> first sorted position; size groups + 1
+  int64_t n_batch = 0;
+};
+
+template <typename T>
+Groups group_rois(const T* rois, const int64_t* levels, int64_t k, int64_t n_levels, int64_t n_batch) {
+  Groups g;
+  g.n_batch = n_batch;
+  std::vector<int64_t> key(k);
+  for (int64_t i = 0; i < k; ++i) {
+    const T b = rois[5 * i];
+    // torchvision truncates the batch index; NaN and out-of-range indices are errors here.
+    TORCH_CHECK_VALUE(b == b && b > T(-1) && b < static_cast<T>(n_batch), "boxes[", i, ", 0] (batch index) is ",
+                      static_cast<double>(b), ", expected an integer in [0, ", n_batch, ")");
+    const int64_t lvl = levels ? levels[i] : 0;
+    TORCH_CHECK_VALUE(lvl >= 0 && lvl < n_levels, "levels[", i, "] is ", lvl, ", expected a level in [0, ", n_levels,
+                      ")");
+    key[i] = lvl * n_batch + static_cast<int64_t>(b);
+  }
+  const int64_t groups = n_levels * n_batch;
+  g.start.assign(groups + 1, 0);
+  for (int64_t i = 0; i < k; ++i) ++g.start[key[i] + 1];
+  for (int64_t j = 0; j < groups; ++j) g.start[j + 1] += g.start[j];
+  std::vector<int64_t> fill(g.start.begin(), g.start.end() - 1);
+  g.order.resize(k);
+  for (int64_t i = 0; i < k; ++i) g.order[fill[key[i]]++] = i;
+  return g;
+}
+
+// Sorted positions [lo, hi) cut at group boundaries: the (group, first, last) runs a task walks.
+struct Run {
+  int64_t group, lo, hi;
+};
+
+std::vector<Run> runs_between(const Groups& g, int64_t lo, int64_t hi) {
+  std::vector<Run> runs;
+  const int64_t groups = static_cast<int64_t>(g.start.size()) - 1;
+  int64_t grp = std::upper_bound(g.start.begin(), g.start.end(), lo) - g.start.begin() - 1;
+  for (int64_t p = lo; p < hi && grp < groups; ++grp) {
+    const int64_t end = std::min(hi, g.start[grp + 1]);
+    if (end > p) runs.push_back({grp, p, end});
+    p = std::max(p, end);
+  }
+  return runs;
+}
+
+struct Level {
+  int64_t height, width;
+  double scale;
+};
+
+// The valid samples of one RoI, bin by bin: bins[b]..bins[b + 1] index into taps.
+template <typename T>
+struct RoiSamples {
+  std::vector<int32_t> bins;
+  std::vector<BilinearSample<T>> taps;
+  T count = T(1);
+};
+
+template <typename T>
+void build_samples(const T* roi, const Level& lv, int pooled_h, int pooled_w, int sampling_ratio, bool aligned,
+                   RoiSamples<T>& out) {
+  const auto g = roi_align_geometry<T>(roi, static_cast<T>(lv.scale), pooled_h, pooled_w, sampling_ratio, aligned);
+  out.count = g.count;
+  out.bins.assign(1, 0);
+  out.taps.clear();
+  const int h = static_cast<int>(lv.height), w = static_cast<int>(lv.width);
+  std::vector<AxisTaps<T>> ty(g.grid_h), tx(g.grid_w);
+  for (int ph = 0; ph < pooled_h; ++ph) {
+    for (int iy = 0; iy < g.grid_h; ++iy) ty[iy] = axis_taps(roi_sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), h);
+    for (int pw = 0; pw < pooled_w; ++pw) {
+      for (int ix = 0; ix < g.grid_w; ++ix) tx[ix] = axis_taps(roi_sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), w);
+      for (int iy = 0; iy < g.grid_h; ++iy) {
+        if (!ty[iy].valid) continue;
+        for (int ix = 0; ix < g.grid_w; ++ix) {
+          if (tx[ix].valid) out.taps.push_back(bilinear_sample(ty[iy], tx[ix], w));
+        }
+      }
+      out.bins.push_back(static_cast<int32_t>(out.taps.size()));
+    }
+  }
+}
+
+// Sorted positions [lo, hi) whose sample tables fit the budget (at least one RoI).
+template <typename T>
+int64_t chunk_end(const Groups& g, const T* rois, const int64_t* levels, const std::vector<Level>& lv, int64_t lo,
+                  int pooled_h, int pooled_w, int sampling_ratio, bool aligned) {
+  const int64_t k = static_cast<int64_t>(g.order.size());
+  double bytes = 0;
+  int64_t hi = lo;
+  while (hi < k) {
+    const int64_t r = g.order[hi];
+    const Level& l = lv[levels ? levels[r] : 0];
+    const auto geo = roi_align_geometry<T>(rois + 5 * r, static_cast<T>(l.scale), pooled_h, pooled_w, sampling_ratio,
+                                           aligned);
+    bytes += double(pooled_h) * pooled_w * geo.grid_h * geo.grid_w * sizeof(BilinearSample<T>) + 64;
+    if (hi > lo && bytes > kSampleBudgetBytes) break;
+    ++hi;
+  }
+  return hi;
+}
+
+// ---------------------------------------------------------------- roi_align, NCHW
+
+template <typename T>
+void align_forward_nchw(const std::vector<const T*>& feats, const std::vector<Level>& lv, const T* rois,
+                        const int64_t* levels, const Groups& g, int64_t channels, int pooled_h, int pooled_w,
+                        int sampling_ratio, bool aligned, T* out) {
+  const int64_t k = static_cast<int64_t>(g.order.size());
+  const int64_t bins = int64_t(pooled_h) * pooled_w;
+  std::vector<RoiSamples<T>> samples;
+  for (int64_t lo = 0; lo < k;) {
+    const int64_t hi = chunk_end(g, rois, levels, lv, lo, pooled_h, pooled_w, sampling_ratio, aligned);
+    samples.resize(hi - lo);
+    at::parallel_for(lo, hi, 1, [&](int64_t a, int64_t b) {
+      for (int64_t p = a; p < b; ++p) {
+        const int64_t r = g.order[p];
+        build_samples(rois + 5 * r, lv[levels ? levels[r] : 0], pooled_h, pooled_w, sampling_ratio, aligned,
+                      samples[p - lo]);
+      }
+    });
+    const auto runs = runs_between(g, lo, hi);
+    const int64_t blocks = (channels + kPlaneBlock - 1) / kPlaneBlock;
+    at::parallel_for(0, static_cast<int64_t>(runs.size()) * blocks, 1, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t) {
+        const Run& run = runs[t / blocks];
+        const int64_t c0 = (t % blocks) * kPlaneBlock, cn = std::min(kPlaneBlock, channels - c0);
+        const int64_t lvl = run.group / g.n_batch, n = run.group % g.n_batch;
+        const int64_t hw = lv[lvl].height * lv[lvl].width;
+        const T* plane = feats[lvl] + (n * channels + c0) * hw;
+        for (int64_t p = run.lo; p < run.hi; ++p) {
+          const RoiSamples<T>& s = samples[p - lo];
+          T* o = out + (g.order[p] * channels + c0) * bins;
+          for (int64_t bin = 0; bin < bins; ++bin) {
+            T acc[kPlaneBlock] = {};
+            for (int32_t j = s.bins[bin]; j < s.bins[bin + 1]; ++j) {
+              const BilinearSample<T>& q = s.taps[j];
+              for (int64_t c = 0; c < cn; ++c) {
+                const T* pl = plane + c * hw;
+                acc[c] += q.w1 * pl[q.p1] + q.w2 * pl[q.p2] + q.w3 * pl[q.p3] + q.w4 * pl[q.p4];
+              }
+            }
+            for (int64_t c = 0; c < cn; ++c) o[c * bins + bin] = acc[c] / s.count;
+          }
+        }
+      }
+    });
+    lo = hi;
+  }
+}
+
+template <typename T>
+void align_backward_nchw(const std::vector<T*>& grads, const std::vector<Level>& lv, const T* rois,
+                         const int64_t* levels, const Groups& g, int64_t channels, int pooled_h, int pooled_w,
+                         int sampling_ratio, bool aligned, const T* grad_out) {
+  const int64_t k = static_cast<int64_t>(g.order.size());
+  const int64_t bins = int64_t(pooled_h) * pooled_w;
+  std::vector<RoiSamples<T>> samples;
+  for (int64_t lo = 0; lo < k;) {
+    const int64_t hi = chunk_end(g, rois, levels, lv, lo, pooled_h, pooled_w, sampling_ratio, aligned);
+    samples.resize(hi - lo);
+    at::parallel_for(lo, hi, 1, [&](int64_t a, int64_t b) {
+      for (int64_t p = a; p < b; ++p) {
+        const int64_t r = g.order[p];
+        build_samples(rois + 5 * r, lv[levels ? levels[r] : 0], pooled_h, pooled_w, sampling_ratio, aligned,
+                      samples[p - lo]);
+      }
+    });
+    const auto runs = runs_between(g, lo, hi);
+    const int64_t blocks = (channels + kPlaneBlock - 1) / kPlaneBlock;
+    at::parallel_for(0, static_cast<int64_t>(runs.size()) * blocks, 1, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t) {
+        const Run& run = runs[t / blocks];
+        const int64_t c0 = (t % blocks) * kPlaneBlock, cn = std::min(kPlaneBlock, channels - c0);
+        const int64_t lvl = run.group / g.n_batch, n = run.group % g.n_batch;
+        const int64_t hw = lv[lvl].height * lv[lvl].width;
+        T* plane = grads[lvl] + (n * channels + c0) * hw;
+        for (int64_t p = run.lo; p < run.hi; ++p) {
+          const RoiSamples<T>& s = samples[p - lo];
+          const T* go = grad_out + (g.order[p] * channels + c0) * bins;
+          for (int64_t bin = 0; bin < bins; ++bin) {
+            for (int32_t j = s.bins[bin]; j < s.bins[bin + 1]; ++j) {
+              const BilinearSample<T>& q = s.taps[j];
+              for (int64_t c = 0; c < cn; ++c) {
+                const T gb = go[c * bins + bin];
+                T* pl = plane + c * hw;
+                // torchvision's order: (grad * w) / count
+                pl[q.p1] += gb * q.w1 / s.count;
+                pl[q.p2] += gb * q.w2 / s.count;
+                pl[q.p3] += gb * q.w3 / s.count;
+                pl[q.p4] += gb * q.w4 / s.count;
+              }
+            }
+          }
+        }
+      }
+    });
+    lo = hi;
+  }
+}
+
+// ---------------------------------------------------------------- roi_align, channels-last
+
+template <typename T>
+void align_forward_nhwc(const std::vector<const T*>& feats, const std::vector<Level>& lv, const T* rois,
+                        const int64_t* levels, const Groups& g, int64_t channels, int pooled_h, int pooled_w,
+                        int sampling_ratio, bool aligned, T* out) {
+  const int64_t k = static_cast<int64_t>(g.order.size());
+  const int64_t bins = int64_t(pooled_h) * pooled_w;
+  at::parallel_for(0, k, 1, [&](int64_t a, int64_t b) {
+    RoiSamples<T> s;
+    std::vector<T> acc(channels);
+    for (int64_t r = a; r < b; ++r) {
+      const int64_t lvl = levels ? levels[r] : 0;
+      const Level& l = lv[lvl];
+      build_samples(rois + 5 * r, l, pooled_h, pooled_w, sampling_ratio, aligned, s);
+      const int64_t n = static_cast<int64_t>(rois[5 * r]);
+      const T* img = feats[lvl] + n * l.height * l.width * channels;
+      T* acc_p = acc.data();
+      for (int64_t bin = 0; bin < bins; ++bin) {
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int32_t j = s.bins[bin]; j < s.bins[bin + 1]; ++j) {
+          const BilinearSample<T>& q = s.taps[j];
+          const T* v1 = img + int64_t(q.p1) * channels;
+          const T* v2 = img + int64_t(q.p2) * channels;
+          const T* v3 = img + int64_t(q.p3) * channels;
+          const T* v4 = img + int64_t(q.p4) * channels;
+          const T w1 = q.w1, w2 = q.w2, w3 = q.w3, w4 = q.w4;
+#pragma omp simd
+          for (int64_t c = 0; c < channels; ++c) acc_p[c] += w1 * v1[c] + w2 * v2[c] + w3 * v3[c] + w4 * v4[c];
+        }
+        T* o = out + (r * bins + bin) * channels;
+        const T cnt = s.count;
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) o[c] = acc_p[c] / cnt;
+      }
+    }
+  });
+  (void)g;
+}
+
+template <typename T>
+void align_backward_nhwc(const std::vector<T*>& grads, const std::vector<Level>& lv, const T* rois,
+                         const int64_t* levels, const Groups& g, int64_t channels, int pooled_h, int pooled_w,
+                         int sampling_ratio, bool aligned, const T* grad_out) {
+  const int64_t k = static_cast<int64_t>(g.order.size());
+  const int64_t bins = int64_t(pooled_h) * pooled_w;
+  const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
+  std::vector<RoiSamples<T>> samples;
+  for (int64_t lo = 0; lo < k;) {
+    const int64_t hi = chunk_end(g, rois, levels, lv, lo, pooled_h, pooled_w, sampling_ratio, aligned);
+    samples.resize(hi - lo);
+    at::parallel_for(lo, hi, 1, [&](int64_t a, int64_t b) {
+      for (int64_t p = a; p < b; ++p) {
+        const int64_t r = g.order[p];
+        build_samples(rois + 5 * r, lv[levels ? levels[r] : 0], pooled_h, pooled_w, sampling_ratio, aligned,
+                      samples[p - lo]);
+      }
+    });
+    const auto runs = runs_between(g, lo, hi);
+    const int64_t tasks = static_cast<int64_t>(runs.size()) * blocks;
+    at::parallel_for(0, tasks, 1, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t) {
+        const Run& run = runs[t / blocks];
+        const int64_t c0 = (t % blocks) * kChannelBlock, cn = std::min(kChannelBlock, channels - c0);
+        const int64_t lvl = run.group / g.n_batch, n = run.group % g.n_batch;
+        T* img = grads[lvl] + n * lv[lvl].height * lv[lvl].width * channels + c0;
+        for (int64_t p = run.lo; p < run.hi; ++p) {
+          const RoiSamples<T>& s = samples[p - lo];
+          const T cnt = s.count;
+          for (int64_t bin = 0; bin < bins; ++bin) {
+            const T* gb = grad_out + (g.order[p] * bins + bin) * channels + c0;
+            for (int32_t j = s.bins[bin]; j < s.bins[bin + 1]; ++j) {
+              const BilinearSample<T>& q = s.taps[j];
+              T* d1 = img + int64_t(q.p1) * channels;
+              T* d2 = img + int64_t(q.p2) * channels;
+              T* d3 = img + int64_t(q.p3) * channels;
+              T* d4 = img + int64_t(q.p4) * channels;
+              const T w1 = q.w1, w2 = q.w2, w3 = q.w3, w4 = q.w4;
+              // Sequential per channel (taps may coincide at the border): same order as the NCHW path.
+              for (int64_t c = 0; c < cn; ++c) {
+                d1[c] += gb[c] * w1 / cnt;
+                d2[c] += gb[c] * w2 / cnt;
+                d3[c] += gb[c] * w3 / cnt;
+                d4[c] += gb[c] * w4 / cnt;
+              }
+            }
+          }
+        }
+      }
+    });
+    lo = hi;
+  }
+}
+
+// Zeroes gradient buffers in parallel (first touch by the threads that will write them).
+void zero_parallel(at::Tensor& t) {
+  const int64_t n = t.numel();
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "roi_zero", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1 << 16, [&](int64_t a, int64_t b) { std::fill(p + a, p + b, scalar_t(0)); });
+  });
+}
+
+std::vector<Level> levels_of(const std::vector<int64_t>& shapes, const std::vector<double>& scales) {
+  std::vector<Level> lv;
+  for (size_t l = 0; l < scales.size(); ++l) lv.push_back({shapes[4 * l + 2], shapes[4 * l + 3], scales[l]});
+  return lv;
+}
+
+void check_common(const at::Tensor& rois, const c10::optional<at::Tensor>& levels, size_t n_levels,
+                  const std::vector<double>& scales, int64_t pooled_h, int64_t pooled_w) {
+  TORCH_CHECK(n_levels >= 1 && scales.size() == n_levels, "fastnn roi_align: one scale per level expected");
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, "fastnn roi_align: rois must be (K, 5)");
+  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, "fastnn roi_align: output size must be positive");
+  TORCH_CHECK(levels.has_value() || n_levels == 1, "fastnn roi_align: levels are required with several levels");
+  if (levels.has_value()) {
+    TORCH_CHECK(levels->scalar_type() == at::kLong && levels->dim() == 1 && levels->size(0) == rois.size(0),
+                "fastnn roi_align: levels must be int64 (K,)");
+  }
+}
+
+}  // namespace
+
+at::Tensor roi_align_forward(const std::vector<at::Tensor>& features, const at::Tensor& rois,
+                             const c10::optional<at::Tensor>& levels, const std::vector<double>& scales,
+                             int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+                             bool channels_last) {
+  check_common(rois, levels, features.size(), scales, pooled_h, pooled_w);
+  const auto dtype = features[0].scalar_type();
+  const auto ct = compute_type(dtype);
+  const int64_t n_batch = features[0].size(0), channels = features[0].size(1), k = rois.size(0);
+  const bool nhwc = channels_last;
+  for (const auto& f : features) {
+    TORCH_CHECK(f.dim() == 4 && f.size(0) == n_batch && f.size(1) == channels && f.scalar_type() == dtype,
+                "fastnn roi_align: every level must be (N, C, H, W) with the same N, C and dtype");
+  }
+  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  std::vector<at::Tensor> feats;
+  std::vector<int64_t> shapes;
+  for (const auto& f : features) {
+    feats.push_back(f.to(ct).contiguous(fmt));
+    for (int d = 0; d < 4; ++d) shapes.push_back(f.size(d));
+  }
+  const at::Tensor r = rois.to(ct).contiguous();
+  const at::Tensor lvl = levels.has_value() ? levels->contiguous() : at::Tensor();
+  at::Tensor out = new_output({k, channels, pooled_h, pooled_w}, feats[0].options().memory_format(fmt));
+  if (out.numel() == 0) return out.to(dtype);
+  AT_DISPATCH_FLOATING_TYPES(ct, "roi_align_forward_cpu", [&] {
+    std::vector<const scalar_t*> ptrs;
+    for (const auto& f : feats) ptrs.push_back(f.data_ptr<scalar_t>());
+    const int64_t* lp = lvl.defined() ? lvl.data_ptr<int64_t>() : nullptr;
+    const Groups g = group_rois(r.data_ptr<scalar_t>(), lp, k, static_cast<int64_t>(feats.size()), n_batch);
+    const auto lv = levels_of(shapes, scales);
+    if (nhwc) {
+      align_forward_nhwc(ptrs, lv, r.data_ptr<scalar_t>(), lp, g, channels, int(pooled_h), int(pooled_w),
+                         int(sampling_ratio), aligned, out.data_ptr<scalar_t>());
+    } else {
+      align_forward_nchw(ptrs, lv, r.data_ptr<scalar_t>(), lp, g, channels, int(pooled_h), int(pooled_w),
+                         int(sampling_ratio), aligned, out.data_ptr<scalar_t>());
+    }
+  });
+  return out.to(dtype);
+}
+
+std::vector<at::Tensor> roi_align_backward(const at::Tensor& grad, const at::Tensor& rois,
+                                           const c10::optional<at::Tensor>& levels, const std::vector<double>& scales,
+                                           const std::vector<int64_t>& feature_shapes, bool channels_last,
+                                           int64_t sampling_ratio, bool aligned) {
+  const size_t n_levels = scales.size();
+  TORCH_CHECK(feature_shapes.size() == 4 * n_levels, "fastnn roi_align backward: 4 sizes per level expected");
+  check_common(rois, levels, n_levels, scales, grad.size(2), grad.size(3));
+  const auto dtype = grad.scalar_type();
+  const auto ct = compute_type(dtype);
+  const int64_t n_batch = feature_shapes[0], channels = feature_shapes[1], k = rois.size(0);
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  std::vector<at::Tensor> grads;
+  for (size_t l = 0; l < n_levels; ++l) {
+    at::Tensor gi = at::empty({feature_shapes[4 * l], feature_shapes[4 * l + 1], feature_shapes[4 * l + 2],
+                               feature_shapes[4 * l + 3]},
+                              grad.options().dtype(ct).memory_format(fmt));
+    zero_parallel(gi);
+    grads.push_back(gi);
+  }
+  if (k > 0 && channels > 0) {
+    const at::Tensor go = grad.to(ct).contiguous(fmt);
+    const at::Tensor r = rois.to(ct).contiguous();
+    const at::Tensor lvl = levels.has_value() ? levels->contiguous() : at::Tensor();
+    const int pooled_h = static_cast<int>(grad.size(2)), pooled_w = static_cast<int>(grad.size(3));
+    AT_DISPATCH_FLOATING_TYPES(ct, "roi_align_backward_cpu", [&] {
+      std::vector<scalar_t*> ptrs;
+      for (auto& gi : grads) ptrs.push_back(gi.data_ptr<scalar_t>());
+      const int64_t* lp = lvl.defined() ? lvl.data_ptr<int64_t>() : nullptr;
+      const Groups g = group_rois(r.data_ptr<scalar_t>(), lp, k, static_cast<int64_t>(n_levels), n_batch);
+      const auto lv = levels_of(feature_shapes, scales);
+      if (channels_last) {
+        align_backward_nhwc(ptrs, lv, r.data_ptr<scalar_t>(), lp, g, channels, pooled_h, pooled_w,
+                            int(sampling_ratio), aligned, go.data_ptr<scalar_t>());
+      } else {
+        align_backward_nchw(ptrs, lv, r.data_ptr<scalar_t>(), lp, g, channels, pooled_h, pooled_w,
+                            int(sampling_ratio), aligned, go.data_ptr<scalar_t>());
+      }
+    });
+  }
+  for (auto& gi : grads) gi = gi.to(dtype);
+  return grads;
+}
+
+// ---------------------------------------------------------------- roi_pool
+
+// The forward always reads channels-last (an NCHW input is transposed once): the max over a bin's window
+// then runs along contiguous channels, vectorised, where NCHW windows are short strided rows (bench/NOTES.md).
+std::vector<at::Tensor> roi_pool_forward(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
+                                         int64_t pooled_h, int64_t pooled_w, bool channels_last) {
+  TORCH_CHECK(input.dim() == 4 && rois.dim() == 2 && rois.size(1) == 5, "fastnn roi_pool: bad shapes");
+  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, "fastnn roi_pool: output size must be positive");
+  const auto dtype = input.scalar_type();
+  const auto ct = compute_type(dtype);
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = input.to(ct).contiguous(cl);
+  const at::Tensor r = rois.to(ct).contiguous();
+  const int64_t n_batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3), k = r.size(0);
+  at::Tensor out = new_output({k, channels, pooled_h, pooled_w}, x.options().memory_format(cl));
+  at::Tensor arg = new_output({k, channels, pooled_h, pooled_w}, x.options().dtype(at::kInt).memory_format(cl));
+  if (out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "roi_pool_forward_cpu", [&] {
+      using T = scalar_t;
+      const T* rp = r.data_ptr<T>();
+      group_rois(rp, nullptr, k, 1, n_batch);  // validates the batch indices
+      const T* xp = x.data_ptr<T>();
+      T* op = out.data_ptr<T>();
+      int32_t* ap = arg.data_ptr<int32_t>();
+      const int64_t bins = pooled_h * pooled_w;
+      const T lowest = static_cast<T>(-std::numeric_limits<float>::max());  // torchvision's -FLT_MAX
+      at::parallel_for(0, k, 1, [&](int64_t a, int64_t b) {
+        for (int64_t i = a; i < b; ++i) {
+          const int64_t n = static_cast<int64_t>(rp[5 * i]);
+          const T* img = xp + n * channels * height * width;
+          for (int64_t bin = 0; bin < bins; ++bin) {
+            const auto w = roi_pool_window<T>(rp + 5 * i, static_cast<T>(spatial_scale), int(pooled_h), int(pooled_w),
+                                              int(bin / pooled_w), int(bin % pooled_w), int(height), int(width));
+            const bool empty = w.h1 <= w.h0 || w.w1 <= w.w0;
+            T* best = op + (i * bins + bin) * channels;
+            int32_t* where = ap + (i * bins + bin) * channels;
+            std::fill(best, best + channels, empty ? T(0) : lowest);
+            std::fill(where, where + channels, -1);
+            for (int h = w.h0; h < w.h1; ++h) {
+              for (int x0 = w.w0; x0 < w.w1; ++x0) {
+                const int32_t pos = h * int32_t(width) + x0;
+                const T* v = img + int64_t(pos) * channels;
+                _Pragma("omp simd")  // a #pragma cannot sit in AT_DISPATCH's macro argument
+                for (int64_t c = 0; c < channels; ++c) {
+                  const bool more = v[c] > best[c];  // strict: the first maximum wins, NaN never does
+                  best[c] = more ? v[c] : best[c];
+                  where[c] = more ? pos : where[c];
+                }
+              }
+            }
+          }
+        }
+      });
+    });
+  }
+  if (!channels_last) return {out.contiguous().to(dtype), arg.contiguous()};
+  return {out.to(dtype), arg};
+}
+
+at::Tensor roi_pool_backward(const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& argmax,
+                             const std::vector<int64_t>& input_shape, bool channels_last) {
+  TORCH_CHECK(input_shape.size() == 4, "fastnn roi_pool backward: input_shape must have 4 sizes");
+  const auto dtype = grad.scalar_type();
+  const auto ct = compute_type(dtype);
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const int64_t n_batch = input_shape[0], channels = input_shape[1], hw = input_shape[2] * input_shape[3];
+  at::Tensor gi = at::empty({input_shape[0], input_shape[1], input_shape[2], input_shape[3]},
+                            grad.options().dtype(ct).memory_format(fmt));
+  zero_parallel(gi);
+  const int64_t k = rois.size(0);
+  if (k > 0 && channels > 0) {
+    const at::Tensor go = grad.to(ct).contiguous(fmt);
+    const at::Tensor am = argmax.contiguous(fmt);
+    const at::Tensor r = rois.to(ct).contiguous();
+    const int64_t bins = grad.size(2) * grad.size(3);
+    AT_DISPATCH_FLOATING_TYPES(ct, "roi_pool_backward_cpu", [&] {
+      using T = scalar_t;
+      const Groups g = group_rois(r.data_ptr<T>(), nullptr, k, 1, n_batch);
+      const auto runs = runs_between(g, 0, k);
+      const T* gp = go.data_ptr<T>();
+      const int32_t* ap = am.data_ptr<int32_t>();
+      T* dp = gi.data_ptr<T>();
+      const int64_t blocks = channels_last ? (channels + kChannelBlock - 1) / kChannelBlock : channels;
+      at::parallel_for(0, static_cast<int64_t>(runs.size()) * blocks, 1, [&](int64_t a, int64_t b) {
+        for (int64_t t = a; t < b; ++t) {
+          const Run& run = runs[t / blocks];
+          const int64_t n = run.group;
+          if (channels_last) {
+            const int64_t c0 = (t % blocks) * kChannelBlock, cn = std::min(kChannelBlock, channels - c0);
+            T* img = dp + n * hw * channels + c0;
+            for (int64_t p = run.lo; p < run.hi; ++p) {
+              const int64_t base = g.order[p] * bins * channels + c0;
+              for (int64_t bin = 0; bin < bins; ++bin) {
+                for (int64_t c = 0; c < cn; ++c) {
+                  const int32_t at = ap[base + bin * channels + c];
+                  if (at >= 0) img[int64_t(at) * channels + c] += gp[base + bin * channels + c];
+                }
+              }
+            }
+          } else {
+            const int64_t c = t % blocks;
+            T* plane = dp + (n * channels + c) * hw;
+            for (int64_t p = run.lo; p < run.hi; ++p) {
+              const int64_t base = (g.order[p] * channels + c) * bins;
+              for (int64_t bin = 0; bin < bins; ++bin) {
+                const int32_t at = ap[base + bin];
+                if (at >= 0) plane[at] += gp[base + bin];
+              }
+            }
+          }
+        }
+      });
+    });
+  }
+  return gi.to(dtype);
+}
+
+}  // namespace fastnn::cpu

@@ -1,0 +1,167 @@
+// The CUDA RoIAlign kernels run on the CPU: the per-thread bodies of csrc/cuda/roi_align_kernels.cuh, one
+// loop iteration per CUDA thread, and the same glue (csrc/cuda/roi_align_plan.h) as the CUDA launchers.
+// For the tests on machines without a GPU: the index math, the entry layout, the stable-sort segments and
+// the reduce order are checked against the reference and the CPU kernels. Not a production path.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../common/alloc.h"
+#include "../cuda/roi_align_plan.h"
+#include "../families/roi.h"
+
+namespace fastnn::cpu {
+
+at::Tensor roi_align_forward_emulated(const std::vector<at::Tensor>& features, const at::Tensor& rois,
+                                      const c10::optional<at::Tensor>& levels, const std::vector<double>& scales,
+                                      int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+                                      bool channels_last) {
+  const auto dtype = features[0].scalar_type();
+  const auto ct = roi_compute_type(dtype);
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  std::vector<at::Tensor> feats;
+  std::vector<int64_t> shapes;
+  for (const auto& f : features) {
+    feats.push_back(f.to(ct).contiguous(fmt));
+    for (int d = 0; d < 4; ++d) shapes.push_back(f.size(d));
+  }
+  const at::Tensor r = rois.to(ct).contiguous();
+  const at::Tensor lvl = levels.has_value() ? levels->contiguous() : at::Tensor();
+  at::Tensor out = new_output({r.size(0), shapes[1], pooled_h, pooled_w}, feats[0].options().memory_format(fmt));
+  if (out.numel() == 0) return out.to(dtype);
+  roi_check_indices(r, lvl, shapes[0], static_cast<int64_t>(feats.size()));
+  RoiAlignParams p = roi_align_params(shapes, scales, r, lvl, pooled_h, pooled_w, sampling_ratio, aligned,
+                                      channels_last);
+  for (size_t l = 0; l < feats.size(); ++l) p.levels[l].data = feats[l].data_ptr();
+  AT_DISPATCH_FLOATING_TYPES(ct, "roi_align_forward_emulated", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, out.numel(), 1024, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {  // one CUDA thread each
+        int64_t at_;
+        const scalar_t v = roi_align_forward_element<scalar_t>(p, i, at_);
+        o[at_] = v;
+      }
+    });
+  });
+  return out.to(dtype);
+}
+
+std::vector<at::Tensor> roi_align_backward_emulated(const at::Tensor& grad, const at::Tensor& rois,
+                                                    const c10::optional<at::Tensor>& levels,
+                                                    const std::vector<double>& scales,
+                                                    const std::vector<int64_t>& feature_shapes, bool channels_last,
+                                                    int64_t sampling_ratio, bool aligned) {
+  const auto dtype = grad.scalar_type();
+  const auto ct = roi_compute_type(dtype);
+  const size_t n_levels = scales.size();
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  std::vector<at::Tensor> grads;
+  for (size_t l = 0; l < n_levels; ++l) {
+    grads.push_back(at::empty({feature_shapes[4 * l], feature_shapes[4 * l + 1], feature_shapes[4 * l + 2],
+                               feature_shapes[4 * l + 3]},
+                              grad.options().dtype(ct).memory_format(fmt)).zero_());  // at::zeros drops the format
+  }
+  const int64_t k = rois.size(0), channels = feature_shapes[1];
+  if (k > 0 && channels > 0) {
+    const at::Tensor r = rois.to(ct).contiguous();
+    const at::Tensor lvl = levels.has_value() ? levels->contiguous() : at::Tensor();
+    roi_check_indices(r, lvl, feature_shapes[0], static_cast<int64_t>(n_levels));
+    const at::Tensor go = grad.to(ct).contiguous(at::MemoryFormat::ChannelsLast);
+    const RoiAlignParams p = roi_align_params(feature_shapes, scales, r, lvl, grad.size(2), grad.size(3),
+                                              sampling_ratio, aligned, channels_last);
+    AT_DISPATCH_FLOATING_TYPES(ct, "roi_align_backward_emulated", [&] {
+      using T = scalar_t;
+      RoiGradTargets<T> targets{};
+      for (size_t l = 0; l < n_levels; ++l) targets.grad[l] = grads[l].data_ptr<T>();
+      roi_align_backward_sequence(
+          k, grad.options().dtype(ct),
+          [&](RoiBackwardPlan& pl) {
+            for (int64_t i = 0; i < k; ++i) {
+              T c;
+              pl.counts.data_ptr<int64_t>()[i] = roi_align_sample_count<T>(p, i, c);
+              pl.roi_count.data_ptr<T>()[i] = c;
+            }
+          },
+          [&](RoiBackwardPlan& pl) {
+            at::parallel_for(0, pl.samples, 1024, [&](int64_t a, int64_t b) {
+              for (int64_t s = a; s < b; ++s) {
+                roi_align_backward_entries<T>(p, pl.starts.data_ptr<int64_t>(), s, pl.keys.data_ptr<int64_t>(),
+                                              pl.sources.data_ptr<int64_t>(), pl.weights.data_ptr<T>());
+              }
+            });
+          },
+          [&](RoiBackwardPlan& pl) {
+            at::parallel_for(0, pl.segments * channels, 1024, [&](int64_t a, int64_t b) {
+              for (int64_t i = a; i < b; ++i) {
+                roi_align_backward_segment<T>(p, pl.seg_start.data_ptr<int64_t>(), pl.sorted_keys.data_ptr<int64_t>(),
+                                              pl.order.data_ptr<int64_t>(), pl.sources.data_ptr<int64_t>(),
+                                              pl.weights.data_ptr<T>(), pl.roi_count.data_ptr<T>(), go.data_ptr<T>(),
+                                              i / channels, i % channels, targets);
+              }
+            });
+          });
+    });
+  }
+  for (auto& g : grads) g = g.to(dtype);
+  return grads;
+}
+
+std::vector<at::Tensor> roi_pool_forward_emulated(const at::Tensor& input, const at::Tensor& rois,
+                                                  double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                                                  bool channels_last) {
+  const auto dtype = input.scalar_type();
+  const auto ct = roi_compute_type(dtype);
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = input.to(ct).contiguous(fmt);
+  const at::Tensor r = rois.to(ct).contiguous();
+  at::Tensor out = new_output({r.size(0), x.size(1), pooled_h, pooled_w}, x.options().memory_format(fmt));
+  at::Tensor arg = new_output({r.size(0), x.size(1), pooled_h, pooled_w}, x.options().dtype(at::kInt).memory_format(fmt));
+  if (out.numel() == 0) return {out.to(dtype), arg};
+  roi_check_indices(r, at::Tensor(), x.size(0), 1);
+  RoiPoolParams p = roi_pool_params(x, r, spatial_scale, pooled_h, pooled_w, channels_last);
+  p.channels = x.size(1);
+  p.height = x.size(2);
+  p.width = x.size(3);
+  AT_DISPATCH_FLOATING_TYPES(ct, "roi_pool_forward_emulated", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    int32_t* a = arg.data_ptr<int32_t>();
+    for (int64_t i = 0; i < out.numel(); ++i) o[i] = roi_pool_forward_element<scalar_t>(p, i, a[i]);
+  });
+  return {out.to(dtype), arg};
+}
+
+at::Tensor roi_pool_backward_emulated(const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& argmax,
+                                      const std::vector<int64_t>& input_shape, bool channels_last) {
+  const auto dtype = grad.scalar_type();
+  const auto ct = roi_compute_type(dtype);
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor gi = at::empty({input_shape[0], input_shape[1], input_shape[2], input_shape[3]},
+                            grad.options().dtype(ct).memory_format(fmt)).zero_();
+  const int64_t total = grad.numel();
+  if (total == 0) return gi.to(dtype);
+  const at::Tensor go = grad.to(ct).contiguous(fmt);
+  const at::Tensor am = argmax.contiguous(fmt);
+  const at::Tensor r = rois.to(ct).contiguous();
+  RoiPoolParams p = roi_pool_params(at::Tensor(), r, 1.0, grad.size(2), grad.size(3), channels_last);
+  p.channels = input_shape[1];
+  p.height = input_shape[2];
+  p.width = input_shape[3];
+  AT_DISPATCH_FLOATING_TYPES(ct, "roi_pool_backward_emulated", [&] {
+    at::Tensor keys = at::empty({total}, grad.options().dtype(at::kLong));
+    for (int64_t i = 0; i < total; ++i) {
+      keys.data_ptr<int64_t>()[i] = roi_pool_backward_key<scalar_t>(p, am.data_ptr<int32_t>(), i);
+    }
+    const KeySegments seg = sort_segments(keys);
+    const int64_t* ss = seg.seg_start.data_ptr<int64_t>();
+    const int64_t* sk = seg.sorted_keys.data_ptr<int64_t>();
+    for (int64_t s = 0; s < seg.segments; ++s) {
+      if (sk[ss[s]] == kNoPixel) continue;
+      gi.data_ptr<scalar_t>()[sk[ss[s]]] =
+          roi_pool_backward_reduce<scalar_t>(seg.order.data_ptr<int64_t>(), ss[s], ss[s + 1], go.data_ptr<scalar_t>());
+    }
+  });
+  return gi.to(dtype);
+}
+
+}  // namespace fastnn::cpu

@@ -1,0 +1,132 @@
+// The device-independent glue of the RoIAlign kernels (ATen calls only): parameters, RoI checks and the
+// backward's count -> entries -> stable sort -> segments -> reduce sequence. The CUDA launchers
+// (roi_align_cuda.cu) and the CPU emulation used by the tests (csrc/cpu/roi_align_emulated.cpp) both run
+// it, with their own way of running the per-thread bodies of roi_align_kernels.cuh.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "roi_align_kernels.cuh"
+
+namespace fastnn {
+
+inline at::ScalarType roi_compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline RoiAlignParams roi_align_params(const std::vector<int64_t>& shapes, const std::vector<double>& scales,
+                                       const at::Tensor& rois, const at::Tensor& levels, int64_t pooled_h,
+                                       int64_t pooled_w, int64_t sampling_ratio, bool aligned, bool channels_last) {
+  const int n_levels = static_cast<int>(scales.size());
+  TORCH_CHECK(n_levels >= 1 && n_levels <= kRoiMaxLevels && shapes.size() == 4 * scales.size(),
+              "fastnn roi_align: 1 to ", kRoiMaxLevels, " levels supported, got ", n_levels);
+  RoiAlignParams p{};
+  int64_t base = 0;
+  for (int l = 0; l < n_levels; ++l) {
+    p.levels[l] = RoiLevel{nullptr, shapes[4 * l + 2], shapes[4 * l + 3], scales[l], base};
+    base += shapes[4 * l] * shapes[4 * l + 2] * shapes[4 * l + 3];
+  }
+  p.n_levels = n_levels;
+  p.n_batch = shapes[0];
+  p.channels = shapes[1];
+  p.pooled_h = static_cast<int>(pooled_h);
+  p.pooled_w = static_cast<int>(pooled_w);
+  p.sampling_ratio = static_cast<int>(sampling_ratio);
+  p.aligned = aligned;
+  p.channels_last = channels_last;
+  p.rois = rois.data_ptr();
+  p.roi_levels = levels.defined() ? levels.data_ptr<int64_t>() : nullptr;
+  p.n_rois = rois.size(0);
+  return p;
+}
+
+// Batch indices in [0, N) and levels in [0, L), so that a bad RoI raises a ValueError naming it instead of
+// reading out of bounds (on CUDA: one small reduction and a host read).
+inline void roi_check_indices(const at::Tensor& rois, const at::Tensor& levels, int64_t n_batch, int64_t n_levels) {
+  const at::Tensor b = rois.select(1, 0);
+  const at::Tensor bad_batch = ((b <= -1) | (b >= n_batch) | b.isnan()).nonzero();
+  if (bad_batch.numel() > 0) {
+    const int64_t k = bad_batch[0][0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "boxes[", k, ", 0] (batch index) is ", b[k].item<double>(),
+                      ", expected an integer in [0, ", n_batch, ")");
+  }
+  if (levels.defined()) {
+    const at::Tensor bad_level = ((levels < 0) | (levels >= n_levels)).nonzero();
+    if (bad_level.numel() > 0) {
+      const int64_t k = bad_level[0][0].item<int64_t>();
+      TORCH_CHECK_VALUE(false, "levels[", k, "] is ", levels[k].item<int64_t>(), ", expected a level in [0, ",
+                        n_levels, ")");
+    }
+  }
+}
+
+// Stable sort of `keys` and the start of each run of equal keys (plus a final end): the segments the
+// reduce kernels sum.
+struct KeySegments {
+  at::Tensor sorted_keys, order, seg_start;
+  int64_t segments = 0;
+};
+
+inline KeySegments sort_segments(const at::Tensor& keys) {
+  KeySegments out;
+  const int64_t n = keys.size(0);
+  auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  out.sorted_keys = std::get<0>(sorted);
+  out.order = std::get<1>(sorted);
+  at::Tensor is_start = at::ones({n}, keys.options().dtype(at::kBool));
+  if (n > 1) is_start.slice(0, 1).copy_(out.sorted_keys.slice(0, 1) != out.sorted_keys.slice(0, 0, n - 1));
+  out.seg_start = at::cat({is_start.nonzero().flatten(), at::full({1}, n, keys.options())});
+  out.segments = out.seg_start.size(0) - 1;
+  return out;
+}
+
+// The backward's buffers, filled step by step.
+struct RoiBackwardPlan {
+  at::Tensor counts, roi_count, starts;    // per RoI: samples, averaging count, first sample
+  int64_t samples = 0;
+  at::Tensor keys, sources, weights;       // per tap (4 per sample)
+  at::Tensor sorted_keys, order, seg_start;
+  int64_t segments = 0;
+};
+
+// count(plan) fills counts / roi_count; entries(plan) fills keys / sources / weights; reduce(plan) writes
+// the gradients. Returns false when no sample exists (the gradients stay zero).
+template <typename CountFn, typename EntriesFn, typename ReduceFn>
+bool roi_align_backward_sequence(int64_t k, const at::TensorOptions& compute, CountFn count, EntriesFn entries,
+                                 ReduceFn reduce) {
+  RoiBackwardPlan plan;
+  const auto i64 = compute.dtype(at::kLong);
+  plan.counts = at::empty({k}, i64);
+  plan.roi_count = at::empty({k}, compute);
+  count(plan);
+  const at::Tensor ends = plan.counts.cumsum(0);
+  plan.starts = ends - plan.counts;
+  plan.samples = ends[k - 1].item<int64_t>();
+  if (plan.samples == 0) return false;
+  const int64_t taps = 4 * plan.samples;
+  plan.keys = at::empty({taps}, i64);
+  plan.sources = at::empty({taps}, i64);
+  plan.weights = at::empty({taps}, compute);
+  entries(plan);
+  KeySegments seg = sort_segments(plan.keys);
+  plan.sorted_keys = seg.sorted_keys;
+  plan.order = seg.order;
+  plan.seg_start = seg.seg_start;
+  plan.segments = seg.segments;
+  reduce(plan);
+  return true;
+}
+
+inline RoiPoolParams roi_pool_params(const at::Tensor& input, const at::Tensor& rois, double scale, int64_t pooled_h,
+                                     int64_t pooled_w, bool channels_last) {
+  RoiPoolParams p{};
+  p.input = input.defined() ? input.data_ptr() : nullptr;
+  p.rois = rois.data_ptr();
+  p.n_rois = rois.size(0);
+  p.pooled_h = static_cast<int>(pooled_h);
+  p.pooled_w = static_cast<int>(pooled_w);
+  p.scale = scale;
+  p.channels_last = channels_last;
+  return p;
+}
+
+}  // namespace fastnn

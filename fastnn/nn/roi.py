@@ -1,0 +1,101 @@
+"""Drop-in RoI modules: RoIAlign, RoIPool and MultiScaleRoIAlign with torchvision's arguments and repr."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..reference import roi as ref
+
+
+class RoIAlign(nn.Module):
+    """See :func:`fastnn.ops.roi_align`; a drop-in for ``torchvision.ops.RoIAlign``."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, input: Tensor, rois: Union[Tensor, List[Tensor]]) -> Tensor:
+        return ops.roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})")
+
+
+class RoIPool(nn.Module):
+    """See :func:`fastnn.ops.roi_pool`; a drop-in for ``torchvision.ops.RoIPool``."""
+
+    def __init__(self, output_size, spatial_scale: float):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+
+    def forward(self, input: Tensor, rois: Union[Tensor, List[Tensor]]) -> Tensor:
+        return ops.roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """Multi-scale RoIAlign for feature pyramids, a drop-in for ``torchvision.ops.MultiScaleRoIAlign``.
+
+    Each box is pooled from the pyramid level given by eq. 1 of the FPN paper,
+    ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6)`` clamped to the levels present;
+    the levels' scales are inferred (powers of two) from the feature sizes and the largest image size on the
+    first call and kept, as torchvision does. Unlike torchvision, which runs one roi_align per level and
+    scatters the results, every level is pooled in one kernel call (:func:`fastnn.ops.multi_scale_roi_align`)
+    and the backward is deterministic.
+
+    Args:
+        featmap_names: names of the feature maps of ``x`` to pool from (in ``x``'s order).
+        output_size: int or (height, width).
+        sampling_ratio: as in :func:`fastnn.ops.roi_align`.
+        canonical_scale, canonical_level: s0 and k0 of the level mapping (keyword only).
+    """
+
+    def __init__(self, featmap_names: List[str], output_size: Union[int, Tuple[int], List[int]], sampling_ratio: int,
+                 *, canonical_scale: int = 224, canonical_level: int = 4):
+        super().__init__()
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.featmap_names = featmap_names
+        self.sampling_ratio = sampling_ratio
+        self.output_size = tuple(output_size)
+        self.scales: Optional[List[float]] = None
+        self.map_levels: Optional[Tuple[int, int]] = None  # (k_min, k_max) once set up
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
+        """Pools ``boxes`` (a list of (L_i, 4) per-image boxes in image coordinates) from the maps of ``x``
+        named in featmap_names; ``image_shapes`` are the images' (height, width) before the backbone.
+        Returns (sum L_i, C, output_size[0], output_size[1])."""
+        features = [v for k, v in x.items() if k in self.featmap_names]
+        if not features:
+            raise ValueError(f"x has none of the feature maps {self.featmap_names}")
+        if self.scales is None or self.map_levels is None:
+            scales, k_min, k_max = ref.setup_scales([f.shape[-2:] for f in features], image_shapes)
+            self.scales, self.map_levels = scales, (k_min, k_max)
+        if not isinstance(boxes, (list, tuple)):
+            raise TypeError(f"boxes must be a list of (L, 4) tensors, got {type(boxes).__name__}")
+        rois = ops.roi.boxes_to_rois(boxes, features[0])
+        if len(features) == 1:
+            return ops.multi_scale_roi_align(features, rois, None, self.scales, self.output_size, self.sampling_ratio)
+        k_min, k_max = self.map_levels
+        # levels from the boxes in their own dtype, as torchvision computes them
+        levels, defined = ref.map_levels(torch.cat(list(boxes), 0), k_min, k_max, self.canonical_scale,
+                                         self.canonical_level)
+        out = ops.multi_scale_roi_align(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
+        # boxes of negative area have no level: zeros and no gradient, as torchvision gives
+        return torch.where(defined[:, None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, "
+                f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio})")
