@@ -4,6 +4,7 @@
 #include "common/alloc.h"
 #include "families/attention.h"
 #include "families/boxes.h"
+#include "families/detect.h"
 #include "families/fpn.h"
 #include "families/rnn.h"
 #include "families/rnn_ln.h"
@@ -23,6 +24,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_poison", [](bool on) { fastnn::poison_outputs() = on; },
         "Fill new kernel outputs with NaN / -1 before the kernel writes (tests)");
   fastnn::register_boxes(m);
+  fastnn::register_detect(m);
   fastnn::register_fpn(m);
   fastnn::register_attention(m);
   fastnn::register_ssm(m);
