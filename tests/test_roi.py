@@ -171,18 +171,26 @@ def test_nan_and_out_of_map_boxes():
         torch.testing.assert_close(pooled, ref.roi_pool(x, rois, 2, 2, 1.0), equal_nan=True, rtol=0, atol=0)
 
 
-def test_adaptive_sampling_on_a_large_map_chunks_the_sample_tables():
-    """60 map-sized boxes with adaptive sampling (23 x 23 samples per bin) need ~50 MB of sample tables: more
-    than one chunk holds (32 MB), with one image's RoIs split across chunks."""
-    x = features(2, 2, 160, 160).requires_grad_()
-    rois = torch.tensor([[0, 0.0, 0.0, 159.0, 159.0]] * 30 + [[1, 5.0, 7.0, 150.0, 140.0]] * 30)
-    rois[::7, 0] = 1 - rois[::7, 0]
-    out = run("cpp", ops.roi_align, x, rois, 7, 1.0, -1, False)
-    xt = x.detach().clone().requires_grad_()
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sample_tables_built_in_chunks(channels_last):
+    """With a tiny budget every RoI gets its own chunk of sample tables, and one image's RoIs span chunks:
+    same bits, forward and backward (the backward continues each plane's sums across chunks)."""
+    from fastnn._backend import _C
+
+    x = features(2, 10, 40, 40, channels_last=channels_last).requires_grad_()
+    rois = torch.tensor([[0, 0.0, 0.0, 39.0, 39.0]] * 5 + [[1, 5.0, 7.0, 30.0, 33.0]] * 5)
+    rois[::3, 0] = 1 - rois[::3, 0]
+    xt = x.detach().contiguous().requires_grad_()
     want = torchvision.ops.roi_align(xt, rois, 7, 1.0, -1, False)
-    assert torch.equal(out, want)
     grad = torch.randn_like(want)
-    assert torch.equal(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(want, xt, grad)[0])
+    (gt,) = torch.autograd.grad(want, xt, grad)
+    _C.set_roi_sample_budget(256)
+    try:
+        out = run("cpp", ops.roi_align, x, rois, 7, 1.0, -1, False)
+        (gx,) = torch.autograd.grad(out, x, grad)
+    finally:
+        _C.set_roi_sample_budget(32 << 20)
+    assert torch.equal(out, want) and torch.equal(gx, gt)
 
 
 # ---------------------------------------------------------------- determinism, threads, channels-last

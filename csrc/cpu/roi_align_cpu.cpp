@@ -23,9 +23,16 @@
 namespace fastnn::cpu {
 namespace {
 
-// Sample tables for this many bytes of RoIs are built at a time (an RoI with an adaptive grid on a large
-// box can need thousands of samples per bin).
-constexpr int64_t kSampleBudgetBytes = int64_t(32) << 20;
+}  // namespace
+
+// Sample tables for this many bytes of RoIs are built at a time (adaptive grids on large boxes can need
+// many samples). Settable for the tests, which make it small to exercise the chunking.
+int64_t& roi_sample_budget() {
+  static int64_t bytes = int64_t(32) << 20;
+  return bytes;
+}
+
+namespace {
 // Channels per backward task on channels-last input: four cache lines of float32.
 constexpr int64_t kChannelBlock = 64;
 // Planes per task on NCHW input, interleaved into a per-thread buffer so that a tap of all of them is one
@@ -89,12 +96,28 @@ struct Level {
   double scale;
 };
 
-// The valid samples of one RoI, bin by bin: bins[b]..bins[b + 1] index into taps.
+// The samples of one RoI, kept separable: the taps of every sample row (pooled_h x grid_h) and column
+// (pooled_w x grid_w); a sample's four corners and weights are formed from its row and column when used
+// (the same products as torchvision's table). 16 bytes per row or column instead of 32 per sample: the
+// NCHW kernels re-read these tables for every block of planes.
 template <typename T>
 struct RoiSamples {
-  std::vector<int32_t> bins;
-  std::vector<BilinearSample<T>> taps;
+  std::vector<AxisTaps<T>> rows, cols;
+  int grid_h = 0, grid_w = 0, pooled_w = 1, width = 1;
   T count = T(1);
+
+  // f(BilinearSample) for each valid sample of `bin`, in torchvision's order (iy, then ix).
+  template <typename F>
+  void for_each(int64_t bin, F&& f) const {
+    const AxisTaps<T>* ty = rows.data() + (bin / pooled_w) * grid_h;
+    const AxisTaps<T>* tx = cols.data() + (bin % pooled_w) * grid_w;
+    for (int iy = 0; iy < grid_h; ++iy) {
+      if (!ty[iy].valid) continue;
+      for (int ix = 0; ix < grid_w; ++ix) {
+        if (tx[ix].valid) f(bilinear_sample(ty[iy], tx[ix], width));
+      }
+    }
+  }
 };
 
 template <typename T>
@@ -102,21 +125,22 @@ void build_samples(const T* roi, const Level& lv, int pooled_h, int pooled_w, in
                    RoiSamples<T>& out) {
   const auto g = roi_align_geometry<T>(roi, static_cast<T>(lv.scale), pooled_h, pooled_w, sampling_ratio, aligned);
   out.count = g.count;
-  out.bins.assign(1, 0);
-  out.taps.clear();
-  const int h = static_cast<int>(lv.height), w = static_cast<int>(lv.width);
-  std::vector<AxisTaps<T>> ty(g.grid_h), tx(g.grid_w);
+  out.grid_h = g.grid_h;
+  out.grid_w = g.grid_w;
+  out.pooled_w = pooled_w;
+  out.width = static_cast<int>(lv.width);
+  out.rows.resize(size_t(pooled_h) * g.grid_h);
+  out.cols.resize(size_t(pooled_w) * g.grid_w);
   for (int ph = 0; ph < pooled_h; ++ph) {
-    for (int iy = 0; iy < g.grid_h; ++iy) ty[iy] = axis_taps(roi_sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), h);
-    for (int pw = 0; pw < pooled_w; ++pw) {
-      for (int ix = 0; ix < g.grid_w; ++ix) tx[ix] = axis_taps(roi_sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), w);
-      for (int iy = 0; iy < g.grid_h; ++iy) {
-        if (!ty[iy].valid) continue;
-        for (int ix = 0; ix < g.grid_w; ++ix) {
-          if (tx[ix].valid) out.taps.push_back(bilinear_sample(ty[iy], tx[ix], w));
-        }
-      }
-      out.bins.push_back(static_cast<int32_t>(out.taps.size()));
+    for (int iy = 0; iy < g.grid_h; ++iy) {
+      out.rows[ph * g.grid_h + iy] =
+          axis_taps(roi_sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), static_cast<int>(lv.height));
+    }
+  }
+  for (int pw = 0; pw < pooled_w; ++pw) {
+    for (int ix = 0; ix < g.grid_w; ++ix) {
+      out.cols[pw * g.grid_w + ix] =
+          axis_taps(roi_sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), static_cast<int>(lv.width));
     }
   }
 }
@@ -133,8 +157,8 @@ int64_t chunk_end(const Groups& g, const T* rois, const int64_t* levels, const s
     const Level& l = lv[levels ? levels[r] : 0];
     const auto geo = roi_align_geometry<T>(rois + 5 * r, static_cast<T>(l.scale), pooled_h, pooled_w, sampling_ratio,
                                            aligned);
-    bytes += double(pooled_h) * pooled_w * geo.grid_h * geo.grid_w * sizeof(BilinearSample<T>) + 64;
-    if (hi > lo && bytes > kSampleBudgetBytes) break;
+    bytes += (double(pooled_h) * geo.grid_h + double(pooled_w) * geo.grid_w) * sizeof(AxisTaps<T>) + 128;
+    if (hi > lo && bytes > static_cast<double>(roi_sample_budget())) break;
     ++hi;
   }
   return hi;
@@ -218,8 +242,7 @@ void align_forward_nchw(const std::vector<const T*>& feats, const std::vector<Le
           T* o = out + (g.order[p] * channels + c0) * bins;
           for (int64_t bin = 0; bin < bins; ++bin) {
             T acc[kPlaneBlock] = {};
-            for (int32_t j = s.bins[bin]; j < s.bins[bin + 1]; ++j) {
-              const BilinearSample<T>& q = s.taps[j];
+            s.for_each(bin, [&](const BilinearSample<T>& q) {
               const T* v1 = buf + int64_t(q.p1) * kPlaneBlock;
               const T* v2 = buf + int64_t(q.p2) * kPlaneBlock;
               const T* v3 = buf + int64_t(q.p3) * kPlaneBlock;
@@ -228,7 +251,7 @@ void align_forward_nchw(const std::vector<const T*>& feats, const std::vector<Le
               for (int c = 0; c < kPlaneBlock; ++c) {
                 acc[c] += q.w1 * v1[c] + q.w2 * v2[c] + q.w3 * v3[c] + q.w4 * v4[c];
               }
-            }
+            });
             for (int64_t c = 0; c < cn; ++c) o[c * bins + bin] = acc[c] / s.count;
           }
         }
@@ -265,10 +288,14 @@ void align_backward_nchw(const std::vector<T*>& grads, const std::vector<Level>&
         const int64_t lvl = run.group / g.n_batch, n = run.group % g.n_batch;
         const int64_t hw = lv[lvl].height * lv[lvl].width;
         T* plane = grads[lvl] + (n * channels + c0) * hw;
-        // Accumulate in the interleaved layout (one vector per tap), continuing from the planes' values so
-        // the additions keep their order across chunks.
+        // Accumulate in the interleaved layout (one vector per tap), continuing from the planes' values when
+        // an earlier chunk already added to them, so the additions keep their order across chunks.
         T* buf = tile.get(hw);
-        to_interleaved(plane, hw, cn, buf);
+        if (run.lo == g.start[run.group]) {
+          std::fill(buf, buf + hw * kPlaneBlock, T(0));  // the group's first RoI: the planes are still zero
+        } else {
+          to_interleaved(plane, hw, cn, buf);
+        }
         for (int64_t p = run.lo; p < run.hi; ++p) {
           const RoiSamples<T>& s = samples[p - lo];
           const T* go = grad_out + (g.order[p] * channels + c0) * bins;
@@ -276,8 +303,7 @@ void align_backward_nchw(const std::vector<T*>& grads, const std::vector<Level>&
           for (int64_t bin = 0; bin < bins; ++bin) {
             T gb[kPlaneBlock] = {};
             for (int64_t c = 0; c < cn; ++c) gb[c] = go[c * bins + bin];
-            for (int32_t j = s.bins[bin]; j < s.bins[bin + 1]; ++j) {
-              const BilinearSample<T>& q = s.taps[j];
+            s.for_each(bin, [&](const BilinearSample<T>& q) {
               T* d1 = buf + int64_t(q.p1) * kPlaneBlock;
               T* d2 = buf + int64_t(q.p2) * kPlaneBlock;
               T* d3 = buf + int64_t(q.p3) * kPlaneBlock;
@@ -293,7 +319,7 @@ void align_backward_nchw(const std::vector<T*>& grads, const std::vector<Level>&
               for (int c = 0; c < kPlaneBlock; ++c) d3[c] += gb[c] * w3 / cnt;
 #pragma omp simd
               for (int c = 0; c < kPlaneBlock; ++c) d4[c] += gb[c] * w4 / cnt;
-            }
+            });
           }
         }
         from_interleaved(buf, hw, cn, plane);
@@ -323,8 +349,7 @@ void align_forward_nhwc(const std::vector<const T*>& feats, const std::vector<Le
       T* acc_p = acc.data();
       for (int64_t bin = 0; bin < bins; ++bin) {
         std::fill(acc.begin(), acc.end(), T(0));
-        for (int32_t j = s.bins[bin]; j < s.bins[bin + 1]; ++j) {
-          const BilinearSample<T>& q = s.taps[j];
+        s.for_each(bin, [&](const BilinearSample<T>& q) {
           const T* v1 = img + int64_t(q.p1) * channels;
           const T* v2 = img + int64_t(q.p2) * channels;
           const T* v3 = img + int64_t(q.p3) * channels;
@@ -332,7 +357,7 @@ void align_forward_nhwc(const std::vector<const T*>& feats, const std::vector<Le
           const T w1 = q.w1, w2 = q.w2, w3 = q.w3, w4 = q.w4;
 #pragma omp simd
           for (int64_t c = 0; c < channels; ++c) acc_p[c] += w1 * v1[c] + w2 * v2[c] + w3 * v3[c] + w4 * v4[c];
-        }
+        });
         T* o = out + (r * bins + bin) * channels;
         const T cnt = s.count;
 #pragma omp simd
@@ -374,8 +399,7 @@ void align_backward_nhwc(const std::vector<T*>& grads, const std::vector<Level>&
           const T cnt = s.count;
           for (int64_t bin = 0; bin < bins; ++bin) {
             const T* gb = grad_out + (g.order[p] * bins + bin) * channels + c0;
-            for (int32_t j = s.bins[bin]; j < s.bins[bin + 1]; ++j) {
-              const BilinearSample<T>& q = s.taps[j];
+            s.for_each(bin, [&](const BilinearSample<T>& q) {
               T* d1 = img + int64_t(q.p1) * channels;
               T* d2 = img + int64_t(q.p2) * channels;
               T* d3 = img + int64_t(q.p3) * channels;
@@ -388,7 +412,7 @@ void align_backward_nhwc(const std::vector<T*>& grads, const std::vector<Level>&
                 d3[c] += gb[c] * w3 / cnt;
                 d4[c] += gb[c] * w4 / cnt;
               }
-            }
+            });
           }
         }
       }

@@ -21,6 +21,7 @@
 namespace fastnn {
 
 namespace cpu {
+int64_t& roi_sample_budget();  // bytes of sample tables built at a time (tests make it small)
 at::Tensor roi_align_forward(const std::vector<at::Tensor>& features, const at::Tensor& rois,
                              const c10::optional<at::Tensor>& levels, const std::vector<double>& scales,
                              int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
@@ -79,6 +80,8 @@ inline void register_roi(pybind11::module& m) {
         arg("spatial_scale"), arg("pooled_h"), arg("pooled_w"), arg("channels_last"));
   m.def("roi_pool_backward_cpu", &cpu::roi_pool_backward, "RoIPool gradient, deterministic (CPU)", arg("grad"),
         arg("rois"), arg("argmax"), arg("input_shape"), arg("channels_last"));
+  m.def("set_roi_sample_budget", [](int64_t bytes) { cpu::roi_sample_budget() = bytes; },
+        "Bytes of RoIAlign sample tables the CPU kernels build at a time (tests)");
   m.def("roi_align_forward_emulated", &cpu::roi_align_forward_emulated,
         "The CUDA RoIAlign forward's per-thread bodies run on CPU tensors (tests)");
   m.def("roi_align_backward_emulated", &cpu::roi_align_backward_emulated,
