@@ -145,6 +145,20 @@ void build_samples(const T* roi, const Level& lv, int pooled_h, int pooled_w, in
   }
 }
 
+// f(per_count) with per_count(v) == v / count: a multiplication by the reciprocal when count is a power
+// of two (the same correctly rounded quotient; sampling_ratio 2 gives 4), else the division torchvision does.
+template <typename T, typename F>
+void with_count_divisor(const RoiSamples<T>& s, F&& f) {
+  int exponent = 0;
+  if (std::frexp(s.count, &exponent) == T(0.5)) {
+    const T inverse = T(1) / s.count;
+    f([inverse](T v) { return v * inverse; });
+  } else {
+    const T count = s.count;
+    f([count](T v) { return v / count; });
+  }
+}
+
 // Sorted positions [lo, hi) whose sample tables fit the budget (at least one RoI).
 template <typename T>
 int64_t chunk_end(const Groups& g, const T* rois, const int64_t* levels, const std::vector<Level>& lv, int64_t lo,
@@ -299,28 +313,29 @@ void align_backward_nchw(const std::vector<T*>& grads, const std::vector<Level>&
         for (int64_t p = run.lo; p < run.hi; ++p) {
           const RoiSamples<T>& s = samples[p - lo];
           const T* go = grad_out + (g.order[p] * channels + c0) * bins;
-          const T cnt = s.count;
-          for (int64_t bin = 0; bin < bins; ++bin) {
-            T gb[kPlaneBlock] = {};
-            for (int64_t c = 0; c < cn; ++c) gb[c] = go[c * bins + bin];
-            s.for_each(bin, [&](const BilinearSample<T>& q) {
-              T* d1 = buf + int64_t(q.p1) * kPlaneBlock;
-              T* d2 = buf + int64_t(q.p2) * kPlaneBlock;
-              T* d3 = buf + int64_t(q.p3) * kPlaneBlock;
-              T* d4 = buf + int64_t(q.p4) * kPlaneBlock;
-              const T w1 = q.w1, w2 = q.w2, w3 = q.w3, w4 = q.w4;
-              // taps may coincide at the border: four sequential vector updates, each in torchvision's
-              // order (grad * w) / count
+          with_count_divisor(s, [&](auto per_count) {
+            for (int64_t bin = 0; bin < bins; ++bin) {
+              T gb[kPlaneBlock] = {};
+              for (int64_t c = 0; c < cn; ++c) gb[c] = go[c * bins + bin];
+              s.for_each(bin, [&](const BilinearSample<T>& q) {
+                T* d1 = buf + int64_t(q.p1) * kPlaneBlock;
+                T* d2 = buf + int64_t(q.p2) * kPlaneBlock;
+                T* d3 = buf + int64_t(q.p3) * kPlaneBlock;
+                T* d4 = buf + int64_t(q.p4) * kPlaneBlock;
+                const T w1 = q.w1, w2 = q.w2, w3 = q.w3, w4 = q.w4;
+                // taps may coincide at the border: four sequential vector updates, each in torchvision's
+                // order (grad * w) / count
 #pragma omp simd
-              for (int c = 0; c < kPlaneBlock; ++c) d1[c] += gb[c] * w1 / cnt;
+                for (int c = 0; c < kPlaneBlock; ++c) d1[c] += per_count(gb[c] * w1);
 #pragma omp simd
-              for (int c = 0; c < kPlaneBlock; ++c) d2[c] += gb[c] * w2 / cnt;
+                for (int c = 0; c < kPlaneBlock; ++c) d2[c] += per_count(gb[c] * w2);
 #pragma omp simd
-              for (int c = 0; c < kPlaneBlock; ++c) d3[c] += gb[c] * w3 / cnt;
+                for (int c = 0; c < kPlaneBlock; ++c) d3[c] += per_count(gb[c] * w3);
 #pragma omp simd
-              for (int c = 0; c < kPlaneBlock; ++c) d4[c] += gb[c] * w4 / cnt;
-            });
-          }
+                for (int c = 0; c < kPlaneBlock; ++c) d4[c] += per_count(gb[c] * w4);
+              });
+            }
+          });
         }
         from_interleaved(buf, hw, cn, plane);
       }
@@ -396,24 +411,25 @@ void align_backward_nhwc(const std::vector<T*>& grads, const std::vector<Level>&
         T* img = grads[lvl] + n * lv[lvl].height * lv[lvl].width * channels + c0;
         for (int64_t p = run.lo; p < run.hi; ++p) {
           const RoiSamples<T>& s = samples[p - lo];
-          const T cnt = s.count;
-          for (int64_t bin = 0; bin < bins; ++bin) {
-            const T* gb = grad_out + (g.order[p] * bins + bin) * channels + c0;
-            s.for_each(bin, [&](const BilinearSample<T>& q) {
-              T* d1 = img + int64_t(q.p1) * channels;
-              T* d2 = img + int64_t(q.p2) * channels;
-              T* d3 = img + int64_t(q.p3) * channels;
-              T* d4 = img + int64_t(q.p4) * channels;
-              const T w1 = q.w1, w2 = q.w2, w3 = q.w3, w4 = q.w4;
-              // Sequential per channel (taps may coincide at the border): same order as the NCHW path.
-              for (int64_t c = 0; c < cn; ++c) {
-                d1[c] += gb[c] * w1 / cnt;
-                d2[c] += gb[c] * w2 / cnt;
-                d3[c] += gb[c] * w3 / cnt;
-                d4[c] += gb[c] * w4 / cnt;
-              }
-            });
-          }
+          with_count_divisor(s, [&](auto per_count) {
+            for (int64_t bin = 0; bin < bins; ++bin) {
+              const T* gb = grad_out + (g.order[p] * bins + bin) * channels + c0;
+              s.for_each(bin, [&](const BilinearSample<T>& q) {
+                T* d1 = img + int64_t(q.p1) * channels;
+                T* d2 = img + int64_t(q.p2) * channels;
+                T* d3 = img + int64_t(q.p3) * channels;
+                T* d4 = img + int64_t(q.p4) * channels;
+                const T w1 = q.w1, w2 = q.w2, w3 = q.w3, w4 = q.w4;
+                // Sequential per channel (taps may coincide at the border): same order as the NCHW path.
+                for (int64_t c = 0; c < cn; ++c) {
+                  d1[c] += per_count(gb[c] * w1);
+                  d2[c] += per_count(gb[c] * w2);
+                  d3[c] += per_count(gb[c] * w3);
+                  d4[c] += per_count(gb[c] * w4);
+                }
+              });
+            }
+          });
         }
       }
     });
