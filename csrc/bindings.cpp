@@ -7,6 +7,7 @@
 #include "families/rnn.h"
 #include "families/rnn_ln.h"
 #include "families/ssm.h"
+#include "families/spp.h"
 #include "families/ssm_conv.h"
 #include "generated/build_config.h"
 
@@ -26,4 +27,5 @@ PYBIND11_MODULE(_C, m) {
   fastnn::register_ssm_conv(m);
   fastnn::register_rnn(m);
   fastnn::register_rnn_ln(m);
+  fastnn::register_spp(m);
 }

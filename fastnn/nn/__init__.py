@@ -3,5 +3,6 @@ from .attention import MultiheadAttention
 from .mamba import InferenceParams, Mamba
 from .rnn import GRU, LSTM, GRUCell, LSTMCell
 from .rnn_ln import LayerNormLSTM
+from .spp import SPP, SPPF
 
-__all__ = ["MultiheadAttention", "Mamba", "InferenceParams", "LSTM", "GRU", "LSTMCell", "GRUCell", "LayerNormLSTM"]
+__all__ = ["MultiheadAttention", "Mamba", "InferenceParams", "LSTM", "GRU", "LSTMCell", "GRUCell", "LayerNormLSTM", "SPP", "SPPF"]

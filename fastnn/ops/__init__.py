@@ -3,9 +3,10 @@ from .attention import attention_decode, flash_attention, scaled_dot_product_att
 from .boxes import batched_nms, box_iou, generalized_box_iou, nms
 from .rnn import gru, gru_cell, lstm, lstm_cell
 from .rnn_ln import layer_norm_lstm
+from .spp import spp_pool, sppf_pool
 from .ssm import selective_scan_fn
 from .ssm_conv import causal_conv1d_fn, causal_conv1d_update, selective_state_update
 
 __all__ = ["nms", "batched_nms", "box_iou", "generalized_box_iou", "scaled_dot_product_attention",
            "flash_attention", "attention_decode", "selective_scan_fn", "causal_conv1d_fn", "causal_conv1d_update",
-           "selective_state_update", "lstm", "gru", "lstm_cell", "gru_cell", "layer_norm_lstm"]
+           "selective_state_update", "lstm", "gru", "lstm_cell", "gru_cell", "layer_norm_lstm", "spp_pool", "sppf_pool"]

@@ -1,4 +1,4 @@
 """Plain-PyTorch oracles for every fastnn op: readable, slow, float64-capable. Tests compare kernels here."""
-from . import attention, boxes, rnn, ssm
+from . import attention, boxes, rnn, spp, ssm
 
-__all__ = ["attention", "boxes", "rnn", "ssm"]
+__all__ = ["attention", "boxes", "rnn", "spp", "ssm"]
