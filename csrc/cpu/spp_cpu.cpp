@@ -33,6 +33,9 @@ namespace {
 
 constexpr int64_t kLanesChannelsLast = 16;  // two AVX2 vectors of float per pixel
 constexpr int64_t kLanesPlanesSpp = 8;      // NCHW SPP: planes interleaved per block
+// Blocks per parallel task: at least ~16k elements, so small inputs stay on one thread (waking the pool costs
+// more than the work there).
+constexpr int64_t kElementsPerTask = 16384;
 
 // torch's max-pool update: take v when it beats the running max or is NaN.
 template <typename A>
@@ -50,6 +53,7 @@ struct Layout {
   bool cl;
   int64_t blocks_per_image() const { return (C + L - 1) / L; }
   int64_t blocks() const { return N * blocks_per_image(); }
+  int64_t grain() const { return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, H * W * L)); }
 };
 
 // Block b -> (image n, first channel c0, lanes).
@@ -241,7 +245,7 @@ template <typename T>
 void sppf_forward_impl(const T* x, T* out, const Layout& g, int64_t r) {
   using A = at::opmath_type<T>;
   const int64_t HW = g.H * g.W;
-  at::parallel_for(0, g.blocks(), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, g.blocks(), g.grain(), [&](int64_t lo, int64_t hi) {
     SppfScratch<A> s(g.H, g.W, g.L, r, false);
     for (int64_t b = lo; b < hi; ++b) {
       const BlockId id = block_id(g, b);
@@ -271,7 +275,7 @@ template <typename T>
 void sppf_backward_impl(const T* grad, const T* x, T* gx, const Layout& g, int64_t r) {
   using A = at::opmath_type<T>;
   const int64_t HW = g.H * g.W;
-  at::parallel_for(0, g.blocks(), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, g.blocks(), g.grain(), [&](int64_t lo, int64_t hi) {
     SppfScratch<A> s(g.H, g.W, g.L, r, true);
     const int64_t n_el = HW * g.L;
     for (int64_t b = lo; b < hi; ++b) {
@@ -330,7 +334,7 @@ template <typename T>
 void spp_forward_impl(const T* x, T* out, const Layout& g, const std::vector<Bin>& bins, int64_t S, bool avg) {
   using A = at::opmath_type<T>;
   const int64_t HW = g.H * g.W, L = g.L;
-  at::parallel_for(0, g.blocks(), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, g.blocks(), g.grain(), [&](int64_t lo, int64_t hi) {
     std::vector<A> X(HW * L), acc(L);
     for (int64_t b = lo; b < hi; ++b) {
       const BlockId id = block_id(g, b);
@@ -366,7 +370,7 @@ void spp_backward_impl(const T* grad, const T* x, T* gx, const Layout& g, const 
                        bool avg) {
   using A = at::opmath_type<T>;
   const int64_t HW = g.H * g.W, L = g.L;
-  at::parallel_for(0, g.blocks(), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, g.blocks(), g.grain(), [&](int64_t lo, int64_t hi) {
     std::vector<A> X(avg ? 0 : HW * L), GX(HW * L), m(L), gb(L);
     std::vector<int64_t> arg(L);
     for (int64_t b = lo; b < hi; ++b) {
