@@ -136,15 +136,19 @@ at::Tensor new_4d(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, const at:
 template <typename A>
 struct SppfScratch {
   int64_t H, W, L, r, Wp, rowP, rowW;
-  std::vector<A> P, HM, Y, G, Gin;
+  std::vector<A> P, HM, HP, Y, G, Gin;
   std::vector<int32_t> HD, IDX, D0, VD, VC;
   SppfScratch(int64_t H_, int64_t W_, int64_t L_, int64_t r_, bool backward)
       : H(H_), W(W_), L(L_), r(r_), Wp(W_ + 2 * r_), rowP((W_ + 2 * r_) * L_), rowW(W_ * L_) {
     const A ninf = -std::numeric_limits<A>::infinity();
     P.assign((H + 2 * r) * rowP, ninf);    // -inf border of r pixels: torch's max-pool padding
+    if (!backward) {
+      HP.assign((H + 2 * r) * rowP, ninf);  // row maxima in P's padded geometry, -inf rows above and below
+      return;
+    }
     HM.assign((H + 2 * r) * rowW, ninf);   // -inf rows above and below
     Y.resize(H * rowW);
-    if (backward) {
+    {
       HD.assign((H + 2 * r) * rowW, 0);
       IDX.resize(3 * H * rowW);
       D0.resize(rowW);
@@ -162,31 +166,40 @@ struct SppfScratch {
   }
 };
 
-// One k x k stride-1 max pool of the padded P into Y (values only): row maxima, then column maxima.
+// One k x k stride-1 max pool of the padded P, in place (values only): row maxima of all H padded rows as
+// one flat loop per window offset (the values at pad columns are junk and never used), then column maxima
+// written back into P's interior rows, whose pad columns are then reset to -inf. Whole-plane loops: rows of
+// W = 20 pixels are too short for the per-loop overhead (per-row loops measured 3x slower at 20 x 20).
 template <typename A>
-void max_pool_values(SppfScratch<A>& s) {
-  const int64_t k = 2 * s.r + 1, rowW = s.rowW, L = s.L;
-  for (int64_t h = 0; h < s.H; ++h) {
-    const A* pr = s.P.data() + (h + s.r) * s.rowP;
-    A* hr = s.HM.data() + (h + s.r) * rowW;
-    for (int64_t j = 0; j < rowW; ++j) hr[j] = pr[j];
-    for (int64_t d = 1; d < k; ++d) {
-      const A* q = pr + d * L;
-      for (int64_t j = 0; j < rowW; ++j) hr[j] = takes(q[j], hr[j]) ? q[j] : hr[j];
-    }
+void max_pool_in_place(SppfScratch<A>& s) {
+  const int64_t r = s.r, L = s.L, rowP = s.rowP, n = s.H * rowP, lo = r * rowP;
+  const A ninf = -std::numeric_limits<A>::infinity();
+  A* hm = s.HP.data() + lo;
+  A* p = s.P.data() + lo;
+  {
+    const A* q0 = p - r * L;
+    for (int64_t j = 0; j < n; ++j) hm[j] = q0[j];
+  }
+  for (int64_t d = 1 - r; d <= r; ++d) {
+    const A* q = p + d * L;
+    for (int64_t j = 0; j < n; ++j) hm[j] = takes(q[j], hm[j]) ? q[j] : hm[j];
+  }
+  {
+    const A* q0 = hm - r * rowP;
+    for (int64_t j = 0; j < n; ++j) p[j] = q0[j];
+  }
+  for (int64_t d = 1 - r; d <= r; ++d) {
+    const A* q = hm + d * rowP;
+    for (int64_t j = 0; j < n; ++j) p[j] = takes(q[j], p[j]) ? q[j] : p[j];
   }
   for (int64_t h = 0; h < s.H; ++h) {
-    A* y = s.Y.data() + h * rowW;
-    const A* q0 = s.HM.data() + h * rowW;
-    for (int64_t j = 0; j < rowW; ++j) y[j] = q0[j];
-    for (int64_t d = 1; d < k; ++d) {
-      const A* q = s.HM.data() + (h + d) * rowW;
-      for (int64_t j = 0; j < rowW; ++j) y[j] = takes(q[j], y[j]) ? q[j] : y[j];
-    }
+    A* row = p + h * rowP;
+    std::fill(row, row + r * L, ninf);
+    std::fill(row + (r + s.W) * L, row + rowP, ninf);
   }
 }
 
-// The same pool with torch's argmax: idx[p * L + l] = pixel (h' * W + w') of the previous level that
+// One k x k stride-1 max pool of the padded P into Y with torch's argmax: idx[p * L + l] = pixel (h' * W + w') of the previous level that
 // max_pool2d picks for output pixel p (row-major first maximum, last NaN, window start when all -inf).
 template <typename A>
 void max_pool_argmax(SppfScratch<A>& s, int32_t* idx) {
@@ -263,9 +276,9 @@ void sppf_forward_impl(const T* x, T* out, const Layout& g, int64_t r) {
           }
           continue;
         }
-        max_pool_values(s);
-        store_block(s.Y.data(), HW, g.L, id.lanes, ob, os);
-        if (slot < 3) s.set_interior_from_Y();
+        max_pool_in_place(s);
+        for (int64_t h = 0; h < g.H; ++h)
+          store_block(s.interior_row(h), g.W, g.L, id.lanes, ob + h * g.W * os.sp, os);
       }
     }
   });
@@ -330,12 +343,15 @@ std::vector<Bin> make_bins(int64_t C, int64_t H, int64_t W, const std::vector<in
   return bins;
 }
 
-template <typename T>
+// LN: lanes per block as a compile-time constant, so the per-bin lane loops are fixed-length vector code.
+template <typename T, int64_t LN>
 void spp_forward_impl(const T* x, T* out, const Layout& g, const std::vector<Bin>& bins, int64_t S, bool avg) {
   using A = at::opmath_type<T>;
-  const int64_t HW = g.H * g.W, L = g.L;
+  constexpr int64_t L = LN;
+  const int64_t HW = g.H * g.W;
   at::parallel_for(0, g.blocks(), g.grain(), [&](int64_t lo, int64_t hi) {
-    std::vector<A> X(HW * L), acc(L);
+    std::vector<A> X(HW * L);
+    A acc[L];
     for (int64_t b = lo; b < hi; ++b) {
       const BlockId id = block_id(g, b);
       Strides xs;
@@ -343,7 +359,7 @@ void spp_forward_impl(const T* x, T* out, const Layout& g, const std::vector<Bin
       T* ob = out + id.n * g.C * S;
       for (const Bin& bn : bins) {
         if (avg) {
-          std::fill(acc.begin(), acc.end(), A(0));
+          std::fill(acc, acc + L, A(0));
           for (int64_t h = bn.h0; h < bn.h1; ++h)
             for (int64_t w = bn.w0; w < bn.w1; ++w) {
               const A* q = X.data() + (h * g.W + w) * L;
@@ -352,7 +368,7 @@ void spp_forward_impl(const T* x, T* out, const Layout& g, const std::vector<Bin
           const A kh = static_cast<A>(bn.h1 - bn.h0), kw = static_cast<A>(bn.w1 - bn.w0);
           for (int64_t l = 0; l < L; ++l) acc[l] = acc[l] / kh / kw;  // torch: sum / kh / kw
         } else {
-          std::fill(acc.begin(), acc.end(), -std::numeric_limits<A>::infinity());
+          std::fill(acc, acc + L, -std::numeric_limits<A>::infinity());
           for (int64_t h = bn.h0; h < bn.h1; ++h)
             for (int64_t w = bn.w0; w < bn.w1; ++w) {
               const A* q = X.data() + (h * g.W + w) * L;
@@ -365,14 +381,16 @@ void spp_forward_impl(const T* x, T* out, const Layout& g, const std::vector<Bin
   });
 }
 
-template <typename T>
+template <typename T, int64_t LN>
 void spp_backward_impl(const T* grad, const T* x, T* gx, const Layout& g, const std::vector<Bin>& bins, int64_t S,
                        bool avg) {
   using A = at::opmath_type<T>;
-  const int64_t HW = g.H * g.W, L = g.L;
+  constexpr int64_t L = LN;
+  const int64_t HW = g.H * g.W;
   at::parallel_for(0, g.blocks(), g.grain(), [&](int64_t lo, int64_t hi) {
-    std::vector<A> X(avg ? 0 : HW * L), GX(HW * L), m(L), gb(L);
-    std::vector<int64_t> arg(L);
+    std::vector<A> X(avg ? 0 : HW * L), GX(HW * L);
+    A m[L], gb[L];
+    int32_t arg[L];
     for (int64_t b = lo; b < hi; ++b) {
       const BlockId id = block_id(g, b);
       Strides xs;
@@ -390,11 +408,11 @@ void spp_backward_impl(const T* grad, const T* x, T* gx, const Layout& g, const 
               for (int64_t l = 0; l < L; ++l) q[l] += gb[l];
             }
         } else {  // argmax by torch's rule, then route the bin's gradient there
-          std::fill(m.begin(), m.end(), -std::numeric_limits<A>::infinity());
-          std::fill(arg.begin(), arg.end(), bn.h0 * g.W + bn.w0);
+          std::fill(m, m + L, -std::numeric_limits<A>::infinity());
+          std::fill(arg, arg + L, static_cast<int32_t>(bn.h0 * g.W + bn.w0));
           for (int64_t h = bn.h0; h < bn.h1; ++h)
             for (int64_t w = bn.w0; w < bn.w1; ++w) {
-              const int64_t p = h * g.W + w;
+              const int32_t p = static_cast<int32_t>(h * g.W + w);
               const A* q = X.data() + p * L;
               for (int64_t l = 0; l < L; ++l) {
                 const bool c = takes(q[l], m[l]);
@@ -402,7 +420,7 @@ void spp_backward_impl(const T* grad, const T* x, T* gx, const Layout& g, const 
                 arg[l] = c ? p : arg[l];
               }
             }
-          for (int64_t l = 0; l < L; ++l) GX[arg[l] * L + l] += gb[l];
+          for (int64_t l = 0; l < L; ++l) GX[static_cast<int64_t>(arg[l]) * L + l] += gb[l];
         }
       }
       Strides os;
@@ -466,7 +484,10 @@ at::Tensor spp_pool(const at::Tensor& x_in, const std::vector<int64_t>& levels, 
   if (out.numel() == 0) return out;
   const auto bins = make_bins(g.C, g.H, g.W, levels);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spp_pool", [&] {
-    spp_forward_impl<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, bins, S, avg);
+    if (g.L == kLanesChannelsLast)
+      spp_forward_impl<scalar_t, kLanesChannelsLast>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, bins, S, avg);
+    else
+      spp_forward_impl<scalar_t, kLanesPlanesSpp>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, bins, S, avg);
   });
   return out;
 }
@@ -484,8 +505,12 @@ at::Tensor spp_pool_backward(const at::Tensor& grad_in, const at::Tensor& x_in, 
   if (gx.numel() == 0) return gx;
   const auto bins = make_bins(g.C, g.H, g.W, levels);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spp_pool_backward", [&] {
-    spp_backward_impl<scalar_t>(grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), g, bins,
-                                S, avg);
+    if (g.L == kLanesChannelsLast)
+      spp_backward_impl<scalar_t, kLanesChannelsLast>(grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                                      gx.data_ptr<scalar_t>(), g, bins, S, avg);
+    else
+      spp_backward_impl<scalar_t, kLanesPlanesSpp>(grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                                   gx.data_ptr<scalar_t>(), g, bins, S, avg);
   });
   return gx;
 }
