@@ -37,10 +37,11 @@ constexpr int64_t kLanesPlanesSpp = 8;      // NCHW SPP: planes interleaved per 
 // more than the work there).
 constexpr int64_t kElementsPerTask = 16384;
 
-// torch's max-pool update: take v when it beats the running max or is NaN.
+// torch's max-pool update: take v when it beats the running max or is NaN. Bitwise |, not ||: no branch
+// (a short-circuit branch on random data mispredicts; the select compiles to a compare + blend).
 template <typename A>
 inline bool takes(A v, A m) {
-  return v > m || v != v;
+  return static_cast<bool>(static_cast<int>(v > m) | static_cast<int>(v != v));
 }
 
 // Strides of one block's elements in a tensor: (pixel p, lane l) at base + p * sp + l * sl.
@@ -363,6 +364,7 @@ void spp_forward_impl(const T* x, T* out, const Layout& g, const std::vector<Bin
           for (int64_t h = bn.h0; h < bn.h1; ++h)
             for (int64_t w = bn.w0; w < bn.w1; ++w) {
               const A* q = X.data() + (h * g.W + w) * L;
+#pragma omp simd
               for (int64_t l = 0; l < L; ++l) acc[l] += q[l];
             }
           const A kh = static_cast<A>(bn.h1 - bn.h0), kw = static_cast<A>(bn.w1 - bn.w0);
@@ -372,6 +374,7 @@ void spp_forward_impl(const T* x, T* out, const Layout& g, const std::vector<Bin
           for (int64_t h = bn.h0; h < bn.h1; ++h)
             for (int64_t w = bn.w0; w < bn.w1; ++w) {
               const A* q = X.data() + (h * g.W + w) * L;
+#pragma omp simd
               for (int64_t l = 0; l < L; ++l) acc[l] = takes(q[l], acc[l]) ? q[l] : acc[l];
             }
         }
@@ -405,6 +408,7 @@ void spp_backward_impl(const T* grad, const T* x, T* gx, const Layout& g, const 
           for (int64_t h = bn.h0; h < bn.h1; ++h)
             for (int64_t w = bn.w0; w < bn.w1; ++w) {
               A* q = GX.data() + (h * g.W + w) * L;
+#pragma omp simd
               for (int64_t l = 0; l < L; ++l) q[l] += gb[l];
             }
         } else {  // argmax by torch's rule, then route the bin's gradient there
@@ -414,6 +418,7 @@ void spp_backward_impl(const T* grad, const T* x, T* gx, const Layout& g, const 
             for (int64_t w = bn.w0; w < bn.w1; ++w) {
               const int32_t p = static_cast<int32_t>(h * g.W + w);
               const A* q = X.data() + p * L;
+#pragma omp simd
               for (int64_t l = 0; l < L; ++l) {
                 const bool c = takes(q[l], m[l]);
                 m[l] = c ? q[l] : m[l];
