@@ -136,34 +136,43 @@ at::Tensor new_4d(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, const at:
 // Per-task scratch of the SPPF kernels, sized for one block.
 template <typename A>
 struct SppfScratch {
-  int64_t H, W, L, r, Wp, rowP, rowW;
-  std::vector<A> P, HM, HP, Y, G, Gin;
-  std::vector<int32_t> HD, IDX, D0, VD, VC;
+  int64_t H, W, L, r, Wp, rowP, rowW, n;
+  std::vector<A> P, HP, G, Gin;
+  std::vector<int32_t> HD, D0, VD0, BASE, VD, VC, IDX;
   SppfScratch(int64_t H_, int64_t W_, int64_t L_, int64_t r_, bool backward)
-      : H(H_), W(W_), L(L_), r(r_), Wp(W_ + 2 * r_), rowP((W_ + 2 * r_) * L_), rowW(W_ * L_) {
+      : H(H_), W(W_), L(L_), r(r_), Wp(W_ + 2 * r_), rowP((W_ + 2 * r_) * L_), rowW(W_ * L_), n(H_ * rowP) {
     const A ninf = -std::numeric_limits<A>::infinity();
-    P.assign((H + 2 * r) * rowP, ninf);    // -inf border of r pixels: torch's max-pool padding
-    if (!backward) {
-      HP.assign((H + 2 * r) * rowP, ninf);  // row maxima in P's padded geometry, -inf rows above and below
-      return;
-    }
-    HM.assign((H + 2 * r) * rowW, ninf);   // -inf rows above and below
-    Y.resize(H * rowW);
-    {
-      HD.assign((H + 2 * r) * rowW, 0);
-      IDX.resize(3 * H * rowW);
-      D0.resize(rowW);
-      VD.resize(rowW);
-      VC.resize(rowW);
-      G.resize(H * rowW);
-      Gin.resize(H * rowW);
-      for (int64_t w = 0; w < W; ++w)
-        for (int64_t l = 0; l < L; ++l) D0[w * L + l] = static_cast<int32_t>(std::max<int64_t>(0, r - w));
-    }
+    P.assign((H + 2 * r) * rowP, ninf);   // -inf border of r pixels: torch's max-pool padding
+    HP.assign((H + 2 * r) * rowP, ninf);  // row maxima in P's padded geometry, -inf rows above and below
+    if (!backward) return;
+    // Argmax state over the H interior rows of the padded geometry (index j = h * rowP + c * L + l, padded
+    // column c = w + r); entries at pad columns are junk and never used.
+    HD.assign((H + 2 * r) * rowP, 0);     // column offset (0..2r) of each row maximum
+    D0.assign(n, 0);                      // first column offset inside the image (window start)
+    VD0.assign(n, 0);                     // first row offset inside the image
+    BASE.assign(n, 0);                    // pixel index of the window's top-left corner (h - r, w - r)
+    VD.resize(n);
+    VC.resize(n);
+    IDX.resize(3 * n);
+    G.resize(H * rowW);
+    Gin.resize(H * rowW);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t c = 0; c < Wp; ++c)
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t j = h * rowP + c * L + l, w = c - r;
+          D0[j] = static_cast<int32_t>(std::max<int64_t>(0, r - w));
+          VD0[j] = static_cast<int32_t>(std::max<int64_t>(0, r - h));
+          BASE[j] = static_cast<int32_t>((h - r) * W + (w - r));
+        }
   }
   A* interior_row(int64_t h) { return P.data() + (h + r) * rowP + r * L; }
-  void set_interior_from_Y() {
-    for (int64_t h = 0; h < H; ++h) std::copy(Y.data() + h * rowW, Y.data() + (h + 1) * rowW, interior_row(h));
+  void reset_pad_columns() {
+    const A ninf = -std::numeric_limits<A>::infinity();
+    for (int64_t h = 0; h < H; ++h) {
+      A* row = P.data() + (h + r) * rowP;
+      std::fill(row, row + r * L, ninf);
+      std::fill(row + (r + W) * L, row + rowP, ninf);
+    }
   }
 };
 
@@ -174,7 +183,6 @@ struct SppfScratch {
 template <typename A>
 void max_pool_in_place(SppfScratch<A>& s) {
   const int64_t r = s.r, L = s.L, rowP = s.rowP, n = s.H * rowP, lo = r * rowP;
-  const A ninf = -std::numeric_limits<A>::infinity();
   A* hm = s.HP.data() + lo;
   A* p = s.P.data() + lo;
   {
@@ -193,66 +201,60 @@ void max_pool_in_place(SppfScratch<A>& s) {
     const A* q = hm + d * rowP;
     for (int64_t j = 0; j < n; ++j) p[j] = takes(q[j], p[j]) ? q[j] : p[j];
   }
-  for (int64_t h = 0; h < s.H; ++h) {
-    A* row = p + h * rowP;
-    std::fill(row, row + r * L, ninf);
-    std::fill(row + (r + s.W) * L, row + rowP, ninf);
-  }
+  s.reset_pad_columns();
 }
 
-// One k x k stride-1 max pool of the padded P into Y with torch's argmax: idx[p * L + l] = pixel (h' * W + w') of the previous level that
-// max_pool2d picks for output pixel p (row-major first maximum, last NaN, window start when all -inf).
+// The same pool in place with torch's argmax: idx[j] (padded interior geometry) = pixel h' * W + w' of the
+// previous level that max_pool2d picks (row-major first maximum, last NaN, window start when all -inf).
+// Separable: the row pass keeps each row maximum's column, the column pass the first row (scanning top to
+// bottom with the same rule) and that row's column: together the row-major first pick of the 2-D window.
 template <typename A>
-void max_pool_argmax(SppfScratch<A>& s, int32_t* idx) {
-  const int64_t k = 2 * s.r + 1, rowW = s.rowW, L = s.L, r = s.r, W = s.W;
+void max_pool_argmax_in_place(SppfScratch<A>& s, int32_t* idx) {
+  const int64_t r = s.r, L = s.L, rowP = s.rowP, n = s.n, k = 2 * r + 1;
+  const int32_t W = static_cast<int32_t>(s.W);
   const A ninf = -std::numeric_limits<A>::infinity();
-  for (int64_t h = 0; h < s.H; ++h) {
-    const A* pr = s.P.data() + (h + r) * s.rowP;
-    A* hr = s.HM.data() + (h + r) * rowW;
-    int32_t* hd = s.HD.data() + (h + r) * rowW;
-    for (int64_t j = 0; j < rowW; ++j) {
-      hr[j] = ninf;
-      hd[j] = s.D0[j];
-    }
-    for (int64_t d = 0; d < k; ++d) {
-      const A* q = pr + d * L;
-      const int32_t dd = static_cast<int32_t>(d);
-      for (int64_t j = 0; j < rowW; ++j) {
-        const bool c = takes(q[j], hr[j]);
-        hr[j] = c ? q[j] : hr[j];
-        hd[j] = c ? dd : hd[j];
-      }
-    }
-  }
+  A* hm = s.HP.data() + r * rowP;
+  int32_t* hd = s.HD.data() + r * rowP;
+  A* p = s.P.data() + r * rowP;
+  const int32_t* d0 = s.D0.data();
+  const int32_t* v0 = s.VD0.data();
+  const int32_t* base = s.BASE.data();
   int32_t* vd = s.VD.data();
   int32_t* vc = s.VC.data();
-  for (int64_t h = 0; h < s.H; ++h) {
-    const int64_t d0 = std::max<int64_t>(0, r - h);
-    A* y = s.Y.data() + h * rowW;
-    const int32_t* hd0 = s.HD.data() + (h + d0) * rowW;
-    for (int64_t j = 0; j < rowW; ++j) {
-      y[j] = ninf;
-      vd[j] = static_cast<int32_t>(d0);
-      vc[j] = hd0[j];
-    }
-    for (int64_t d = d0; d < k; ++d) {
-      const A* q = s.HM.data() + (h + d) * rowW;
-      const int32_t* qd = s.HD.data() + (h + d) * rowW;
-      const int32_t dd = static_cast<int32_t>(d);
-      for (int64_t j = 0; j < rowW; ++j) {
-        const bool c = takes(q[j], y[j]);
-        y[j] = c ? q[j] : y[j];
-        vd[j] = c ? dd : vd[j];
-        vc[j] = c ? qd[j] : vc[j];
-      }
-    }
-    int32_t* ir = idx + h * rowW;
-    for (int64_t w = 0; w < W; ++w)
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t j = w * L + l;
-        ir[j] = static_cast<int32_t>((h - r + vd[j]) * W + (w - r + vc[j]));
-      }
+  for (int64_t j = 0; j < n; ++j) {
+    hm[j] = ninf;
+    hd[j] = d0[j];
   }
+  for (int64_t d = 0; d < k; ++d) {
+    const A* q = p + (d - r) * L;
+    const int32_t dd = static_cast<int32_t>(d);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const bool c = takes(q[j], hm[j]);
+      hm[j] = c ? q[j] : hm[j];
+      hd[j] = c ? dd : hd[j];
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = ninf;
+    vd[j] = v0[j];
+    vc[j] = hd[j + (v0[j] - r) * rowP];
+  }
+  for (int64_t d = 0; d < k; ++d) {
+    const A* q = hm + (d - r) * rowP;
+    const int32_t* qd = hd + (d - r) * rowP;
+    const int32_t dd = static_cast<int32_t>(d);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const bool c = takes(q[j], p[j]);
+      p[j] = c ? q[j] : p[j];
+      vd[j] = c ? dd : vd[j];
+      vc[j] = c ? qd[j] : vc[j];
+    }
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) idx[j] = base[j] + vd[j] * W + vc[j];
+  s.reset_pad_columns();
 }
 
 template <typename T>
@@ -297,20 +299,22 @@ void sppf_backward_impl(const T* grad, const T* x, T* gx, const Layout& g, int64
       Strides xs, gs;
       const T* xb = tensor_block(x, g, g.C, id.n, id.c0, xs);
       load_block(xb, xs, g.H, g.W, g.L, id.lanes, s.P.data() + s.r * s.rowP, s.rowP, s.r);
-      for (int64_t level = 0; level < 3; ++level) {  // replay the chain, keeping each level's argmax
-        max_pool_argmax(s, s.IDX.data() + level * n_el);
-        if (level < 2) s.set_interior_from_Y();
-      }
+      for (int64_t level = 0; level < 3; ++level)  // replay the chain, keeping each level's argmax
+        max_pool_argmax_in_place(s, s.IDX.data() + level * s.n);
       // G: gradient reaching the output of the current level; walk back y3 -> y2 -> y1 -> x.
       const T* g3 = tensor_block(grad, g, 4 * g.C, id.n, 3 * g.C + id.c0, gs);
       load_block(g3, gs, g.H, g.W, g.L, id.lanes, s.G.data(), s.rowW, 0);
       for (int64_t level = 2; level >= 0; --level) {
-        const int32_t* idx = s.IDX.data() + level * n_el;
+        const int32_t* idx = s.IDX.data() + level * s.n;
         std::fill(s.Gin.begin(), s.Gin.end(), A(0));
         A* gin = s.Gin.data();
         const A* gout = s.G.data();
-        for (int64_t p = 0; p < HW; ++p)  // torch's max_pool2d backward order: outputs row-major
-          for (int64_t l = 0; l < g.L; ++l) gin[idx[p * g.L + l] * g.L + l] += gout[p * g.L + l];
+        for (int64_t h = 0; h < g.H; ++h)  // torch's max_pool2d backward order: outputs row-major
+          for (int64_t w = 0; w < g.W; ++w) {
+            const int32_t* ir = idx + h * s.rowP + (w + r) * g.L;
+            const A* go = gout + (h * g.W + w) * g.L;
+            for (int64_t l = 0; l < g.L; ++l) gin[static_cast<int64_t>(ir[l]) * g.L + l] += go[l];
+          }
         // plus the gradient of this level's input as a slice of the concatenated output
         const T* gd = tensor_block(grad, g, 4 * g.C, id.n, level * g.C + id.c0, gs);
         load_block(gd, gs, g.H, g.W, g.L, id.lanes, s.G.data(), s.rowW, 0);
