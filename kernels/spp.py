@@ -28,6 +28,22 @@ from fastnn import _alloc
 # Pixels per chunk of an SPPF plane: 20 x 20 and 40 x 40 (YOLOv5 sizes) in one or two chunks at 4 warps
 # (8 per thread for 1024). Not measured on a GPU yet (no device in this session): a round, occupancy-safe size.
 SPPF_BLOCK, SPPF_WARPS = 1024, 4
+# The backward keeps ~10 live vectors per chunk (argmax state, gathered gradients): 1024 pixels spilled
+# (255 registers + 160 bytes of stack on sm_90); 256 pixels per chunk (2 per thread) do not.
+SPPF_BWD_BLOCK = 256
+# Larger windows (and fp64) hold more state: smaller chunks keep them spill-free (checked by the AOT test).
+
+
+def sppf_blocks(r: int, is_fp64: bool):
+    """(forward, backward) pixels per chunk for window radius r = k // 2."""
+    fwd = SPPF_BLOCK if r <= 2 else SPPF_BLOCK // 2
+    bwd = SPPF_BWD_BLOCK if r <= 2 and not is_fp64 else SPPF_BWD_BLOCK // 2
+    return fwd, bwd
+
+
+def spp_tile(is_fp64: bool):
+    """(BH, BW, BLOCK) of the SPP kernels: fp64 halves the tile rows and the plane chunk."""
+    return (SPP_BH // 2, SPP_BW, SPPF_BLOCK // 2) if is_fp64 else (SPP_BH, SPP_BW, SPPF_BLOCK)
 # SPP bin tiles: 16 x 32 at 4 warps (4 per thread); bins of a 13 x 13 map at level 1 fit one tile.
 SPP_BH, SPP_BW, SPP_WARPS = 16, 32, 4
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -292,7 +308,7 @@ def _spp_bwd_kernel(
                     tl.store(q, tl.load(q, mask=m, other=0.0) + d, mask=m)
         else:
             # torch's pick: the row-major first maximum, else the last NaN, else (all -inf) the first pixel
-            best = tl.full([], float("-inf"), x_ptr.dtype.element_ty)
+            best = tl.full([], float("-inf"), ga.dtype.element_ty)   # compared in the (exact) fp32 / fp64
             best_i = h0 * W + w0
             nan_i = best_i * 0 - 1
             for hs in range(h0, h1, BH):
@@ -301,7 +317,7 @@ def _spp_bwd_kernel(
                     ww = ws + cols
                     m = (hh < h1)[:, None] & (ww < w1)[None, :]
                     idx = hh[:, None] * W + ww[None, :]
-                    v = tl.load(xp + idx, mask=m, other=float("-inf"))
+                    v = tl.load(xp + idx, mask=m, other=float("-inf")).to(ga.dtype.element_ty)
                     real = m & (v == v)
                     tmax = tl.max(tl.max(tl.where(real, v, float("-inf")), axis=1), axis=0)
                     big = HW + 1
@@ -331,7 +347,8 @@ def sppf_pool(x: torch.Tensor, k: int) -> torch.Tensor:
     out = _alloc.empty((N, 4 * C, H, W), x.dtype, x.device)
     if out.numel():
         tmp = torch.empty((N * C, H * W), dtype=x.dtype, device=x.device)
-        _sppf_fwd_kernel[(N * C,)](x, out, tmp, C, H, W, R=k // 2, BLOCK=SPPF_BLOCK, num_warps=SPPF_WARPS)
+        _sppf_fwd_kernel[(N * C,)](x, out, tmp, C, H, W, R=k // 2, BLOCK=sppf_blocks(k // 2, x.dtype == torch.float64)[0],
+                                   num_warps=SPPF_WARPS)
     return out
 
 
@@ -345,7 +362,8 @@ def sppf_pool_backward(grad: torch.Tensor, x: torch.Tensor, k: int) -> torch.Ten
         col = torch.empty((N * C, H * W), dtype=torch.int32, device=dev)
         arg = torch.empty((N * C, 3, H * W), dtype=torch.int32, device=dev)
         acc = torch.empty((N * C, 2, H * W), dtype=_acc_dtype(x.dtype), device=dev)
-        _sppf_bwd_kernel[(N * C,)](grad, x, gx, val, col, arg, acc, C, H, W, R=k // 2, BLOCK=SPPF_BLOCK,
+        _sppf_bwd_kernel[(N * C,)](grad, x, gx, val, col, arg, acc, C, H, W, R=k // 2,
+                                   BLOCK=sppf_blocks(k // 2, x.dtype == torch.float64)[1],
                                    IS_FP64=x.dtype == torch.float64, num_warps=SPPF_WARPS)
     return gx
 
@@ -369,8 +387,9 @@ def spp_pool(x: torch.Tensor, levels, avg: bool) -> torch.Tensor:
     out = _alloc.empty((N, C * S), x.dtype, x.device)
     if out.numel():
         bins = spp_bins(C, H, W, levels, x.device)
+        bh, bw, _ = spp_tile(x.dtype == torch.float64)
         _spp_fwd_kernel[(N * C, bins.shape[0])](x, out, bins, C, H, W, C * S, AVG=avg,
-                                                 IS_FP64=x.dtype == torch.float64, BH=SPP_BH, BW=SPP_BW,
+                                                 IS_FP64=x.dtype == torch.float64, BH=bh, BW=bw,
                                                  num_warps=SPP_WARPS)
     return out
 
@@ -383,8 +402,9 @@ def spp_pool_backward(grad: torch.Tensor, x: torch.Tensor, levels, avg: bool) ->
     if gx.numel():
         bins = spp_bins(C, H, W, levels, x.device)
         acc = torch.empty((N * C, H * W), dtype=_acc_dtype(x.dtype), device=x.device)
-        _spp_bwd_kernel[(N * C,)](grad, x, gx, acc, bins, bins.shape[0], C, H, W, C * S, AVG=avg, BH=SPP_BH,
-                                  BW=SPP_BW, BLOCK=SPPF_BLOCK, num_warps=SPP_WARPS)
+        bh, bw, block = spp_tile(x.dtype == torch.float64)
+        _spp_bwd_kernel[(N * C,)](grad, x, gx, acc, bins, bins.shape[0], C, H, W, C * S, AVG=avg, BH=bh,
+                                  BW=bw, BLOCK=block, num_warps=SPP_WARPS)
     return gx
 
 
@@ -399,21 +419,22 @@ def aot_specs():
             specs.append((_sppf_fwd_kernel,
                           {"x_ptr": f"*{fp}", "out_ptr": f"*{fp}", "tmp_ptr": f"*{fp}", "C": "i32", "H": "i32",
                            "W": "i32", "R": "constexpr", "BLOCK": "constexpr"},
-                          {"R": r, "BLOCK": SPPF_BLOCK}, SPPF_WARPS))
+                          {"R": r, "BLOCK": sppf_blocks(r, is64)[0]}, SPPF_WARPS))
             specs.append((_sppf_bwd_kernel,
                           {"grad_ptr": f"*{fp}", "x_ptr": f"*{fp}", "gx_ptr": f"*{fp}", "val_ptr": f"*{fp}",
                            "col_ptr": "*i32", "arg_ptr": "*i32", "acc_ptr": f"*{acc}", "C": "i32", "H": "i32",
                            "W": "i32", "R": "constexpr", "BLOCK": "constexpr", "IS_FP64": "constexpr"},
-                          {"R": r, "BLOCK": SPPF_BLOCK, "IS_FP64": is64}, SPPF_WARPS))
+                          {"R": r, "BLOCK": sppf_blocks(r, is64)[1], "IS_FP64": is64}, SPPF_WARPS))
+        bh, bw, block = spp_tile(is64)
         for avg in (False, True):
             specs.append((_spp_fwd_kernel,
                           {"x_ptr": f"*{fp}", "out_ptr": f"*{fp}", "bins_ptr": "*i64", "C": "i32", "H": "i32",
                            "W": "i32", "CS": "i32", "AVG": "constexpr", "IS_FP64": "constexpr", "BH": "constexpr",
                            "BW": "constexpr"},
-                          {"AVG": avg, "IS_FP64": is64, "BH": SPP_BH, "BW": SPP_BW}, SPP_WARPS))
+                          {"AVG": avg, "IS_FP64": is64, "BH": bh, "BW": bw}, SPP_WARPS))
             specs.append((_spp_bwd_kernel,
                           {"grad_ptr": f"*{fp}", "x_ptr": f"*{fp}", "gx_ptr": f"*{fp}", "acc_ptr": f"*{acc}",
                            "bins_ptr": "*i64", "NB": "i32", "C": "i32", "H": "i32", "W": "i32", "CS": "i32",
                            "AVG": "constexpr", "BH": "constexpr", "BW": "constexpr", "BLOCK": "constexpr"},
-                          {"AVG": avg, "BH": SPP_BH, "BW": SPP_BW, "BLOCK": SPPF_BLOCK}, SPP_WARPS))
+                          {"AVG": avg, "BH": bh, "BW": bw, "BLOCK": block}, SPP_WARPS))
     return specs
