@@ -10,6 +10,7 @@
 #include "families/rnn_ln.h"
 #include "families/roi.h"
 #include "families/ssm.h"
+#include "families/spp.h"
 #include "families/ssm_conv.h"
 #include "generated/build_config.h"
 
@@ -32,4 +33,5 @@ PYBIND11_MODULE(_C, m) {
   fastnn::register_rnn(m);
   fastnn::register_rnn_ln(m);
   fastnn::register_roi(m);
+  fastnn::register_spp(m);
 }

@@ -7,6 +7,7 @@ from .multiscale import multiscale_detect
 from .rnn import gru, gru_cell, lstm, lstm_cell
 from .rnn_ln import layer_norm_lstm
 from .roi import multi_scale_roi_align, roi_align, roi_pool
+from .spp import spp_pool, sppf_pool
 from .ssm import selective_scan_fn
 from .ssm_conv import causal_conv1d_fn, causal_conv1d_update, selective_state_update
 
@@ -14,4 +15,5 @@ __all__ = ["nms", "batched_nms", "box_iou", "generalized_box_iou", "scaled_dot_p
            "flash_attention", "attention_decode", "selective_scan_fn", "causal_conv1d_fn", "causal_conv1d_update",
            "selective_state_update", "lstm", "gru", "lstm_cell", "gru_cell", "layer_norm_lstm",
            "heatmap_peaks", "decode_fcos", "decode_yolo", "detection_postprocess", "soft_nms", "matrix_nms",
-           "roi_align", "roi_pool", "multi_scale_roi_align", "fpn_topdown_add", "multiscale_detect"]
+           "roi_align", "roi_pool", "multi_scale_roi_align", "fpn_topdown_add", "multiscale_detect", "spp_pool",
+           "sppf_pool"]

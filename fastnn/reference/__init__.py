@@ -1,4 +1,4 @@
 """Plain-PyTorch oracles for every fastnn op: readable, slow, float64-capable. Tests compare kernels here."""
-from . import attention, boxes, fpn, rnn, ssm
+from . import attention, boxes, detect, fpn, rnn, roi, spp, ssm
 
-__all__ = ["attention", "boxes", "fpn", "rnn", "ssm"]
+__all__ = ["attention", "boxes", "detect", "fpn", "rnn", "roi", "spp", "ssm"]
