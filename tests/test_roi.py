@@ -130,6 +130,19 @@ def test_roi_align_low_precision(dtype, channels_last):
     lowp_close(gx, g64, gl, what="roi_align grad")
 
 
+@pytest.mark.parametrize("dtype", LOWP)
+def test_low_precision_input_keeps_float32_boxes(dtype):
+    """float16 / bfloat16 features run in float32 with the boxes as given: coordinates beyond float16's
+    integer range (2048) keep their fractions."""
+    x = features(1, 3, 40, 1000, dtype)
+    rois = torch.tensor([[0, 3000.3, 10.7, 3601.9, 100.2], [0, 2500.55, 3.3, 3999.1, 150.9]])
+    got = run("cpp", ops.roi_align, x, rois, 3, 0.25, 2, True)
+    want = run("cpp", ops.roi_align, x.float(), rois, 3, 0.25, 2, True).to(dtype)
+    assert torch.equal(got, want)
+    rounded = run("cpp", ops.roi_align, x.float(), rois.to(dtype).float(), 3, 0.25, 2, True).to(dtype)
+    assert not torch.equal(got, rounded)  # the float16 boxes would sample elsewhere
+
+
 @pytest.mark.parametrize("backend", POOL_BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -222,23 +222,31 @@ def _features(input: Tensor, name: str) -> Tensor:
     return input
 
 
+def _roi_dtype(like: Tensor) -> torch.dtype:
+    # The kernels' compute dtype: float16 / bfloat16 features keep float32 boxes (coordinates above 2048
+    # would not survive float16), float32 / float64 features get boxes of their own dtype, as torchvision.
+    return torch.float64 if like.dtype == torch.float64 else torch.float32
+
+
 def boxes_to_rois(boxes: Union[Tensor, Sequence[Tensor]], like: Tensor, name: str = "boxes") -> Tensor:
-    """(K, 5) rois (batch index, x1, y1, x2, y2) in `like`'s dtype from a (K, 5) tensor or a list of (L, 4)
-    per-image boxes (torchvision's two forms); checks shapes, dtypes and devices."""
+    """(K, 5) rois (batch index, x1, y1, x2, y2) from a (K, 5) tensor or a list of (L, 4) per-image boxes
+    (torchvision's two forms), in float64 for float64 ``like`` and float32 otherwise; checks shapes, dtypes
+    and devices."""
+    dtype = _roi_dtype(like)
     if isinstance(boxes, Tensor):
         _checks.tensor(boxes, name, dtypes=_checks.FLOAT_DTYPES, shape=(None, 5))
         _checks.same_device("input", like, **{name: boxes})
-        return boxes.to(like.dtype).contiguous()
+        return boxes.to(dtype).contiguous()
     if not isinstance(boxes, (list, tuple)):
         raise TypeError(f"{name} must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
     parts = []
     for i, b in enumerate(boxes):
         _checks.tensor(b, f"{name}[{i}]", dtypes=_checks.FLOAT_DTYPES, shape=(None, 4))
         _checks.same_device("input", like, **{f"{name}[{i}]": b})
-        parts.append(torch.cat([torch.full((b.shape[0], 1), float(i), dtype=like.dtype, device=like.device),
-                                b.to(like.dtype)], 1))
+        parts.append(torch.cat([torch.full((b.shape[0], 1), float(i), dtype=dtype, device=like.device),
+                                b.to(dtype)], 1))
     if not parts:
-        return like.new_zeros((0, 5))
+        return like.new_zeros((0, 5), dtype=dtype)
     return torch.cat(parts, 0)
 
 
@@ -262,9 +270,9 @@ def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, sp
     Args:
         input: (N, C, H, W) features, float16/bfloat16/float32/float64, contiguous or channels-last (read
             without a copy; the output is then channels-last too).
-        boxes: (K, 5) rois (batch index, x1, y1, x2, y2), or a list of N tensors (L_i, 4) of per-image boxes.
-            Converted to ``input``'s dtype (torchvision requires it). A batch index outside [0, N) raises a
-            ValueError naming the box.
+        boxes: (K, 5) rois (batch index, x1, y1, x2, y2), or a list of N tensors (L_i, 4) of per-image boxes,
+            any float dtype (torchvision requires ``input``'s): used in float32 (float64 for float64
+            ``input``). A batch index outside [0, N) raises a ValueError naming the box.
         output_size: int or (height, width) of the pooled output.
         spatial_scale: box coordinates are multiplied by it to reach feature-map coordinates.
         sampling_ratio: samples per bin along each axis; <= 0 picks ceil(roi size / output size) per RoI.
