@@ -1,11 +1,14 @@
 // CPU RoIAlign (one or several feature levels in one call) and RoIPool, forward and backward.
 //
 // RoIs are grouped by (level, image) with a stable counting sort; within a group they keep their order.
-//   NCHW:          one task per (group, channel): the channel plane of that image stays in cache while every
-//                  RoI of the group samples it. Sample positions and weights are computed once per RoI
-//                  (shared by all channels), for a bounded chunk of RoIs at a time.
+//   NCHW:          one task per (group, block of 8 channel planes): the planes are interleaved into a
+//                  per-thread buffer that stays in L2 while every RoI of the group samples it, one vector per
+//                  tap. Sample taps are computed once per RoI (shared by all channels) as separable row and
+//                  column tables, for a bounded chunk of RoIs at a time.
 //   channels-last: one task per RoI (forward) or per (group, channel block) (backward); the four taps of a
 //                  sample are contiguous channel vectors, so the inner loop is a vectorised axpy.
+//   roi_pool:      the forward reads channels-last (an NCHW input is transposed once); the backward owns
+//                  planes or channel blocks like RoIAlign's.
 // Every output element is written by one task, and backward tasks add their RoIs in RoI order, bins in
 // order, samples in order: the gradient is bitwise deterministic, equal to torchvision's serial CPU
 // backward, and independent of the thread count. float16 / bfloat16 run in float32.

@@ -3,9 +3,9 @@ fastnn.nn.MultiScaleRoIAlign.
 
 Custom ops (``torch.ops.fastnn.*``): roi_align (one or several levels; each RoI reads its own level),
 roi_align_backward, roi_pool (output and argmax), roi_pool_backward. Kernels:
-  CPU   C++ (csrc/cpu/roi_align_cpu.cpp): RoIs grouped by (level, image); NCHW input is read plane by plane
-        (one task per image channel, sample weights shared by every channel), channels-last input with
-        the taps as contiguous channel vectors, and no copy. Backward: each task owns its gradient planes
+  CPU   C++ (csrc/cpu/roi_align_cpu.cpp): RoIs grouped by (level, image); NCHW input is read 8 planes at a
+        time through an interleaved per-thread buffer (sample taps shared by every channel), channels-last
+        input with the taps as contiguous channel vectors, and no copy. Backward: each task owns its gradient planes
         (or channel blocks) and adds in RoI order: bitwise deterministic, equal to torchvision's CPU
         gradient, independent of the thread count.
   CUDA  CUDA C++ (csrc/cuda/roi_align_kernels.cuh) for roi_align: forward one thread per output element;
