@@ -21,6 +21,7 @@
 
 #include "../common/alloc.h"
 #include "../common/roi_math.h"
+#include "../cuda/roi_align_plan.h"  // input preparation shared with the CUDA launchers (ATen only)
 #include "../families/roi.h"
 
 namespace fastnn::cpu {
@@ -43,7 +44,6 @@ constexpr int64_t kChannelBlock = 64;
 // across 16 planes were slower than scalar loads here, v2; interleaving, v3).
 constexpr int kPlaneBlock = 8;
 
-at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // RoIs sorted by group = level * N + batch (stable), and where each group starts.
 struct Groups {
@@ -162,23 +162,37 @@ void with_count_divisor(const RoiSamples<T>& s, F&& f) {
   }
 }
 
-// Sorted positions [lo, hi) whose sample tables fit the budget (at least one RoI).
-template <typename T>
-int64_t chunk_end(const Groups& g, const T* rois, const int64_t* levels, const std::vector<Level>& lv, int64_t lo,
-                  int pooled_h, int pooled_w, int sampling_ratio, bool aligned) {
+// Walks the sorted RoIs in chunks whose sample tables fit the budget (at least one RoI a chunk): builds the
+// chunk's tables in parallel, then calls body(lo, runs, samples), where samples[p - lo] belongs to sorted
+// position p and runs are the chunk's (group, positions) pieces.
+template <typename T, typename F>
+void for_each_chunk(const Groups& g, const T* rois, const int64_t* levels, const std::vector<Level>& lv,
+                    int pooled_h, int pooled_w, int sampling_ratio, bool aligned, F&& body) {
   const int64_t k = static_cast<int64_t>(g.order.size());
-  double bytes = 0;
-  int64_t hi = lo;
-  while (hi < k) {
-    const int64_t r = g.order[hi];
-    const Level& l = lv[levels ? levels[r] : 0];
-    const auto geo = roi_align_geometry<T>(rois + 5 * r, static_cast<T>(l.scale), pooled_h, pooled_w, sampling_ratio,
-                                           aligned);
-    bytes += (double(pooled_h) * geo.grid_h + double(pooled_w) * geo.grid_w) * sizeof(AxisTaps<T>) + 128;
-    if (hi > lo && bytes > static_cast<double>(roi_sample_budget())) break;
-    ++hi;
+  std::vector<RoiSamples<T>> samples;
+  for (int64_t lo = 0; lo < k;) {
+    double bytes = 0;
+    int64_t hi = lo;
+    while (hi < k) {
+      const int64_t r = g.order[hi];
+      const Level& l = lv[levels ? levels[r] : 0];
+      const auto geo = roi_align_geometry<T>(rois + 5 * r, static_cast<T>(l.scale), pooled_h, pooled_w,
+                                             sampling_ratio, aligned);
+      bytes += (double(pooled_h) * geo.grid_h + double(pooled_w) * geo.grid_w) * sizeof(AxisTaps<T>) + 128;
+      if (hi > lo && bytes > static_cast<double>(roi_sample_budget())) break;
+      ++hi;
+    }
+    samples.resize(hi - lo);
+    at::parallel_for(lo, hi, 1, [&](int64_t a, int64_t b) {
+      for (int64_t p = a; p < b; ++p) {
+        const int64_t r = g.order[p];
+        build_samples(rois + 5 * r, lv[levels ? levels[r] : 0], pooled_h, pooled_w, sampling_ratio, aligned,
+                      samples[p - lo]);
+      }
+    });
+    body(lo, runs_between(g, lo, hi), samples);
+    lo = hi;
   }
-  return hi;
 }
 
 // ---------------------------------------------------------------- roi_align, NCHW
@@ -227,20 +241,9 @@ template <typename T>
 void align_forward_nchw(const std::vector<const T*>& feats, const std::vector<Level>& lv, const T* rois,
                         const int64_t* levels, const Groups& g, int64_t channels, int pooled_h, int pooled_w,
                         int sampling_ratio, bool aligned, T* out) {
-  const int64_t k = static_cast<int64_t>(g.order.size());
   const int64_t bins = int64_t(pooled_h) * pooled_w;
-  std::vector<RoiSamples<T>> samples;
-  for (int64_t lo = 0; lo < k;) {
-    const int64_t hi = chunk_end(g, rois, levels, lv, lo, pooled_h, pooled_w, sampling_ratio, aligned);
-    samples.resize(hi - lo);
-    at::parallel_for(lo, hi, 1, [&](int64_t a, int64_t b) {
-      for (int64_t p = a; p < b; ++p) {
-        const int64_t r = g.order[p];
-        build_samples(rois + 5 * r, lv[levels ? levels[r] : 0], pooled_h, pooled_w, sampling_ratio, aligned,
-                      samples[p - lo]);
-      }
-    });
-    const auto runs = runs_between(g, lo, hi);
+  for_each_chunk(g, rois, levels, lv, pooled_h, pooled_w, sampling_ratio, aligned,
+                 [&](int64_t lo, const std::vector<Run>& runs, const std::vector<RoiSamples<T>>& samples) {
     const int64_t blocks = (channels + kPlaneBlock - 1) / kPlaneBlock;
     at::parallel_for(0, static_cast<int64_t>(runs.size()) * blocks, 1, [&](int64_t a, int64_t b) {
       Tile<T> tile;
@@ -274,28 +277,16 @@ void align_forward_nchw(const std::vector<const T*>& feats, const std::vector<Le
         }
       }
     });
-    lo = hi;
-  }
+  });
 }
 
 template <typename T>
 void align_backward_nchw(const std::vector<T*>& grads, const std::vector<Level>& lv, const T* rois,
                          const int64_t* levels, const Groups& g, int64_t channels, int pooled_h, int pooled_w,
                          int sampling_ratio, bool aligned, const T* grad_out) {
-  const int64_t k = static_cast<int64_t>(g.order.size());
   const int64_t bins = int64_t(pooled_h) * pooled_w;
-  std::vector<RoiSamples<T>> samples;
-  for (int64_t lo = 0; lo < k;) {
-    const int64_t hi = chunk_end(g, rois, levels, lv, lo, pooled_h, pooled_w, sampling_ratio, aligned);
-    samples.resize(hi - lo);
-    at::parallel_for(lo, hi, 1, [&](int64_t a, int64_t b) {
-      for (int64_t p = a; p < b; ++p) {
-        const int64_t r = g.order[p];
-        build_samples(rois + 5 * r, lv[levels ? levels[r] : 0], pooled_h, pooled_w, sampling_ratio, aligned,
-                      samples[p - lo]);
-      }
-    });
-    const auto runs = runs_between(g, lo, hi);
+  for_each_chunk(g, rois, levels, lv, pooled_h, pooled_w, sampling_ratio, aligned,
+                 [&](int64_t lo, const std::vector<Run>& runs, const std::vector<RoiSamples<T>>& samples) {
     const int64_t blocks = (channels + kPlaneBlock - 1) / kPlaneBlock;
     at::parallel_for(0, static_cast<int64_t>(runs.size()) * blocks, 1, [&](int64_t a, int64_t b) {
       Tile<T> tile;
@@ -343,8 +334,7 @@ void align_backward_nchw(const std::vector<T*>& grads, const std::vector<Level>&
         from_interleaved(buf, hw, cn, plane);
       }
     });
-    lo = hi;
-  }
+  });
 }
 
 // ---------------------------------------------------------------- roi_align, channels-last
@@ -390,21 +380,10 @@ template <typename T>
 void align_backward_nhwc(const std::vector<T*>& grads, const std::vector<Level>& lv, const T* rois,
                          const int64_t* levels, const Groups& g, int64_t channels, int pooled_h, int pooled_w,
                          int sampling_ratio, bool aligned, const T* grad_out) {
-  const int64_t k = static_cast<int64_t>(g.order.size());
   const int64_t bins = int64_t(pooled_h) * pooled_w;
   const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
-  std::vector<RoiSamples<T>> samples;
-  for (int64_t lo = 0; lo < k;) {
-    const int64_t hi = chunk_end(g, rois, levels, lv, lo, pooled_h, pooled_w, sampling_ratio, aligned);
-    samples.resize(hi - lo);
-    at::parallel_for(lo, hi, 1, [&](int64_t a, int64_t b) {
-      for (int64_t p = a; p < b; ++p) {
-        const int64_t r = g.order[p];
-        build_samples(rois + 5 * r, lv[levels ? levels[r] : 0], pooled_h, pooled_w, sampling_ratio, aligned,
-                      samples[p - lo]);
-      }
-    });
-    const auto runs = runs_between(g, lo, hi);
+  for_each_chunk(g, rois, levels, lv, pooled_h, pooled_w, sampling_ratio, aligned,
+                 [&](int64_t lo, const std::vector<Run>& runs, const std::vector<RoiSamples<T>>& samples) {
     const int64_t tasks = static_cast<int64_t>(runs.size()) * blocks;
     at::parallel_for(0, tasks, 1, [&](int64_t a, int64_t b) {
       for (int64_t t = a; t < b; ++t) {
@@ -436,16 +415,6 @@ void align_backward_nhwc(const std::vector<T*>& grads, const std::vector<Level>&
         }
       }
     });
-    lo = hi;
-  }
-}
-
-// Zeroes gradient buffers in parallel (first touch by the threads that will write them).
-void zero_parallel(at::Tensor& t) {
-  const int64_t n = t.numel();
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "roi_zero", [&] {
-    scalar_t* p = t.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1 << 16, [&](int64_t a, int64_t b) { std::fill(p + a, p + b, scalar_t(0)); });
   });
 }
 
@@ -474,40 +443,26 @@ at::Tensor roi_align_forward(const std::vector<at::Tensor>& features, const at::
                              int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
                              bool channels_last) {
   check_common(rois, levels, features.size(), scales, pooled_h, pooled_w);
-  const auto dtype = features[0].scalar_type();
-  const auto ct = compute_type(dtype);
-  const int64_t n_batch = features[0].size(0), channels = features[0].size(1), k = rois.size(0);
-  const bool nhwc = channels_last;
-  for (const auto& f : features) {
-    TORCH_CHECK(f.dim() == 4 && f.size(0) == n_batch && f.size(1) == channels && f.scalar_type() == dtype,
-                "fastnn roi_align: every level must be (N, C, H, W) with the same N, C and dtype");
-  }
-  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  std::vector<at::Tensor> feats;
-  std::vector<int64_t> shapes;
-  for (const auto& f : features) {
-    feats.push_back(f.to(ct).contiguous(fmt));
-    for (int d = 0; d < 4; ++d) shapes.push_back(f.size(d));
-  }
-  const at::Tensor r = rois.to(ct).contiguous();
-  const at::Tensor lvl = levels.has_value() ? levels->contiguous() : at::Tensor();
-  at::Tensor out = new_output({k, channels, pooled_h, pooled_w}, feats[0].options().memory_format(fmt));
-  if (out.numel() == 0) return out.to(dtype);
-  AT_DISPATCH_FLOATING_TYPES(ct, "roi_align_forward_cpu", [&] {
+  const RoiAlignInputs in = roi_align_inputs(features, rois, levels, pooled_h, pooled_w, channels_last);
+  if (in.out.numel() == 0) return in.out.to(in.dtype);
+  const int64_t n_batch = in.shapes[0], channels = in.shapes[1], k = in.rois.size(0);
+  AT_DISPATCH_FLOATING_TYPES(in.out.scalar_type(), "roi_align_forward_cpu", [&] {
     std::vector<const scalar_t*> ptrs;
-    for (const auto& f : feats) ptrs.push_back(f.data_ptr<scalar_t>());
-    const int64_t* lp = lvl.defined() ? lvl.data_ptr<int64_t>() : nullptr;
-    const Groups g = group_rois(r.data_ptr<scalar_t>(), lp, k, static_cast<int64_t>(feats.size()), n_batch);
-    const auto lv = levels_of(shapes, scales);
-    if (nhwc) {
-      align_forward_nhwc(ptrs, lv, r.data_ptr<scalar_t>(), lp, g, channels, int(pooled_h), int(pooled_w),
-                         int(sampling_ratio), aligned, out.data_ptr<scalar_t>());
+    for (const auto& f : in.feats) ptrs.push_back(f.data_ptr<scalar_t>());
+    const scalar_t* r = in.rois.data_ptr<scalar_t>();
+    const int64_t* lp = in.levels.defined() ? in.levels.data_ptr<int64_t>() : nullptr;
+    const Groups g = group_rois(r, lp, k, static_cast<int64_t>(in.feats.size()), n_batch);
+    const auto lv = levels_of(in.shapes, scales);
+    scalar_t* out = in.out.data_ptr<scalar_t>();
+    if (channels_last) {
+      align_forward_nhwc(ptrs, lv, r, lp, g, channels, int(pooled_h), int(pooled_w), int(sampling_ratio), aligned,
+                         out);
     } else {
-      align_forward_nchw(ptrs, lv, r.data_ptr<scalar_t>(), lp, g, channels, int(pooled_h), int(pooled_w),
-                         int(sampling_ratio), aligned, out.data_ptr<scalar_t>());
+      align_forward_nchw(ptrs, lv, r, lp, g, channels, int(pooled_h), int(pooled_w), int(sampling_ratio), aligned,
+                         out);
     }
   });
-  return out.to(dtype);
+  return in.out.to(in.dtype);
 }
 
 std::vector<at::Tensor> roi_align_backward(const at::Tensor& grad, const at::Tensor& rois,
@@ -518,19 +473,11 @@ std::vector<at::Tensor> roi_align_backward(const at::Tensor& grad, const at::Ten
   TORCH_CHECK(feature_shapes.size() == 4 * n_levels, "fastnn roi_align backward: 4 sizes per level expected");
   check_common(rois, levels, n_levels, scales, grad.size(2), grad.size(3));
   const auto dtype = grad.scalar_type();
-  const auto ct = compute_type(dtype);
+  const auto ct = roi_compute_type(dtype);
   const int64_t n_batch = feature_shapes[0], channels = feature_shapes[1], k = rois.size(0);
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  std::vector<at::Tensor> grads;
-  for (size_t l = 0; l < n_levels; ++l) {
-    at::Tensor gi = at::empty({feature_shapes[4 * l], feature_shapes[4 * l + 1], feature_shapes[4 * l + 2],
-                               feature_shapes[4 * l + 3]},
-                              grad.options().dtype(ct).memory_format(fmt));
-    zero_parallel(gi);
-    grads.push_back(gi);
-  }
+  std::vector<at::Tensor> grads = roi_grad_buffers(feature_shapes, grad.options().dtype(ct), channels_last);
   if (k > 0 && channels > 0) {
-    const at::Tensor go = grad.to(ct).contiguous(fmt);
+    const at::Tensor go = grad.to(ct).contiguous(roi_format(channels_last));
     const at::Tensor r = rois.to(ct).contiguous();
     const at::Tensor lvl = levels.has_value() ? levels->contiguous() : at::Tensor();
     const int pooled_h = static_cast<int>(grad.size(2)), pooled_w = static_cast<int>(grad.size(3));
@@ -562,7 +509,7 @@ std::vector<at::Tensor> roi_pool_forward(const at::Tensor& input, const at::Tens
   TORCH_CHECK(input.dim() == 4 && rois.dim() == 2 && rois.size(1) == 5, "fastnn roi_pool: bad shapes");
   TORCH_CHECK(pooled_h > 0 && pooled_w > 0, "fastnn roi_pool: output size must be positive");
   const auto dtype = input.scalar_type();
-  const auto ct = compute_type(dtype);
+  const auto ct = roi_compute_type(dtype);
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor x = input.to(ct).contiguous(cl);
   const at::Tensor r = rois.to(ct).contiguous();
@@ -616,12 +563,10 @@ at::Tensor roi_pool_backward(const at::Tensor& grad, const at::Tensor& rois, con
                              const std::vector<int64_t>& input_shape, bool channels_last) {
   TORCH_CHECK(input_shape.size() == 4, "fastnn roi_pool backward: input_shape must have 4 sizes");
   const auto dtype = grad.scalar_type();
-  const auto ct = compute_type(dtype);
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto ct = roi_compute_type(dtype);
+  const auto fmt = roi_format(channels_last);
   const int64_t n_batch = input_shape[0], channels = input_shape[1], hw = input_shape[2] * input_shape[3];
-  at::Tensor gi = at::empty({input_shape[0], input_shape[1], input_shape[2], input_shape[3]},
-                            grad.options().dtype(ct).memory_format(fmt));
-  zero_parallel(gi);
+  at::Tensor gi = roi_grad_buffers(input_shape, grad.options().dtype(ct), channels_last)[0];
   const int64_t k = rois.size(0);
   if (k > 0 && channels > 0) {
     const at::Tensor go = grad.to(ct).contiguous(fmt);

@@ -17,26 +17,15 @@ at::Tensor roi_align_forward_emulated(const std::vector<at::Tensor>& features, c
                                       const c10::optional<at::Tensor>& levels, const std::vector<double>& scales,
                                       int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
                                       bool channels_last) {
-  const auto dtype = features[0].scalar_type();
-  const auto ct = roi_compute_type(dtype);
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  std::vector<at::Tensor> feats;
-  std::vector<int64_t> shapes;
-  for (const auto& f : features) {
-    feats.push_back(f.to(ct).contiguous(fmt));
-    for (int d = 0; d < 4; ++d) shapes.push_back(f.size(d));
-  }
-  const at::Tensor r = rois.to(ct).contiguous();
-  const at::Tensor lvl = levels.has_value() ? levels->contiguous() : at::Tensor();
-  at::Tensor out = new_output({r.size(0), shapes[1], pooled_h, pooled_w}, feats[0].options().memory_format(fmt));
-  if (out.numel() == 0) return out.to(dtype);
-  roi_check_indices(r, lvl, shapes[0], static_cast<int64_t>(feats.size()));
-  RoiAlignParams p = roi_align_params(shapes, scales, r, lvl, pooled_h, pooled_w, sampling_ratio, aligned,
-                                      channels_last);
-  for (size_t l = 0; l < feats.size(); ++l) p.levels[l].data = feats[l].data_ptr();
-  AT_DISPATCH_FLOATING_TYPES(ct, "roi_align_forward_emulated", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, out.numel(), 1024, [&](int64_t a, int64_t b) {
+  const RoiAlignInputs in = roi_align_inputs(features, rois, levels, pooled_h, pooled_w, channels_last);
+  if (in.out.numel() == 0) return in.out.to(in.dtype);
+  roi_check_indices(in.rois, in.levels, in.shapes[0], static_cast<int64_t>(in.feats.size()));
+  RoiAlignParams p = roi_align_params(in.shapes, scales, in.rois, in.levels, pooled_h, pooled_w, sampling_ratio,
+                                      aligned, channels_last);
+  for (size_t l = 0; l < in.feats.size(); ++l) p.levels[l].data = in.feats[l].data_ptr();
+  AT_DISPATCH_FLOATING_TYPES(in.out.scalar_type(), "roi_align_forward_emulated", [&] {
+    scalar_t* o = in.out.data_ptr<scalar_t>();
+    at::parallel_for(0, in.out.numel(), 1024, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {  // one CUDA thread each
         int64_t at_;
         const scalar_t v = roi_align_forward_element<scalar_t>(p, i, at_);
@@ -44,7 +33,7 @@ at::Tensor roi_align_forward_emulated(const std::vector<at::Tensor>& features, c
       }
     });
   });
-  return out.to(dtype);
+  return in.out.to(in.dtype);
 }
 
 std::vector<at::Tensor> roi_align_backward_emulated(const at::Tensor& grad, const at::Tensor& rois,
@@ -55,13 +44,7 @@ std::vector<at::Tensor> roi_align_backward_emulated(const at::Tensor& grad, cons
   const auto dtype = grad.scalar_type();
   const auto ct = roi_compute_type(dtype);
   const size_t n_levels = scales.size();
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  std::vector<at::Tensor> grads;
-  for (size_t l = 0; l < n_levels; ++l) {
-    grads.push_back(at::empty({feature_shapes[4 * l], feature_shapes[4 * l + 1], feature_shapes[4 * l + 2],
-                               feature_shapes[4 * l + 3]},
-                              grad.options().dtype(ct).memory_format(fmt)).zero_());  // at::zeros drops the format
-  }
+  std::vector<at::Tensor> grads = roi_grad_buffers(feature_shapes, grad.options().dtype(ct), channels_last);
   const int64_t k = rois.size(0), channels = feature_shapes[1];
   if (k > 0 && channels > 0) {
     const at::Tensor r = rois.to(ct).contiguous();
@@ -113,7 +96,7 @@ std::vector<at::Tensor> roi_pool_forward_emulated(const at::Tensor& input, const
                                                   bool channels_last) {
   const auto dtype = input.scalar_type();
   const auto ct = roi_compute_type(dtype);
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto fmt = roi_format(channels_last);
   const at::Tensor x = input.to(ct).contiguous(fmt);
   const at::Tensor r = rois.to(ct).contiguous();
   at::Tensor out = new_output({r.size(0), x.size(1), pooled_h, pooled_w}, x.options().memory_format(fmt));
@@ -136,9 +119,8 @@ at::Tensor roi_pool_backward_emulated(const at::Tensor& grad, const at::Tensor& 
                                       const std::vector<int64_t>& input_shape, bool channels_last) {
   const auto dtype = grad.scalar_type();
   const auto ct = roi_compute_type(dtype);
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor gi = at::empty({input_shape[0], input_shape[1], input_shape[2], input_shape[3]},
-                            grad.options().dtype(ct).memory_format(fmt)).zero_();
+  const auto fmt = roi_format(channels_last);
+  at::Tensor gi = roi_grad_buffers(input_shape, grad.options().dtype(ct), channels_last)[0];
   const int64_t total = grad.numel();
   if (total == 0) return gi.to(dtype);
   const at::Tensor go = grad.to(ct).contiguous(fmt);

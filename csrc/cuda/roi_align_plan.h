@@ -1,17 +1,68 @@
-// The device-independent glue of the RoIAlign kernels (ATen calls only): parameters, RoI checks and the
-// backward's count -> entries -> stable sort -> segments -> reduce sequence. The CUDA launchers
-// (roi_align_cuda.cu) and the CPU emulation used by the tests (csrc/cpu/roi_align_emulated.cpp) both run
-// it, with their own way of running the per-thread bodies of roi_align_kernels.cuh.
+// The device-independent glue of the RoIAlign kernels (ATen calls only): inputs in the kernels' form,
+// parameters, RoI checks and the backward's count -> entries -> stable sort -> segments -> reduce sequence.
+// The CUDA launchers (roi_align_cuda.cu) and the CPU emulation used by the tests
+// (csrc/cpu/roi_align_emulated.cpp) both run it, with their own way of running the per-thread bodies of
+// roi_align_kernels.cuh; the CPU kernels (csrc/cpu/roi_align_cpu.cpp) share the input preparation.
 #pragma once
 #include <ATen/ATen.h>
 
 #include <vector>
 
+#include "../common/alloc.h"
 #include "roi_align_kernels.cuh"
 
 namespace fastnn {
 
 inline at::ScalarType roi_compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline at::MemoryFormat roi_format(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// A RoIAlign forward's inputs in the kernels' form: every level in the compute dtype and the chosen layout
+// (no copy when it already is), the levels' sizes (4 each), rois in the compute dtype, levels contiguous
+// (undefined when absent), and the (poisoned) output in the compute dtype and the same layout.
+struct RoiAlignInputs {
+  at::ScalarType dtype;  // the features' dtype, which the caller returns
+  std::vector<at::Tensor> feats;
+  std::vector<int64_t> shapes;
+  at::Tensor rois, levels, out;
+};
+
+inline RoiAlignInputs roi_align_inputs(const std::vector<at::Tensor>& features, const at::Tensor& rois,
+                                       const c10::optional<at::Tensor>& levels, int64_t pooled_h, int64_t pooled_w,
+                                       bool channels_last) {
+  TORCH_CHECK(!features.empty(), "fastnn roi_align: at least one feature level expected");
+  RoiAlignInputs in;
+  in.dtype = features[0].scalar_type();
+  const auto ct = roi_compute_type(in.dtype);
+  const auto fmt = roi_format(channels_last);
+  for (const auto& f : features) {
+    TORCH_CHECK(f.dim() == 4 && f.size(0) == features[0].size(0) && f.size(1) == features[0].size(1) &&
+                    f.scalar_type() == in.dtype,
+                "fastnn roi_align: every level must be (N, C, H, W) with the same N, C and dtype");
+    in.feats.push_back(f.to(ct).contiguous(fmt));
+    for (int d = 0; d < 4; ++d) in.shapes.push_back(f.size(d));
+  }
+  in.rois = rois.to(ct).contiguous();
+  in.levels = levels.has_value() ? levels->contiguous() : at::Tensor();
+  in.out = new_output({rois.size(0), in.shapes[1], pooled_h, pooled_w}, in.feats[0].options().memory_format(fmt));
+  return in;
+}
+
+// Zeroed gradient buffers for the levels of `shapes` (4 sizes each), in `options`' dtype and device and the
+// chosen layout.
+inline std::vector<at::Tensor> roi_grad_buffers(const std::vector<int64_t>& shapes, const at::TensorOptions& options,
+                                                bool channels_last) {
+  std::vector<at::Tensor> grads;
+  for (size_t l = 0; l + 3 < shapes.size(); l += 4) {
+    // at::zeros would drop the memory format
+    grads.push_back(at::empty({shapes[l], shapes[l + 1], shapes[l + 2], shapes[l + 3]},
+                              options.memory_format(roi_format(channels_last)))
+                        .zero_());
+  }
+  return grads;
+}
 
 inline RoiAlignParams roi_align_params(const std::vector<int64_t>& shapes, const std::vector<double>& scales,
                                        const at::Tensor& rois, const at::Tensor& levels, int64_t pooled_h,

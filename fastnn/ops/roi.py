@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .._backend import _C, pick
 from ..reference import roi as ref
+from ..reference.boxes import compute_dtype
 from . import _checks
 
 # Dispatch preference per device (first usable wins; use_backend overrides).
@@ -222,17 +223,13 @@ def _features(input: Tensor, name: str) -> Tensor:
     return input
 
 
-def _roi_dtype(like: Tensor) -> torch.dtype:
-    # The kernels' compute dtype: float16 / bfloat16 features keep float32 boxes (coordinates above 2048
-    # would not survive float16), float32 / float64 features get boxes of their own dtype, as torchvision.
-    return torch.float64 if like.dtype == torch.float64 else torch.float32
-
-
 def boxes_to_rois(boxes: Union[Tensor, Sequence[Tensor]], like: Tensor, name: str = "boxes") -> Tensor:
     """(K, 5) rois (batch index, x1, y1, x2, y2) from a (K, 5) tensor or a list of (L, 4) per-image boxes
     (torchvision's two forms), in float64 for float64 ``like`` and float32 otherwise; checks shapes, dtypes
     and devices."""
-    dtype = _roi_dtype(like)
+    # The kernels' compute dtype: float16 / bfloat16 features keep float32 boxes (coordinates above 2048
+    # would not survive float16), float32 / float64 features get boxes of their own dtype, as torchvision.
+    dtype = compute_dtype(like.dtype)
     if isinstance(boxes, Tensor):
         _checks.tensor(boxes, name, dtypes=_checks.FLOAT_DTYPES, shape=(None, 5))
         _checks.same_device("input", like, **{name: boxes})
