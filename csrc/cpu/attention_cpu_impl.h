@@ -25,6 +25,7 @@
 
 #include "../common/alloc.h"
 #include "../common/attention_math.h"
+#include "vec_math.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -86,6 +87,9 @@ void zero_uncovered_rows(at::Tensor& t, const std::vector<std::pair<int64_t, int
 
 // Whether the bf16 AMX path is usable (oneDNN packs bf16 and its packed layout is the VNNI-2 we write).
 bool bf16_amx_available();
+// Whether brgemm takes a VNNI-2 B wider than one 64-column slab (ldb > N, a column offset), checked once
+// on a small product: oneDNN's own packing stops at 64 columns, its kernels need not.
+bool bf16_flat_panels_ok();
 
 // ---------------------------------------------------------------------------------------------------
 // Types
@@ -168,26 +172,31 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, co
   }
 }
 
+// B one flat VNNI-2 panel of ldb columns, element (k, n) at ((k / 2) ldb + n) 2 + k % 2 (pack_b with
+// panel = ldb); the product uses its columns [0, N) from B on (offset B by 2 n0 for column n0): one brgemm
+// call where the 64-column slabs take N / 64. Usable when bf16_flat_panels_ok().
+inline void gemm_flat(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B, int64_t ldb,
+                      float* C, int64_t ldc, bool add) {
+  if (M <= 0 || N <= 0) return;
+#if FASTNN_HAVE_BRGEMM
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/true);
+#else
+  TORCH_CHECK(false, "attention_cpu: the bf16 VNNI path needs torch's brgemm");
+#endif
+}
+
 template <typename ct> inline void gemm_release() {
 #if FASTNN_HAVE_BRGEMM
   if (is_vnni<ct>()) at::native::cpublas::brgemm_release(true);
 #endif
 }
 
-// Index of element (k, n) of a packed K x N B block.
-template <typename ct> inline int64_t b_index(int64_t k, int64_t n, int64_t K, int64_t N) {
+// Pack B[k][n] = get(k, n) (rows k < K, columns n < N) into dst (K * N elements). VNNI: in panels of
+// `panel` columns (64: the slabs gemm() takes; N: one flat panel for gemm_flat()).
+template <typename ct, typename Get> inline void pack_b(int64_t K, int64_t N, ct* dst, Get get, int64_t panel = 64) {
   if (is_vnni<ct>()) {
-    const int64_t s = n >> 6, w = std::min<int64_t>(64, N - (s << 6));
-    return (s << 6) * K + ((k >> 1) * w + (n & 63)) * 2 + (k & 1);
-  }
-  return k * N + n;
-}
-
-// Pack B[k][n] = get(k, n) (rows k < K, columns n < N) into dst (K * N elements).
-template <typename ct, typename Get> inline void pack_b(int64_t K, int64_t N, ct* dst, Get get) {
-  if (is_vnni<ct>()) {
-    for (int64_t n0 = 0; n0 < N; n0 += 64) {
-      const int64_t w = std::min<int64_t>(64, N - n0);
+    for (int64_t n0 = 0; n0 < N; n0 += panel) {
+      const int64_t w = std::min<int64_t>(panel, N - n0);
       ct* d = dst + n0 * K;
       for (int64_t k = 0; k < K; ++k)
         for (int64_t n = 0; n < w; ++n) d[((k >> 1) * w + n) * 2 + (k & 1)] = cvt<ct>(get(k, n0 + n));
@@ -202,13 +211,25 @@ template <typename ct, typename Get> inline void pack_b(int64_t K, int64_t N, ct
 void rows_to_vnni(const bf16* src, int64_t ld, int64_t nv, int64_t K, int64_t N, bf16* dst);
 inline void rowmajor_to_vnni(const bf16* src, int64_t K, int64_t N, bf16* dst) { rows_to_vnni(src, N, K, K, N, dst); }
 
-// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols (16 x 16 tiles).
+// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols (16 x 16 tiles; whole tiles of 4-byte
+// elements go through registers).
 template <typename T>
 inline void transpose_tiled(const T* src, int64_t src_ld, int64_t rows, int64_t cols, T* dst, int64_t dst_ld) {
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     const int64_t r1 = std::min(rows, r0 + 16);
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
       const int64_t c1 = std::min(cols, c0 + 16);
+#ifdef FASTNN_ATTN_AVX512
+      if constexpr (sizeof(T) == 4) {
+        if (r1 - r0 == 16 && c1 - c0 == 16) {
+          __m512 t[16];
+          for (int64_t i = 0; i < 16; ++i) t[i] = _mm512_loadu_ps(reinterpret_cast<const float*>(src + (r0 + i) * src_ld + c0));
+          fastnn::cpu::transpose16(t);
+          for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(dst + (c0 + i) * dst_ld + r0), t[i]);
+          continue;
+        }
+      }
+#endif
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t c = c0; c < c1; ++c) dst[c * dst_ld + r] = src[r * src_ld + c];
     }
@@ -220,9 +241,10 @@ template <typename T> inline bool aligned_pairs(const T* p, int64_t ld) {
 }
 
 // B block = X^T (C x N), X = rows [0, nv) of a strided (rows x C) matrix, columns nv..N-1 zero.
-// N is a multiple of 64 on the VNNI path.
+// N is a multiple of 64 and of `panel` (see pack_b) on the VNNI path.
 template <typename ct, typename scalar_t>
-inline void pack_transposed(const scalar_t* src, int64_t ld, int64_t nv, int64_t C, int64_t N, ct* dst) {
+inline void pack_transposed(const scalar_t* src, int64_t ld, int64_t nv, int64_t C, int64_t N, ct* dst,
+                            int64_t panel = 64) {
   using acc_t = acc_of<ct>;
   if (std::is_same<ct, scalar_t>::value && !is_vnni<ct>()) {
     const ct* s = reinterpret_cast<const ct*>(src);
@@ -238,14 +260,16 @@ inline void pack_transposed(const scalar_t* src, int64_t ld, int64_t nv, int64_t
     const int64_t C2 = C / 2, ld2 = ld / 2;
     for (int64_t j0 = 0; j0 < N; j0 += 64) {
       const int64_t n = std::max<int64_t>(0, std::min<int64_t>(64, nv - j0));
-      uint32_t* ds = d + j0 * C2;
-      transpose_tiled(s + j0 * ld2, ld2, n, C2, ds, 64);
+      // keys [j0, j0 + 64): columns j0 % panel.. of panel j0 / panel, rows `panel` words apart
+      uint32_t* ds = d + (j0 / panel) * panel * C2 + j0 % panel;
+      transpose_tiled(s + j0 * ld2, ld2, n, C2, ds, panel);
       for (int64_t c = 0; c < C2; ++c)
-        for (int64_t j = n; j < 64; ++j) ds[c * 64 + j] = 0u;
+        for (int64_t j = n; j < 64; ++j) ds[c * panel + j] = 0u;
     }
     return;
   }
-  pack_b<ct>(C, N, dst, [&](int64_t c, int64_t j) { return j < nv ? to_acc<acc_t>(src[j * ld + c]) : acc_t(0); });
+  pack_b<ct>(C, N, dst, [&](int64_t c, int64_t j) { return j < nv ? to_acc<acc_t>(src[j * ld + c]) : acc_t(0); },
+             panel);
 }
 
 // B block = X (K x C), X = rows [0, nv) of a strided (rows x C) matrix, rows nv..K-1 zero.
@@ -276,31 +300,31 @@ template <typename T> inline std::unique_ptr<T[]> raw_buffer(int64_t n) {
 // Vector row kernels (fp32 with AVX-512 when available; scalar otherwise and for fp64)
 
 #ifdef FASTNN_ATTN_AVX512
-// 2^t for t <= 127: t = n + f, |f| <= 1/2 (n by the 1.5 * 2^23 rounding trick), 2^f by a polynomial
-// fitted for relative error, 2^n by scalef. Inputs are clamped at -150, where the result is exactly 0,
-// so 2^-inf = 0. exp(x) = 2^(x log2 e): callers fold log2 e into their fma.
-// Degree 5: 2.3e-7 relative error (fp32 paths). Degree 3: 7.5e-5, used where P is rounded to bf16
-// (relative step 3.9e-3) right after.
-template <int DEG = 5> inline __m512 exp2_512(__m512 t) {
-  t = _mm512_max_ps(t, _mm512_set1_ps(-150.0f));
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 n = _mm512_sub_ps(_mm512_add_ps(t, magic), magic);
-  const __m512 f = _mm512_sub_ps(t, n);
+// 2^t for t <= 127: f = t - floor(t) in [0, 1) by one vreduceps, 2^f by a polynomial fitted for relative
+// error on [0, 1), and scalef(p, t) multiplies by 2^floor(t) itself, so no integer part is formed.
+// exp(x) = 2^(x log2 e): callers fold log2 e into their fma. Finite t of any size is exact to the
+// polynomial's error (very negative t gives 0); CLAMP first raises t to -150 (where the result is exactly
+// 0) so that 2^-inf = 0, for rows that hold masked (-inf) scores.
+// Degree 5: 1.7e-7 relative error in fp32 (fp32 paths). Degree 3: 7.5e-5, used where P is rounded to
+// bf16 (relative step 3.9e-3) right after.
+template <int DEG = 5, bool CLAMP = true> inline __m512 exp2_512(__m512 t) {
+  if (CLAMP) t = _mm512_max_ps(t, _mm512_set1_ps(-150.0f));
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // t - floor(t)
   __m512 p;
   if (DEG == 3) {
-    p = _mm512_set1_ps(0.0551716685295105f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2426111400127411f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609677314758f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999280571937561f));
+    p = _mm512_set1_ps(0.07802405953407288f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2260667383670807f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958342790603638f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999250769615173f));
   } else {
-    p = _mm512_set1_ps(0.001327647129073739f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675541892647743f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713092088699f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022120237350464f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469440460205f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+    p = _mm512_set1_ps(0.0018775730859488249f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.008989337831735611f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0558263324201107f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24015361070632935f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931530833244324f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999999403953552f));
   }
-  return _mm512_scalef_ps(p, n);
+  return _mm512_scalef_ps(p, t);
 }
 constexpr float kLog2e = 1.44269504088896341f;
 
@@ -333,6 +357,17 @@ template <typename ct> inline void store16(ct* dst, __m512 x);
 template <> inline void store16<float>(float* dst, __m512 x) { _mm512_storeu_ps(dst, x); }
 template <> inline void store16<bf16>(bf16* dst, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), cvt_bf16_512(x));
+}
+// dst[0, 32) = (lo, hi); bf16 converts both halves with one instruction when the ISA has it.
+template <typename ct> inline void store32(ct* dst, __m512 lo, __m512 hi) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<ct, bf16>::value) {
+    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    return;
+  }
+#endif
+  store16<ct>(dst, lo);
+  store16<ct>(dst + 16, hi);
 }
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
 #endif
@@ -373,8 +408,9 @@ struct DropRow {  // dropout state for one row of a tile
 };
 
 // Forward: dst[j] = e_j (or e_j * keep_j / (1 - p)) with e_j = exp(x[j] * sc + sh); returns sum_j e_j
-// (undropped; fp32 sum for fp32, fp64 for fp64).
-template <typename T, typename ct>
+// (undropped; fp32 sum for fp32, fp64 for fp64). FINITE: every x[j] is finite (no masked -inf scores), so
+// the exp needs no clamp.
+template <typename T, typename ct, bool FINITE = false>
 inline T exp_row(const T* x, int64_t n, T sc, T sh, ct* dst, const DropRow& dr) {
   int64_t j = 0;
   T sum = 0;
@@ -390,18 +426,17 @@ inline T exp_row(const T* x, int64_t n, T sc, T sh, ct* dst, const DropRow& dr) 
     if (!dr.on) {  // main loop: two independent vectors per step, unmasked
       __m512 acc1 = _mm512_setzero_ps();
       for (; j + 32 <= n; j += 32) {
-        const __m512 e0 = exp2_512<kDeg>(_mm512_fmadd_ps(_mm512_loadu_ps(xf + j), vsc, vsh));
-        const __m512 e1 = exp2_512<kDeg>(_mm512_fmadd_ps(_mm512_loadu_ps(xf + j + 16), vsc, vsh));
+        const __m512 e0 = exp2_512<kDeg, !FINITE>(_mm512_fmadd_ps(_mm512_loadu_ps(xf + j), vsc, vsh));
+        const __m512 e1 = exp2_512<kDeg, !FINITE>(_mm512_fmadd_ps(_mm512_loadu_ps(xf + j + 16), vsc, vsh));
         acc = _mm512_add_ps(acc, e0);
         acc1 = _mm512_add_ps(acc1, e1);
-        store16<ct>(dst + j, e0);
-        store16<ct>(dst + j + 16, e1);
+        store32<ct>(dst + j, e0, e1);
       }
       acc = _mm512_add_ps(acc, acc1);
     }
     for (; j < n; j += 16) {
       const __mmask16 tm = tail_mask(n - j);
-      __m512 e = exp2_512<kDeg>(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(tm, xf + j), vsc, vsh));
+      __m512 e = exp2_512<kDeg, !FINITE>(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(tm, xf + j), vsc, vsh));
       e = _mm512_maskz_mov_ps(tm, e);
       acc = _mm512_add_ps(acc, e);
       if (dr.on) {
@@ -480,6 +515,127 @@ template <typename T> inline void scale_row(T* x, int64_t n, T a) {
 template <typename ct> inline void zero_row(ct* x, int64_t n) {
   if (n > 0) std::memset(static_cast<void*>(x), 0, sizeof(ct) * n);
 }
+
+#ifdef FASTNN_ATTN_AVX512
+// One vector holding, in lane r, the horizontal max (ADD = false) or sum (ADD = true) of v[r], r < 16.
+// A four-level tree: each level pairs two vectors, gathers their lower and upper partial halves with two
+// permutes and combines them, halving the partials per row and doubling the rows per vector (45 vector
+// ops for 16 rows, against ~8 dependent shuffles and ops per row reduced one at a time).
+template <bool ADD> inline __m512 reduce_rows16(const __m512* v) {
+  struct Idx {
+    alignas(64) int32_t lo[4][16];
+    alignas(64) int32_t hi[4][16];
+    Idx() {
+      for (int lvl = 0; lvl < 4; ++lvl) {
+        const int w_in = 16 >> lvl, w_out = w_in / 2;  // partials per row before / after this level
+        for (int o = 0; o < 16; ++o) {
+          const int src = o < 8 ? 0 : 16, j = o % 8, row = j / w_out, e = j % w_out;
+          lo[lvl][o] = src + row * w_in + e;
+          hi[lvl][o] = src + row * w_in + w_out + e;
+        }
+      }
+    }
+  };
+  static const Idx idx;
+  __m512 cur[16];
+  for (int r = 0; r < 16; ++r) cur[r] = v[r];
+  for (int lvl = 0, n = 16; lvl < 4; ++lvl, n /= 2) {
+    const __m512i lo = _mm512_load_si512(idx.lo[lvl]), hi = _mm512_load_si512(idx.hi[lvl]);
+    for (int k = 0; k < n / 2; ++k) {
+      const __m512 a = _mm512_permutex2var_ps(cur[2 * k], lo, cur[2 * k + 1]);
+      const __m512 b = _mm512_permutex2var_ps(cur[2 * k], hi, cur[2 * k + 1]);
+      cur[k] = ADD ? _mm512_add_ps(a, b) : _mm512_max_ps(a, b);
+    }
+  }
+  return cur[0];
+}
+
+// Online-softmax step for up to 16 rows of one key block (float scores, no transform, no dropout): row r
+// (< R) sees columns [c0[r], c1[r]) of S (empty when c0 >= c1); P gets exp(S sc - m_new) there and zeros
+// over the rest of [cl, ch). m and l (R entries) are updated; alpha[r] receives the factor by which the
+// row's accumulator must be scaled (exactly 1 when its max did not change). The row maxima, the rescale
+// factors and the row sums are formed for the 16 rows at once, so no row pays a horizontal reduction or a
+// scalar exp of its own.
+template <typename ct>
+inline void softmax_rows16(int64_t R, const float* S, int64_t lds, const int64_t* c0, const int64_t* c1,
+                           int64_t cl, int64_t ch, float sc, float* m, float* l, ct* P, int64_t ldp, float* alpha) {
+  constexpr int kDeg = is_vnni<ct>() ? 3 : 5;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  __m512 vr[16];
+  for (int64_t r = 0; r < 16; ++r) {
+    __m512 vm = _mm512_set1_ps(ninf);
+    if (r < R) {
+      const float* x = S + r * lds;
+      int64_t j = c0[r];
+      if (j + 64 <= c1[r]) {  // four chains: the max's latency, not its throughput, bounds one chain
+        __m512 v1 = vm, v2 = vm, v3 = vm;
+        for (; j + 64 <= c1[r]; j += 64) {
+          vm = _mm512_max_ps(vm, _mm512_loadu_ps(x + j));
+          v1 = _mm512_max_ps(v1, _mm512_loadu_ps(x + j + 16));
+          v2 = _mm512_max_ps(v2, _mm512_loadu_ps(x + j + 32));
+          v3 = _mm512_max_ps(v3, _mm512_loadu_ps(x + j + 48));
+        }
+        vm = _mm512_max_ps(_mm512_max_ps(vm, v1), _mm512_max_ps(v2, v3));
+      }
+      for (; j + 16 <= c1[r]; j += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(x + j));
+      if (j < c1[r]) vm = _mm512_mask_max_ps(vm, tail_mask(c1[r] - j), vm, _mm512_maskz_loadu_ps(tail_mask(c1[r] - j), x + j));
+    }
+    vr[r] = vm;
+  }
+  const __mmask16 rows = tail_mask(R);
+  const __m512 m_old = _mm512_mask_loadu_ps(_mm512_set1_ps(ninf), rows, m);
+  // The running max moves only when a block's max exceeds it by more than kStaleMax, so most blocks
+  // after the first rescale nothing; P is then at most e^kStaleMax (~256), harmless in fp32 and bf16.
+  constexpr float kStaleMax = 5.545177444479562f;  // 8 ln 2
+  const __m512 m_blk = _mm512_max_ps(m_old, _mm512_mul_ps(reduce_rows16<false>(vr), _mm512_set1_ps(sc)));
+  const __m512 m_new = _mm512_mask_mov_ps(
+      m_old, _mm512_cmp_ps_mask(m_blk, _mm512_add_ps(m_old, _mm512_set1_ps(kStaleMax)), _CMP_GT_OQ), m_blk);
+  // alpha = exp(m_old - m_new): 0 when m_old = -inf, exactly 1 when the max is unchanged (also for rows
+  // that see nothing, where m_new = m_old).
+  const __mmask16 same = _mm512_cmp_ps_mask(m_old, m_new, _CMP_EQ_OQ) | _mm512_cmp_ps_mask(m_new, m_new, _CMP_UNORD_Q);
+  __m512 a = exp2_512<5>(_mm512_mul_ps(_mm512_sub_ps(m_old, m_new), _mm512_set1_ps(kLog2e)));
+  a = _mm512_mask_mov_ps(a, same | _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(ninf), _CMP_EQ_OQ), _mm512_set1_ps(1.0f));
+  alignas(64) float mn[16];
+  _mm512_store_ps(mn, m_new);
+  const __m512 vsc = _mm512_set1_ps(sc * kLog2e);
+  for (int64_t r = 0; r < 16; ++r) {
+    __m512 acc = _mm512_setzero_ps();
+    if (r < R) {
+      ct* prow = P + r * ldp;
+      if (c0[r] >= c1[r] || mn[r] == ninf) {
+        zero_row(prow + cl, ch - cl);
+      } else {
+        const float* x = S + r * lds;
+        const __m512 vsh = _mm512_set1_ps(-mn[r] * kLog2e);
+        __m512 acc1 = _mm512_setzero_ps();
+        int64_t j = c0[r];
+        for (; j + 32 <= c1[r]; j += 32) {
+          const __m512 e0 = exp2_512<kDeg, false>(_mm512_fmadd_ps(_mm512_loadu_ps(x + j), vsc, vsh));
+          const __m512 e1 = exp2_512<kDeg, false>(_mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16), vsc, vsh));
+          acc = _mm512_add_ps(acc, e0);
+          acc1 = _mm512_add_ps(acc1, e1);
+          store32<ct>(prow + j, e0, e1);
+        }
+        for (; j < c1[r]; j += 16) {
+          const __mmask16 tm = tail_mask(c1[r] - j);
+          const __m512 e = _mm512_maskz_mov_ps(
+              tm, exp2_512<kDeg, false>(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(tm, x + j), vsc, vsh)));
+          acc = _mm512_add_ps(acc, e);
+          store16<ct>(prow + j, e, tm);
+        }
+        acc = _mm512_add_ps(acc, acc1);
+        zero_row(prow + cl, c0[r] - cl);
+        zero_row(prow + c1[r], ch - c1[r]);
+      }
+    }
+    vr[r] = acc;
+  }
+  const __m512 l_new = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rows, l), a, reduce_rows16<true>(vr));
+  _mm512_mask_storeu_ps(l, rows, l_new);
+  _mm512_mask_storeu_ps(m, rows, m_new);
+  _mm512_mask_storeu_ps(alpha, rows, a);
+}
+#endif
 
 // Score transform for the general case, in place on s[c0, c1) of a row (absolute key index of s[0] is
 // k0 within the sequence): s = scale * s; softcap; + float bias; bool mask -> -inf. dsoft (optional)

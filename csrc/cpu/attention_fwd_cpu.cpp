@@ -213,6 +213,33 @@ bool bf16_amx_available() {
   return ok;
 }
 
+bool bf16_flat_panels_ok() {
+  static const bool ok = [] {
+    try {
+      if (!bf16_amx_available()) return false;
+      // 16 x 32 times columns [64, 192) of a 32 x 192 flat panel, in small integers (exact in fp32)
+      const int64_t M = 16, K = 32, W = 192, n0 = 64, N = W - n0;
+      std::vector<bf16> a(M * K), b(K * W);
+      for (int64_t i = 0; i < M * K; ++i) a[i] = bf16(static_cast<float>(i % 5) - 2.0f);
+      std::vector<float> bsrc(K * W), c(M * N, 0.0f);
+      for (int64_t i = 0; i < K * W; ++i) bsrc[i] = static_cast<float>((i * 7) % 9) - 4.0f;
+      pack_b<bf16>(K, W, b.data(), [&](int64_t k, int64_t n) { return bsrc[k * W + n]; }, W);
+      gemm_flat(M, N, K, a.data(), K, b.data() + 2 * n0, W, c.data(), N, false);
+      gemm_release<bf16>();
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) {
+          float ref = 0.0f;
+          for (int64_t k = 0; k < K; ++k) ref += static_cast<float>(a[i * K + k]) * bsrc[k * W + n0 + j];
+          if (c[i * N + j] != ref) return false;
+        }
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
 namespace {
 // Per-thread growable buffer (uninitialised).
 template <typename T> struct Buf {
@@ -241,6 +268,8 @@ void forward_impl(const Problem& P, const scalar_t* q, const scalar_t* k, const 
   const bool v_direct = std::is_same<scalar_t, ct>::value && !vnni;
   const bool q_direct = std::is_same<scalar_t, ct>::value;
   const bool transform = needs_transform(P);
+  // K^T blocks as one flat VNNI panel: S = Q K^T is one brgemm call per key block instead of BK / 64
+  const int64_t kt_panel = vnni && bf16_flat_panels_ok() ? BK : 64;
 
   // Tasks: (span, kv head, chunk of query blocks). A task packs K^T and V of the keys its rows can see
   // once, for all the query heads of the group. Chunks only split a (span, kv head) when there are
@@ -279,7 +308,7 @@ void forward_impl(const Problem& P, const scalar_t* q, const scalar_t* k, const 
       const scalar_t* vbase = v + sp.bi * P.vs0 + sp.ks * P.vs1 + hk * P.vs2;
       for (int64_t jb = jbA; jb < jbB; ++jb) {
         const int64_t k0 = jb * BK, nv = std::min(BK, sp.lk - k0);
-        pack_transposed<ct, scalar_t>(kbase + k0 * P.ks1, P.ks1, nv, D, BK, ktp + (jb - jbA) * D * BK);
+        pack_transposed<ct, scalar_t>(kbase + k0 * P.ks1, P.ks1, nv, D, BK, ktp + (jb - jbA) * D * BK, kt_panel);
         if (!v_direct) pack_rows<ct, scalar_t>(vbase + k0 * P.vs1, P.vs1, nv, BK, Dv, vp + (jb - jbA) * BK * Dv);
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -313,10 +342,39 @@ void forward_impl(const Problem& P, const scalar_t* q, const scalar_t* k, const 
             const int64_t ch = std::min(round_up(std::min(hi_last - k0, nv), CG), vnni ? BK : nv);
             if (ch <= cl) continue;
             const ct* ktb = ktp + (jb - jbA) * D * BK;
-            gemm(M, ch - cl, D, A, lda, ktb + (vnni ? cl * D : cl), vnni ? D : BK, S.data() + cl, BK, false);
+            if constexpr (vnni) {
+              if (kt_panel == BK)
+                gemm_flat(M, ch - cl, D, A, lda, ktb + 2 * cl, BK, S.data() + cl, BK, false);
+              else
+                gemm(M, ch - cl, D, A, lda, ktb + cl * D, D, S.data() + cl, BK, false);
+            } else {
+              gemm(M, ch - cl, D, A, lda, ktb + cl, BK, S.data() + cl, BK, false);
+            }
             if (dr.on)
               for (int64_t c = cl; c < std::min(ch, nv); ++c)
                 colh[c] = fastnn::attn::dropout_col_hash(static_cast<uint32_t>(k0 + c), P.seed_hi);
+#ifdef FASTNN_ATTN_AVX512
+            if constexpr (std::is_same<acc_t, float>::value) {
+              if (!transform && !dr.on) {  // the common case: 16 rows per step (softmax_rows16)
+                for (int64_t rb = 0; rb < M; rb += 16) {
+                  const int64_t R = std::min<int64_t>(16, M - rb);
+                  int64_t c0s[16], c1s[16];
+                  for (int64_t r = 0; r < R; ++r) {
+                    int64_t lo, hi;
+                    P.range(sp, r0 + rb + r, &lo, &hi);
+                    c0s[r] = std::min(std::max<int64_t>(lo - k0, cl), ch);
+                    c1s[r] = std::max(std::min<int64_t>(hi - k0, std::min(ch, nv)), c0s[r]);
+                  }
+                  alignas(64) float alpha[16];
+                  softmax_rows16<ct>(R, S.data() + rb * BK, BK, c0s, c1s, cl, ch, static_cast<float>(P.scale),
+                                     m.data() + rb, l.data() + rb, Pt.data() + rb * BK, BK, alpha);
+                  for (int64_t r = 0; r < R; ++r)
+                    if (alpha[r] != 1.0f) scale_row(acc.data() + (rb + r) * Dv, Dv, alpha[r]);
+                }
+                goto multiply_v;
+              }
+            }
+#endif
             for (int64_t r = 0; r < M; ++r) {
               const int64_t i = r0 + r;
               int64_t lo, hi;
@@ -343,20 +401,26 @@ void forward_impl(const Problem& P, const scalar_t* q, const scalar_t* k, const 
                 zero_row(prow + cl, ch - cl);
                 continue;
               }
-              const acc_t alpha = m[r] == kNegInf ? acc_t(0) : std::exp(m[r] - mnew);
+              // the running max changes in few row blocks once the first has been seen: skip exp(0)
+              const acc_t alpha = m[r] == kNegInf ? acc_t(0) : m[r] == mnew ? acc_t(1) : std::exp(m[r] - mnew);
               if (dr.on) {
                 const uint64_t row = static_cast<uint64_t>(h) * static_cast<uint64_t>(P.total_q) +
                                      static_cast<uint64_t>(sp.tq + i);
                 dr.row_hash = fastnn::attn::dropout_row_hash(static_cast<uint32_t>(row), P.seed_lo);
                 dr.col_hash = colh.data() + c0;
               }
-              const acc_t sum = exp_row<acc_t, ct>(srow + c0, c1 - c0, sc, -mnew, prow + c0, dr);
+              // without a transform the scores are finite (no masked -inf): no clamp in the exp
+              const acc_t sum = transform ? exp_row<acc_t, ct>(srow + c0, c1 - c0, sc, -mnew, prow + c0, dr)
+                                          : exp_row<acc_t, ct, true>(srow + c0, c1 - c0, sc, -mnew, prow + c0, dr);
               zero_row(prow + cl, c0 - cl);
               zero_row(prow + c1, ch - c1);
               l[r] = l[r] * alpha + sum;
               m[r] = mnew;
               if (alpha != acc_t(1)) scale_row(acc.data() + r * Dv, Dv, alpha);
             }
+#ifdef FASTNN_ATTN_AVX512
+          multiply_v:
+#endif
             if (v_direct) {
               const ct* vb = reinterpret_cast<const ct*>(vbase + (k0 + cl) * P.vs1);
               gemm(M, Dv, ch - cl, Pt.data() + cl, BK, vb, P.vs1, acc.data(), Dv, true);

@@ -24,6 +24,8 @@ pybind11::tuple attention_backward(const at::Tensor& dout, const at::Tensor& q, 
                                    int64_t max_seqlen_k, const c10::optional<at::Tensor>& bias, bool bias_requires_grad,
                                    double scale, double softcap, int64_t window_left, int64_t window_right,
                                    bool bottom_right, double dropout_p, int64_t seed);
+// Whether every element of the given CPU tensors (None entries skipped) is finite: the ops' input screen.
+bool all_finite(const std::vector<c10::optional<at::Tensor>>& tensors);
 }  // namespace cpu
 
 inline void register_attention(pybind11::module& m) {
@@ -44,6 +46,10 @@ inline void register_attention(pybind11::module& m) {
       py::arg("seqused_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("bias"), py::arg("scale"),
       py::arg("softcap"), py::arg("window_left"), py::arg("window_right"), py::arg("bottom_right"),
       py::arg("dropout_p"), py::arg("seed"));
+  m.def("all_finite_cpu", &cpu::all_finite,
+        "Whether every element of the CPU tensors (None skipped) is finite; one parallel pass over the stored "
+        "elements testing exponent bits",
+        py::arg("tensors"));
   m.def("attention_backward_cpu", &cpu::attention_backward,
         "Fused attention backward on CPU -> (dq, dk, dv, dbias or None); deterministic",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),

@@ -65,12 +65,12 @@ def _pick(op: str, q: Tensor, v: Tensor, impls: dict, general: bool = False):
 # ---------------------------------------------------------------- implementations per backend
 
 def _nonfinite(*tensors: Optional[Tensor], bias: Optional[Tensor] = None) -> bool:
-    """Whether the tensors hold a NaN or inf, or a float bias a NaN or +inf (-inf masks are allowed).
-    One sum per tensor (a vectorised pass, ~0.2 ms for 8 MB here; isnan().any() took 5 ms): NaN and inf
-    survive the sum. Sums that overflow flag finite inputs too, which then take the slower exact path."""
-    for t in tensors:
-        if t is not None and not bool(torch.isfinite(t.sum())):
-            return True
+    """Whether the (CPU) tensors hold a NaN or inf, or a float bias a NaN or +inf (-inf masks are allowed).
+    The tensors: one parallel scan of exponent bits in C++ (0.35 ms for three 2 M-element bf16 tensors
+    here, half of one torch sum per tensor; isnan().any() took 5 ms). The bias: a sum of its stored
+    elements, where -inf must pass and NaN / +inf survive."""
+    if not _C.all_finite_cpu(list(tensors)):
+        return True
     if bias is not None and bias.is_floating_point():
         # an expanded (broadcast) bias: each stored element once
         stored = bias.as_strided([1 if st == 0 else n for n, st in zip(bias.shape, bias.stride())], bias.stride())
