@@ -294,6 +294,61 @@ def test_nan_inputs_propagate_like_the_reference(backend):
         torch.testing.assert_close(out, want, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_cpu_screen(dtype):
+    """The C++ input screen: exact per element (a sum would overflow on the largest finite values), any
+    position, strided views (including transposed ones, scanned in storage order), None skipped."""
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("fastnn._C not built")
+    from fastnn._backend import _C
+    t = torch.randn(3, 70001, dtype=dtype)
+    assert _C.all_finite_cpu([t, None, t.t(), t[:, ::3]])
+    assert _C.all_finite_cpu([torch.full((9,), torch.finfo(dtype).max, dtype=dtype)])
+    for bad in (math.nan, math.inf, -math.inf):
+        for pos in (0, 4095, 4096, 70000 + 70001, 3 * 70001 - 1):
+            u = t.clone()
+            u.view(-1)[pos] = bad
+            assert not _C.all_finite_cpu([t, u]), (bad, pos)
+            assert not _C.all_finite_cpu([u.t()]) and not _C.all_finite_cpu([u.transpose(0, 1)[::1]])
+    u = t.clone()
+    u[1, 5] = math.nan
+    assert _C.all_finite_cpu([u[:, 6::2]]) and not _C.all_finite_cpu([u[:, 5::2]])  # only what the view holds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpp_scores_with_a_moving_max(dtype, causal):
+    """Row maxima that jump by far more than the kernel's stale-max margin from one key block to the next
+    (keys scaled up along the sequence), and others set by the first block (keys scaled down): the
+    rescale path and the lazy one, over several key blocks, 16-row groups with a tail, and causal edges."""
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("fastnn._C not built")
+    g = torch.Generator().manual_seed(3)
+    Lq, Lk, D = 301, 1100, 64
+    q = torch.randn(1, Lq, 2, D, generator=g, dtype=torch.float64)
+    k = torch.randn(1, Lk, 2, D, generator=g, dtype=torch.float64)
+    v = torch.randn(1, Lk, 2, D, generator=g, dtype=torch.float64)
+    ramp = torch.linspace(0.2, 6.0, Lk, dtype=torch.float64)
+    k[:, :, 0] *= ramp[None, :, None]             # head 0: the max grows block after block
+    k[:, :, 1] *= ramp.flip(0)[None, :, None]     # head 1: the first block holds the max
+    dout = torch.randn(1, Lq, 2, D, generator=g, dtype=torch.float64)
+    case = Case(B=1, H=2, Hkv=2, Lq=Lq, Lk=Lk, D=D, causal=causal)
+    kw = dict(causal=causal, window=case.window, softcap=0.0, dropout_p=0.0)
+    got = run_flash("cpp", q, k, v, dout, None, kw, dtype)
+    want = run_flash("reference", *(t.to(dtype).double() for t in (q, k, v)), dout.to(dtype).double(), None, kw,
+                     torch.float64)
+    if dtype == torch.float32:
+        for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], got, want):
+            torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+    else:
+        lowp = run_flash("reference", q.to(dtype), k.to(dtype), v.to(dtype), dout, None, kw, dtype)
+        for name, a, b, lp in zip(["out", "lse", "dq", "dk", "dv"], got, want, lowp):
+            if name == "lse":
+                torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
+            else:
+                lowp_close(a, b, lp, floor=1e-3 if name.startswith("d") else 1e-4, what=name)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_dropout_statistics_and_consistency(backend):
     """With v the identity, out = dropped P: about p of the probabilities are zeroed, the rest scaled by
