@@ -469,6 +469,28 @@ def test_decode_matches_flash_attention(backend, lq, hkv, causal, window, softca
             torch.testing.assert_close(lse[b:b + 1], l1, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lq,hkv,causal,window", [(1, 2, False, (-1, -1)), (3, 2, True, (-1, -1)),
+                                                  (2, 1, True, (700, 0)), (1, 8, False, (-1, -1))])
+def test_cpp_decode_shaped_float32_matches_reference(lq, hkv, causal, window):
+    """fp32 problems with few query rows per kv head run the C++ decode path (heads in M, K and V read in
+    place): against the fp64 reference over caches of several key blocks with ragged lengths."""
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("fastnn._C not built")
+    g = torch.Generator().manual_seed(11)
+    B, H, D, cache = 4, 8, 64, 1300
+    q = torch.randn(B, lq, H, D, generator=g, dtype=torch.float64)
+    kc, vc = (torch.randn(B, cache, hkv, D, generator=g, dtype=torch.float64) for _ in range(2))
+    kc[1] *= torch.linspace(0.1, 5.0, cache, dtype=torch.float64)[:, None, None]  # a row max moving across blocks
+    lens = torch.tensor([cache, 1025, 513, 1], dtype=torch.int32)
+    kw = dict(causal=causal, window=window, return_lse=True)
+    with fastnn.use_backend("cpp"):
+        out, lse = ops.attention_decode(q.float(), kc.float(), vc.float(), lens, **kw)
+    with fastnn.use_backend("reference"):
+        want, want_lse = ops.attention_decode(*(t.float().double() for t in (q, kc, vc)), lens, **kw)
+    torch.testing.assert_close(out.double(), want, rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=2e-5, atol=2e-5)
+
+
 # ---------------------------------------------------------------- MultiheadAttention
 
 MHA_COMBOS = [

@@ -451,6 +451,80 @@ void forward_impl(const Problem& P, const scalar_t* q, const scalar_t* k, const 
   });
 }
 
+#ifdef FASTNN_ATTN_AVX512
+// Decode-shaped fp32 problems (few query rows per kv head, no bias / softcap / dropout): one task per
+// (sequence, kv head) puts the group's query heads and tokens in one block of M = G Lq rows (row
+// r = i G + g) and reads K and V in place. S^T = K Q^T comes from one GEMM per key block with K as the
+// A operand, so K is read once, where the general path transposes all of it into K^T blocks first
+// (read, write, read again) for a GEMM of one row per head. Rows, masks and the finalisation follow
+// forward_impl.
+constexpr int64_t kDecodeBK = 512;
+constexpr int64_t kDecodeMaxRows = 64;
+
+bool decode_shaped(const Problem& P) {
+  return !P.varlen && !needs_transform(P) && !P.dropout() && P.group * P.Lq <= kDecodeMaxRows;
+}
+
+void decode_impl(const Problem& P, const float* q, const float* k, const float* v, float* out, float* lse) {
+  const int64_t D = P.D, Dv = P.Dv, G = P.group, Lq = P.Lq, H = P.H, Hkv = P.Hkv, M = G * Lq, BK = kDecodeBK;
+  const int64_t nspan = static_cast<int64_t>(P.spans.size());
+  const float ninf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, nspan * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> QT(D * M), ST(BK * M), S(M * BK), Pt(M * BK), acc(M * Dv), m(M), l(M);
+    std::vector<int64_t> lo(M), hi(M);
+    for (int64_t t = t0; t < t1; ++t) {
+      const Span& sp = P.spans[t / Hkv];
+      const int64_t hk = t % Hkv;
+      int64_t klo = sp.lk, khi = 0;  // keys some row sees
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t i = r / G, g = r % G;
+        P.range(sp, i, &lo[r], &hi[r]);
+        if (lo[r] < hi[r]) klo = std::min(klo, lo[r]), khi = std::max(khi, hi[r]);
+        const float* qr = q + sp.bi * P.qs0 + i * P.qs1 + (hk * G + g) * P.qs2;
+        for (int64_t d = 0; d < D; ++d) QT[d * M + r] = qr[d];
+      }
+      std::fill(m.begin(), m.end(), ninf);
+      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const float* kbase = k + sp.bi * P.ks0 + hk * P.ks2;
+      const float* vbase = v + sp.bi * P.vs0 + hk * P.vs2;
+      for (int64_t k0 = klo; k0 < khi; k0 += BK) {
+        const int64_t nv = std::min(BK, khi - k0);
+        gemm(nv, M, D, kbase + k0 * P.ks1, P.ks1, QT.data(), M, ST.data(), M, false);
+        transpose_tiled(ST.data(), M, nv, M, S.data(), BK);
+        for (int64_t rb = 0; rb < M; rb += 16) {
+          const int64_t R = std::min<int64_t>(16, M - rb);
+          int64_t c0s[16], c1s[16];
+          for (int64_t r = 0; r < R; ++r) {
+            c0s[r] = std::min(std::max<int64_t>(lo[rb + r] - k0, 0), nv);
+            c1s[r] = std::max(std::min<int64_t>(hi[rb + r] - k0, nv), c0s[r]);
+          }
+          alignas(64) float alpha[16];
+          softmax_rows16<float>(R, S.data() + rb * BK, BK, c0s, c1s, 0, nv, static_cast<float>(P.scale),
+                                m.data() + rb, l.data() + rb, Pt.data() + rb * BK, BK, alpha);
+          for (int64_t r = 0; r < R; ++r)
+            if (alpha[r] != 1.0f) scale_row(acc.data() + (rb + r) * Dv, Dv, alpha[r]);
+        }
+        gemm(M, Dv, nv, Pt.data(), BK, vbase + k0 * P.vs1, P.vs1, acc.data(), Dv, true);
+      }
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t i = r / G, h = hk * G + r % G;
+        float* o = out + ((sp.bi * Lq + i) * H + h) * Dv;
+        float* lp = lse + (sp.bi * H + h) * Lq + i;
+        if (m[r] == ninf || !(l[r] > 0)) {
+          std::fill(o, o + Dv, 0.0f);
+          *lp = ninf;
+        } else {
+          const float inv = 1.0f / l[r];
+          for (int64_t d = 0; d < Dv; ++d) o[d] = acc[r * Dv + d] * inv;
+          *lp = m[r] + std::log(l[r]);
+        }
+      }
+    }
+  });
+}
+#endif
+
 }  // namespace
 }  // namespace attn_detail
 
@@ -489,6 +563,13 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   const bool amx = dt == at::kBFloat16 && P.D % 16 == 0 && P.Dv % 16 == 0 && bf16_amx_available();
   switch (dt) {
     case at::kFloat:
+#ifdef FASTNN_ATTN_AVX512
+      if (decode_shaped(P)) {
+        decode_impl(P, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(),
+                    lse.data_ptr<float>());
+        break;
+      }
+#endif
       forward_impl<float, float>(P, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
                                  out.data_ptr<float>(), lse.data_ptr<float>());
       break;
