@@ -6,7 +6,9 @@
 // group and every query block of BQ rows: for each key block of BK keys inside the causal / window band
 // (blocks outside are skipped, and only the columns [first visible, last visible] of a block are
 // multiplied), S = Q K^T by GEMM into an fp32 tile, the online softmax per row (running max m, sum l,
-// accumulator rescale), P (fp32, or bf16 on the AMX path) V by GEMM into the fp32 accumulator.
+// accumulator rescale; 16 rows per step in the common case, softmax_rows16), P (fp32, or bf16 on the
+// AMX path) V by GEMM into the fp32 accumulator. fp32 decode-shaped problems (few query rows per kv
+// head) take decode_impl instead, which reads K and V in place.
 // out = acc / l, lse = m + log l; rows that see no key get out = 0, lse = -inf. Each output row is
 // computed by one task in a fixed order, so the result does not depend on the thread count.
 #include "../families/attention.h"
