@@ -3,6 +3,8 @@
 Environment:
   FASTNN_CUDA=1   compile the CUDA C++ sources (error if torch has no CUDA or nvcc is missing)
   FASTNN_CUDA=0   skip them; unset: compile them when torch has CUDA and nvcc is found
+  FASTNN_CUDA_ARCHS  comma-separated subset of sm_80,sm_90a,compute_90 to compile (default: all three; the
+                  GPU check builds only its card's arch to save compile time)
   FASTNN_MARCH    -march value for the CPU kernels (default: native; the build machine is the run machine)
   MAX_JOBS        parallel compile jobs for ninja
   FASTNN_NO_EXT=1 register the packages only (make setup; `make build` then compiles in place)
@@ -61,12 +63,23 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 # sm_80 (A100) and sm_90a (H100/H200, wgmma) machine code, plus compute_90 PTX for newer chips.
-CUDA_ARCH_FLAGS = [
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90a,code=sm_90a",
-    "-gencode=arch=compute_90,code=compute_90",
-]
-CUDA_ARCHS = "sm_80,sm_90a,compute_90"
+_GENCODE = {
+    "sm_80": "-gencode=arch=compute_80,code=sm_80",
+    "sm_90a": "-gencode=arch=compute_90a,code=sm_90a",
+    "compute_90": "-gencode=arch=compute_90,code=compute_90",
+}
+
+
+def _cuda_archs():
+    wanted = [a.strip() for a in os.environ.get("FASTNN_CUDA_ARCHS", "").split(",") if a.strip()]
+    unknown = [a for a in wanted if a not in _GENCODE]
+    if unknown:
+        sys.exit(f"FASTNN_CUDA_ARCHS: unknown arch(s) {unknown}; expected a subset of {list(_GENCODE)}")
+    return wanted or list(_GENCODE)
+
+
+CUDA_ARCHS = ",".join(_cuda_archs())
+CUDA_ARCH_FLAGS = [_GENCODE[a] for a in CUDA_ARCHS.split(",")]
 
 
 def _want_cuda():

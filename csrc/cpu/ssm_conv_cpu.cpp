@@ -12,9 +12,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -26,6 +26,19 @@ namespace {
 
 constexpr int kLanes = 16;  // partial sums per reduction: one AVX-512 register of floats
 
+// Bit reinterpretation without C++20's bit_cast: torch 2.11 builds extensions as C++17. A 4-byte memcpy
+// compiles to a register move and vectorises like the cast.
+inline int32_t float_bits(float v) {
+  int32_t i;
+  std::memcpy(&i, &v, sizeof i);
+  return i;
+}
+inline float float_from_bits(int32_t i) {
+  float v;
+  std::memcpy(&v, &i, sizeof v);
+  return v;
+}
+
 // exp in plain float arithmetic that the autovectoriser turns into vector code (glibc's expf is a scalar
 // call, and silu needs one per element): 2^n e^r with n = round(x log2 e), r = x - n ln 2 (Cody-Waite
 // split), e^r by its degree-6 Taylor polynomial (|r| <= ln 2 / 2: truncation ~1e-7 relative, ~2 ulp).
@@ -36,7 +49,7 @@ inline float vexp(float x) {
   constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
   const float shifted = xc * 1.44269504088896341f + kMagic;
   const float n = shifted - kMagic;
-  const int32_t ni = std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kMagic);
+  const int32_t ni = float_bits(shifted) - float_bits(kMagic);
   float r = xc - n * 0.693359375f;  // 0.693359375 has 9 significant bits: n * it is exact
   r = r + n * 2.12194440e-4f;
   float p = 1.0f / 720.0f;
@@ -46,7 +59,7 @@ inline float vexp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float e = p * std::bit_cast<float>((ni + 127) << 23);
+  const float e = p * float_from_bits((ni + 127) << 23);
   return x > 88.0f ? std::numeric_limits<float>::infinity() : (x < -87.0f ? 0.0f : e);
 }
 
@@ -56,9 +69,9 @@ inline double exp_t(double x) { return std::exp(x); }
 // log(v) for v >= 1 in vectorisable float arithmetic: v = m 2^k with m in [sqrt(1/2), sqrt(2)),
 // log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172, by its series to s^9 (next term ~4e-10).
 inline float vlog_ge1(float v) {
-  const int32_t bits = std::bit_cast<int32_t>(v);
+  const int32_t bits = float_bits(v);
   int32_t k = ((bits >> 23) & 0xff) - 127;
-  float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  float m = float_from_bits((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
   const bool big = m > 1.41421356f;
   m = big ? m * 0.5f : m;
   k = big ? k + 1 : k;
