@@ -34,12 +34,21 @@ def main(argv=None) -> int:
           f"exp {ceilings['exp_Gps']:.2f} G/s")
     print(harness.HEADER)
     records = []
-    for name in args.suite or SUITES:
-        suite = importlib.import_module(f"bench.suites.{name}")
-        records += harness.run_cases(suite.cases(args.device, args.quick), args.device, ceilings, args.quick)
     info = fastnn.build_info()
+    for name in args.suite or SUITES:
+        try:
+            suite = importlib.import_module(f"bench.suites.{name}")
+            cases = suite.cases(args.device, args.quick)
+        except Exception as e:  # a suite that cannot even build its cases: report it, run the others
+            print(f"{name}: FAILED to build its cases: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            harness.FAILURES.append({"suite": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            continue
+        records += harness.run_cases(cases, args.device, ceilings, args.quick)
+        # Rewritten after every suite, so a run cut off by a time limit keeps the suites it finished.
+        path = harness.write_results(records, args.device, ceilings, args.out,
+                                     {"quick": args.quick, "build_info": info, "failures": harness.FAILURES})
     path = harness.write_results(records, args.device, ceilings, args.out,
-                                 {"quick": args.quick, "build_info": info})
+                                 {"quick": args.quick, "build_info": info, "failures": harness.FAILURES})
     print(f"wrote {path}")
     if not args.no_plot:
         for name in args.suite or SUITES:
@@ -49,8 +58,9 @@ def main(argv=None) -> int:
     bad = [r for r in records if r.get("agrees_with_peer") is False]
     if bad:
         print(f"{len(bad)} case(s) disagree with their peer", file=sys.stderr)
-        return 1
-    return 0
+    if harness.FAILURES:
+        print(f"{len(harness.FAILURES)} case(s) or suite(s) failed", file=sys.stderr)
+    return 1 if bad or harness.FAILURES else 0
 
 
 if __name__ == "__main__":

@@ -132,6 +132,10 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> Optional[float]:
     return (peak - base) / 2**20
 
 
+# Cases (or whole suites) that raised: reported by python -m bench, which then exits non-zero.
+FAILURES: List[dict] = []
+
+
 def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> List[dict]:
     records = []
     for c in cases:
@@ -139,6 +143,11 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
             ours_s, peer_s = time_pair(c.ours, c.peer_fn, device, quick)
         except torch.OutOfMemoryError:
             print(f"{c.suite} {c.case} {c.shape}: out of memory, skipped", flush=True)
+            continue
+        except Exception as e:  # one broken case must not cost the rest of a (GPU-time-limited) run
+            print(f"{c.suite} {c.case} {c.shape}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            FAILURES.append({"suite": c.suite, "case": c.case, "shape": c.shape,
+                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
             continue
         agree = None
         if c.check is not None and c.peer_fn is not None:
