@@ -10,6 +10,7 @@ set -uo pipefail
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/gpu-check-out}
 BUDGET=${GPU_CHECK_BUDGET:-480}
+BENCH=${GPU_CHECK_BENCH:-1}  # 0: build and tests only (a first, shorter call when the time allows two)
 mkdir -p "$OUT"
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
@@ -39,6 +40,7 @@ PYTHONUNBUFFERED=1 timeout 180 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovide
   | tee "$OUT/pytest-cuda.log"
 rc_test=${PIPESTATUS[0]}
 
+if [ "$BENCH" = 0 ]; then stamp "done: pytest rc=$rc_test (no bench)"; exit "$rc_test"; fi
 left=$(( BUDGET - $(elapsed) - 10 ))
 [ "$left" -lt 60 ] && left=60
 suites=()
