@@ -132,6 +132,21 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> Optional[float]:
     return (peak - base) / 2**20
 
 
+def _max_abs_diff(a, b) -> Optional[float]:
+    """Largest |a - b| over the tensors of two results (tensors or sequences of them); None if they do not
+    pair up (different structure or shapes). NaN where exactly one side is NaN."""
+    pairs = list(zip(a, b)) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else [(a, b)]
+    worst = 0.0
+    for x, y in pairs:
+        if not (torch.is_tensor(x) and torch.is_tensor(y)) or x.shape != y.shape:
+            return None
+        if x.numel():
+            d = (x.double() - y.double()).abs()
+            both_nan = x.isnan() & y.isnan()
+            worst = max(worst, float(d.masked_fill(both_nan, 0).nan_to_num(nan=float("inf")).max()))
+    return worst
+
+
 # Cases (or whole suites) that raised: reported by python -m bench, which then exits non-zero.
 FAILURES: List[dict] = []
 
@@ -149,9 +164,12 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
             FAILURES.append({"suite": c.suite, "case": c.case, "shape": c.shape,
                              "error": f"{type(e).__name__}: {str(e)[:300]}"})
             continue
-        agree = None
+        agree, diff = None, None
         if c.check is not None and c.peer_fn is not None:
-            agree = bool(c.check(c.ours(), c.peer_fn()))
+            ours, theirs = c.ours(), c.peer_fn()
+            agree = bool(c.check(ours, theirs))
+            if not agree:  # how far off, so a failed check on a lent GPU can be diagnosed from the log
+                diff = _max_abs_diff(ours, theirs)
         if c.metric == "TFLOP/s":
             value = c.work / ours_s / 1e12
             ceiling = ceilings["matmul_TFLOPs"]
@@ -171,6 +189,8 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
             "metric": c.metric, "value": value, "ceiling_fraction": value / ceiling if ceiling else None,
             "agrees_with_peer": agree,
         }
+        if diff is not None:
+            rec["max_abs_diff"] = diff
         if c.peak_memory and device == "cuda":
             rec["ours_peak_MB"] = peak_memory_mb(c.ours, device)
             rec["peer_peak_MB"] = None if c.peer_fn is None else peak_memory_mb(c.peer_fn, device)
@@ -189,6 +209,8 @@ def format_row(r: dict) -> str:
     ach = f"{r['value']:.3g} {r['metric']}"
     frac = "-" if r["ceiling_fraction"] is None else f"{100 * r['ceiling_fraction']:.2f}"
     flag = "" if r.get("agrees_with_peer") in (None, True) else "  DISAGREES WITH PEER"
+    if r.get("max_abs_diff") is not None:
+        flag += f" (max |diff| {r['max_abs_diff']:.3g})"
     if r.get("ours_peak_MB") is not None:
         flag += f"  peak MB {r['ours_peak_MB']:.0f} vs {r['peer_peak_MB'] or 0:.0f}"
     return (f"{r['suite']:<7} {r['case']:<26} {r['shape']:<22} {r['dtype']:<8} {r['device']:<5} "

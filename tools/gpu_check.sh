@@ -33,10 +33,13 @@ fi
 "$PY" -c "import fastnn, json; print(json.dumps(fastnn.build_info(), indent=1))" > "$OUT/build_info.json" 2>&1
 cat "$OUT/build_info.json"
 
-parallel=()
-if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
-stamp "pytest -m cuda ${parallel[*]}"
-PYTHONUNBUFFERED=1 timeout 180 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider "${parallel[@]}" tests 2>&1 \
+# -v: one line per finished test, so a run cut off by the timeout still names what failed; a per-test
+# timeout (pytest-timeout) keeps one hung test from taking the whole budget.
+extra=(-v -rfEs -p no:benchmark)
+if "$PY" -c "import xdist" 2>/dev/null; then extra+=(-n 8); fi
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then extra+=(--timeout 120); fi
+stamp "pytest -m cuda ${extra[*]}"
+PYTHONUNBUFFERED=1 timeout 240 "$PY" -m pytest -m cuda -p no:cacheprovider "${extra[@]}" tests 2>&1 \
   | tee "$OUT/pytest-cuda.log"
 rc_test=${PIPESTATUS[0]}
 
