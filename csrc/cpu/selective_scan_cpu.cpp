@@ -208,7 +208,11 @@ void load_tile(const char* const* rows, int nl, at::ScalarType st, size_t esize,
         __m512 r[16];
         for (int l = 0; l < 16; ++l) r[l] = l < nl ? load16(rows[l] + t0 * esize, st, m) : _mm512_setzero_ps();
         transpose16(r);
-        for (int64_t k = 0; k < std::min<int64_t>(16, T - t0); ++k) _mm512_storeu_ps(dst + (t0 + k) * W, r[k]);
+        if (T - t0 >= 16) {  // a fixed count: stored from registers (a variable one compiled to a stack copy)
+          for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dst + (t0 + k) * W, r[k]);
+        } else {
+          for (int64_t k = 0; k < T - t0; ++k) _mm512_storeu_ps(dst + (t0 + k) * W, r[k]);
+        }
       }
       return;
     }
@@ -238,6 +242,32 @@ void store_tile(char* const* rows, int nl, at::ScalarType st, size_t esize, int6
 #endif
   for (int l = 0; l < nl; ++l) store_lane<acc_t, W>(rows[l], st, T, src, l);
 }
+
+// Software prefetch of the next slab-chunk's input rows into L2, spread over the current chunk's steps. A
+// chunk reads 16 rows x (chunk x element size) bytes per tensor, runs of 8 cache lines at fp32 (chunk 128):
+// too short for the hardware prefetchers to ramp up, so without this the staging waited on DRAM.
+struct RowPrefetcher {
+  static constexpr int kMaxRows = 64;
+  const char* rows[kMaxRows];
+  int nrows = 0, r = 0;
+  int64_t span = 0, off = 0;  // bytes per row (+ 63: an unaligned row's last line), position in row r
+  int per_step = 0;           // lines per step, so the whole plan is issued within the chunk
+  void reset(int64_t row_bytes) { nrows = r = 0, off = 0, span = row_bytes + 63; }
+  void add(const char* row) {
+    if (nrows < kMaxRows) rows[nrows++] = row;
+  }
+  void plan(int64_t steps) {
+    const int64_t lines = nrows * ((span + 63) / 64);
+    per_step = steps > 0 ? static_cast<int>((lines + steps - 1) / steps) : 0;
+  }
+  inline void step() {
+    for (int i = 0; i < per_step && r < nrows; ++i) {
+      __builtin_prefetch(rows[r] + off, 0, 2);  // prefetcht1: into L2
+      off += 64;
+      if (off >= span) off = 0, ++r;
+    }
+  }
+};
 
 // ---------------------------------------------------------------- problem description
 
@@ -431,13 +461,14 @@ struct SlabState {
 // backward's recompute). Per-sequence final states are stored at sequence ends when store_last.
 template <typename acc_t, bool kBFixed, bool kCFixed, int kN, bool kRecord>
 void scan_steps(const Scan<acc_t>& p, const SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf,
-                VecOf<acc_t>* h, bool store_last) {
+                VecOf<acc_t>* h, bool store_last, RowPrefetcher* prefetch = nullptr) {
   using V = VecOf<acc_t>;
   const int64_t N = kN > 0 ? kN : p.nstate;
   const Slab& s = st.s;
   const V* A = st.A.data();
   for (int64_t t = 0; t < T; ++t) {
     const int64_t tt = t0 + t;
+    if (prefetch != nullptr) prefetch->step();
     if (tt > 0 && p.seq_idx != nullptr && p.is_start(s.b, tt))
       load_state(p.init, p.state_row(s.b, tt, false), p, s, h);
     const V dt = buf.DT[t], dtu = buf.DTU[t];
@@ -473,8 +504,18 @@ acc_t* chunk_state(const Scan<acc_t>& p, int64_t b, int64_t d, int64_t c) {
 // One chunk of one slab: the state goes from `st.h` (before the chunk) to after it; outputs written.
 // kN: the state size when fixed at compile time (the inner loops unroll, the states stay in registers),
 // 0 for any N.
+// Queue the input rows (u, delta, z; dout in the backward) of slab s's chunk [t0, t0 + T) for prefetching.
+template <typename acc_t>
+void plan_prefetch(const Scan<acc_t>& p, const Slab& s, int64_t t0, int64_t T, bool backward, RowPrefetcher& pf) {
+  pf.reset(T * static_cast<int64_t>(p.io_size));
+  for (const char* base : {p.u, p.delta, p.z, backward ? p.dout : nullptr})
+    if (base != nullptr)
+      for (int l = 0; l < s.nl; ++l) pf.add(p.row(base, s.b, s.d0 + l, t0));
+}
+
 template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
-void forward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf) {
+void forward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf,
+                   RowPrefetcher* prefetch) {
   using V = VecOf<acc_t>;
   constexpr int W = Lanes<acc_t>::W;
   const Slab& s = st.s;
@@ -484,7 +525,8 @@ void forward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64
     for (int64_t n = 0; n < p.nstate; ++n) dst[n] = h[n][l];
   }
   stage_chunk(p, s, t0, T, buf, st.bias_v, false);
-  scan_steps<acc_t, kBFixed, kCFixed, kN, false>(p, st, t0, T, buf, h, true);
+  if (prefetch != nullptr) prefetch->plan(T);
+  scan_steps<acc_t, kBFixed, kCFixed, kN, false>(p, st, t0, T, buf, h, true, prefetch);
   if (p.z != nullptr)
     for (int64_t t = 0; t < T; ++t) buf.Y[t] = buf.Y[t] * (buf.Z[t] * vsigmoid(buf.Z[t]));
   char* rows[W];
@@ -500,10 +542,21 @@ void forward_task(const Scan<acc_t>& p, const Slab* slabs, int count, Buffers<ac
     states[j].init(p, slabs[j], false);
     load_state(p.init, p.len > 0 ? p.state_row(slabs[j].b, 0, true) : -1, p, slabs[j], states[j].h.data());
   }
+  RowPrefetcher prefetch;
   for (int64_t c = 0; c < p.nchunks; ++c) {
     const int64_t t0 = c * p.chunk, T = std::min(p.chunk, p.len - t0);
     stage_bc(p, slabs[0].b, slabs[0].g, t0, T, buf);
-    for (int j = 0; j < count; ++j) forward_chunk<acc_t, kBFixed, kCFixed, kN>(p, states[j], t0, T, buf);
+    for (int j = 0; j < count; ++j) {
+      // while this slab-chunk computes, fetch the next one's inputs (next slab, or the first of the next chunk)
+      const bool last_slab = j + 1 == count;
+      const int64_t nt0 = last_slab ? t0 + p.chunk : t0;
+      if (nt0 < p.len) {
+        plan_prefetch(p, slabs[last_slab ? 0 : j + 1], nt0, std::min(p.chunk, p.len - nt0), false, prefetch);
+      } else {
+        prefetch.reset(0);
+      }
+      forward_chunk<acc_t, kBFixed, kCFixed, kN>(p, states[j], t0, T, buf, &prefetch);
+    }
   }
   if (!p.per_seq)
     for (int j = 0; j < count; ++j) store_state(p.last, slabs[j].b, p, slabs[j], states[j].h.data());
@@ -516,7 +569,7 @@ void forward_task(const Scan<acc_t>& p, const Slab* slabs, int count, Buffers<ac
 // lane vectors PB / PC ([t][n], summed over the task's slabs; the lanes are added once per task).
 template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
 void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf,
-                    std::vector<VecOf<acc_t>>& hbuf) {
+                    std::vector<VecOf<acc_t>>& hbuf, RowPrefetcher* prefetch) {
   using V = VecOf<acc_t>;
   constexpr int W = Lanes<acc_t>::W;
   const int64_t N = kN > 0 ? kN : p.nstate, L = p.len;
@@ -530,7 +583,8 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
     const acc_t* src = l < s.nl ? chunk_state(p, s.b, s.d0 + l, t0 / p.chunk) : nullptr;
     for (int64_t n = 0; n < N; ++n) h[n][l] = src != nullptr ? src[n] : acc_t(0);
   }
-  scan_steps<acc_t, kBFixed, kCFixed, kN, true>(p, st, t0, T, buf, h, false);
+  if (prefetch != nullptr) prefetch->plan(T);
+  scan_steps<acc_t, kBFixed, kCFixed, kN, true>(p, st, t0, T, buf, h, false, prefetch);
   V* g = st.h.data();
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t tt = t0 + t;
@@ -609,12 +663,23 @@ void backward_task(const Scan<acc_t>& p, const Slab* slabs, int count, int64_t t
   std::vector<V> hbuf(N);
   acc_t* dBstep = kBFixed ? nullptr : p.dBstep_part + task * N * L;
   acc_t* dCstep = kCFixed ? nullptr : p.dCstep_part + task * N * L;
+  RowPrefetcher prefetch;
   for (int64_t c = p.nchunks - 1; c >= 0; --c) {
     const int64_t t0 = c * p.chunk, T = std::min(p.chunk, L - t0);
     stage_bc(p, slabs[0].b, slabs[0].g, t0, T, buf);
     if (!kBFixed) std::fill(buf.PB.begin(), buf.PB.begin() + T * N, zero);
     if (!kCFixed) std::fill(buf.PC.begin(), buf.PC.begin() + T * N, zero);
-    for (int j = 0; j < count; ++j) backward_chunk<acc_t, kBFixed, kCFixed, kN>(p, states[j], t0, T, buf, hbuf);
+    for (int j = 0; j < count; ++j) {
+      // the next slab-chunk's inputs: the next slab, or the first slab of the previous chunk
+      const bool last_slab = j + 1 == count;
+      if (!last_slab || c > 0) {
+        const int64_t nt0 = last_slab ? t0 - p.chunk : t0;
+        plan_prefetch(p, slabs[last_slab ? 0 : j + 1], nt0, std::min(p.chunk, L - nt0), true, prefetch);
+      } else {
+        prefetch.reset(0);
+      }
+      backward_chunk<acc_t, kBFixed, kCFixed, kN>(p, states[j], t0, T, buf, hbuf, &prefetch);
+    }
     for (int64_t t = 0; t < T; ++t)
       for (int64_t n = 0; n < N; ++n) {
         if (!kBFixed) dBstep[n * L + t0 + t] = hsum(buf.PB[t * N + n]);
