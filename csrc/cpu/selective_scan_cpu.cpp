@@ -247,14 +247,15 @@ void store_tile(char* const* rows, int nl, at::ScalarType st, size_t esize, int6
 // chunk reads 16 rows x (chunk x element size) bytes per tensor, runs of 8 cache lines at fp32 (chunk 128):
 // too short for the hardware prefetchers to ramp up, so without this the staging waited on DRAM.
 struct RowPrefetcher {
-  static constexpr int kMaxRows = 64;
+  static constexpr int kMaxRows = 112;  // 16 rows of up to 4 inputs and 3 outputs
   const char* rows[kMaxRows];
+  bool write[kMaxRows];  // output rows: prefetched for writing, so the stores find their lines owned
   int nrows = 0, r = 0;
   int64_t span = 0, off = 0;  // bytes per row (+ 63: an unaligned row's last line), position in row r
   int per_step = 0;           // lines per step, so the whole plan is issued within the chunk
   void reset(int64_t row_bytes) { nrows = r = 0, off = 0, span = row_bytes + 63; }
-  void add(const char* row) {
-    if (nrows < kMaxRows) rows[nrows++] = row;
+  void add(const char* row, bool for_write = false) {
+    if (nrows < kMaxRows) write[nrows] = for_write, rows[nrows++] = row;
   }
   void plan(int64_t steps) {
     const int64_t lines = nrows * ((span + 63) / 64);
@@ -262,7 +263,11 @@ struct RowPrefetcher {
   }
   inline void step() {
     for (int i = 0; i < per_step && r < nrows; ++i) {
-      __builtin_prefetch(rows[r] + off, 0, 2);  // prefetcht1: into L2
+      if (write[r]) {
+        __builtin_prefetch(rows[r] + off, 1, 2);  // prefetchw
+      } else {
+        __builtin_prefetch(rows[r] + off, 0, 2);  // prefetcht1: into L2
+      }
       off += 64;
       if (off >= span) off = 0, ++r;
     }
@@ -504,13 +509,19 @@ acc_t* chunk_state(const Scan<acc_t>& p, int64_t b, int64_t d, int64_t c) {
 // One chunk of one slab: the state goes from `st.h` (before the chunk) to after it; outputs written.
 // kN: the state size when fixed at compile time (the inner loops unroll, the states stay in registers),
 // 0 for any N.
-// Queue the input rows (u, delta, z; dout in the backward) of slab s's chunk [t0, t0 + T) for prefetching.
+// Queue the rows of slab s's chunk [t0, t0 + T) for prefetching: the inputs (u, delta, z; dout in the
+// backward) for reading, the outputs (out; du, ddelta, dz) for writing.
 template <typename acc_t>
 void plan_prefetch(const Scan<acc_t>& p, const Slab& s, int64_t t0, int64_t T, bool backward, RowPrefetcher& pf) {
   pf.reset(T * static_cast<int64_t>(p.io_size));
   for (const char* base : {p.u, p.delta, p.z, backward ? p.dout : nullptr})
     if (base != nullptr)
       for (int l = 0; l < s.nl; ++l) pf.add(p.row(base, s.b, s.d0 + l, t0));
+  const char* outputs[4] = {backward ? nullptr : p.out, backward ? p.du : nullptr, backward ? p.ddelta : nullptr,
+                            backward ? p.dz : nullptr};
+  for (const char* base : outputs)
+    if (base != nullptr)
+      for (int l = 0; l < s.nl; ++l) pf.add(p.row(base, s.b, s.d0 + l, t0), true);
 }
 
 template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
