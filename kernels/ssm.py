@@ -270,17 +270,32 @@ def _load_window(state_row, x_row, i, S, T, dmask):
 
 
 @triton.jit
+def _load_window_circ(state_row, x_row, j, p, S, T, dmask):
+    # (BLOCK_D, len(j)) window entries j relative to the first new step, the state a circular buffer whose
+    # next position is p (0 <= p < S): j < 0 reads state[(p + j) mod S] (j >= -(W - 1) >= -S), j >= 0 x[j]
+    in_s = j < 0
+    in_x = (j >= 0) & (j < T)
+    at = p + j  # in [-S, S) where read: one conditional wrap, no vector modulo
+    at = tl.where(at < 0, at + S, at)
+    v = tl.load(state_row + at[None, :], mask=dmask[:, None] & in_s[None, :], other=0.0)
+    vx = tl.load(x_row + j[None, :], mask=dmask[:, None] & in_x[None, :], other=0.0)
+    return tl.where(in_s[None, :], v, vx.to(v.dtype))
+
+
+@triton.jit
 def _conv_update_kernel(
     x_ptr,                     # (B, D, T) new steps
     state_ptr,                 # (B_cache, D, S) conv state, x's dtype, updated in place
     w_ptr,                     # (D, W) weight, compute dtype
     bias_ptr,                  # (D,) bias, compute dtype (zeros when absent)
     idx_ptr,                   # (B,) int32 state row of each batch row (read when HAS_IDX)
+    seqlens_ptr,               # (B,) int32 >= 0, next circular-buffer position (read when CIRCULAR)
     out_ptr,                   # out (B, D, T), x's dtype
     D, T, S,                   # channels, new steps, state length (S >= W - 1)
     W: tl.constexpr,
     SILU: tl.constexpr,
     HAS_IDX: tl.constexpr,     # conv_state_indices given (else row b)
+    CIRCULAR: tl.constexpr,    # cache_seqlens given: the state is a circular buffer (else shifted)
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,     # steps per loop iteration for the outputs
     BLOCK_S: tl.constexpr,     # state entries per loop iteration for the shift
@@ -296,25 +311,43 @@ def _conv_update_kernel(
     x_row = x_ptr + (b * D + d.to(tl.int64))[:, None] * T
     out_row = out_ptr + (b * D + d.to(tl.int64))[:, None] * T
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0)
+    if CIRCULAR:
+        pos = tl.load(seqlens_ptr + b) % S
     # 1. outputs: out[t] = bias + sum_k w[k] * cat[S - (W - 1) + t + k]
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=bias.dtype) + bias[:, None]
         for k in tl.static_range(W):
             wk = tl.load(w_ptr + d * W + k, mask=dmask, other=0.0)
-            acc += wk[:, None] * _load_window(state_row, x_row, S - (W - 1) + t + k, S, T, dmask).to(bias.dtype)
+            if CIRCULAR:
+                win = _load_window_circ(state_row, x_row, t + k - (W - 1), pos, S, T, dmask)
+            else:
+                win = _load_window(state_row, x_row, S - (W - 1) + t + k, S, T, dmask)
+            acc += wk[:, None] * win.to(bias.dtype)
         if SILU:
             acc = acc * _sigmoid(acc)
         tl.store(out_row + t[None, :], acc.to(out_ptr.dtype.element_ty), mask=dmask[:, None] & (t < T)[None, :])
     # every thread's state reads happen before any state write (the CTA's threads share state rows)
     tl.debug_barrier()
-    # 2. shift: state[s] = cat[s + T], in increasing s: a block reads entries >= its start + T, which no
-    # earlier block wrote; within a block the barrier orders the reads before the writes
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        v = _load_window(state_row, x_row, s + T, S, T, dmask)
-        tl.debug_barrier()
-        tl.store(state_row + s[None, :], v, mask=dmask[:, None] & (s < S)[None, :])
+    if CIRCULAR:
+        # 2'. the new steps go to positions pos + t (mod S); of more than S only the last S (distinct positions)
+        first = tl.maximum(T - S, 0)
+        base = (pos + first) % S  # position of step `first`; steps first.. are < S apart: one wrap at most
+        for t0 in range(first, T, BLOCK_S):
+            t = t0 + tl.arange(0, BLOCK_S)
+            ok = dmask[:, None] & (t < T)[None, :]
+            v = tl.load(x_row + t[None, :], mask=ok, other=0.0)
+            at = base + (t - first)
+            at = tl.where(at >= S, at - S, at)
+            tl.store(state_row + at[None, :], v.to(state_ptr.dtype.element_ty), mask=ok)
+    else:
+        # 2. shift: state[s] = cat[s + T], in increasing s: a block reads entries >= its start + T, which no
+        # earlier block wrote; within a block the barrier orders the reads before the writes
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            v = _load_window(state_row, x_row, s + T, S, T, dmask)
+            tl.debug_barrier()
+            tl.store(state_row + s[None, :], v, mask=dmask[:, None] & (s < S)[None, :])
 
 
 # ---------------------------------------------------------------- decode: selective state update
@@ -432,17 +465,20 @@ def causal_conv1d_bwd(dout, dfinal, x, weight, bias, seq_idx, initial_states, si
     return dx, dw_part.sum(0), db_part.sum(0), dinit
 
 
-def causal_conv1d_update(x, conv_state, weight, bias, silu: bool, conv_state_indices):
+def causal_conv1d_update(x, conv_state, weight, bias, silu: bool, conv_state_indices, cache_seqlens=None):
     """x (B, D, T), conv_state (B_cache, D, S) in x's dtype (updated in place), weight / bias in the compute
-    dtype, conv_state_indices (B,) int32 or None. Returns out (B, D, T)."""
+    dtype, conv_state_indices (B,) int32 or None, cache_seqlens (B,) int32 >= 0 or None (then the state is
+    a circular buffer, as reference.causal_conv1d_update). Returns out (B, D, T)."""
     Bsz, D, T = x.shape
     S = conv_state.shape[2]
     W = weight.shape[1]
     out = _alloc.empty((Bsz, D, T), x.dtype, x.device)
     grid = (Bsz, triton.cdiv(D, UPD_BLOCK_D))
     _conv_update_kernel[grid](x, conv_state, weight, _zeros_bias(bias, weight),
-                              conv_state_indices if conv_state_indices is not None else _no_index(x.device), out, D, T, S, W=W,
-                              SILU=silu, HAS_IDX=conv_state_indices is not None, BLOCK_D=UPD_BLOCK_D,
+                              conv_state_indices if conv_state_indices is not None else _no_index(x.device),
+                              cache_seqlens if cache_seqlens is not None else _no_index(x.device), out, D, T, S, W=W,
+                              SILU=silu, HAS_IDX=conv_state_indices is not None,
+                              CIRCULAR=cache_seqlens is not None, BLOCK_D=UPD_BLOCK_D,
                               BLOCK_T=UPD_BLOCK_T, BLOCK_S=UPD_BLOCK_S, num_warps=UPD_WARPS)
     return out
 
@@ -497,13 +533,15 @@ def aot_specs():
                                "BLOCK_D": "constexpr", "BLOCK_L": "constexpr"},
                               {"W": W, "SILU": on, "HAS_SEQ": on, "HAS_INIT": on, "HAS_DFINAL": on, "WANT_DINIT": on,
                                "BLOCK_D": bwd_d, "BLOCK_L": bwd_l}, bwd_warps))
-                specs.append((_conv_update_kernel,
+                specs.extend((_conv_update_kernel,
                               {"x_ptr": f"*{dt}", "state_ptr": f"*{dt}", "w_ptr": f"*{ct}", "bias_ptr": f"*{ct}",
-                               "idx_ptr": "*i32", "out_ptr": f"*{dt}", "D": "i32", "T": "i32", "S": "i32",
-                               "W": "constexpr", "SILU": "constexpr", "HAS_IDX": "constexpr", "BLOCK_D": "constexpr",
+                               "idx_ptr": "*i32", "seqlens_ptr": "*i32", "out_ptr": f"*{dt}", "D": "i32",
+                               "T": "i32", "S": "i32", "W": "constexpr", "SILU": "constexpr",
+                               "HAS_IDX": "constexpr", "CIRCULAR": "constexpr", "BLOCK_D": "constexpr",
                                "BLOCK_T": "constexpr", "BLOCK_S": "constexpr"},
-                              {"W": W, "SILU": on, "HAS_IDX": on, "BLOCK_D": UPD_BLOCK_D, "BLOCK_T": UPD_BLOCK_T,
-                               "BLOCK_S": UPD_BLOCK_S}, UPD_WARPS))
+                              {"W": W, "SILU": on, "HAS_IDX": on, "CIRCULAR": circ, "BLOCK_D": UPD_BLOCK_D,
+                               "BLOCK_T": UPD_BLOCK_T, "BLOCK_S": UPD_BLOCK_S}, UPD_WARPS)
+                             for circ in (False, True))
     # selective_state_update: (x dtype, state dtype) pairs the op accepts: the state in x's dtype or fp32
     pairs = [(dt, dt) for dt in _DTYPES.values()] + [("fp16", "fp32"), ("bf16", "fp32")]
     for xdt, sdt in pairs:

@@ -302,6 +302,82 @@ def test_update_matches_reference_with_indices(backend):
     torch.testing.assert_close(big[:, :, ::2], expect, rtol=0, atol=0)
 
 
+def _ring_update_loop(x, state, w, bias, silu, rows, lens):
+    """causal-conv1d's circular-buffer update as plain loops (float64), independent of the reference: the
+    window reads the W - 1 entries before position lens[b] (mod S), then the new steps are written one by
+    one at lens[b] + t (mod S), so of more than S steps the last S stay. Updates `state` in place."""
+    B, D, T = x.shape
+    W, S = w.shape[1], state.shape[2]
+    out = torch.empty(B, D, T, dtype=torch.float64)
+    for b in range(B):
+        r, p = int(rows[b]), int(lens[b])
+        for d in range(D):
+            hist = [float(state[r, d, (p - (W - 1) + j) % S]) for j in range(W - 1)] + x[b, d].double().tolist()
+            for t in range(T):
+                v = float(bias[d]) + sum(float(w[d, k]) * hist[t + k] for k in range(W))
+                out[b, d, t] = v / (1 + math.exp(-v)) if silu else v
+            for t in range(T):
+                state[r, d, (p + t) % S] = x[b, d, t]
+    return out
+
+
+def test_reference_ring_update_matches_loop():
+    g = torch.Generator().manual_seed(3)
+    B, D, W = 3, 5, 4
+    for S, T in ((3, 1), (6, 2), (4, 7)):  # S = W - 1, a roomy buffer, more new steps than S
+        cache = torch.randn(5, D, S, generator=g, dtype=torch.float64)
+        rows, lens = torch.tensor([4, 0, 2]), torch.tensor([0, 5, 13])
+        x = torch.randn(B, D, T, generator=g, dtype=torch.float64)
+        w, bias = torch.randn(D, W, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
+        mine, theirs = cache.clone(), cache.clone()
+        out = ref.causal_conv1d_update(x, mine, w, bias, "silu", rows, lens)
+        want = _ring_update_loop(x, theirs, w, bias, True, rows, lens)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)  # rows 1 and 3 untouched
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_update_ring_buffer_reproduces_forward(backend):
+    """With cache_seqlens the state is a circular buffer: feeding a sequence step by step (and in chunks,
+    one of them longer than the buffer) with cache_seqlens = steps so far reproduces causal_conv1d_fn, and
+    the buffer ends up holding the last S inputs at positions t mod S."""
+    B, D, L, W, S = 2, 20, 11, 4, 5
+    x, w, bias = torch.randn(B, D, L), torch.randn(D, W), torch.randn(D)
+    with fastnn.use_backend(backend):
+        out = ops.causal_conv1d_fn(x, w, bias, activation="silu")
+        ring = torch.zeros(B, D, S)
+        steps = torch.stack([ops.causal_conv1d_update(x[:, :, t], ring, w, bias, "silu",
+                                                      cache_seqlens=torch.full((B,), t, dtype=torch.int32))
+                             for t in range(L)], -1)
+        ring2, chunks, t0 = torch.zeros(B, D, S), [], 0
+        for T in (3, 7, 1):  # 7 > S: only the last S of those steps stay in the buffer
+            chunks.append(ops.causal_conv1d_update(x[:, :, t0:t0 + T], ring2, w, bias, "silu",
+                                                   cache_seqlens=torch.full((B,), t0, dtype=torch.int64)))
+            t0 += T
+    torch.testing.assert_close(steps, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(chunks, -1), out, rtol=1e-5, atol=1e-5)
+    last = torch.zeros(B, D, S)
+    for t in range(L - S, L):
+        last[:, :, t % S] = x[:, :, t]
+    torch.testing.assert_close(ring, last, rtol=0, atol=0)
+    torch.testing.assert_close(ring2, last, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_update_ring_buffer_with_indices_matches_loop(backend):
+    B, D, W, S, T = 3, 70, 3, 4, 2  # 70 channels: two channel blocks and a partial one
+    cache = torch.randn(6, D, S).to(torch.float16)
+    idx = torch.tensor([4, 0, 2], dtype=torch.int32)
+    lens = torch.tensor([0, 9, 2], dtype=torch.int32)
+    x, w, bias = torch.randn(B, D, T).to(torch.float16), torch.randn(D, W), torch.randn(D)
+    mine, theirs = cache.clone(), cache.clone()
+    with fastnn.use_backend(backend):
+        out = ops.causal_conv1d_update(x, mine, w, bias, None, cache_seqlens=lens, conv_state_indices=idx)
+    want = _ring_update_loop(x, theirs, w, bias, False, idx, lens)
+    torch.testing.assert_close(out.double(), want, rtol=2e-3, atol=2e-3)  # fp16 output rounding
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=0)  # rows 1, 3, 5 untouched, the others written
+
+
 # ---------------------------------------------------------------- decode: selective_state_update
 
 def _ssu_inputs(B, Bc, H, P, N, G, xdt, sdt, three_d=False, seed=0):
@@ -503,8 +579,11 @@ def test_bad_inputs_name_the_argument():
         expect_error(fn, (x, w.cuda()), ValueError, "weight is on")
     upd = ops.causal_conv1d_update
     st = torch.randn(2, 4, 2)
-    expect_error(lambda: upd(x[:, :, 0], st, w, cache_seqlens=torch.zeros(2, dtype=torch.int32)), (),
-                 NotImplementedError, "cache_seqlens")
+    expect_error(lambda: upd(x[:, :, 0], st, w, cache_seqlens=torch.tensor([0, -1], dtype=torch.int32)), (),
+                 ValueError, r"cache_seqlens must be in \[0")
+    expect_error(lambda: upd(x[:, :, 0], st, w, cache_seqlens=torch.zeros(3, dtype=torch.int32)), (),
+                 ValueError, "cache_seqlens must have shape")
+    expect_error(lambda: upd(x[:, :, 0], st, w, cache_seqlens=torch.zeros(2)), (), TypeError, "cache_seqlens")
     expect_error(upd, (x[:, :, 0], torch.randn(2, 4, 1), w), ValueError, "at least W - 1")
     expect_error(upd, (x[:, :, 0], st.double(), w), TypeError, "conv_state must have")
     expect_error(upd, (x[:, :, 0], torch.randn(3, 4, 2), w), ValueError, "batch size")

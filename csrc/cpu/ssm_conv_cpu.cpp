@@ -350,7 +350,8 @@ std::vector<at::Tensor> causal_conv1d_backward(const at::Tensor& dout, const c10
 
 at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, bool silu,
-                                const c10::optional<at::Tensor>& conv_state_indices) {
+                                const c10::optional<at::Tensor>& conv_state_indices,
+                                const c10::optional<at::Tensor>& cache_seqlens) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.is_contiguous(), "fastnn causal_conv1d_update: contiguous CPU (B, D, T) x expected");
   TORCH_CHECK(conv_state.dim() == 3 && conv_state.is_contiguous() && conv_state.scalar_type() == x.scalar_type() &&
                   conv_state.size(1) == x.size(1),
@@ -362,10 +363,17 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
               "fastnn causal_conv1d_update: bias must be contiguous in the compute dtype");
   TORCH_CHECK(!conv_state_indices || (conv_state_indices->scalar_type() == at::kInt && conv_state_indices->is_contiguous()),
               "fastnn causal_conv1d_update: conv_state_indices must be contiguous int32");
+  TORCH_CHECK(!cache_seqlens || (cache_seqlens->scalar_type() == at::kInt && cache_seqlens->is_contiguous() &&
+                                 cache_seqlens->numel() == x.size(0)),
+              "fastnn causal_conv1d_update: cache_seqlens must be contiguous int32 of size B");
   const int64_t B = x.size(0), D = x.size(1), T = x.size(2), S = conv_state.size(2), W = weight.size(1);
   TORCH_CHECK(S >= W - 1, "fastnn causal_conv1d_update: state length must be >= W - 1");
   at::Tensor out = new_output({B, D, T}, x.options());
   const int32_t* idx = conv_state_indices ? conv_state_indices->data_ptr<int32_t>() : nullptr;
+  const int32_t* seqlens = cache_seqlens ? cache_seqlens->data_ptr<int32_t>() : nullptr;
+  if (seqlens != nullptr)
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(seqlens[b] >= 0, "fastnn causal_conv1d_update: cache_seqlens must be >= 0, got ", seqlens[b]);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_update_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -380,16 +388,30 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
         const int64_t srow = idx ? idx[b] : b;
         scalar_t* sr = st + (srow * D + d) * S;
         const scalar_t* xr = xp + row * T;
-        // the window [state, new steps] is read whole before the state row is overwritten
-        for (int64_t i = 0; i < S; ++i) cat[i] = static_cast<acc_t>(sr[i]);
-        for (int64_t t = 0; t < T; ++t) cat[S + t] = static_cast<acc_t>(xr[t]);
         const acc_t* wd = wp + d * W;
-        for (int64_t t = 0; t < T; ++t) {
-          acc_t s = bp ? bp[d] : acc_t(0);
-          for (int64_t k = 0; k < W; ++k) s += wd[k] * cat[S - (W - 1) + t + k];
-          op[row * T + t] = static_cast<scalar_t>(silu ? s * sigmoid_t(s) : s);
+        if (seqlens == nullptr) {
+          // the window [state, new steps] is read whole before the state row is overwritten
+          for (int64_t i = 0; i < S; ++i) cat[i] = static_cast<acc_t>(sr[i]);
+          for (int64_t t = 0; t < T; ++t) cat[S + t] = static_cast<acc_t>(xr[t]);
+          for (int64_t t = 0; t < T; ++t) {
+            acc_t s = bp ? bp[d] : acc_t(0);
+            for (int64_t k = 0; k < W; ++k) s += wd[k] * cat[S - (W - 1) + t + k];
+            op[row * T + t] = static_cast<scalar_t>(silu ? s * sigmoid_t(s) : s);
+          }
+          for (int64_t i = 0; i < S; ++i) sr[i] = static_cast<scalar_t>(cat[i + T]);
+        } else {
+          // circular buffer: the W - 1 inputs before position p = cache_seqlens[b] sit at (p - W + 1 .. p - 1)
+          // mod S; the window is [those, new steps], and the new steps go to p .. p + T - 1 (mod S)
+          const int64_t p = seqlens[b] % S;
+          for (int64_t j = 0; j < W - 1; ++j) cat[j] = static_cast<acc_t>(sr[(p - (W - 1) + j + S) % S]);
+          for (int64_t t = 0; t < T; ++t) cat[W - 1 + t] = static_cast<acc_t>(xr[t]);
+          for (int64_t t = 0; t < T; ++t) {
+            acc_t s = bp ? bp[d] : acc_t(0);
+            for (int64_t k = 0; k < W; ++k) s += wd[k] * cat[t + k];
+            op[row * T + t] = static_cast<scalar_t>(silu ? s * sigmoid_t(s) : s);
+          }
+          for (int64_t t = T > S ? T - S : 0; t < T; ++t) sr[(p + t) % S] = xr[t];
         }
-        for (int64_t i = 0; i < S; ++i) sr[i] = static_cast<scalar_t>(cat[i + T]);
       }
     });
   });

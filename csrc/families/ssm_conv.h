@@ -10,7 +10,8 @@
 // causal_conv1d_backward -> [dx, dweight (D, W), dbias (D,), dinitial_states or an empty tensor]; dweight /
 //   dbias in the compute dtype, reduced in a fixed order (deterministic)
 // causal_conv1d_update: x (B, D, T), conv_state (B_cache, D, S >= W - 1) in x's dtype, updated in place;
-//   conv_state_indices (B,) int32 in range -> out (B, D, T)
+//   conv_state_indices (B,) int32 in range; cache_seqlens (B,) int32 >= 0: the state is a circular buffer
+//   (reference.causal_conv1d_update) -> out (B, D, T)
 // selective_state_update (head form): state (B_cache, H, P, N) in x's dtype or float32 (float64 with
 //   float64 x), updated in place; x, dt, z (B, H, P), B, C (B, G, N) in x's dtype; A (H, P, N), D, dt_bias
 //   (H, P) in the compute dtype (float32; float64 for a float64 state) -> out (B, H, P)
@@ -35,7 +36,8 @@ std::vector<at::Tensor> causal_conv1d_backward(const at::Tensor& dout, const c10
                                                bool want_dinitial_states);
 at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, bool silu,
-                                const c10::optional<at::Tensor>& conv_state_indices);
+                                const c10::optional<at::Tensor>& conv_state_indices,
+                                const c10::optional<at::Tensor>& cache_seqlens);
 at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                   const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
@@ -55,7 +57,8 @@ inline void register_ssm_conv(pybind11::module& m) {
         py::arg("initial_states"), py::arg("silu"), py::arg("want_dinitial_states"));
   m.def("causal_conv1d_update_cpu", &cpu::causal_conv1d_update,
         "Causal conv1d decode step(s) on CPU, conv_state updated in place -> out", py::arg("x"),
-        py::arg("conv_state"), py::arg("weight"), py::arg("bias"), py::arg("silu"), py::arg("conv_state_indices"));
+        py::arg("conv_state"), py::arg("weight"), py::arg("bias"), py::arg("silu"), py::arg("conv_state_indices"),
+        py::arg("cache_seqlens"));
   m.def("selective_state_update_cpu", &cpu::selective_state_update,
         "Selective state update (one decode step) on CPU, state updated in place -> out", py::arg("state"),
         py::arg("x"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),

@@ -189,8 +189,9 @@ _conv_forward_op.register_autograd(_conv_backward, setup_context=_conv_setup_con
 
 # ---------------------------------------------------------------- decode: conv state update
 
-def _update_reference(x, conv_state, weight, bias, silu, conv_state_indices):
-    return ref.causal_conv1d_update(x, conv_state, weight, bias, "silu" if silu else None, conv_state_indices)
+def _update_reference(x, conv_state, weight, bias, silu, conv_state_indices, cache_seqlens):
+    return ref.causal_conv1d_update(x, conv_state, weight, bias, "silu" if silu else None, conv_state_indices,
+                                    cache_seqlens)
 
 
 _UPDATE_IMPLS = {
@@ -212,18 +213,20 @@ def _in_place(state: Tensor, run):
 
 @torch.library.custom_op("fastnn::causal_conv1d_update", mutates_args=("conv_state",))
 def _conv_update_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
-                    conv_state_indices: Optional[Tensor]) -> Tensor:
-    """x (B, D, T); conv_state (B_cache, D, S) updated in place. Returns out (B, D, T) in x's dtype."""
+                    conv_state_indices: Optional[Tensor], cache_seqlens: Optional[Tensor] = None) -> Tensor:
+    """x (B, D, T); conv_state (B_cache, D, S) updated in place (a circular buffer with cache_seqlens).
+    Returns out (B, D, T) in x's dtype."""
     if x.numel() == 0:
         return x.new_empty(x.shape)
     ct = ref.compute_dtype(x.dtype)
     impl = _pick("causal_conv1d_update", x.device, _UPDATE_IMPLS)
     w, b, idx = weight.to(ct).contiguous(), _opt(bias, ct), _opt(conv_state_indices, torch.int32)
-    return _in_place(conv_state, lambda st: impl(x.contiguous(), st, w, b, silu, idx))
+    lens = _opt(cache_seqlens, torch.int32)
+    return _in_place(conv_state, lambda st: impl(x.contiguous(), st, w, b, silu, idx, lens))
 
 
 @_conv_update_op.register_fake
-def _conv_update_fake(x, conv_state, weight, bias, silu, conv_state_indices):
+def _conv_update_fake(x, conv_state, weight, bias, silu, conv_state_indices, cache_seqlens=None):
     return x.new_empty(x.shape)
 
 
@@ -367,16 +370,16 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
             without conv_state_indices.
         weight: (D, W), W in 2..4, any float dtype. bias: optional (D,).
         activation: None, "silu" or "swish".
-        cache_seqlens: not supported (causal-conv1d's circular-buffer state); must be None.
+        cache_seqlens: optional (B,) integer tensor >= 0: conv_state is then a circular buffer (causal-conv1d's
+            semantics): the W - 1 inputs before the new steps are read at positions cache_seqlens[b] - W + 1 ..
+            cache_seqlens[b] - 1 (mod S) and the new steps written at cache_seqlens[b] .. + T - 1 (mod S), the
+            rest of the buffer untouched. The caller advances cache_seqlens. Values are checked for CPU tensors.
         conv_state_indices: optional (B,) integer tensor: row b uses conv_state[conv_state_indices[b]]
             (continuous batching). Rows must be distinct; the range is checked for CPU tensors.
 
     Returns:
         out shaped like x, in x's dtype.
     """
-    if cache_seqlens is not None:
-        raise NotImplementedError("cache_seqlens (circular-buffer conv_state) is not supported by fastnn's "
-                                  "causal_conv1d_update; pass cache_seqlens=None (the state is shifted in place)")
     _checks.tensor(x, "x", dtypes=_checks.FLOAT_DTYPES)
     if x.dim() not in (2, 3):
         raise ValueError(f"x must have shape (B, D) or (B, D, T), got {tuple(x.shape)}")
@@ -396,7 +399,15 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
     elif conv_state.shape[0] != Bsz:
         raise ValueError(f"conv_state must have batch size {Bsz} (x's) without conv_state_indices; "
                          f"got {conv_state.shape[0]}")
-    out = torch.ops.fastnn.causal_conv1d_update(x3, conv_state, weight, bias, silu, conv_state_indices)
+    if cache_seqlens is not None:
+        _checks.tensor(cache_seqlens, "cache_seqlens", integer=True, shape=(Bsz,))
+        _checks.same_device("x", x, cache_seqlens=cache_seqlens)
+        if cache_seqlens.device.type == "cpu" and cache_seqlens.numel() and (
+                bool((cache_seqlens < 0).any()) or int(cache_seqlens.max()) >= 2 ** 31):
+            raise ValueError(f"cache_seqlens must be in [0, 2^31); got {cache_seqlens.tolist()[:8]}"
+                             f"{'...' if cache_seqlens.numel() > 8 else ''}")
+    out = torch.ops.fastnn.causal_conv1d_update(x3, conv_state, weight, bias, silu, conv_state_indices,
+                                                cache_seqlens)
     return out.squeeze(-1) if squeeze else out
 
 

@@ -292,10 +292,17 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, seq_
 
 def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                          activation: Optional[str] = None,
-                         conv_state_indices: Optional[Tensor] = None) -> Tensor:
+                         conv_state_indices: Optional[Tensor] = None,
+                         cache_seqlens: Optional[Tensor] = None) -> Tensor:
     """causal-conv1d's causal_conv1d_update: x (B, D) or (B, D, T) new steps, conv_state (B_cache, D, S)
-    with S >= W - 1 the last S inputs (oldest first), updated in place (shifted by T, the new inputs at the
-    end). conv_state_indices (B,) picks each row's state (default: row i). Returns out shaped like x."""
+    with S >= W - 1. conv_state_indices (B,) picks each row's state (default: row i). Returns out shaped
+    like x.
+    Without cache_seqlens the state holds the last S inputs, oldest first, and is shifted in place by T (the
+    new inputs at the end). With cache_seqlens (B,) (>= 0) it is a circular buffer: row b's inputs so far sit
+    at positions p mod S, the next one at cache_seqlens[b] mod S; the window before the new steps is read
+    from positions cache_seqlens[b] - (W - 1) .. cache_seqlens[b] - 1 (mod S), and the new steps are
+    written at cache_seqlens[b] .. cache_seqlens[b] + T - 1 (mod S; of more than S new steps the last S
+    stay). cache_seqlens itself is not advanced."""
     squeeze = x.dim() == 2
     if squeeze:
         x = x.unsqueeze(-1)
@@ -305,12 +312,23 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
     S = conv_state.shape[2]
     rows = (torch.arange(Bsz, device=x.device) if conv_state_indices is None else conv_state_indices.long())
     st = conv_state[rows].to(ct)
-    xc = torch.cat([st, x.to(ct)], dim=2)  # (B, D, S + T)
-    win = xc[:, :, S - (W - 1):]
+    if cache_seqlens is None:
+        xc = torch.cat([st, x.to(ct)], dim=2)  # (B, D, S + T)
+        win = xc[:, :, S - (W - 1):]
+    else:
+        pos = cache_seqlens.long().to(x.device)[:, None]
+        before = torch.remainder(pos + torch.arange(-(W - 1), 0, device=x.device), S)  # (B, W - 1)
+        win = torch.cat([st.gather(2, before[:, None, :].expand(Bsz, Dm, W - 1)), x.to(ct)], dim=2)
     out = F.conv1d(win, weight.to(ct).unsqueeze(1), None if bias is None else bias.to(ct), groups=Dm)
     if activation in ("silu", "swish"):
         out = F.silu(out)
-    conv_state[rows] = xc[:, :, -S:].to(conv_state.dtype)
+    if cache_seqlens is None:
+        conv_state[rows] = xc[:, :, -S:].to(conv_state.dtype)
+    else:
+        keep = min(T, S)  # distinct positions: of more than S new steps only the last S are written
+        where = torch.remainder(pos + torch.arange(T - keep, T, device=x.device), S)  # (B, keep)
+        st = st.scatter(2, where[:, None, :].expand(Bsz, Dm, keep), x[:, :, T - keep:].to(ct))
+        conv_state[rows] = st.to(conv_state.dtype)
     out = out.to(x.dtype)
     return out.squeeze(-1) if squeeze else out
 
