@@ -5,7 +5,8 @@
 # pytest-xdist is there), runs the quick benchmark on the GPU with the suites whose GPU targets matter first,
 # and writes logs and the results JSON under $OUT (./gpu-check-out when OUT is unset).
 # Budget: GPU_CHECK_BUDGET seconds in all (default 480); the benchmark gets what the build and tests leave, and
-# rewrites its JSON after every suite, so a cut-off run keeps what it finished. At most 6 files land in $OUT.
+# rewrites its JSON after every suite, so a cut-off run keeps what it finished. At most 8 files land in $OUT
+# (the device tool's limit).
 set -uo pipefail
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -42,6 +43,17 @@ stamp "pytest -m cuda ${extra[*]}"
 PYTHONUNBUFFERED=1 timeout 240 "$PY" -m pytest -m cuda -p no:cacheprovider "${extra[@]}" tests 2>&1 \
   | tee "$OUT/pytest-cuda.log"
 rc_test=${PIPESTATUS[0]}
+
+stamp "tools/gpu_diag.py"
+PYTHONUNBUFFERED=1 timeout 90 "$PY" tools/gpu_diag.py > "$OUT/diag.txt" 2>&1
+tail -5 "$OUT/diag.txt"
+if grep -q "Segmentation fault" "$OUT/pytest-cuda.log" && command -v cuda-gdb > /dev/null; then
+  # the host backtrace of the crash that the first H100 run saw (bench/NOTES.md), in one process
+  stamp "cuda-gdb on test_cuda_scan_rejects_bad_inputs"
+  timeout 120 cuda-gdb -batch -ex run -ex bt -ex quit --args "$PY" -m pytest -x -q -p no:cacheprovider \
+    tests/test_ssm_scan_cuda.py -k rejects_bad_inputs > "$OUT/segv-bt.txt" 2>&1
+  grep -A12 "SIGSEGV" "$OUT/segv-bt.txt" | head -20
+fi
 
 if [ "$BENCH" = 0 ]; then stamp "done: pytest rc=$rc_test (no bench)"; exit "$rc_test"; fi
 left=$(( BUDGET - $(elapsed) - 10 ))
