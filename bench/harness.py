@@ -166,8 +166,14 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
             continue
         agree, diff = None, None
         if c.check is not None and c.peer_fn is not None:
-            ours, theirs = c.ours(), c.peer_fn()
-            agree = bool(c.check(ours, theirs))
+            try:
+                ours, theirs = c.ours(), c.peer_fn()
+                agree = bool(c.check(ours, theirs))
+            except Exception as e:
+                print(f"{c.suite} {c.case} {c.shape}: check FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                FAILURES.append({"suite": c.suite, "case": c.case, "shape": c.shape,
+                                 "error": f"check: {type(e).__name__}: {str(e)[:300]}"})
+                continue
             if not agree:  # how far off, so a failed check on a lent GPU can be diagnosed from the log
                 diff = _max_abs_diff(ours, theirs)
         if c.metric == "TFLOP/s":
