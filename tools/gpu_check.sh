@@ -37,7 +37,7 @@ cat "$OUT/build_info.json"
 # -v: one line per finished test, so a run cut off by the timeout still names what failed; a per-test
 # timeout (pytest-timeout) keeps one hung test from taking the whole budget.
 extra=(-v -rfEs -p no:benchmark)
-if "$PY" -c "import xdist" 2>/dev/null; then extra+=(-n 8); fi
+if "$PY" -c "import xdist" 2>/dev/null; then extra+=(-n "$(nproc)"); fi  # Triton JIT compiles dominate: one per core
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then extra+=(--timeout 120); fi
 stamp "pytest -m cuda ${extra[*]}"
 PYTHONUNBUFFERED=1 timeout 240 "$PY" -m pytest -m cuda -p no:cacheprovider "${extra[@]}" tests 2>&1 \
