@@ -313,6 +313,7 @@ def _conv_update_kernel(
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0)
     if CIRCULAR:
         pos = tl.load(seqlens_ptr + b) % S
+        pos = tl.where(pos < 0, pos + S, pos)  # a negative length (unchecked on the GPU) wraps, never escapes
     # 1. outputs: out[t] = bias + sum_k w[k] * cat[S - (W - 1) + t + k]
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)

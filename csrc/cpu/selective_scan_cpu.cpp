@@ -506,9 +506,6 @@ acc_t* chunk_state(const Scan<acc_t>& p, int64_t b, int64_t d, int64_t c) {
 
 // ---------------------------------------------------------------- forward
 
-// One chunk of one slab: the state goes from `st.h` (before the chunk) to after it; outputs written.
-// kN: the state size when fixed at compile time (the inner loops unroll, the states stay in registers),
-// 0 for any N.
 // Queue the rows of slab s's chunk [t0, t0 + T) for prefetching: the inputs (u, delta, z; dout in the
 // backward) for reading, the outputs (out; du, ddelta, dz) for writing.
 template <typename acc_t>
@@ -524,6 +521,9 @@ void plan_prefetch(const Scan<acc_t>& p, const Slab& s, int64_t t0, int64_t T, b
       for (int l = 0; l < s.nl; ++l) pf.add(p.row(base, s.b, s.d0 + l, t0), true);
 }
 
+// One chunk of one slab: the state goes from `st.h` (before the chunk) to after it; outputs written.
+// kN: the state size when fixed at compile time (the inner loops unroll, the states stay in registers),
+// 0 for any N.
 template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
 void forward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf,
                    RowPrefetcher* prefetch) {
