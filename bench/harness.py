@@ -151,6 +151,12 @@ def _max_abs_diff(a, b) -> Optional[float]:
 FAILURES: List[dict] = []
 
 
+def _failed(c: Case, stage: str, e: Exception) -> None:
+    error = f"{stage}{type(e).__name__}: {str(e)[:300]}"
+    print(f"{c.suite} {c.case} {c.shape}: FAILED {error}", flush=True)
+    FAILURES.append({"suite": c.suite, "case": c.case, "shape": c.shape, "error": error})
+
+
 def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> List[dict]:
     records = []
     for c in cases:
@@ -160,9 +166,7 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
             print(f"{c.suite} {c.case} {c.shape}: out of memory, skipped", flush=True)
             continue
         except Exception as e:  # one broken case must not cost the rest of a (GPU-time-limited) run
-            print(f"{c.suite} {c.case} {c.shape}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-            FAILURES.append({"suite": c.suite, "case": c.case, "shape": c.shape,
-                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            _failed(c, "", e)
             continue
         agree, diff = None, None
         if c.check is not None and c.peer_fn is not None:
@@ -170,9 +174,7 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
                 ours, theirs = c.ours(), c.peer_fn()
                 agree = bool(c.check(ours, theirs))
             except Exception as e:
-                print(f"{c.suite} {c.case} {c.shape}: check FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                FAILURES.append({"suite": c.suite, "case": c.case, "shape": c.shape,
-                                 "error": f"check: {type(e).__name__}: {str(e)[:300]}"})
+                _failed(c, "check: ", e)
                 continue
             if not agree:  # how far off, so a failed check on a lent GPU can be diagnosed from the log
                 diff = _max_abs_diff(ours, theirs)
