@@ -79,21 +79,24 @@ def reference(case: Case, t: dict, dtype: torch.dtype, device: str = "cpu"):
 
 
 def run_launchers(case: Case, t: dict, dtype: torch.dtype, device: str = "cpu", train: bool = True,
-                  want_dx: bool = True, want_dweights: bool = True):
+                  want_dx: bool = True, want_dweights: bool = True, forward=None, backward=None):
     """fastnn.kernels.rnn: forward with train, then backward. Returns (forward outputs [y, h_n, c_n, gates,
-    aux, r], backward outputs [dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0])."""
+    aux, r], backward outputs [dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0]). `forward` / `backward`
+    replace the launchers (same arguments and outputs) to check another kernel, or one against the other's
+    workspace."""
     from fastnn.kernels import rnn as kr
 
+    forward = forward or kr.rnn_layer_forward
+    backward = backward or kr.rnn_layer_backward
     d = {k: (v.to(device, dtype).contiguous() if v is not None else None) for k, v in t.items()}
     bsz = torch.tensor(case.batch_sizes, dtype=torch.int64)
-    fwd = kr.rnn_layer_forward(case.mode, d["x"], bsz, d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], d["w_hr"],
-                               d["h0"], d["c0"], case.reverse, train)
+    fwd = forward(case.mode, d["x"], bsz, d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], d["w_hr"], d["h0"], d["c0"],
+                  case.reverse, train)
     if not train:
         return fwd, None
     y, _, _, gates, aux, r = fwd
-    bwd = kr.rnn_layer_backward(case.mode, d["dy"], d["dh_n"], d["dc_n"], d["x"], bsz, d["w_ih"], d["w_hh"],
-                                d["b_ih"], d["b_hh"], d["w_hr"], d["h0"], d["c0"], y, gates, aux, r, case.reverse,
-                                want_dx, want_dweights)
+    bwd = backward(case.mode, d["dy"], d["dh_n"], d["dc_n"], d["x"], bsz, d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"],
+                   d["w_hr"], d["h0"], d["c0"], y, gates, aux, r, case.reverse, want_dx, want_dweights)
     return fwd, bwd
 
 
@@ -122,13 +125,15 @@ def _fp32_close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float) -
 
 
 def check_against_reference(case: Case, dtype: torch.dtype, device: str = "cpu", seed: int = 0,
-                            fp32_rtol: Optional[float] = 1e-5, lowp_floor: float = 1e-4) -> None:
+                            fp32_rtol: Optional[float] = 1e-5, lowp_floor: float = 1e-4, forward=None,
+                            backward=None) -> None:
     """Forward and backward of the launchers on `device` vs the float64 reference (inputs rounded to dtype
     first; run on `device`). float32 with fp32_rtol: close within fp32_rtol (relative, and absolute scaled
     by the tensor's magnitude). float16 / bfloat16, and float32 with fp32_rtol None: DESIGN tier-2 rule,
-    error <= 2x that of the reference run in dtype on `device` + lowp_floor x the tensor's magnitude."""
+    error <= 2x that of the reference run in dtype on `device` + lowp_floor x the tensor's magnitude.
+    forward / backward: as run_launchers."""
     t = make_inputs(case, seed)
-    fwd, bwd = run_launchers(case, t, dtype, device)
+    fwd, bwd = run_launchers(case, t, dtype, device, forward=forward, backward=backward)
     check_layout(case, fwd, bwd, dtype)
     rounded = {k: (v.to(dtype).double() if v is not None else None) for k, v in t.items()}
     want_fwd, want_grads = reference(case, rounded, torch.float64, device)

@@ -5,6 +5,8 @@
   Floor: the GEMM flops, 2 * rows * G H * (I + H) for the forward (input projection + recurrence), 3x that
   for forward+backward (the backward's dx / dh GEMMs and the weight-gradient GEMMs), against the
   machine's matmul rate. G = 4 (LSTM), 3 (GRU).
+  persistent (CUDA): the same layers with the persistent forward switched on (fastnn.ops.rnn.PERSISTENT),
+  where it fits.
   packed: a PackedSequence with lengths spread evenly between T / 4 and T, against the same layer on a
   padded batch holding as many tokens (the issue's "no slower than padded of the same total length"),
   and against torch.nn on the same PackedSequence.
@@ -100,8 +102,33 @@ def cases(device: str, quick: bool):
                         metric="TFLOP/s", work=flops, check=tol))
         out.append(Case("rnn", f"{kind} fwd+bwd", shape, dname, _fwd_bwd(ours, x), peer, _fwd_bwd(theirs, x),
                         metric="TFLOP/s", work=3 * flops, check=tol, peak_memory=True))
+        if device == "cuda" and _persistent_fits(kind, H, B):
+            out.append(Case("rnn", f"{kind} fwd persistent", shape, dname, _persistent(_fwd(ours, x)), peer,
+                            _fwd(theirs, x), metric="TFLOP/s", work=flops, check=tol))
+            out.append(Case("rnn", f"{kind} fwd+bwd persistent", shape, dname, _persistent(_fwd_bwd(ours, x)), peer,
+                            _fwd_bwd(theirs, x), metric="TFLOP/s", work=3 * flops, check=tol))
     out += _packed_cases(device, dtype, quick)
     return out
+
+
+def _persistent_fits(kind, H, B):
+    from fastnn._backend import _C
+    return (_C is not None and hasattr(_C, "rnn_persistent_fits")
+            and _C.rnn_persistent_fits(kind.lower(), H, B, torch.cuda.current_device()))
+
+
+def _persistent(call):
+    """The call with the persistent CUDA forward switched on (fastnn.ops.rnn.PERSISTENT; off by default
+    until it has passed on a GPU)."""
+    from fastnn.ops import rnn as rnn_ops
+
+    def run():
+        before, rnn_ops.PERSISTENT = rnn_ops.PERSISTENT, True
+        try:
+            return call()
+        finally:
+            rnn_ops.PERSISTENT = before
+    return run
 
 
 def _packed_cases(device, dtype, quick):

@@ -17,6 +17,7 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace fastnn {
@@ -37,7 +38,27 @@ std::vector<at::Tensor> rnn_layer_backward(const std::string& mode, const at::Te
                                            const c10::optional<at::Tensor>& c0, const at::Tensor& y,
                                            const at::Tensor& gates, const at::Tensor& aux, const at::Tensor& r,
                                            bool reverse, bool want_dx, bool want_dweights);
+// Persistent forward (csrc/cuda/rnn_persistent_*): its plan, and its CPU emulation for the tests.
+std::tuple<bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> rnn_persistent_plan(const std::string& mode,
+                                                                                           int64_t hidden_size,
+                                                                                           int64_t batch,
+                                                                                           int64_t sms);
+std::vector<at::Tensor> rnn_layer_forward_persistent_emulated(
+    const std::string& mode, const at::Tensor& x, const at::Tensor& batch_sizes, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+    const at::Tensor& h0, const c10::optional<at::Tensor>& c0, bool reverse, bool train, int64_t sms);
 }  // namespace cpu
+
+#ifdef FASTNN_WITH_CUDA
+namespace cuda {
+bool rnn_persistent_fits(const std::string& mode, int64_t hidden_size, int64_t batch, const at::Device& device);
+std::vector<at::Tensor> rnn_layer_forward_persistent(const std::string& mode, const at::Tensor& x,
+                                                     const at::Tensor& batch_sizes, const at::Tensor& w_ih,
+                                                     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                                     const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                     const c10::optional<at::Tensor>& c0, bool reverse, bool train);
+}  // namespace cuda
+#endif
 
 inline void register_rnn(pybind11::module& m) {
   namespace py = pybind11;
@@ -51,6 +72,27 @@ inline void register_rnn(pybind11::module& m) {
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"), py::arg("h0"),
         py::arg("c0"), py::arg("y"), py::arg("gates"), py::arg("aux"), py::arg("r"), py::arg("reverse"),
         py::arg("want_dx"), py::arg("want_dweights"));
+  m.def("rnn_persistent_plan", &cpu::rnn_persistent_plan,
+        "The persistent forward's plan -> (fits, units per block, blocks, k-slices, weights per thread, rows per "
+        "pass, shared bytes)",
+        py::arg("mode"), py::arg("hidden_size"), py::arg("batch"), py::arg("sms"));
+  m.def("rnn_layer_forward_persistent_emulated", &cpu::rnn_layer_forward_persistent_emulated,
+        "The persistent CUDA forward's per-thread code run on the CPU (tests) -> [y, h_n, c_n, gates, aux, r]",
+        py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
+        py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("reverse"), py::arg("train"), py::arg("sms"));
+#ifdef FASTNN_WITH_CUDA
+  m.def(
+      "rnn_persistent_fits",
+      [](const std::string& mode, int64_t hidden_size, int64_t batch, int64_t device_index) {
+        return cuda::rnn_persistent_fits(mode, hidden_size, batch, at::Device(at::kCUDA, device_index));
+      },
+      "Whether the persistent forward takes this layer on CUDA device `device_index`", py::arg("mode"),
+      py::arg("hidden_size"), py::arg("batch"), py::arg("device_index"));
+  m.def("rnn_layer_forward_persistent_cuda", &cuda::rnn_layer_forward_persistent,
+        "One LSTM / GRU layer (no projection) in one persistent CUDA launch -> [y, h_n, c_n, gates, aux, r]",
+        py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
+        py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("reverse"), py::arg("train"));
+#endif
 }
 
 }  // namespace fastnn

@@ -1,0 +1,108 @@
+// The persistent LSTM / GRU forward of csrc/cuda/rnn_persistent_kernels.cuh run on the CPU: its per-thread
+// bodies (weights, staging, partial dots, cells), one loop iteration per CUDA thread, phase by phase in
+// the kernel's order, blocks one after another within a step (the grid barrier), around the same glue as
+// the CUDA launcher (csrc/cuda/rnn_persistent_plan.h). For the tests on machines without a GPU: the plan,
+// the index math, the slice order of the sums and the cells are checked against the reference and the CPU
+// kernels. Not a production path.
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "../cuda/rnn_persistent_plan.h"
+#include "../families/rnn.h"
+
+namespace fastnn::cpu {
+namespace {
+
+namespace rp = fastnn::rnn_persistent;
+
+template <typename T, int G, int KPT>
+void emulate(rp::Buffers& b, const rp::Plan& pl) {
+  const rp::Params<T> a = rp::params_of<T>(b);
+  // every thread's registers, loaded once as the kernel does
+  std::vector<float> regs(static_cast<size_t>(pl.blocks) * rp::kThreads * KPT);
+  for (int blk = 0; blk < pl.blocks; ++blk) {
+    for (int tid = 0; tid < rp::kThreads; ++tid) {
+      float w[KPT];
+      rp::load_weights<T, KPT>(a, pl, blk, tid, w);
+      std::copy(w, w + KPT, regs.begin() + (static_cast<size_t>(blk) * rp::kThreads + tid) * KPT);
+    }
+  }
+  std::vector<float> smem(pl.smem / sizeof(float));
+  float* hs = smem.data();
+  float* red = hs + pl.pass_rows * pl.ldh;
+  for (int k = 0; k < a.T_steps; ++k) {
+    const rp::StepView<T> v = rp::step_view(a, k);
+    for (int blk = 0; blk < pl.blocks; ++blk) {
+      for (int b0 = 0; b0 < v.bs; b0 += pl.pass_rows) {
+        const int nb = std::min(pl.pass_rows, v.bs - b0);
+        // shared memory holds NaN where nothing is staged: a read past the staged rows shows up
+        std::fill(smem.begin(), smem.end(), std::numeric_limits<float>::quiet_NaN());
+        for (int b = 0; b < nb; ++b)
+          for (int q = 0; q < pl.slices * KPT; ++q) rp::stage_h<T, KPT>(pl, v.h_prev, b0, b, q, hs);
+        for (int tid = 0; tid < rp::kThreads; ++tid) {
+          float w[KPT];
+          const float* src = regs.data() + (static_cast<size_t>(blk) * rp::kThreads + tid) * KPT;
+          std::copy(src, src + KPT, w);
+          rp::dot_partials<KPT>(pl, tid, w, hs, nb, red);
+        }
+        for (int i = 0; i < nb * pl.units; ++i) rp::cell<T, G>(a, pl, blk, v.t, b0, i, red, v.h_next);
+      }
+    }
+  }
+}
+
+template <typename T, int G>
+void emulate_kpt(rp::Buffers& b, const rp::Plan& pl) {
+  switch (pl.kpt) {
+    case 8: return emulate<T, G, 8>(b, pl);
+    case 16: return emulate<T, G, 16>(b, pl);
+    case 32: return emulate<T, G, 32>(b, pl);
+    case 64: return emulate<T, G, 64>(b, pl);
+    case 128: return emulate<T, G, 128>(b, pl);
+    default: TORCH_CHECK(false, "rnn_layer_forward_persistent_emulated: no kernel for ", pl.kpt, " weights per thread");
+  }
+}
+
+template <typename T>
+void emulate_mode(rp::Buffers& b, const rp::Plan& pl) {
+  if (b.lstm) {
+    emulate_kpt<T, 4>(b, pl);
+  } else {
+    emulate_kpt<T, 3>(b, pl);
+  }
+}
+
+}  // namespace
+
+std::tuple<bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> rnn_persistent_plan(const std::string& mode,
+                                                                                           int64_t hidden_size,
+                                                                                           int64_t batch,
+                                                                                           int64_t sms) {
+  TORCH_CHECK(mode == "lstm" || mode == "gru", "rnn_persistent_plan: mode must be 'lstm' or 'gru'");
+  const rp::Plan p = rp::make_plan(mode == "lstm" ? 4 : 3, static_cast<int>(hidden_size), static_cast<int>(batch),
+                                   static_cast<int>(sms));
+  return {p.fits, p.units, p.blocks, p.slices, p.kpt, p.pass_rows, static_cast<int64_t>(p.smem)};
+}
+
+std::vector<at::Tensor> rnn_layer_forward_persistent_emulated(
+    const std::string& mode, const at::Tensor& x, const at::Tensor& batch_sizes, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+    const at::Tensor& h0, const c10::optional<at::Tensor>& c0, bool reverse, bool train, int64_t sms) {
+  const char* fn = "rnn_layer_forward_persistent_emulated";
+  TORCH_CHECK(x.device().is_cpu(), fn, ": x must be a CPU tensor");
+  TORCH_CHECK(sms >= 1, fn, ": sms must be >= 1, got ", sms);
+  rp::Buffers b = rp::prepare(fn, mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, train);
+  const rp::Plan pl = rp::make_plan(b.G, b.H, b.B, static_cast<int>(sms));
+  TORCH_CHECK(pl.fits, fn, ": H = ", b.H, " does not fit the persistent kernel on ", sms, " multiprocessors");
+  switch (x.scalar_type()) {
+    case at::kFloat: emulate_mode<float>(b, pl); break;
+    case at::kHalf: emulate_mode<at::Half>(b, pl); break;
+    case at::kBFloat16: emulate_mode<at::BFloat16>(b, pl); break;
+    default: TORCH_CHECK(false, fn, ": unsupported dtype ", x.scalar_type());
+  }
+  return rp::finish(b);
+}
+
+}  // namespace fastnn::cpu

@@ -1,0 +1,138 @@
+// The device-independent glue of the persistent LSTM / GRU forward (ATen calls only): input checks, the
+// buffers the kernel reads and writes, its parameters, and the outputs in csrc/families/rnn.h's form. The
+// CUDA launcher (rnn_persistent_cuda.cu) and the CPU emulation used by the tests
+// (csrc/cpu/rnn_persistent_emulated.cpp) both run it around the per-thread bodies of
+// rnn_persistent_kernels.cuh.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "../common/alloc.h"
+#include "rnn_persistent_kernels.cuh"
+
+namespace fastnn::rnn_persistent {
+
+struct Buffers {
+  int G, H, B, T;
+  bool lstm, reverse, train, has_bias;
+  at::Tensor gx, y, h0buf, h1buf, state, aux, meta, w_hh, b_ih, b_hh;
+  std::vector<int64_t> last_row;  // the packed row of each batch row's last step (its h_n)
+};
+
+// Checks what the kernel assumes (fastnn/ops/rnn.py has validated the user's arguments already) and sets
+// up its buffers: gx = x W_ih^T of every step (the input projection as one GEMM), y, the two h buffers and
+// the fp32 state from h0 / c0, the training workspace, and batch_sizes / offsets on x's device.
+inline Buffers prepare(const char* fn, const std::string& mode, const at::Tensor& x, const at::Tensor& batch_sizes,
+                       const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                       const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                       const c10::optional<at::Tensor>& c0, bool reverse, bool train) {
+  TORCH_CHECK(mode == "lstm" || mode == "gru", fn, ": mode must be 'lstm' or 'gru', got '", mode, "'");
+  Buffers b;
+  b.lstm = mode == "lstm";
+  b.G = b.lstm ? 4 : 3;
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, fn,
+              ": x must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), fn, ": x must be a contiguous (rows, I) tensor");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % b.G == 0 && w_hh.size(1) == w_hh.size(0) / b.G, fn,
+              ": w_hh must be (", b.G, " H, H) (no projection), got ", w_hh.sizes());
+  b.H = static_cast<int>(w_hh.size(1));
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == b.G * b.H && w_ih.size(1) == x.size(1), fn, ": w_ih must be (",
+              b.G * b.H, ", ", x.size(1), "), got ", w_ih.sizes());
+  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == b.H && h0.size(0) >= 1, fn, ": h0 must be (B, ", b.H, ")");
+  b.B = static_cast<int>(h0.size(0));
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), fn, ": b_ih and b_hh must be both given or both absent");
+  TORCH_CHECK(!b.lstm || c0.has_value(), fn, ": the LSTM needs c0");
+  for (const at::Tensor* t : {&w_ih, &w_hh, &h0}) {
+    TORCH_CHECK(t->scalar_type() == dt && t->device() == x.device() && t->is_contiguous(), fn,
+                ": weights and states must be contiguous, on x's device, with x's dtype");
+  }
+  b.has_bias = b_ih.has_value();
+  if (b.has_bias) {
+    for (const at::Tensor* t : {&*b_ih, &*b_hh}) {
+      TORCH_CHECK(t->scalar_type() == dt && t->device() == x.device() && t->is_contiguous() && t->dim() == 1 &&
+                      t->size(0) == b.G * b.H,
+                  fn, ": b_ih / b_hh must be contiguous (", b.G * b.H, ",) with x's dtype on x's device");
+    }
+  }
+  if (b.lstm) {
+    TORCH_CHECK(c0->scalar_type() == dt && c0->device() == x.device() && c0->sizes() == h0.sizes(), fn,
+                ": c0 must be (", b.B, ", ", b.H, ") with x's dtype on x's device");
+  }
+  TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1 &&
+                  batch_sizes.size(0) >= 1,
+              fn, ": batch_sizes must be a non-empty 1-D int64 CPU tensor");
+  const at::Tensor bs = batch_sizes.contiguous();
+  const int64_t* bsp = bs.data_ptr<int64_t>();
+  b.T = static_cast<int>(bs.size(0));
+  std::vector<int64_t> meta(2 * b.T);
+  int64_t acc = 0;
+  for (int t = 0; t < b.T; ++t) {
+    TORCH_CHECK(bsp[t] >= 1 && bsp[t] <= b.B && (t == 0 || bsp[t] <= bsp[t - 1]), fn,
+                ": batch_sizes must be non-increasing, within [1, B]");
+    meta[t] = bsp[t];
+    meta[b.T + t] = acc;
+    acc += bsp[t];
+  }
+  TORCH_CHECK(acc == x.size(0), fn, ": batch_sizes sum to ", acc, " but x has ", x.size(0), " rows");
+  TORCH_CHECK(bsp[0] == b.B, fn, ": batch_sizes[0] must equal h0's batch size ", b.B);
+  // each row's h_n is its output at the last step it is live in: forward, the last t with bs[t] > b;
+  // reverse, step 0
+  b.last_row.resize(b.B);
+  for (int64_t r = 0, t = b.T - 1; r < b.B; ++r) {
+    if (reverse) {
+      b.last_row[r] = r;
+    } else {
+      while (bsp[t] <= r) --t;
+      b.last_row[r] = meta[b.T + t] + r;
+    }
+  }
+  b.reverse = reverse;
+  b.train = train;
+  b.meta = at::tensor(meta, at::kLong).to(x.device());
+  b.gx = at::mm(x, w_ih.t());
+  b.y = new_output({x.size(0), b.H}, x.options());
+  b.h0buf = h0.clone();
+  b.h1buf = h0.clone();
+  b.state = (b.lstm ? *c0 : h0).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  b.aux = train ? new_output({x.size(0), b.H}, x.options().dtype(at::kFloat)) : at::Tensor();
+  b.w_hh = w_hh;
+  if (b.has_bias) b.b_ih = *b_ih, b.b_hh = *b_hh;
+  return b;
+}
+
+// The kernel's parameters over the buffers; T is the device-side element type of x's dtype.
+template <typename T>
+Params<T> params_of(Buffers& b) {
+  Params<T> a{};
+  a.T_steps = b.T;
+  a.reverse = b.reverse;
+  a.train = b.train;
+  a.has_bias = b.has_bias;
+  a.lstm = b.lstm;
+  a.batch_sizes = b.meta.data_ptr<int64_t>();
+  a.offsets = a.batch_sizes + b.T;
+  a.gx = reinterpret_cast<T*>(b.gx.data_ptr());
+  a.w_hh = reinterpret_cast<const T*>(b.w_hh.data_ptr());
+  a.b_ih = b.has_bias ? reinterpret_cast<const T*>(b.b_ih.data_ptr()) : nullptr;
+  a.b_hh = b.has_bias ? reinterpret_cast<const T*>(b.b_hh.data_ptr()) : nullptr;
+  a.hbuf[0] = reinterpret_cast<T*>(b.h0buf.data_ptr());
+  a.hbuf[1] = reinterpret_cast<T*>(b.h1buf.data_ptr());
+  a.state = b.state.data_ptr<float>();
+  a.y = reinterpret_cast<T*>(b.y.data_ptr());
+  a.aux = b.train ? b.aux.data_ptr<float>() : nullptr;
+  return a;
+}
+
+// [y, h_n, c_n or empty, gates, aux, r] as rnn_layer_forward returns them (r is empty: no projection).
+inline std::vector<at::Tensor> finish(Buffers& b) {
+  const at::Tensor rows = at::tensor(b.last_row, at::kLong).to(b.y.device());
+  const at::Tensor none = at::empty({0}, b.y.options());
+  at::Tensor h_n = b.y.index_select(0, rows);
+  at::Tensor c_n = b.lstm ? b.state.to(b.y.scalar_type()) : none.clone();
+  return {b.y, h_n, c_n, b.train ? b.gx : none.clone(), b.train ? b.aux : none.clone(), none.clone()};
+}
+
+}  // namespace fastnn::rnn_persistent

@@ -1,0 +1,92 @@
+"""Tier 5: the persistent LSTM / GRU forward (one cooperative launch per layer and direction, W_hh in
+registers) on CUDA tensors: against the float64 reference with the Triton backward run from its workspace,
+against its own CPU emulation (the same per-thread code: what differs is the device's exp / tanh and the
+synchronisation), run to run, and its limits."""
+import pytest
+import torch
+
+from fastnn._backend import _C
+
+from _rnn_cases import Case, check_against_reference, make_inputs, packed_lengths
+
+pytestmark = pytest.mark.cuda
+
+
+def _lengths(B: int, T: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g).tolist()
+    lengths[0] = T
+    return packed_lengths(lengths)
+
+
+def persistent(mode, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, train):
+    assert w_hr is None, "the persistent kernel has no projection"
+    return _C.rnn_layer_forward_persistent_cuda(mode, x, bsz, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, train)
+
+
+# on the H100 (132 SMs): H 512 -> 32 weights per thread, 1024 -> 128; B 200 -> several passes per step
+CASES = {
+    "lstm_b64_t48_h512_packed": Case("lstm", _lengths(64, 48, 1), I=256, H=512),
+    "lstm_b64_t48_h512_packed_reverse": Case("lstm", _lengths(64, 48, 2), I=256, H=512, reverse=True),
+    "lstm_b64_t32_h1024": Case("lstm", (64,) * 32, I=512, H=1024),
+    "lstm_b200_t16_h300_nobias": Case("lstm", _lengths(200, 16, 4), I=100, H=300, bias=False),
+    "lstm_b1_t64_h1024": Case("lstm", (1,) * 64, I=128, H=1024),
+    "gru_b64_t48_h384_packed": Case("gru", _lengths(64, 48, 5), I=256, H=384),
+    "gru_b64_t48_h1024_packed_reverse": Case("gru", _lengths(64, 48, 6), I=256, H=1024, reverse=True),
+    "gru_b1_t64_h200_nobias": Case("gru", (1,) * 64, I=50, H=200, bias=False),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _inputs(case, dtype):
+    t = make_inputs(case)
+    d = {k: (v.to("cuda", dtype).contiguous() if v is not None else None) for k, v in t.items()}
+    bsz = torch.tensor(case.batch_sizes, dtype=torch.int64)
+    return (case.mode, d["x"], bsz, d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], d["h0"], d["c0"], case.reverse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_persistent_matches_reference(name, dtype):
+    """Forward, and the gradients of the Triton backward from the persistent forward's workspace, within
+    DESIGN's tier-2 rule against the reference run on the GPU."""
+    case = CASES[name]
+    assert _C.rnn_persistent_fits(case.mode, case.H, case.B, torch.cuda.current_device())
+    check_against_reference(case, dtype, device="cuda", fp32_rtol=None, lowp_floor=1e-5, forward=persistent)
+
+
+@pytest.mark.parametrize("name", ["lstm_b64_t48_h512_packed_reverse", "gru_b64_t48_h384_packed",
+                                  "lstm_b200_t16_h300_nobias"])
+def test_persistent_equals_its_emulation(name):
+    """The same per-thread code on the CPU with the device's multiprocessor count: equal up to the device's
+    exp / tanh (a few ulps per step)."""
+    case = CASES[name]
+    args = _inputs(case, torch.float32)
+    got = _C.rnn_layer_forward_persistent_cuda(*args, True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    want = _C.rnn_layer_forward_persistent_emulated(*cpu, True, sms)
+    for what, g, w in zip(("y", "h_n", "c_n", "gates", "aux", "r"), got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, what
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+def test_persistent_is_deterministic():
+    case = CASES["gru_b64_t48_h1024_packed_reverse"]
+    args = _inputs(case, torch.bfloat16)
+    first = _C.rnn_layer_forward_persistent_cuda(*args, True)
+    second = _C.rnn_layer_forward_persistent_cuda(*args, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_persistent_limits():
+    dev = torch.cuda.current_device()
+    assert _C.rnn_persistent_fits("lstm", 1024, 256, dev)
+    assert not _C.rnn_persistent_fits("lstm", 2048, 1, dev)
+    case = Case("lstm", (2, 2), I=8, H=2048)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        _C.rnn_layer_forward_persistent_cuda(*_inputs(case, torch.float32), False)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        args = _inputs(CASES["gru_b1_t64_h200_nobias"], torch.float32)
+        _C.rnn_layer_forward_persistent_cuda(args[0], args[1].cpu(), *args[2:], False)
