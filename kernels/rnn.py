@@ -476,18 +476,38 @@ def rnn_layer_backward(mode: str, dy, dh_n, dc_n: Optional[torch.Tensor], x, bat
     if not L.lstm:
         dh = (dhd + dh).to(dt)
     # dh, dc now hold the gradients of h0, c0
+    grads = _grads_from_gates(L, dgx, dgh, x, y, h0, w_ih, bias, want_dx, want_dweights)
+    if L.proj and want_dweights:
+        grads[5] = torch.mm(dh_steps.t(), r)
+    return grads + [dh, dc.to(dt) if L.lstm else torch.empty(0, dtype=dt, device=dev)]
+
+
+def _grads_from_gates(L: _Layer, dgx, dgh, x, y, h0, w_ih, bias: bool, want_dx: bool, want_dweights: bool):
+    """[dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr (empty)] from every step's gate gradients: one GEMM each."""
+    dt, dev = x.dtype, x.device
     none = torch.empty(0, dtype=dt, device=dev)
     dx = torch.mm(dgx, w_ih) if want_dx else none
-    dw_ih = dw_hh = db_ih = db_hh = dw_hr = none
+    dw_ih = dw_hh = db_ih = db_hh = none
     if want_dweights:
         dw_ih = torch.mm(dgx.t(), x)
         dw_hh = torch.mm(dgh.t(), _h_prev_rows(L, y, h0))
         if bias:
             db_ih = dgx.sum(0, dtype=torch.float32).to(dt)
             db_hh = db_ih.clone() if L.lstm else dgh.sum(0, dtype=torch.float32).to(dt)
-        if L.proj:
-            dw_hr = torch.mm(dh_steps.t(), r)
-    return [dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh, dc.to(dt) if L.lstm else none]
+    return [dx, dw_ih, dw_hh, db_ih, db_hh, none]
+
+
+def rnn_layer_backward_from_gates(mode: str, recurrence: List[torch.Tensor], x, batch_sizes, w_ih, w_hh,
+                                  b_ih: Optional[torch.Tensor], h0, y, reverse: bool, want_dx: bool,
+                                  want_dweights: bool) -> List[torch.Tensor]:
+    """rnn_layer_backward's outputs from a recurrence computed elsewhere (the persistent CUDA backward):
+    recurrence = [dgx, dgh (GRU; empty for the LSTM, whose are dgx), dh0, dc0 (LSTM; else empty)]. No
+    projection."""
+    L = _Layer(mode, x, batch_sizes, w_hh, None, h0, reverse)
+    dgx, dgh, dh0, dc0 = recurrence
+    grads = _grads_from_gates(L, dgx, dgx if L.lstm else dgh, x, y, h0, w_ih, b_ih is not None, want_dx,
+                              want_dweights)
+    return grads + [dh0, dc0]
 
 
 # ---------------------------------------------------------------- ahead-of-time specs

@@ -1,6 +1,7 @@
-"""The persistent CUDA LSTM / GRU forward (csrc/cuda/rnn_persistent_*) checked on the CPU: its plan, and its
-per-thread code run by the emulation (csrc/cpu/rnn_persistent_emulated.cpp) against the float64 reference,
-with the C++ CPU backward run from its workspace (so the saved gates and aux are checked too). The
+"""The persistent CUDA LSTM / GRU forward and backward (csrc/cuda/rnn_persistent_*) checked on the CPU: their
+plans, and their per-thread code run by the emulation (csrc/cpu/rnn_persistent_emulated.cpp) against the
+float64 reference: the forward with the C++ CPU backward run from its workspace (so the saved gates and aux
+are checked too), and the backward from the forward's workspace. The
 multiprocessor count is a parameter here: small counts give many units per block and long weight rows per
 thread (up to the 128-register maximum), large ones the H100's layout. The GPU run is
 tests/test_rnn_persistent_cuda.py."""
@@ -19,8 +20,8 @@ needs_ext = pytest.mark.skipif(_C is None or not hasattr(_C, "rnn_persistent_pla
 PLAN_FIELDS = ("fits", "units", "blocks", "slices", "kpt", "pass_rows", "smem")
 
 
-def plan(mode, H, B, sms):
-    return dict(zip(PLAN_FIELDS, _C.rnn_persistent_plan(mode, H, B, sms)))
+def plan(mode, H, B, sms, backward=False):
+    return dict(zip(PLAN_FIELDS, _C.rnn_persistent_plan(mode, H, B, sms, backward)))
 
 
 def emulated(sms):
@@ -29,6 +30,20 @@ def emulated(sms):
         return _C.rnn_layer_forward_persistent_emulated(mode, x, bsz, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, train,
                                                         sms)
     return forward
+
+
+def emulated_backward(sms):
+    """The persistent backward's recurrence (emulated), then the weight-gradient GEMMs of kernels/rnn.py."""
+    from fastnn.kernels import rnn as kr
+
+    def backward(mode, dy, dh_n, dc_n, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r, reverse,
+                 want_dx, want_dweights):
+        assert w_hr is None
+        rec = _C.rnn_layer_backward_persistent_emulated(mode, dy, dh_n, dc_n, bsz, w_hh, h0, c0, y, gates, aux,
+                                                        reverse, sms)
+        return kr.rnn_layer_backward_from_gates(mode, rec, x, bsz, w_ih, w_hh, b_ih, h0, y, reverse, want_dx,
+                                                want_dweights)
+    return backward
 
 
 # (case, multiprocessors): H, B and sms chosen to reach every weights-per-thread count, several rows per
@@ -54,20 +69,25 @@ def test_plan_invariants():
         for H in (1, 7, 24, 33, 64, 200, 300, 512, 640, 1000, 1024, 1100, 2048):
             for B in (1, 3, 64, 65, 256):
                 for sms in (1, 2, 8, 108, 132):
-                    p = plan(mode, H, B, sms)
-                    if not p["fits"]:
-                        continue
-                    assert p["blocks"] <= sms and p["blocks"] * p["units"] >= H > (p["blocks"] - 1) * p["units"]
-                    rows = G * p["units"]
-                    assert p["slices"] == 256 // rows and p["slices"] * p["kpt"] >= H
-                    assert p["kpt"] in (8, 16, 32, 64, 128)
-                    assert 1 <= p["pass_rows"] <= min(B, 64) and p["smem"] <= 200 * 1024
+                    for backward in (False, True):
+                        p = plan(mode, H, B, sms, backward)
+                        if not p["fits"]:
+                            continue
+                        assert p["blocks"] <= sms and p["blocks"] * p["units"] >= H > (p["blocks"] - 1) * p["units"]
+                        rows, length = (p["units"], G * H) if backward else (G * p["units"], H)
+                        assert p["slices"] == 256 // rows and p["slices"] * p["kpt"] >= length
+                        assert p["kpt"] in (8, 16, 32, 64, 128)
+                        assert 1 <= p["pass_rows"] <= min(B, 64) and p["smem"] <= 200 * 1024
     # the H100 (132 SMs): the issue's sizes fit, up to H = 1024 for the LSTM; larger H goes to the fallback
     assert plan("lstm", 1024, 64, 132)["kpt"] == 128
     assert plan("gru", 1024, 256, 132)["fits"]
     assert not plan("lstm", 1100, 64, 132)["fits"]
     assert not plan("gru", 2048, 1, 132)["fits"]
     assert plan("lstm", 64, 4, 1)["fits"] and not plan("lstm", 65, 4, 1)["fits"]  # rows 256 / 260 > 256 threads
+    # the backward holds as many weights a block (W_hh's columns of its units): it fits where the forward does
+    for mode in ("lstm", "gru"):
+        for H in (256, 512, 1024, 1100):
+            assert plan(mode, H, 64, 132)["fits"] == plan(mode, H, 64, 132, True)["fits"]
 
 
 @needs_ext
@@ -77,6 +97,15 @@ def test_emulated_forward_and_workspace_match_reference(name):
     of the float64 reference."""
     case, sms = CASES[name]
     check_against_reference(case, torch.float32, forward=emulated(sms), backward=_C.rnn_layer_backward_cpu)
+
+
+@needs_ext
+@pytest.mark.parametrize("name", list(CASES))
+def test_emulated_backward_matches_reference(name):
+    """float32: the persistent forward and backward together, every gradient within 1e-5 of the float64
+    reference's."""
+    case, sms = CASES[name]
+    check_against_reference(case, torch.float32, forward=emulated(sms), backward=emulated_backward(sms))
 
 
 @needs_ext
@@ -155,3 +184,29 @@ def test_emulated_rejects_bad_inputs():
         call(sms=0)
     with pytest.raises(RuntimeError, match="does not fit"):
         call(sms=1)  # 70 units in one block: 280 rows > 256 threads
+
+
+@needs_ext
+def test_emulated_backward_rejects_bad_inputs():
+    case, sms = CASES["gru_kpt32_h70_sms4"]
+    t = {k: (v.float() if v is not None else None) for k, v in make_inputs(case).items()}
+    bsz = torch.tensor(case.batch_sizes)
+    y, _, _, gates, aux, _ = _C.rnn_layer_forward_persistent_emulated(
+        "gru", t["x"], bsz, t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["h0"], None, False, True, sms)
+    base = dict(mode="gru", dy=t["dy"], dh_n=t["dh_n"], dc_n=None, batch_sizes=bsz, w_hh=t["w_hh"], h0=t["h0"],
+                c0=None, y=y, gates=gates, aux=aux, reverse=False, sms=sms)
+
+    def call(**over):
+        return _C.rnn_layer_backward_persistent_emulated(**{**base, **over})
+
+    call()
+    with pytest.raises(RuntimeError, match="aux must be"):
+        call(aux=aux.half())
+    with pytest.raises(RuntimeError, match="gates must be"):
+        call(gates=gates[:, :-1].contiguous())
+    with pytest.raises(RuntimeError, match="dy must be"):
+        call(dy=t["dy"][:-1].contiguous())
+    with pytest.raises(RuntimeError, match="needs c0 and dc_n"):
+        call(mode="lstm", w_hh=torch.randn(4 * case.H, case.H))
+    with pytest.raises(RuntimeError, match="sum to"):
+        call(batch_sizes=bsz[1:])

@@ -1,5 +1,5 @@
-// Persistent LSTM / GRU forward: one cooperative launch walks every step of one layer and direction, with
-// W_hh held in registers for the whole sequence. Torch-free: the launcher (rnn_persistent_cuda.cu) and the
+// Persistent LSTM / GRU forward and backward recurrence: one cooperative launch walks every step of one layer
+// and direction, with W_hh held in registers for the whole sequence (the backward: see its section below). Torch-free: the launcher (rnn_persistent_cuda.cu) and the
 // CPU emulation used by the tests (csrc/cpu/rnn_persistent_emulated.cpp) both run the per-thread bodies
 // below, so the emulation checks this file's index and cell math on machines without a GPU.
 //
@@ -47,9 +47,11 @@ constexpr size_t kSmemBudget = 200 * 1024;
 
 struct Plan {
   int G, H, B;
+  bool backward;
+  int len;      // length of the dot products: H (forward, h W_hh^T), G H (backward, dgates W_hh)
   int units;    // U: hidden units per block
   int blocks;   // ceil(H / U)
-  int rows;     // R = G U
+  int rows;     // dot products per batch row and block: R = G U (forward), U (backward)
   int slices;   // S = 256 / R
   int kpt;      // weights per thread: a power of two in [8, kMaxKpt], >= ceil(H / S)
   int sst;      // shared stride of one k-slice of a staged row (floats)
@@ -59,19 +61,22 @@ struct Plan {
   bool fits;
 };
 
-// The plan for G gates, H units, B batch rows on a device with `sms` multiprocessors. fits = false: the
-// weights do not fit the registers (H above ~1024 for the LSTM) or the shared memory; use the fallback.
-inline Plan make_plan(int G, int H, int B, int sms) {
+// The plan for G gates, H units, B batch rows on a device with `sms` multiprocessors, forward or backward.
+// fits = false: the weights do not fit the registers (H above ~1024 for the LSTM) or the shared memory;
+// use the fallback. Both directions hold G U H weights per block, so they fit alike.
+inline Plan make_plan(int G, int H, int B, int sms, bool backward = false) {
   Plan p{};
   p.G = G, p.H = H, p.B = B;
+  p.backward = backward;
   p.fits = false;
   if (G <= 0 || H <= 0 || B <= 0 || sms <= 0) return p;
+  p.len = backward ? G * H : H;
   p.units = (H + sms - 1) / sms;
   p.blocks = (H + p.units - 1) / p.units;
-  p.rows = G * p.units;
+  p.rows = backward ? p.units : G * p.units;
   if (p.rows > kThreads) return p;
   p.slices = kThreads / p.rows;
-  const int need = (H + p.slices - 1) / p.slices;
+  const int need = (p.len + p.slices - 1) / p.slices;
   p.kpt = 8;
   while (p.kpt < need) p.kpt *= 2;
   if (p.kpt > kMaxKpt) return p;
@@ -151,13 +156,15 @@ FASTNN_UNROLL
   }
 }
 
-// Staging of element q of row b of a pass from b0: hs[b][slice SST + kk] = h_prev[b0 + b][q] with
-// q = slice KPT + kk (the slices are contiguous in k), 0 past H (the weights there are 0, and 0 * garbage
-// could be NaN). The callers walk q fastest across threads: coalesced reads, and KPT a compile-time shift.
+// Staging of element q of row b of a pass: hs[b][slice SST + kk] = src[b][q] (rows len apart) with
+// q = slice KPT + kk (the slices are contiguous), 0 past len (the weights there are 0, and 0 * garbage
+// could be NaN). src is the pass's first row: of h_prev (forward) or of the later step's recurrent gate
+// gradients (backward). The callers walk q fastest across threads: coalesced reads, and KPT a
+// compile-time shift.
 template <typename T, int KPT>
-FASTNN_HD void stage_h(const Plan& pl, const T* h_prev, int b0, int b, int q, float* hs) {
+FASTNN_HD void stage_row(const Plan& pl, const T* src, int b, int q, float* hs) {
   hs[b * pl.ldh + (q / KPT) * pl.sst + q % KPT] =
-      q < pl.H ? to_f(load_h(h_prev + static_cast<int64_t>(b0 + b) * pl.H + q)) : 0.0f;
+      q < pl.len ? to_f(load_h(src + static_cast<int64_t>(b) * pl.len + q)) : 0.0f;
 }
 
 // Thread tid's partial dot products with the nb staged rows, into red[s][b][r].
@@ -271,6 +278,126 @@ FASTNN_HD StepView<T> step_view(const Params<T>& a, int k) {
   return v;
 }
 
+// ---------------------------------------------------------------- backward
+
+// The backward walks the steps in reverse. Block j owns the same units; the dot products are now
+// dh_prev[b][u] = sum over the G H rows r of dgh[b][r] W_hh[r][u] for its U units, so thread (s, c) keeps
+// column u = j U + c of W_hh over rows [s KPT, (s + 1) KPT) (G U H weights a block, as forward). Iteration kb
+// runs, per pass of rows: the dot products over the gate gradients of the step done in iteration kb - 1,
+// then the cells of step kb: a row continuing to an earlier step takes the dot as the gradient reaching its
+// h from later steps; a row whose first forward step was the step just done writes it to dh0 instead. One
+// iteration more than steps gives the last step's rows their dh0.
+template <typename T>
+struct BwdParams {
+  int T_steps;
+  bool reverse;
+  const int64_t* batch_sizes;  // (T,) on the device
+  const int64_t* offsets;      // (T,)
+  const T* w_hh;               // (G H, H)
+  const T* gates;              // (rows, G H) the forward's activated gates
+  const float* aux;            // (rows, H) the forward's LSTM c / GRU h W_hn^T + b_hn
+  const T* y;                  // (rows, H) GRU: h_prev of the rows that continue
+  const T* h0;                 // (B, H) GRU: h_prev of the rows that start
+  const T* c0;                 // (B, H) LSTM: c_prev of the rows that start
+  const T* dy;                 // (rows, H)
+  const T* dh_n;               // (B, H) LSTM: the gradient reaching h at a row's last step
+  float* dstate;               // (B, H) fp32 carried: LSTM dc (starts as dc_n), GRU dh z (starts as dh_n)
+  T* dgx;                      // (rows, G H) out: gradients of the input part's pre-activations
+  T* dgh;                      // (rows, G H) out: of the recurrent part's (the LSTM's: dgx itself)
+  T* dh0;                      // (B, H) out
+};
+
+// Thread (block, tid)'s KPT weights of the backward: column block U + tid % U of W_hh, rows
+// [(tid / U) KPT, + KPT), zeros past W_hh.
+template <typename T, int KPT>
+FASTNN_HD void load_weights_backward(const BwdParams<T>& a, const Plan& pl, int block, int tid, float (&w)[KPT]) {
+  const int c = tid % pl.rows, s = tid / pl.rows;
+  const int u = block * pl.units + c;
+  const bool live = s < pl.slices && u < pl.H;
+  FASTNN_UNROLL
+  for (int q = 0; q < KPT; ++q) {
+    const int r = s * KPT + q;
+    w[q] = live && r < pl.len ? to_f(a.w_hh[static_cast<int64_t>(r) * pl.H + u]) : 0.0f;
+  }
+}
+
+// Iteration kb of the backward: the step whose cells run (t, -1 after the last), the step walked before
+// it in the forward (its c / h are t's c_prev / h_prev for the first n_prev rows), and the step done in
+// the previous iteration (whose recurrent gate gradients the dot products read).
+struct BwdStepView {
+  int t, n_cur, t_prev, n_prev, n_done;
+  int64_t off_done;
+};
+
+template <typename T>
+FASTNN_HD BwdStepView bwd_step_view(const BwdParams<T>& a, int kb) {
+  const int n = a.T_steps, k = n - 1 - kb;  // k: the forward walk's index of this iteration's step
+  const int flip = a.reverse ? n - 1 : 0, sign = a.reverse ? -1 : 1;  // the step walked k-th: flip + sign k
+  BwdStepView v;
+  v.t = kb < n ? flip + sign * k : -1;
+  v.n_cur = v.t >= 0 ? static_cast<int>(a.batch_sizes[v.t]) : 0;
+  v.t_prev = v.t >= 0 && k >= 1 ? flip + sign * (k - 1) : -1;
+  const int bs_prev = v.t_prev >= 0 ? static_cast<int>(a.batch_sizes[v.t_prev]) : 0;
+  v.n_prev = bs_prev < v.n_cur ? bs_prev : v.n_cur;
+  const int t_done = kb >= 1 ? flip + sign * (k + 1) : -1;
+  v.n_done = t_done >= 0 ? static_cast<int>(a.batch_sizes[t_done]) : 0;
+  v.off_done = t_done >= 0 ? a.offsets[t_done] : 0;
+  return v;
+}
+
+// Cell item i of a pass from b0 (row b0 + i / U, unit i % U): nd of the pass's rows have dot products in red.
+template <typename T, int G>
+FASTNN_HD void cell_backward(const BwdParams<T>& a, const Plan& pl, int block, const BwdStepView& v, int b0, int nd,
+                             int i, const float* red) {
+  const int bl = i / pl.units, uu = i % pl.units;
+  const int u = block * pl.units + uu;
+  if (u >= pl.H) return;
+  const int H = pl.H;
+  const int64_t b = b0 + bl;
+  float* ds = a.dstate + b * H + u;
+  float rec = 0.0f;  // the gradient reaching h through the later step's gates
+  if (bl < nd) {
+    for (int s = 0; s < pl.slices; ++s) rec += red[(s * pl.pass_rows + bl) * pl.rows + uu];
+  } else if (G == 4) {
+    rec = to_f(a.dh_n[b * H + u]);  // the row's last step: h_n's gradient (the GRU's starts in dstate)
+  }
+  if (b >= v.n_cur) {  // the step just done was the row's first: rec is dh0's (plus the GRU's direct part)
+    a.dh0[b * H + u] = from_f<T>(G == 4 ? rec : *ds + rec);
+    return;
+  }
+  const int64_t row = a.offsets[v.t] + b;
+  const bool cont = b < v.n_prev;
+  const int64_t prev_row = cont ? a.offsets[v.t_prev] + b : 0;
+  const T* gt = a.gates + row * (G * H) + u;
+  T* dgx = a.dgx + row * (G * H) + u;
+  const float dy = to_f(a.dy[row * H + u]);
+  if constexpr (G == 4) {
+    const float c_prev = cont ? a.aux[prev_row * H + u] : to_f(a.c0[b * H + u]);
+    float di, df, dg, dop, dc_prev;
+    rnn::lstm_backward<rnn::ScalarMath>(to_f(gt[0]), to_f(gt[H]), to_f(gt[2 * H]), to_f(gt[3 * H]), c_prev,
+                                        a.aux[row * H + u], rec + dy, *ds, di, df, dg, dop, dc_prev);
+    *ds = dc_prev;
+    dgx[0] = from_f<T>(di);
+    dgx[H] = from_f<T>(df);
+    dgx[2 * H] = from_f<T>(dg);
+    dgx[3 * H] = from_f<T>(dop);
+  } else {
+    const float h_prev = to_f(cont ? a.y[prev_row * H + u] : a.h0[b * H + u]);
+    const float dh = (*ds + rec) + dy;
+    float dr, dz, dn, dhn, direct;
+    rnn::gru_backward<rnn::ScalarMath>(to_f(gt[0]), to_f(gt[H]), to_f(gt[2 * H]), a.aux[row * H + u], h_prev, dh, dr,
+                                       dz, dn, dhn, direct);
+    *ds = direct;
+    T* dgh = a.dgh + row * (G * H) + u;
+    dgx[0] = from_f<T>(dr);
+    dgx[H] = from_f<T>(dz);
+    dgx[2 * H] = from_f<T>(dn);
+    dgh[0] = from_f<T>(dr);
+    dgh[H] = from_f<T>(dz);
+    dgh[2 * H] = from_f<T>(dhn);
+  }
+}
+
 #if defined(__CUDACC__)
 template <typename T, int G, int KPT>
 __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Params<T> a, Plan pl) {
@@ -286,8 +413,9 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Params<
     for (int b0 = 0; b0 < v.bs; b0 += pl.pass_rows) {
       const int nb = min(pl.pass_rows, v.bs - b0);
       const int span = pl.slices * KPT;
+      const T* src = v.h_prev + static_cast<int64_t>(b0) * pl.H;
       for (int b = 0; b < nb; ++b)
-        for (int q = tid; q < span; q += kThreads) stage_h<T, KPT>(pl, v.h_prev, b0, b, q, hs);
+        for (int q = tid; q < span; q += kThreads) stage_row<T, KPT>(pl, src, b, q, hs);
       __syncthreads();
       dot_partials<KPT>(pl, tid, w, hs, nb, red);
       __syncthreads();
@@ -295,6 +423,37 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Params<
       __syncthreads();  // hs and red are reused by the next pass
     }
     grid.sync();  // h_next complete everywhere before the next step reads it (and h_prev read before reuse)
+  }
+}
+
+template <typename T, int G, int KPT>
+__global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(BwdParams<T> a, Plan pl) {
+  extern __shared__ float4 smem_f4[];
+  float* hs = reinterpret_cast<float*>(smem_f4);
+  float* red = hs + pl.pass_rows * pl.ldh;
+  const int block = blockIdx.x, tid = threadIdx.x;
+  float w[KPT];
+  load_weights_backward<T, KPT>(a, pl, block, tid, w);
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  for (int kb = 0; kb <= a.T_steps; ++kb) {
+    const BwdStepView v = bwd_step_view(a, kb);
+    const int rows = max(v.n_cur, v.n_done);
+    for (int b0 = 0; b0 < rows; b0 += pl.pass_rows) {
+      const int nb = min(pl.pass_rows, rows - b0);
+      const int nd = max(0, min(nb, v.n_done - b0));  // the same in every thread: the barriers below are safe
+      if (nd > 0) {
+        const int span = pl.slices * KPT;
+        const T* src = a.dgh + (v.off_done + b0) * int64_t(pl.len);
+        for (int b = 0; b < nd; ++b)
+          for (int q = tid; q < span; q += kThreads) stage_row<T, KPT>(pl, src, b, q, hs);
+        __syncthreads();
+        dot_partials<KPT>(pl, tid, w, hs, nd, red);
+        __syncthreads();
+      }
+      for (int i = tid; i < nb * pl.units; i += kThreads) cell_backward<T, G>(a, pl, block, v, b0, nd, i, red);
+      __syncthreads();
+    }
+    grid.sync();  // this step's gate gradients complete before the next iteration's dot products read them
   }
 }
 #endif

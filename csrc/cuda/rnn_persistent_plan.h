@@ -21,6 +21,29 @@ struct Buffers {
   std::vector<int64_t> last_row;  // the packed row of each batch row's last step (its h_n)
 };
 
+// batch_sizes on the device with the offsets after them (2 T int64), checked as the kernels assume.
+inline at::Tensor step_meta(const char* fn, const at::Tensor& batch_sizes, int64_t B, int64_t rows,
+                            const at::Device& device) {
+  TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1 &&
+                  batch_sizes.size(0) >= 1,
+              fn, ": batch_sizes must be a non-empty 1-D int64 CPU tensor");
+  const at::Tensor bs = batch_sizes.contiguous();
+  const int64_t* bsp = bs.data_ptr<int64_t>();
+  const int64_t T = bs.size(0);
+  std::vector<int64_t> meta(2 * T);
+  int64_t acc = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(bsp[t] >= 1 && bsp[t] <= B && (t == 0 || bsp[t] <= bsp[t - 1]), fn,
+                ": batch_sizes must be non-increasing, within [1, B]");
+    meta[t] = bsp[t];
+    meta[T + t] = acc;
+    acc += bsp[t];
+  }
+  TORCH_CHECK(acc == rows, fn, ": batch_sizes sum to ", acc, " but there are ", rows, " rows");
+  TORCH_CHECK(bsp[0] == B, fn, ": batch_sizes[0] must equal the batch size ", B);
+  return at::tensor(meta, at::kLong).to(device);
+}
+
 // Checks what the kernel assumes (fastnn/ops/rnn.py has validated the user's arguments already) and sets
 // up its buffers: gx = x W_ih^T of every step (the input projection as one GEMM), y, the two h buffers and
 // the fp32 state from h0 / c0, the training workspace, and batch_sizes / offsets on x's device.
@@ -61,23 +84,12 @@ inline Buffers prepare(const char* fn, const std::string& mode, const at::Tensor
     TORCH_CHECK(c0->scalar_type() == dt && c0->device() == x.device() && c0->sizes() == h0.sizes(), fn,
                 ": c0 must be (", b.B, ", ", b.H, ") with x's dtype on x's device");
   }
-  TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1 &&
-                  batch_sizes.size(0) >= 1,
-              fn, ": batch_sizes must be a non-empty 1-D int64 CPU tensor");
-  const at::Tensor bs = batch_sizes.contiguous();
+  b.meta = step_meta(fn, batch_sizes, b.B, x.size(0), x.device());
+  b.T = static_cast<int>(batch_sizes.size(0));
+  const at::Tensor bs = batch_sizes.contiguous();  // on the CPU (step_meta checked it)
   const int64_t* bsp = bs.data_ptr<int64_t>();
-  b.T = static_cast<int>(bs.size(0));
-  std::vector<int64_t> meta(2 * b.T);
-  int64_t acc = 0;
-  for (int t = 0; t < b.T; ++t) {
-    TORCH_CHECK(bsp[t] >= 1 && bsp[t] <= b.B && (t == 0 || bsp[t] <= bsp[t - 1]), fn,
-                ": batch_sizes must be non-increasing, within [1, B]");
-    meta[t] = bsp[t];
-    meta[b.T + t] = acc;
-    acc += bsp[t];
-  }
-  TORCH_CHECK(acc == x.size(0), fn, ": batch_sizes sum to ", acc, " but x has ", x.size(0), " rows");
-  TORCH_CHECK(bsp[0] == b.B, fn, ": batch_sizes[0] must equal h0's batch size ", b.B);
+  std::vector<int64_t> offs(b.T, 0);
+  for (int t = 1; t < b.T; ++t) offs[t] = offs[t - 1] + bsp[t - 1];
   // each row's h_n is its output at the last step it is live in: forward, the last t with bs[t] > b;
   // reverse, step 0
   b.last_row.resize(b.B);
@@ -86,12 +98,11 @@ inline Buffers prepare(const char* fn, const std::string& mode, const at::Tensor
       b.last_row[r] = r;
     } else {
       while (bsp[t] <= r) --t;
-      b.last_row[r] = meta[b.T + t] + r;
+      b.last_row[r] = offs[t] + r;
     }
   }
   b.reverse = reverse;
   b.train = train;
-  b.meta = at::tensor(meta, at::kLong).to(x.device());
   b.gx = at::mm(x, w_ih.t());
   b.y = new_output({x.size(0), b.H}, x.options());
   b.h0buf = h0.clone();
@@ -133,6 +144,90 @@ inline std::vector<at::Tensor> finish(Buffers& b) {
   at::Tensor h_n = b.y.index_select(0, rows);
   at::Tensor c_n = b.lstm ? b.state.to(b.y.scalar_type()) : none.clone();
   return {b.y, h_n, c_n, b.train ? b.gx : none.clone(), b.train ? b.aux : none.clone(), none.clone()};
+}
+
+// ---------------------------------------------------------------- backward
+
+struct BwdBuffers {
+  int G, H, B, T;
+  bool lstm, reverse;
+  at::Tensor meta, w_hh, gates, aux, y, h0, c0, dy, dh_n, dstate, dgx, dgh, dh0;
+};
+
+// The backward's checks and buffers: the gate gradients (the GRU's recurrent ones apart), dh0, and the
+// carried fp32 state (LSTM dc from dc_n, GRU dh z from dh_n).
+inline BwdBuffers prepare_backward(const char* fn, const std::string& mode, const at::Tensor& dy, const at::Tensor& dh_n,
+                                   const c10::optional<at::Tensor>& dc_n, const at::Tensor& batch_sizes,
+                                   const at::Tensor& w_hh, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+                                   const at::Tensor& y, const at::Tensor& gates, const at::Tensor& aux, bool reverse) {
+  TORCH_CHECK(mode == "lstm" || mode == "gru", fn, ": mode must be 'lstm' or 'gru', got '", mode, "'");
+  BwdBuffers b;
+  b.lstm = mode == "lstm";
+  b.G = b.lstm ? 4 : 3;
+  b.reverse = reverse;
+  const auto dt = w_hh.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, fn,
+              ": float32, float16 or bfloat16 expected, got ", dt);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % b.G == 0 && w_hh.size(1) == w_hh.size(0) / b.G, fn,
+              ": w_hh must be (", b.G, " H, H) (no projection), got ", w_hh.sizes());
+  b.H = static_cast<int>(w_hh.size(1));
+  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == b.H && h0.size(0) >= 1, fn, ": h0 must be (B, ", b.H, ")");
+  b.B = static_cast<int>(h0.size(0));
+  TORCH_CHECK(!b.lstm || (c0.has_value() && dc_n.has_value()), fn, ": the LSTM needs c0 and dc_n");
+  const int64_t rows = y.dim() == 2 ? y.size(0) : -1;
+  auto check = [&](const at::Tensor& t, const char* name, at::ScalarType want, at::IntArrayRef shape) {
+    TORCH_CHECK(t.scalar_type() == want && t.device() == w_hh.device() && t.is_contiguous() && t.sizes() == shape, fn,
+                ": ", name, " must be a contiguous ", want, " tensor of shape ", shape, " on ", w_hh.device(), " (got ",
+                t.scalar_type(), " ", t.sizes(), ")");
+  };
+  check(w_hh, "w_hh", dt, w_hh.sizes());
+  check(h0, "h0", dt, {b.B, b.H});
+  check(y, "y", dt, {rows, b.H});
+  check(dy, "dy", dt, {rows, b.H});
+  check(dh_n, "dh_n", dt, {b.B, b.H});
+  check(gates, "gates", dt, {rows, b.G * b.H});
+  check(aux, "aux", at::kFloat, {rows, b.H});
+  if (b.lstm) {
+    check(*c0, "c0", dt, {b.B, b.H});
+    check(*dc_n, "dc_n", dt, {b.B, b.H});
+  }
+  b.meta = step_meta(fn, batch_sizes, b.B, rows, w_hh.device());
+  b.T = static_cast<int>(batch_sizes.size(0));
+  b.w_hh = w_hh, b.gates = gates, b.aux = aux, b.y = y, b.h0 = h0, b.dy = dy, b.dh_n = dh_n;
+  if (b.lstm) b.c0 = *c0;
+  b.dstate = (b.lstm ? *dc_n : dh_n).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  b.dgx = new_output({rows, b.G * b.H}, w_hh.options());
+  b.dgh = b.lstm ? b.dgx : new_output({rows, b.G * b.H}, w_hh.options());
+  b.dh0 = new_output({b.B, b.H}, w_hh.options());
+  return b;
+}
+
+template <typename T>
+BwdParams<T> bwd_params_of(BwdBuffers& b) {
+  BwdParams<T> a{};
+  a.T_steps = b.T;
+  a.reverse = b.reverse;
+  a.batch_sizes = b.meta.data_ptr<int64_t>();
+  a.offsets = a.batch_sizes + b.T;
+  a.w_hh = reinterpret_cast<const T*>(b.w_hh.data_ptr());
+  a.gates = reinterpret_cast<const T*>(b.gates.data_ptr());
+  a.aux = b.aux.data_ptr<float>();
+  a.y = reinterpret_cast<const T*>(b.y.data_ptr());
+  a.h0 = reinterpret_cast<const T*>(b.h0.data_ptr());
+  a.c0 = b.lstm ? reinterpret_cast<const T*>(b.c0.data_ptr()) : nullptr;
+  a.dy = reinterpret_cast<const T*>(b.dy.data_ptr());
+  a.dh_n = reinterpret_cast<const T*>(b.dh_n.data_ptr());
+  a.dstate = b.dstate.data_ptr<float>();
+  a.dgx = reinterpret_cast<T*>(b.dgx.data_ptr());
+  a.dgh = reinterpret_cast<T*>(b.dgh.data_ptr());
+  a.dh0 = reinterpret_cast<T*>(b.dh0.data_ptr());
+  return a;
+}
+
+// [dgx, dgh (the GRU's; empty for the LSTM, whose are dgx), dh0, dc0 (the LSTM's; else empty)].
+inline std::vector<at::Tensor> finish_backward(BwdBuffers& b) {
+  const at::Tensor none = at::empty({0}, b.dgx.options());
+  return {b.dgx, b.lstm ? none.clone() : b.dgh, b.dh0, b.lstm ? b.dstate.to(b.dgx.scalar_type()) : none.clone()};
 }
 
 }  // namespace fastnn::rnn_persistent

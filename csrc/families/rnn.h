@@ -42,11 +42,16 @@ std::vector<at::Tensor> rnn_layer_backward(const std::string& mode, const at::Te
 std::tuple<bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> rnn_persistent_plan(const std::string& mode,
                                                                                            int64_t hidden_size,
                                                                                            int64_t batch,
-                                                                                           int64_t sms);
+                                                                                           int64_t sms,
+                                                                                           bool backward);
 std::vector<at::Tensor> rnn_layer_forward_persistent_emulated(
     const std::string& mode, const at::Tensor& x, const at::Tensor& batch_sizes, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
     const at::Tensor& h0, const c10::optional<at::Tensor>& c0, bool reverse, bool train, int64_t sms);
+std::vector<at::Tensor> rnn_layer_backward_persistent_emulated(
+    const std::string& mode, const at::Tensor& dy, const at::Tensor& dh_n, const c10::optional<at::Tensor>& dc_n,
+    const at::Tensor& batch_sizes, const at::Tensor& w_hh, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+    const at::Tensor& y, const at::Tensor& gates, const at::Tensor& aux, bool reverse, int64_t sms);
 }  // namespace cpu
 
 #ifdef FASTNN_WITH_CUDA
@@ -57,6 +62,12 @@ std::vector<at::Tensor> rnn_layer_forward_persistent(const std::string& mode, co
                                                      const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
                                                      const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                      const c10::optional<at::Tensor>& c0, bool reverse, bool train);
+std::vector<at::Tensor> rnn_layer_backward_persistent(const std::string& mode, const at::Tensor& dy,
+                                                      const at::Tensor& dh_n, const c10::optional<at::Tensor>& dc_n,
+                                                      const at::Tensor& batch_sizes, const at::Tensor& w_hh,
+                                                      const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+                                                      const at::Tensor& y, const at::Tensor& gates,
+                                                      const at::Tensor& aux, bool reverse);
 }  // namespace cuda
 #endif
 
@@ -73,13 +84,18 @@ inline void register_rnn(pybind11::module& m) {
         py::arg("c0"), py::arg("y"), py::arg("gates"), py::arg("aux"), py::arg("r"), py::arg("reverse"),
         py::arg("want_dx"), py::arg("want_dweights"));
   m.def("rnn_persistent_plan", &cpu::rnn_persistent_plan,
-        "The persistent forward's plan -> (fits, units per block, blocks, k-slices, weights per thread, rows per "
-        "pass, shared bytes)",
-        py::arg("mode"), py::arg("hidden_size"), py::arg("batch"), py::arg("sms"));
+        "The persistent forward's (or backward's) plan -> (fits, units per block, blocks, k-slices, weights per "
+        "thread, rows per pass, shared bytes)",
+        py::arg("mode"), py::arg("hidden_size"), py::arg("batch"), py::arg("sms"), py::arg("backward") = false);
   m.def("rnn_layer_forward_persistent_emulated", &cpu::rnn_layer_forward_persistent_emulated,
         "The persistent CUDA forward's per-thread code run on the CPU (tests) -> [y, h_n, c_n, gates, aux, r]",
         py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
         py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("reverse"), py::arg("train"), py::arg("sms"));
+  m.def("rnn_layer_backward_persistent_emulated", &cpu::rnn_layer_backward_persistent_emulated,
+        "The persistent CUDA backward's per-thread code run on the CPU (tests) -> [dgx, dgh, dh0, dc0]",
+        py::arg("mode"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("batch_sizes"), py::arg("w_hh"),
+        py::arg("h0"), py::arg("c0"), py::arg("y"), py::arg("gates"), py::arg("aux"), py::arg("reverse"),
+        py::arg("sms"));
 #ifdef FASTNN_WITH_CUDA
   m.def(
       "rnn_persistent_fits",
@@ -92,6 +108,11 @@ inline void register_rnn(pybind11::module& m) {
         "One LSTM / GRU layer (no projection) in one persistent CUDA launch -> [y, h_n, c_n, gates, aux, r]",
         py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
         py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("reverse"), py::arg("train"));
+  m.def("rnn_layer_backward_persistent_cuda", &cuda::rnn_layer_backward_persistent,
+        "Backward through time of one LSTM / GRU layer (no projection) in one persistent CUDA launch: the gate "
+        "gradients and dh0 / dc0 -> [dgx, dgh (GRU; else empty), dh0, dc0 (LSTM; else empty)]",
+        py::arg("mode"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("batch_sizes"), py::arg("w_hh"),
+        py::arg("h0"), py::arg("c0"), py::arg("y"), py::arg("gates"), py::arg("aux"), py::arg("reverse"));
 #endif
 }
 

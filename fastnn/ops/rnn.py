@@ -98,9 +98,9 @@ def _fresh_empties(outputs):
     return [t if t.numel() else t.new_empty(0) for t in outputs]
 
 
-# The persistent CUDA forward, off unless FASTNN_RNN_PERSISTENT=1 (or this set to True): its CPU emulation
-# passes the tests, but it has not yet run on a GPU (tests/test_rnn_persistent_cuda.py and the rnn bench's
-# "persistent" rows are waiting for a GPU session); it becomes the default once they pass.
+# The persistent CUDA kernels, off unless FASTNN_RNN_PERSISTENT=1 (or this set to True): their CPU emulation
+# passes the tests, but they have not yet run on a GPU (tests/test_rnn_persistent_cuda.py and the rnn bench's
+# "persistent" rows are waiting for a GPU session); they become the default once those pass.
 PERSISTENT = os.environ.get("FASTNN_RNN_PERSISTENT", "0") == "1"
 
 
@@ -120,8 +120,17 @@ def _forward_triton(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, 
                                                         reverse, train))
 
 
-def _backward_triton(*args):
-    return _fresh_empties(_triton_rnn.rnn_layer_backward(*args))
+def _backward_triton(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
+                     reverse, want_dx, want_dweights):
+    if _persistent_takes(mode, x, w_hh, w_hr, h0):
+        # the recurrence in one persistent launch; the weight gradients as one GEMM each after it
+        rec = _C.rnn_layer_backward_persistent_cuda(mode, dy, dh_n, dc_n, batch_sizes, w_hh, h0, c0, y, gates,
+                                                    aux.to(torch.float32), reverse)
+        return _fresh_empties(_triton_rnn.rnn_layer_backward_from_gates(mode, rec, x, batch_sizes, w_ih, w_hh, b_ih,
+                                                                        h0, y, reverse, want_dx, want_dweights))
+    return _fresh_empties(_triton_rnn.rnn_layer_backward(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh,
+                                                         w_hr, h0, c0, y, gates, aux, r, reverse, want_dx,
+                                                         want_dweights))
 
 
 if _triton_rnn is not None:
