@@ -157,6 +157,14 @@ def check_against_reference(case: Case, dtype: torch.dtype, device: str = "cpu",
             lowp_close(g, w, lo.cpu(), floor=lowp_floor * scale, what=name)
 
 
+def random_packed_lengths(B: int, T: int, seed: int) -> Tuple[int, ...]:
+    """batch_sizes of B sequences of random lengths in [1, T], the longest T."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g).tolist()
+    lengths[0] = T
+    return packed_lengths(lengths)
+
+
 def packed_lengths(lengths: Sequence[int]) -> Tuple[int, ...]:
     """batch_sizes of sequences with these lengths (sorted non-increasing)."""
     lengths = sorted(lengths, reverse=True)

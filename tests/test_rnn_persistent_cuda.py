@@ -8,16 +8,12 @@ import torch
 
 from fastnn._backend import _C
 
-from _rnn_cases import Case, check_against_reference, make_inputs, packed_lengths
+from _rnn_cases import Case, check_against_reference, make_inputs, random_packed_lengths
 
 pytestmark = pytest.mark.cuda
 
 
-def _lengths(B: int, T: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, T + 1, (B,), generator=g).tolist()
-    lengths[0] = T
-    return packed_lengths(lengths)
+_lengths = random_packed_lengths
 
 
 def persistent(mode, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, train):

@@ -5,17 +5,12 @@ and bf16. Every comparison uses DESIGN's tier-2 rule against the reference run i
 import pytest
 import torch
 
-from _rnn_cases import Case, check_against_reference, make_inputs, packed_lengths, run_launchers
+from _rnn_cases import Case, check_against_reference, make_inputs, random_packed_lengths, run_launchers
 
 pytestmark = pytest.mark.cuda
 
 
-def _lengths(B: int, T: int, seed: int):
-    """batch_sizes of B sequences of random lengths in [1, T], the longest T."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, T + 1, (B,), generator=g).tolist()
-    lengths[0] = T
-    return packed_lengths(lengths)
+_lengths = random_packed_lengths
 
 
 CASES = {

@@ -19,38 +19,52 @@ namespace {
 
 namespace rp = fastnn::rnn_persistent;
 
+// What the kernels keep across phases: every thread's KPT weight registers (loaded once by
+// load(block, tid, w)) and one block's shared memory, which run_pass uses one block at a time.
+template <int KPT>
+struct Machine {
+  const rp::Plan& pl;
+  std::vector<float> regs, smem;
+  template <typename Load>
+  Machine(const rp::Plan& plan, Load&& load)
+      : pl(plan), regs(static_cast<size_t>(plan.blocks) * rp::kThreads * KPT), smem(plan.smem / sizeof(float)) {
+    for (int blk = 0; blk < pl.blocks; ++blk) {
+      for (int tid = 0; tid < rp::kThreads; ++tid) {
+        float w[KPT];
+        load(blk, tid, w);
+        std::copy(w, w + KPT, regs.begin() + (static_cast<size_t>(blk) * rp::kThreads + tid) * KPT);
+      }
+    }
+  }
+  float* hs() { return smem.data(); }
+  float* red() { return smem.data() + pl.pass_rows * pl.ldh; }
+  // Block blk stages nb rows from src (shared memory NaN first: a read of anything unstaged shows up),
+  // then every thread writes its partial dot products.
+  template <typename T>
+  void run_pass(int blk, const T* src, int nb) {
+    std::fill(smem.begin(), smem.end(), std::numeric_limits<float>::quiet_NaN());
+    for (int b = 0; b < nb; ++b)
+      for (int q = 0; q < pl.slices * KPT; ++q) rp::stage_row<T, KPT>(pl, src, b, q, hs());
+    for (int tid = 0; tid < rp::kThreads; ++tid) {
+      float w[KPT];
+      const float* from = regs.data() + (static_cast<size_t>(blk) * rp::kThreads + tid) * KPT;
+      std::copy(from, from + KPT, w);
+      rp::dot_partials<KPT>(pl, tid, w, hs(), nb, red());
+    }
+  }
+};
+
 template <typename T, int G, int KPT>
 void emulate(rp::Buffers& b, const rp::Plan& pl) {
   const rp::Params<T> a = rp::params_of<T>(b);
-  // every thread's registers, loaded once as the kernel does
-  std::vector<float> regs(static_cast<size_t>(pl.blocks) * rp::kThreads * KPT);
-  for (int blk = 0; blk < pl.blocks; ++blk) {
-    for (int tid = 0; tid < rp::kThreads; ++tid) {
-      float w[KPT];
-      rp::load_weights<T, KPT>(a, pl, blk, tid, w);
-      std::copy(w, w + KPT, regs.begin() + (static_cast<size_t>(blk) * rp::kThreads + tid) * KPT);
-    }
-  }
-  std::vector<float> smem(pl.smem / sizeof(float));
-  float* hs = smem.data();
-  float* red = hs + pl.pass_rows * pl.ldh;
+  Machine<KPT> m(pl, [&](int blk, int tid, float(&w)[KPT]) { rp::load_weights<T, KPT>(a, pl, blk, tid, w); });
   for (int k = 0; k < a.T_steps; ++k) {
     const rp::StepView<T> v = rp::step_view(a, k);
     for (int blk = 0; blk < pl.blocks; ++blk) {
       for (int b0 = 0; b0 < v.bs; b0 += pl.pass_rows) {
         const int nb = std::min(pl.pass_rows, v.bs - b0);
-        // shared memory holds NaN where nothing is staged: a read past the staged rows shows up
-        std::fill(smem.begin(), smem.end(), std::numeric_limits<float>::quiet_NaN());
-        const T* src = v.h_prev + static_cast<int64_t>(b0) * pl.H;
-        for (int b = 0; b < nb; ++b)
-          for (int q = 0; q < pl.slices * KPT; ++q) rp::stage_row<T, KPT>(pl, src, b, q, hs);
-        for (int tid = 0; tid < rp::kThreads; ++tid) {
-          float w[KPT];
-          const float* src = regs.data() + (static_cast<size_t>(blk) * rp::kThreads + tid) * KPT;
-          std::copy(src, src + KPT, w);
-          rp::dot_partials<KPT>(pl, tid, w, hs, nb, red);
-        }
-        for (int i = 0; i < nb * pl.units; ++i) rp::cell<T, G>(a, pl, blk, v.t, b0, i, red, v.h_next);
+        m.run_pass(blk, v.h_prev + static_cast<int64_t>(b0) * pl.H, nb);
+        for (int i = 0; i < nb * pl.units; ++i) rp::cell<T, G>(a, pl, blk, v.t, b0, i, m.red(), v.h_next);
       }
     }
   }
@@ -59,17 +73,8 @@ void emulate(rp::Buffers& b, const rp::Plan& pl) {
 template <typename T, int G, int KPT>
 void emulate(rp::BwdBuffers& b, const rp::Plan& pl) {
   const rp::BwdParams<T> a = rp::bwd_params_of<T>(b);
-  std::vector<float> regs(static_cast<size_t>(pl.blocks) * rp::kThreads * KPT);
-  for (int blk = 0; blk < pl.blocks; ++blk) {
-    for (int tid = 0; tid < rp::kThreads; ++tid) {
-      float w[KPT];
-      rp::load_weights_backward<T, KPT>(a, pl, blk, tid, w);
-      std::copy(w, w + KPT, regs.begin() + (static_cast<size_t>(blk) * rp::kThreads + tid) * KPT);
-    }
-  }
-  std::vector<float> smem(pl.smem / sizeof(float));
-  float* hs = smem.data();
-  float* red = hs + pl.pass_rows * pl.ldh;
+  Machine<KPT> m(pl,
+                 [&](int blk, int tid, float(&w)[KPT]) { rp::load_weights_backward<T, KPT>(a, pl, blk, tid, w); });
   for (int kb = 0; kb <= a.T_steps; ++kb) {
     const rp::BwdStepView v = rp::bwd_step_view(a, kb);
     const int rows = std::max(v.n_cur, v.n_done);
@@ -77,19 +82,8 @@ void emulate(rp::BwdBuffers& b, const rp::Plan& pl) {
       for (int b0 = 0; b0 < rows; b0 += pl.pass_rows) {
         const int nb = std::min(pl.pass_rows, rows - b0);
         const int nd = std::max(0, std::min(nb, v.n_done - b0));
-        std::fill(smem.begin(), smem.end(), std::numeric_limits<float>::quiet_NaN());
-        if (nd > 0) {
-          const T* src = a.dgh + (v.off_done + b0) * int64_t(pl.len);
-          for (int b = 0; b < nd; ++b)
-            for (int q = 0; q < pl.slices * KPT; ++q) rp::stage_row<T, KPT>(pl, src, b, q, hs);
-          for (int tid = 0; tid < rp::kThreads; ++tid) {
-            float w[KPT];
-            const float* from = regs.data() + (static_cast<size_t>(blk) * rp::kThreads + tid) * KPT;
-            std::copy(from, from + KPT, w);
-            rp::dot_partials<KPT>(pl, tid, w, hs, nd, red);
-          }
-        }
-        for (int i = 0; i < nb * pl.units; ++i) rp::cell_backward<T, G>(a, pl, blk, v, b0, nd, i, red);
+        if (nd > 0) m.run_pass(blk, a.dgh + (v.off_done + b0) * int64_t(pl.len), nd);
+        for (int i = 0; i < nb * pl.units; ++i) rp::cell_backward<T, G>(a, pl, blk, v, b0, nd, i, m.red());
       }
     }
   }

@@ -8,8 +8,9 @@ Kernels:
         W_hh and a fused, vectorised gate pass; weight gradients as one GEMM each after the recurrence.
         fp16 / bf16 inputs run in float32 and are rounded back.
   CUDA  Triton (kernels/rnn.py) when present: per-step cuBLAS GEMM plus a fused Triton cell. Opt-in
-        (PERSISTENT below): the forward as one persistent CUDA C++ launch (csrc/cuda/rnn_persistent_*) with
-        W_hh in registers, when it fits (no projection, H up to ~1024); the backward stays the Triton one.
+        (PERSISTENT below): the forward and the backward's recurrence each as one persistent CUDA C++ launch
+        (csrc/cuda/rnn_persistent_*) with W_hh in registers, when they fit (no projection, H up to ~1024);
+        the weight gradients stay one GEMM each.
 Packed batches (PackedSequence) run as they are: step t computes only its batch_sizes[t] live rows.
 """
 from __future__ import annotations
