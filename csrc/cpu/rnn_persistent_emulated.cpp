@@ -1,9 +1,9 @@
-// The persistent LSTM / GRU forward of csrc/cuda/rnn_persistent_kernels.cuh run on the CPU: its per-thread
-// bodies (weights, staging, partial dots, cells), one loop iteration per CUDA thread, phase by phase in
-// the kernel's order, blocks one after another within a step (the grid barrier), around the same glue as
-// the CUDA launcher (csrc/cuda/rnn_persistent_plan.h). For the tests on machines without a GPU: the plan,
-// the index math, the slice order of the sums and the cells are checked against the reference and the CPU
-// kernels. Not a production path.
+// The persistent LSTM / GRU forward and backward of csrc/cuda/rnn_persistent_kernels.cuh run on the CPU:
+// their per-thread bodies (weights, staging, partial dots, cells), one loop iteration per CUDA thread, phase
+// by phase in the kernels' order, blocks one after another within a step (the grid barrier), around the
+// same glue as the CUDA launchers (csrc/cuda/rnn_persistent_plan.h). For the tests on machines without a
+// GPU: the plan, the index math, the slice order of the sums and the cells are checked against the
+// reference and the CPU kernels. Not a production path.
 #include <ATen/ATen.h>
 
 #include <algorithm>

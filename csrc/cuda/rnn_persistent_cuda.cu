@@ -1,6 +1,6 @@
-// Launcher of the persistent LSTM / GRU forward (kernel: rnn_persistent_kernels.cuh; glue:
-// rnn_persistent_plan.h). One cooperative launch per layer and direction; the caller (fastnn/ops/rnn.py)
-// asks rnn_persistent_fits first and otherwise runs the per-step fallback.
+// Launchers of the persistent LSTM / GRU forward and backward recurrence (kernels:
+// rnn_persistent_kernels.cuh; glue: rnn_persistent_plan.h). One cooperative launch per layer and direction;
+// the caller (fastnn/ops/rnn.py) asks rnn_persistent_fits first and otherwise runs the per-step fallback.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,12 +1,14 @@
-// Persistent LSTM / GRU forward and backward recurrence: one cooperative launch walks every step of one layer
-// and direction, with W_hh held in registers for the whole sequence (the backward: see its section below). Torch-free: the launcher (rnn_persistent_cuda.cu) and the
-// CPU emulation used by the tests (csrc/cpu/rnn_persistent_emulated.cpp) both run the per-thread bodies
-// below, so the emulation checks this file's index and cell math on machines without a GPU.
+// Persistent LSTM / GRU forward and backward recurrence: one cooperative launch walks every step of one
+// layer and direction, with W_hh held in registers for the whole sequence. Torch-free: the launcher
+// (rnn_persistent_cuda.cu) and the CPU emulation used by the tests (csrc/cpu/rnn_persistent_emulated.cpp)
+// both run the per-thread bodies below, so the emulation checks this file's index and cell math on
+// machines without a GPU.
 //
-// Layout. Block j owns hidden units [j U, (j + 1) U) and so the R = G U rows of W_hh that produce their
-// gates (row g U + uu is W_hh's row g H + j U + uu). Its 256 threads are R rows x S k-slices (thread
-// tid = s R + r, S = 256 / R): thread (s, r) keeps W_hh[row r][s KPT, (s + 1) KPT) in KPT float registers
-// (zeros past H), loaded once. Per step, for a pass of up to PB live batch rows:
+// Forward layout (the backward's: see its section below). Block j owns hidden units [j U, (j + 1) U) and
+// so the R = G U rows of W_hh that produce their gates (row g U + uu is W_hh's row g H + j U + uu). Its
+// 256 threads are R rows x S k-slices (thread tid = s R + r, S = 256 / R): thread (s, r) keeps
+// W_hh[row r][s KPT, (s + 1) KPT) in KPT float registers (zeros past H), loaded once. Per step, for a pass
+// of up to PB live batch rows:
 //   1. the block stages h_prev of those rows into shared memory as float, split by k-slice (slice s of
 //      row b at hs[b][s SST ..], SST = KPT + 4: slices that share a warp fall in different banks);
 //   2. thread (s, r) dots its KPT weights with slice s of each row (4 partial sums in a fixed order) and
@@ -53,7 +55,7 @@ struct Plan {
   int blocks;   // ceil(H / U)
   int rows;     // dot products per batch row and block: R = G U (forward), U (backward)
   int slices;   // S = 256 / R
-  int kpt;      // weights per thread: a power of two in [8, kMaxKpt], >= ceil(H / S)
+  int kpt;      // weights per thread: a power of two in [8, kMaxKpt], >= ceil(len / S)
   int sst;      // shared stride of one k-slice of a staged row (floats)
   int ldh;      // shared stride of one staged row: S SST
   int pass_rows;  // PB

@@ -1,7 +1,7 @@
-// The device-independent glue of the persistent LSTM / GRU forward (ATen calls only): input checks, the
-// buffers the kernel reads and writes, its parameters, and the outputs in csrc/families/rnn.h's form. The
-// CUDA launcher (rnn_persistent_cuda.cu) and the CPU emulation used by the tests
-// (csrc/cpu/rnn_persistent_emulated.cpp) both run it around the per-thread bodies of
+// The device-independent glue of the persistent LSTM / GRU forward and backward (ATen calls only): input
+// checks, the buffers the kernels read and write, their parameters, and the outputs (the forward's in
+// csrc/families/rnn.h's form). The CUDA launchers (rnn_persistent_cuda.cu) and the CPU emulation used by
+// the tests (csrc/cpu/rnn_persistent_emulated.cpp) both run it around the per-thread bodies of
 // rnn_persistent_kernels.cuh.
 #pragma once
 #include <ATen/ATen.h>
@@ -156,10 +156,11 @@ struct BwdBuffers {
 
 // The backward's checks and buffers: the gate gradients (the GRU's recurrent ones apart), dh0, and the
 // carried fp32 state (LSTM dc from dc_n, GRU dh z from dh_n).
-inline BwdBuffers prepare_backward(const char* fn, const std::string& mode, const at::Tensor& dy, const at::Tensor& dh_n,
-                                   const c10::optional<at::Tensor>& dc_n, const at::Tensor& batch_sizes,
-                                   const at::Tensor& w_hh, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
-                                   const at::Tensor& y, const at::Tensor& gates, const at::Tensor& aux, bool reverse) {
+inline BwdBuffers prepare_backward(const char* fn, const std::string& mode, const at::Tensor& dy,
+                                   const at::Tensor& dh_n, const c10::optional<at::Tensor>& dc_n,
+                                   const at::Tensor& batch_sizes, const at::Tensor& w_hh, const at::Tensor& h0,
+                                   const c10::optional<at::Tensor>& c0, const at::Tensor& y, const at::Tensor& gates,
+                                   const at::Tensor& aux, bool reverse) {
   TORCH_CHECK(mode == "lstm" || mode == "gru", fn, ": mode must be 'lstm' or 'gru', got '", mode, "'");
   BwdBuffers b;
   b.lstm = mode == "lstm";
