@@ -5,8 +5,8 @@
   Floor: the GEMM flops, 2 * rows * G H * (I + H) for the forward (input projection + recurrence), 3x that
   for forward+backward (the backward's dx / dh GEMMs and the weight-gradient GEMMs), against the
   machine's matmul rate. G = 4 (LSTM), 3 (GRU).
-  persistent (CUDA): the same layers with the persistent forward switched on (fastnn.ops.rnn.PERSISTENT),
-  where it fits.
+  persistent (CUDA): the same layers with the persistent kernels (forward and the backward's recurrence)
+  switched on (fastnn.ops.rnn.PERSISTENT), where they fit.
   packed: a PackedSequence with lengths spread evenly between T / 4 and T, against the same layer on a
   padded batch holding as many tokens (the issue's "no slower than padded of the same total length"),
   and against torch.nn on the same PackedSequence.
@@ -118,8 +118,8 @@ def _persistent_fits(kind, H, B):
 
 
 def _persistent(call):
-    """The call with the persistent CUDA forward switched on (fastnn.ops.rnn.PERSISTENT; off by default
-    until it has passed on a GPU)."""
+    """The call with the persistent CUDA kernels switched on (fastnn.ops.rnn.PERSISTENT; off by default
+    until they have passed on a GPU)."""
     from fastnn.ops import rnn as rnn_ops
 
     def run():
