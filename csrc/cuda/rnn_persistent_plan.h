@@ -17,13 +17,12 @@ namespace fastnn::rnn_persistent {
 struct Buffers {
   int G, H, B, T;
   bool lstm, reverse, train, has_bias;
-  at::Tensor gx, y, h0buf, h1buf, state, aux, meta, w_hh, b_ih, b_hh;
-  std::vector<int64_t> last_row;  // the packed row of each batch row's last step (its h_n)
+  at::Tensor gx, y, h0buf, h1buf, state, aux, w_hh, b_ih, b_hh;
+  at::Tensor meta;  // on x's device: batch_sizes (T), offsets (T), the packed row of each batch row's h_n (B)
 };
 
-// batch_sizes on the device with the offsets after them (2 T int64), checked as the kernels assume.
-inline at::Tensor step_meta(const char* fn, const at::Tensor& batch_sizes, int64_t B, int64_t rows,
-                            const at::Device& device) {
+// batch_sizes with the offsets after them (2 T int64), checked as the kernels assume.
+inline std::vector<int64_t> step_meta(const char* fn, const at::Tensor& batch_sizes, int64_t B, int64_t rows) {
   TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1 &&
                   batch_sizes.size(0) >= 1,
               fn, ": batch_sizes must be a non-empty 1-D int64 CPU tensor");
@@ -41,7 +40,15 @@ inline at::Tensor step_meta(const char* fn, const at::Tensor& batch_sizes, int64
   }
   TORCH_CHECK(acc == rows, fn, ": batch_sizes sum to ", acc, " but there are ", rows, " rows");
   TORCH_CHECK(bsp[0] == B, fn, ": batch_sizes[0] must equal the batch size ", B);
-  return at::tensor(meta, at::kLong).to(device);
+  return meta;
+}
+
+// One host-to-device copy of the step metadata; on CUDA from pinned memory without blocking the host (a
+// pageable copy would wait for the work already queued on the stream).
+inline at::Tensor upload(const std::vector<int64_t>& v, const at::Device& device) {
+  at::Tensor host = at::tensor(v, at::kLong);
+  if (device.is_cpu()) return host;
+  return host.pin_memory().to(device, /*non_blocking=*/true);
 }
 
 // Checks what the kernel assumes (fastnn/ops/rnn.py has validated the user's arguments already) and sets
@@ -84,23 +91,19 @@ inline Buffers prepare(const char* fn, const std::string& mode, const at::Tensor
     TORCH_CHECK(c0->scalar_type() == dt && c0->device() == x.device() && c0->sizes() == h0.sizes(), fn,
                 ": c0 must be (", b.B, ", ", b.H, ") with x's dtype on x's device");
   }
-  b.meta = step_meta(fn, batch_sizes, b.B, x.size(0), x.device());
+  std::vector<int64_t> meta = step_meta(fn, batch_sizes, b.B, x.size(0));
   b.T = static_cast<int>(batch_sizes.size(0));
-  const at::Tensor bs = batch_sizes.contiguous();  // on the CPU (step_meta checked it)
-  const int64_t* bsp = bs.data_ptr<int64_t>();
-  std::vector<int64_t> offs(b.T, 0);
-  for (int t = 1; t < b.T; ++t) offs[t] = offs[t - 1] + bsp[t - 1];
   // each row's h_n is its output at the last step it is live in: forward, the last t with bs[t] > b;
   // reverse, step 0
-  b.last_row.resize(b.B);
   for (int64_t r = 0, t = b.T - 1; r < b.B; ++r) {
     if (reverse) {
-      b.last_row[r] = r;
+      meta.push_back(r);
     } else {
-      while (bsp[t] <= r) --t;
-      b.last_row[r] = offs[t] + r;
+      while (meta[t] <= r) --t;
+      meta.push_back(meta[b.T + t] + r);
     }
   }
+  b.meta = upload(meta, x.device());
   b.reverse = reverse;
   b.train = train;
   b.gx = at::mm(x, w_ih.t());
@@ -139,7 +142,7 @@ Params<T> params_of(Buffers& b) {
 
 // [y, h_n, c_n or empty, gates, aux, r] as rnn_layer_forward returns them (r is empty: no projection).
 inline std::vector<at::Tensor> finish(Buffers& b) {
-  const at::Tensor rows = at::tensor(b.last_row, at::kLong).to(b.y.device());
+  const at::Tensor rows = b.meta.narrow(0, 2 * static_cast<int64_t>(b.T), b.B);
   const at::Tensor none = at::empty({0}, b.y.options());
   at::Tensor h_n = b.y.index_select(0, rows);
   at::Tensor c_n = b.lstm ? b.state.to(b.y.scalar_type()) : none.clone();
@@ -192,7 +195,7 @@ inline BwdBuffers prepare_backward(const char* fn, const std::string& mode, cons
     check(*c0, "c0", dt, {b.B, b.H});
     check(*dc_n, "dc_n", dt, {b.B, b.H});
   }
-  b.meta = step_meta(fn, batch_sizes, b.B, rows, w_hh.device());
+  b.meta = upload(step_meta(fn, batch_sizes, b.B, rows), w_hh.device());
   b.T = static_cast<int>(batch_sizes.size(0));
   b.w_hh = w_hh, b.gates = gates, b.aux = aux, b.y = y, b.h0 = h0, b.dy = dy, b.dh_n = dh_n;
   if (b.lstm) b.c0 = *c0;
