@@ -9,7 +9,8 @@
 // barrier per step).
 //
 // The backward walks the steps in reverse with one GEMM per step (gate gradients times W_hh) and the fused
-// gate backward; the weight gradients are one GEMM each over all steps at the end, never per step.
+// gate backward (in float32 without projection: one fused recurrence again); the weight gradients are one
+// GEMM each over all steps at the end, never per step.
 #include <torch/extension.h>
 
 #include <vector>
@@ -202,12 +203,97 @@ std::vector<Tensor> backward_impl(const Layer& L, const Tensor& dy, const Tensor
                                   const Tensor& aux, const Tensor& r, bool want_dx, bool want_dweights) {
   const auto opt = x.options();
   const int64_t H = L.H, P = L.P, GH = L.G * L.H;
+  Tensor dh = dh_n.clone();
+  Tensor dc = L.lstm ? dc_n->clone() : Tensor();
+  // float32 without projection: the fused recurrence (rnn_recurrence_cpu.cpp) instead of a GEMM and a
+  // gate pass per step. It hands over the gate gradients ~1024 rows at a time, and dx and the weight
+  // gradients are accumulated from them chunk by chunk: the gate gradients of all steps would be a fresh
+  // rows x G H buffer (64 MB at T = 256, B = 32, H = 512; two for the GRU) whose page faults cost as much as
+  // a fifth of the recurrence (as in the forward's input projection).
+  if constexpr (std::is_same_v<T, float>) {
+    if (!L.proj && L.T > 0 && H > 0 && recurrence_forward_available()) {
+      const int64_t chunk_steps = std::max<int64_t>(1, 1024 / L.B), chunk_rows = std::min(L.rows, chunk_steps * L.B);
+      Tensor dgx_c = at::empty({chunk_rows, GH}, opt);
+      Tensor dgh_c = L.lstm ? dgx_c : at::empty({chunk_rows, GH}, opt);
+      Tensor h_prev_c = want_dweights ? at::empty({chunk_rows, H}, opt) : Tensor();
+      const auto none = [&] { return at::empty({0}, opt); };
+      Tensor dx = want_dx ? new_output({L.rows, w_ih.size(1)}, opt) : none();
+      Tensor dw_ih = none(), dw_hh = none(), db_ih = none(), db_hh = none();
+      if (want_dweights) {
+        dw_ih = new_output(w_ih.sizes(), opt);
+        dw_hh = new_output(w_hh.sizes(), opt);
+        if (bias) {
+          db_ih = new_output({GH}, opt);
+          db_hh = L.lstm ? Tensor() : new_output({GH}, opt);
+        }
+      }
+      bool first = true;
+      // walk steps [k0, k1) done: their rows [r0, r1) are rows [0, r1 - r0) of the chunk buffers
+      auto consume = [&](int64_t k0, int64_t k1, int64_t r0, int64_t r1) {
+        const int64_t n = r1 - r0;
+        const Tensor dgx_rows = dgx_c.narrow(0, 0, n), dgh_rows = dgh_c.narrow(0, 0, n);
+        if (want_dx) {
+          Tensor dx_rows = dx.narrow(0, r0, n);
+          at::mm_out(dx_rows, dgx_rows, w_ih);
+        }
+        if (want_dweights) {
+          Tensor h_prev = h_prev_c.narrow(0, 0, n);
+          L.gather_h_prev_into(y, h0, L.step(k0), L.step(k1 - 1), h_prev, r0);
+          const Tensor x_rows = x.narrow(0, r0, n);
+          if (first) {
+            at::mm_out(dw_ih, dgx_rows.t(), x_rows);
+            at::mm_out(dw_hh, dgh_rows.t(), h_prev);
+          } else {
+            dw_ih.addmm_(dgx_rows.t(), x_rows);
+            dw_hh.addmm_(dgh_rows.t(), h_prev);
+          }
+          if (bias) {
+            if (first) {
+              at::sum_out(db_ih, dgx_rows, 0);
+            } else {
+              db_ih.add_(dgx_rows.sum(0));
+            }
+            if (!L.lstm) {
+              if (first) {
+                at::sum_out(db_hh, dgh_rows, 0);
+              } else {
+                db_hh.add_(dgh_rows.sum(0));
+              }
+            }
+          }
+        }
+        first = false;
+      };
+      RecurrenceBackward a;
+      a.lstm = L.lstm;
+      a.reverse = L.reverse;
+      a.H = H;
+      a.B = L.B;
+      a.T = L.T;
+      a.bs = L.bs.data();
+      a.off = L.off.data();
+      a.w_hh = ptr<float>(w_hh);
+      a.gates = ptr<float>(gates);
+      a.aux = ptr<float>(aux);
+      a.y = ptr<float>(y);
+      a.h0 = ptr<float>(h0);
+      a.c0 = L.lstm ? ptr<float>(*c0) : nullptr;
+      a.dy = ptr<float>(dy);
+      a.dgx = ptr<float>(dgx_c);
+      a.dgh = ptr<float>(dgh_c);
+      a.dh = ptr<float>(dh);
+      a.dc = ptr<float>(dc);
+      a.consume = consume;
+      a.chunk_steps = chunk_steps;
+      recurrence_backward(a, at::get_num_threads());
+      if (want_dweights && bias && L.lstm) db_hh = db_ih.clone();
+      return {dx, dw_ih, dw_hh, db_ih, db_hh, none(), dh, L.lstm ? dc : none()};
+    }
+  }
   // Gate gradients of every step. The LSTM's input and recurrent parts share them; the GRU's differ in
   // the n gate (the recurrent part's is scaled by r), so it keeps both.
   Tensor dgx = new_output({L.rows, GH}, opt);
   Tensor dgh = L.lstm ? dgx : new_output({L.rows, GH}, opt);
-  Tensor dh = dh_n.clone();
-  Tensor dc = L.lstm ? dc_n->clone() : Tensor();
   Tensor dh_steps = L.proj ? new_output({L.rows, P}, opt) : Tensor();  // gradient reaching each step's h
   Tensor dr = L.proj ? at::empty({L.B, H}, opt) : Tensor();
   Tensor dh_rec = L.lstm ? Tensor() : at::empty({L.B, P}, opt);

@@ -40,12 +40,6 @@ constexpr int64_t kKc = 128;  // k per chunk (64..256 measured the same at H = 5
 // (H = 20, B = 4, 26 kflop: 1.0 us a step on one thread, 1.4 on two; H = 64, B = 8, 262 kflop: 4.6, 3.8).
 constexpr int64_t kMinFlopsPerThread = 100000;
 
-// Rows per microkernel call: R G accumulators + G registers of W within the 32 zmm.
-template <int G>
-constexpr int max_rows() {
-  return G == 4 ? 6 : 8;
-}
-
 struct Buffer {
   struct Free {
     void operator()(float* p) const { std::free(p); }
@@ -57,184 +51,320 @@ struct Buffer {
   float* get() const { return p.get(); }
 };
 
-// One step as seen by the row blocks.
-struct Step {
-  const RecurrenceForward* a;
-  int64_t GH;
-  const float* hp;  // h_{t-1} (B, H)
-  float* hn;        // h_t (B, H)
-  int64_t off;      // first row of the step
-  float* gates;     // the input part of the gates of row off + b at (off - row0 + b) GH
-  int64_t row0;
-};
+// Rows per microkernel call: R W accumulators + W registers of weights within the 32 zmm.
+template <int W>
+constexpr int max_rows() {
+  return W == 4 ? 6 : 8;
+}
 
-// acc[r][g] += sum_k h[r ldh + k] w[(k G + g) 16 ..] over k < kn; prefetches NPF lines of pf per k.
-template <int G, int R, int NPF>
+// acc[r][g] += sum_k h[r ldh + k] w[(k W + g) 16 ..] over k < kn; prefetches NPF lines of pf per k.
+template <int W, int R, int NPF>
 FASTNN_ALWAYS_INLINE void dot_rows(const float* __restrict w, const float* __restrict h, int64_t ldh, int64_t kn,
-                                   const float* pf, __m512 (&acc)[R][G]) {
+                                   const float* pf, __m512 (&acc)[R][W]) {
   const float* hr[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) hr[r] = h + r * ldh;
   for (int64_t k = 0; k < kn; ++k) {
-    __m512 wv[G];
+    __m512 wv[W];
 #pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) wv[g] = _mm512_loadu_ps(w + (k * G + g) * kU);
+    for (int g = 0; g < W; ++g) wv[g] = _mm512_loadu_ps(w + (k * W + g) * kU);
 #pragma GCC unroll 4
     for (int q = 0; q < NPF; ++q) _mm_prefetch(reinterpret_cast<const char*>(pf + (k * NPF + q) * kU), _MM_HINT_T1);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 hv = _mm512_set1_ps(hr[r][k]);
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_fmadd_ps(hv, wv[g], acc[r][g]);
+      for (int g = 0; g < W; ++g) acc[r][g] = _mm512_fmadd_ps(hv, wv[g], acc[r][g]);
     }
   }
 }
 
-// Gate math of row b for units [u0, u0 + 16) (lanes masked by m), from its recurrent parts acc[g]; the
-// same formulas as rnn_cpu.cpp's gate pass (rnn_math.h), the same sums.
+inline __mmask16 lanes_below(int64_t H, int64_t u) {
+  return H - u >= kU ? __mmask16(0xFFFF) : __mmask16((1u << (H - u)) - 1);
+}
+
+// The steps are walked by step_blocks below with an epilogue E describing one step:
+//   E::kWidth          weight vectors per k of a packed block (the microkernel's W)
+//   E::kUnits          hidden units per packed block
+//   K(), lhs(b, k0), ld()  the dot products' length; their left operand's chunk at k0 (row b at lhs(b, k0),
+//                      k contiguous, rows ld() apart)
+//   prefetch(b, u0)    the epilogue's inputs of row b, block u0, into L2 (called a few chunks ahead)
+//   finish(b, u0, acc) the epilogue of row b, block u0, from its sums acc[kWidth] (null: no dot product)
+//   rows()             how many rows the step's epilogue covers; rows [n_dot, rows()) get finish(.., null)
+
+// Forward step: acc[g] = h_{t-1}[b] . W_hh[g H + u0 ..] for the G gates of 16 units; the gate math.
 template <int G>
-FASTNN_ALWAYS_INLINE void gate_row(const Step& s, const __m512* acc, int64_t b, int64_t u0, __mmask16 m) {
-  const RecurrenceForward& a = *s.a;
-  const int64_t H = a.H, row = s.off + b;
-  float* gx = s.gates + (row - s.row0) * s.GH + u0;
-  auto load = [m](const float* p) { return (VF)_mm512_maskz_loadu_ps(m, p); };
-  auto store = [m](float* p, VF v) { _mm512_mask_storeu_ps(p, m, (__m512)v); };
-  if constexpr (G == 4) {
-    float* c = a.c + b * H + u0;
-    VF i, f, g, o, cn, r;
-    rnn::lstm_forward<rnn_steps::VecMath>(load(gx) + (VF)acc[0], load(gx + H) + (VF)acc[1], load(gx + 2 * H) + (VF)acc[2],
-                                   load(gx + 3 * H) + (VF)acc[3], load(c), i, f, g, o, cn, r);
-    store(c, cn);
-    store(a.y + row * H + u0, r);
-    store(s.hn + b * H + u0, r);
-    if (a.train) {
-      store(gx, i);
-      store(gx + H, f);
-      store(gx + 2 * H, g);
-      store(gx + 3 * H, o);
-      store(a.aux + row * H + u0, cn);
-    }
-  } else {
-    VF h_r = (VF)acc[0], h_z = (VF)acc[1], h_n = (VF)acc[2];
-    if (a.b_hh) {
-      h_r = h_r + load(a.b_hh + u0);
-      h_z = h_z + load(a.b_hh + H + u0);
-      h_n = h_n + load(a.b_hh + 2 * H + u0);
-    }
-    VF r, z, n, hv;
-    rnn::gru_forward<rnn_steps::VecMath>(load(gx), load(gx + H), load(gx + 2 * H), h_r, h_z, h_n, load(s.hp + b * H + u0), r,
-                                  z, n, hv);
-    store(s.hn + b * H + u0, hv);
-    store(a.y + row * H + u0, hv);
-    if (a.train) {
-      store(gx, r);
-      store(gx + H, z);
-      store(gx + 2 * H, n);
-      store(a.aux + row * H + u0, h_n);
+struct ForwardStep {
+  static constexpr int kWidth = G;
+  static constexpr int64_t kUnits = kU;
+  const RecurrenceForward* a;
+  const float* hp;  // h_{t-1} (B, H)
+  float* hn;        // h_t (B, H)
+  int64_t off;      // first row of the step
+  float* gates;     // the input part of the gates of row off + b at (off - row0 + b) G H
+  int64_t row0;
+  int64_t bs;       // rows of the step
+
+  int64_t K() const { return a->H; }
+  int64_t ld() const { return a->H; }
+  const float* lhs(int64_t b, int64_t k0) const { return hp + b * a->H + k0; }
+  int64_t rows() const { return bs; }
+
+  FASTNN_ALWAYS_INLINE void prefetch(int64_t b, int64_t u0) const {
+    const int64_t H = a->H;
+    const float* gx = gates + (off - row0 + b) * G * H + u0;
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) _mm_prefetch(reinterpret_cast<const char*>(gx + g * H), _MM_HINT_T1);
+    if constexpr (G == 4) _mm_prefetch(reinterpret_cast<const char*>(a->c + b * H + u0), _MM_HINT_T1);
+  }
+
+  // The same formulas as rnn_cpu.cpp's gate pass (rnn_math.h), the same sums.
+  FASTNN_ALWAYS_INLINE void finish(int64_t b, int64_t u0, const __m512* acc) const {
+    const RecurrenceForward& A = *a;
+    const int64_t H = A.H, row = off + b;
+    const __mmask16 m = lanes_below(H, u0);
+    float* gx = gates + (row - row0) * G * H + u0;
+    auto load = [m](const float* p) { return (VF)_mm512_maskz_loadu_ps(m, p); };
+    auto store = [m](float* p, VF v) { _mm512_mask_storeu_ps(p, m, (__m512)v); };
+    if constexpr (G == 4) {
+      float* c = A.c + b * H + u0;
+      VF i, f, g, o, cn, r;
+      rnn::lstm_forward<rnn_steps::VecMath>(load(gx) + (VF)acc[0], load(gx + H) + (VF)acc[1],
+                                            load(gx + 2 * H) + (VF)acc[2], load(gx + 3 * H) + (VF)acc[3], load(c), i,
+                                            f, g, o, cn, r);
+      store(c, cn);
+      store(A.y + row * H + u0, r);
+      store(hn + b * H + u0, r);
+      if (A.train) {
+        store(gx, i);
+        store(gx + H, f);
+        store(gx + 2 * H, g);
+        store(gx + 3 * H, o);
+        store(A.aux + row * H + u0, cn);
+      }
+    } else {
+      VF h_r = (VF)acc[0], h_z = (VF)acc[1], h_n = (VF)acc[2];
+      if (A.b_hh) {
+        h_r = h_r + load(A.b_hh + u0);
+        h_z = h_z + load(A.b_hh + H + u0);
+        h_n = h_n + load(A.b_hh + 2 * H + u0);
+      }
+      VF r, z, n, hv;
+      rnn::gru_forward<rnn_steps::VecMath>(load(gx), load(gx + H), load(gx + 2 * H), h_r, h_z, h_n,
+                                           load(hp + b * H + u0), r, z, n, hv);
+      store(hn + b * H + u0, hv);
+      store(A.y + row * H + u0, hv);
+      if (A.train) {
+        store(gx, r);
+        store(gx + H, z);
+        store(gx + 2 * H, n);
+        store(A.aux + row * H + u0, h_n);
+      }
     }
   }
-}
+};
+
+// Backward iteration: acc[j] = dg_next[b] . W_hh[:, u0 + 16 j ..], the gradient reaching h_t of the NB x 16
+// units from the step walked just after t (its recurrent gate gradients dg_next); then the cell backward
+// of step t for those units, or, for a row whose first step was that later one, its dh0.
+//
+// The dot products read the gate gradients from a chunk-major copy (kKc k of every row together, k padded
+// per gate to Hp = H rounded up to 16): rows of dgx are G H floats apart, 8 KB at H = 512, so the same k
+// of every row falls in the same L1 set and a step's rows evicted each other (and W) from L1.
+template <int G, int NB>
+struct BackwardStep {
+  static constexpr int kWidth = NB;
+  static constexpr int64_t kUnits = NB * kU;
+  const RecurrenceBackward* a;
+  int64_t Hp = 0;                    // H rounded up to 16
+  const float* dg_next = nullptr;    // chunk-major recurrent gate gradients of the later step, or null
+  float* dg_out = nullptr;           // the same of step t, written here
+  int64_t bs = 0, off = 0;           // step t: rows and first row (bs = 0 after the last step)
+  int64_t n_prev = 0, off_prev = 0;  // rows of t that continue from an earlier step, and its first row
+  int64_t row0 = 0;                  // row r's gate gradients are row r - row0 of dgx / dgh
+
+  int64_t K() const { return G * Hp; }
+  int64_t ld() const { return kKc; }
+  const float* lhs(int64_t b, int64_t k0) const { return dg_next + k0 * a->B + b * kKc; }
+  int64_t rows() const { return bs; }
+  // where (b, k) of the chunk-major copy is (k0 a multiple of kKc: chunks of kKc k, each B rows of kKc)
+  float* chunked(float* base, int64_t b, int64_t k) const { return base + (k / kKc) * kKc * a->B + b * kKc + k % kKc; }
+
+  FASTNN_ALWAYS_INLINE void prefetch(int64_t b, int64_t u0) const {
+    if (b >= bs) return;
+    const RecurrenceBackward& A = *a;
+    const int64_t H = A.H, row = off + b;
+    auto pf = [](const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); };
+    for (int64_t u = u0; u < std::min(H, u0 + kUnits); u += kU) {
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) pf(A.gates + row * G * H + g * H + u);
+      pf(A.aux + row * H + u);
+      pf(A.dy + row * H + u);
+    }
+  }
+
+  FASTNN_ALWAYS_INLINE void finish(int64_t b, int64_t u0, const __m512* acc) const {
+    const RecurrenceBackward& A = *a;
+    const int64_t H = A.H, GH = G * H, row = off + b;
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      const int64_t u = u0 + j * kU;
+      if (u >= H) break;
+      const __mmask16 m = lanes_below(H, u);
+      auto load = [m](const float* p) { return (VF)_mm512_maskz_loadu_ps(m, p); };
+      auto store = [m](float* p, VF v) { _mm512_mask_storeu_ps(p, m, (__m512)v); };
+      float* dh = A.dh + b * H + u;
+      if constexpr (G == 4) {
+        const VF dh_in = acc ? (VF)acc[j] : load(dh);
+        if (b >= bs) {  // no step t for this row: dh_in is its dh0
+          store(dh, dh_in);
+          continue;
+        }
+        const float* gt = A.gates + row * GH + u;
+        const float* c_prev = b < n_prev ? A.aux + (off_prev + b) * H + u : A.c0 + b * H + u;
+        float* dc = A.dc + b * H + u;
+        float* dg = A.dgx + (row - row0) * GH + u;
+        VF di, df, dgg, dgo, dcp;
+        rnn::lstm_backward<rnn_steps::VecMath>(load(gt), load(gt + H), load(gt + 2 * H), load(gt + 3 * H),
+                                               load(c_prev), load(A.aux + row * H + u), dh_in + load(A.dy + row * H + u),
+                                               load(dc), di, df, dgg, dgo, dcp);
+        store(dg, di);
+        store(dg + H, df);
+        store(dg + 2 * H, dgg);
+        store(dg + 3 * H, dgo);
+        store(dc, dcp);
+        store(chunked(dg_out, b, u), di);
+        store(chunked(dg_out, b, Hp + u), df);
+        store(chunked(dg_out, b, 2 * Hp + u), dgg);
+        store(chunked(dg_out, b, 3 * Hp + u), dgo);
+      } else {
+        // dh holds the direct path z dh of the later step (or dh_n): the recurrent part adds to it
+        const VF dh_in = acc ? load(dh) + (VF)acc[j] : load(dh);
+        if (b >= bs) {
+          store(dh, dh_in);
+          continue;
+        }
+        const float* gt = A.gates + row * GH + u;
+        const float* h_prev = b < n_prev ? A.y + (off_prev + b) * H + u : A.h0 + b * H + u;
+        VF d_r, d_z, d_n, d_hn, dh_direct;
+        rnn::gru_backward<rnn_steps::VecMath>(load(gt), load(gt + H), load(gt + 2 * H), load(A.aux + row * H + u),
+                                              load(h_prev), dh_in + load(A.dy + row * H + u), d_r, d_z, d_n, d_hn,
+                                              dh_direct);
+        float* dgx = A.dgx + (row - row0) * GH + u;
+        float* dgh = A.dgh + (row - row0) * GH + u;
+        store(dgx, d_r);
+        store(dgx + H, d_z);
+        store(dgx + 2 * H, d_n);
+        store(dgh, d_r);
+        store(dgh + H, d_z);
+        store(dgh + 2 * H, d_hn);
+        store(dh, dh_direct);
+        store(chunked(dg_out, b, u), d_r);
+        store(chunked(dg_out, b, Hp + u), d_z);
+        store(chunked(dg_out, b, 2 * Hp + u), d_hn);
+      }
+    }
+  }
+};
 
 // Rows [b0, b0 + R) of one block over k in [k0, k1). Each chunk sums from zero and is added to the
 // earlier chunks' sum in `part`: this two-level order keeps the rounding error of the dot products below
 // that of a single running sum (which gave ~20% more than MKL's GEMM at K = 512, against fp64). After the
-// last chunk, the gate math.
-template <int G, int R, int NPF>
-void row_block(const Step& s, const float* wblk, int64_t u0, __mmask16 m, int64_t b0, int64_t k0, int64_t k1,
-               float* part, const float* pf) {
-  const int64_t H = s.a->H;
+// last chunk, the epilogue.
+template <class E, int R, int NPF>
+void row_block(const E& e, const float* wblk, int64_t u0, int64_t b0, int64_t k0, int64_t k1, float* part,
+               const float* pf) {
+  constexpr int W = E::kWidth;
   if (k0 == 0) {
-    // The input part of these rows' gates (and c) is read once per step, far apart: into L2 now, a few
-    // chunks before the gate math needs it.
+    // The epilogue's inputs are read once per step, far apart: into L2 now, a few chunks before it runs.
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const float* gx = s.gates + (s.off - s.row0 + b0 + r) * s.GH + u0;
-#pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) _mm_prefetch(reinterpret_cast<const char*>(gx + g * H), _MM_HINT_T1);
-      if constexpr (G == 4) _mm_prefetch(reinterpret_cast<const char*>(s.a->c + (b0 + r) * H + u0), _MM_HINT_T1);
-    }
+    for (int r = 0; r < R; ++r) e.prefetch(b0 + r, u0);
   }
-  __m512 acc[R][G];
+  __m512 acc[R][W];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
+    for (int g = 0; g < W; ++g) acc[r][g] = _mm512_setzero_ps();
   }
-  dot_rows<G, R, NPF>(wblk + k0 * G * kU, s.hp + b0 * H + k0, H, k1 - k0, pf, acc);
+  dot_rows<W, R, NPF>(wblk + k0 * W * kU, e.lhs(b0, k0), e.ld(), k1 - k0, pf, acc);
   if (k0 > 0) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) {
-        acc[r][g] = _mm512_add_ps(_mm512_loadu_ps(part + ((b0 + r) * G + g) * kU), acc[r][g]);
+      for (int g = 0; g < W; ++g) {
+        acc[r][g] = _mm512_add_ps(_mm512_loadu_ps(part + ((b0 + r) * W + g) * kU), acc[r][g]);
       }
     }
   }
-  if (k1 < H) {
+  if (k1 < e.K()) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) _mm512_storeu_ps(part + ((b0 + r) * G + g) * kU, acc[r][g]);
+      for (int g = 0; g < W; ++g) _mm512_storeu_ps(part + ((b0 + r) * W + g) * kU, acc[r][g]);
     }
     return;
   }
-  for (int r = 0; r < R; ++r) gate_row<G>(s, acc[r], b0 + r, u0, m);
+  for (int r = 0; r < R; ++r) e.finish(b0 + r, u0, acc[r]);
 }
 
-template <int G, int NPF>
-void row_block_n(int n, const Step& s, const float* wblk, int64_t u0, __mmask16 m, int64_t b0, int64_t k0, int64_t k1,
-                 float* part, const float* pf) {
-  static_assert(max_rows<G>() <= 8, "row_block_n dispatches up to 8 rows");
+template <class E, int NPF>
+void row_block_n(int n, const E& e, const float* wblk, int64_t u0, int64_t b0, int64_t k0, int64_t k1, float* part,
+                 const float* pf) {
+  constexpr int W = E::kWidth;
+  static_assert(max_rows<W>() <= 8, "row_block_n dispatches up to 8 rows");
   switch (n) {
-    case 1: return row_block<G, 1, NPF>(s, wblk, u0, m, b0, k0, k1, part, pf);
-    case 2: return row_block<G, 2, NPF>(s, wblk, u0, m, b0, k0, k1, part, pf);
-    case 3: return row_block<G, 3, NPF>(s, wblk, u0, m, b0, k0, k1, part, pf);
-    case 4: return row_block<G, 4, NPF>(s, wblk, u0, m, b0, k0, k1, part, pf);
-    case 5: return row_block<G, 5, NPF>(s, wblk, u0, m, b0, k0, k1, part, pf);
-    case 6: return row_block<G, 6, NPF>(s, wblk, u0, m, b0, k0, k1, part, pf);
+    case 1: return row_block<E, 1, NPF>(e, wblk, u0, b0, k0, k1, part, pf);
+    case 2: return row_block<E, 2, NPF>(e, wblk, u0, b0, k0, k1, part, pf);
+    case 3: return row_block<E, 3, NPF>(e, wblk, u0, b0, k0, k1, part, pf);
+    case 4: return row_block<E, 4, NPF>(e, wblk, u0, b0, k0, k1, part, pf);
+    case 5: return row_block<E, 5, NPF>(e, wblk, u0, b0, k0, k1, part, pf);
+    case 6: return row_block<E, 6, NPF>(e, wblk, u0, b0, k0, k1, part, pf);
     case 7:
-      if constexpr (max_rows<G>() >= 7) return row_block<G, 7, NPF>(s, wblk, u0, m, b0, k0, k1, part, pf);
+      if constexpr (max_rows<W>() >= 7) return row_block<E, 7, NPF>(e, wblk, u0, b0, k0, k1, part, pf);
       break;
     case 8:
-      if constexpr (max_rows<G>() >= 8) return row_block<G, 8, NPF>(s, wblk, u0, m, b0, k0, k1, part, pf);
+      if constexpr (max_rows<W>() >= 8) return row_block<E, 8, NPF>(e, wblk, u0, b0, k0, k1, part, pf);
       break;
   }
 }
 
-// One step of blocks [blo, bhi) over rows [0, bs), split into near-equal microkernel row blocks; the
-// blocks in descending order when `down`.
-template <int G>
-void step_blocks(const Step& s, const float* wp, int64_t blo, int64_t bhi, int64_t bs, float* part, bool down) {
-  const int64_t H = s.a->H, K = H;
-  const int64_t nrb = (bs + max_rows<G>() - 1) / max_rows<G>(), base = bs / nrb, extra = bs % nrb;
-  // The chunk processed next (G kn lines) is prefetched by the first row blocks, npf lines per k each.
-  const int npf = nrb >= G ? 1 : (2 * nrb >= G ? 2 : 4);
+// One step of blocks [blo, bhi): the dot products of rows [0, n_dot), split into near-equal microkernel
+// row blocks, then the epilogue of rows [n_dot, e.rows()) (none in the forward); the blocks in descending
+// order when `down`.
+template <class E>
+void step_blocks(const E& e, const float* wp, int64_t blo, int64_t bhi, int64_t n_dot, float* part, bool down) {
+  constexpr int W = E::kWidth;
+  const int64_t K = e.K(), blk_floats = K * W * kU;
+  const int64_t nrb = (n_dot + max_rows<W>() - 1) / max_rows<W>();
+  const int64_t base = nrb ? n_dot / nrb : 0, extra = nrb ? n_dot % nrb : 0;
+  // The chunk processed next (W kn lines) is prefetched by the first row blocks, npf lines per k each.
+  const int npf = nrb >= W ? 1 : (2 * nrb >= W ? 2 : 4);
   for (int64_t j = 0; j < bhi - blo; ++j) {
     const int64_t blk = down ? bhi - 1 - j : blo + j;
-    const int64_t u0 = blk * kU;
-    const __mmask16 m = H - u0 >= kU ? __mmask16(0xFFFF) : __mmask16((1u << (H - u0)) - 1);
-    const float* wblk = wp + blk * K * G * kU;
+    const int64_t u0 = blk * E::kUnits;
+    const float* wblk = wp + blk * blk_floats;
     const bool last_blk = j + 1 == bhi - blo;
-    const float* next_blk = last_blk ? wblk : wp + (down ? blk - 1 : blk + 1) * K * G * kU;
-    for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    const float* next_blk = last_blk ? wblk : wp + (down ? blk - 1 : blk + 1) * blk_floats;
+    for (int64_t k0 = 0; k0 < K && nrb > 0; k0 += kKc) {
       const int64_t k1 = std::min(K, k0 + kKc), kn = k1 - k0;
-      const float* next = k1 < K ? wblk + k1 * G * kU : next_blk;
+      const float* next = k1 < K ? wblk + k1 * W * kU : next_blk;
       int64_t b0 = 0;
       for (int64_t i = 0; i < nrb; ++i) {
         const int n = int(base + (i < extra));
         const float* pf = next + i * kn * npf * kU;
-        if ((last_blk && k1 == K) || i * npf >= G) {  // nothing of ours follows, or prefetched already
-          row_block_n<G, 0>(n, s, wblk, u0, m, b0, k0, k1, part, pf);
+        if ((last_blk && k1 == K) || i * npf >= W) {  // nothing of ours follows, or prefetched already
+          row_block_n<E, 0>(n, e, wblk, u0, b0, k0, k1, part, pf);
         } else if (npf == 1) {
-          row_block_n<G, 1>(n, s, wblk, u0, m, b0, k0, k1, part, pf);
+          row_block_n<E, 1>(n, e, wblk, u0, b0, k0, k1, part, pf);
         } else if (npf == 2) {
-          row_block_n<G, 2>(n, s, wblk, u0, m, b0, k0, k1, part, pf);
+          row_block_n<E, 2>(n, e, wblk, u0, b0, k0, k1, part, pf);
         } else {
-          row_block_n<G, 4>(n, s, wblk, u0, m, b0, k0, k1, part, pf);
+          row_block_n<E, 4>(n, e, wblk, u0, b0, k0, k1, part, pf);
         }
         b0 += n;
       }
     }
+    for (int64_t b = n_dot; b < e.rows(); ++b) e.finish(b, u0, nullptr);
   }
 }
 
@@ -262,11 +392,16 @@ void pack_blocks(const float* w, int64_t G, int64_t H, float* wp, int64_t blo, i
   }
 }
 
+// Threads that pay for themselves on a step of `flops` over `blocks` blocks of work.
+int useful_threads(int threads, int64_t blocks, int64_t flops) {
+  return int(std::max<int64_t>(1, std::min<int64_t>({threads, blocks, flops / kMinFlopsPerThread})));
+}
+
 template <int G>
 void run(const RecurrenceForward& a, int threads) {
   const int64_t H = a.H, B = a.B, K = H, nblk = (H + kU - 1) / kU;
   const int64_t flops = 2 * a.bs[a.reverse ? a.T - 1 : 0] * K * G * H;  // the first step, the largest forward
-  const int nt = int(std::max<int64_t>(1, std::min<int64_t>({threads, nblk, flops / kMinFlopsPerThread})));
+  const int nt = useful_threads(threads, nblk, flops);
   Buffer wp(nblk * K * G * kU);
   Buffer h1(B * H);
   Buffer part(K > kKc ? int64_t(nt) * B * G * kU : 1);
@@ -283,10 +418,10 @@ void run(const RecurrenceForward& a, int threads) {
       if (k0 == 0) pack_blocks(a.w_hh, G, H, wp.get(), blo, bhi);
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t t = a.reverse ? a.T - 1 - k : k;
-        const Step s{&a, G * H, hbuf[k & 1], hbuf[(k + 1) & 1], a.off[t], a.gates, row0};
+        const ForwardStep<G> s{&a, hbuf[k & 1], hbuf[(k + 1) & 1], a.off[t], a.gates, row0, a.bs[t]};
         // every other step walks the blocks backwards: it starts on the W its thread used last, which
         // is still in L2 (B = 1, H = 512: 78 -> 60 us a step; no change at B = 32)
-        step_blocks<G>(s, wp.get(), blo, bhi, a.bs[t], my_part, k & 1);
+        step_blocks(s, wp.get(), blo, bhi, a.bs[t], my_part, k & 1);
         // h_t complete before anyone reads it, and h_{t-1} no longer read before anyone overwrites it
 #pragma omp barrier
       }
@@ -315,6 +450,113 @@ void run(const RecurrenceForward& a, int threads) {
   }
 }
 
+
+// Packs groups [glo, ghi) of NB blocks of 16 columns of w_hh (G H rows, H columns) into wp: group grp, row
+// g Hp + u holds W[g H + u][grp NB 16 + j] at j (0 past H, and in the rows u >= H that pad each gate to Hp);
+// rows of W are already unit-contiguous, so a plain copy.
+void pack_columns(const float* w, int64_t G, int64_t H, int64_t Hp, int64_t width, float* wp, int64_t glo,
+                  int64_t ghi) {
+  const int64_t K = G * Hp;
+  for (int64_t grp = glo; grp < ghi; ++grp) {
+    const int64_t u0 = grp * width, n = std::min(width, H - u0);
+    float* dst = wp + grp * K * width;
+    std::memset(dst, 0, sizeof(float) * K * width);
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t u = 0; u < H; ++u) std::memcpy(dst + (g * Hp + u) * width, w + (g * H + u) * H + u0, sizeof(float) * n);
+    }
+  }
+}
+
+// Iteration k of T + 1: the dot products of walk step T - k's rows (the step after t, done in the previous
+// iteration) with W_hh, then the cell backward of walk step T - 1 - k (none in the last iteration). With
+// a.consume, in chunks of a.chunk_steps walk steps from the last, one parallel region each.
+template <int G, int NB>
+void run_backward(const RecurrenceBackward& a, int nt) {
+  const int64_t H = a.H, B = a.B, T = a.T, Hp = (H + kU - 1) / kU * kU, K = G * Hp;
+  const int64_t width = NB * kU, ngrp = (H + width - 1) / width;
+  Buffer wp(ngrp * K * width);
+  Buffer part(K > kKc ? int64_t(nt) * B * width : 1);
+  // two chunk-major copies of a step's recurrent gate gradients (written by step t, read by the step
+  // before); zero in the padding, which no store touches
+  const int64_t dg_floats = (K + kKc - 1) / kKc * kKc * B;
+  Buffer dg_steps(2 * dg_floats);
+  auto step = [&](int64_t k) { return a.reverse ? T - 1 - k : k; };  // the k-th step of the forward walk
+  // iterations [i0, i1), the gate gradients of row r at r - row0 of dgx / dgh
+  auto iterations = [&](int64_t i0, int64_t i1, int64_t row0) {
+#pragma omp parallel num_threads(nt)
+    {
+      const int team = omp_get_num_threads(), tid = omp_get_thread_num();
+      const int64_t glo = ngrp * tid / team, ghi = ngrp * (tid + 1) / team;
+      float* my_part = part.get() + (K > kKc ? int64_t(tid) * B * width : 0);
+      if (i0 == 0) {
+        pack_columns(a.w_hh, G, H, Hp, width, wp.get(), glo, ghi);
+        if (Hp != H) {
+#pragma omp for
+          for (int64_t i = 0; i < 2 * dg_floats; ++i) dg_steps.get()[i] = 0.0f;
+        }
+#pragma omp barrier
+      }
+      for (int64_t k = i0; k < i1; ++k) {
+        BackwardStep<G, NB> s{&a, Hp};
+        s.row0 = row0;
+        s.dg_out = dg_steps.get() + (k & 1) * dg_floats;
+        int64_t n_dot = 0;
+        if (k > 0) {  // the later step's recurrent gate gradients
+          s.dg_next = dg_steps.get() + ((k + 1) & 1) * dg_floats;
+          n_dot = a.bs[step(T - k)];
+        }
+        if (k < T) {
+          const int64_t t = step(T - 1 - k);
+          s.bs = a.bs[t];
+          s.off = a.off[t];
+          if (T - 1 - k > 0) {
+            const int64_t tp = step(T - 2 - k);
+            s.n_prev = std::min(a.bs[t], a.bs[tp]);
+            s.off_prev = a.off[tp];
+          }
+        }
+        step_blocks(s, wp.get(), glo, ghi, n_dot, my_part, k & 1);
+        // dg of step t complete before anyone reads it, and dg of the later step read by all before the
+        // next iteration overwrites its buffer
+#pragma omp barrier
+      }
+    }
+  };
+  if (!a.consume) {
+    iterations(0, T + 1, 0);
+    return;
+  }
+  for (int64_t k1 = T; k1 > 0; k1 -= a.chunk_steps) {
+    const int64_t k0 = std::max<int64_t>(0, k1 - a.chunk_steps);
+    // walk steps [k0, k1): rows contiguous, from the chunk's first step in time to its last
+    const int64_t t_first = a.reverse ? T - k1 : k0, t_last = a.reverse ? T - 1 - k0 : k1 - 1;
+    const int64_t r0 = a.off[t_first], r1 = a.off[t_last] + a.bs[t_last];
+    iterations(T - k1, T - k0 + (k0 == 0), r0);  // the last chunk also runs the dh0-only iteration
+    a.consume(k0, k1, r0, r1);
+  }
+}
+
+// The group width (NB blocks of 16 units) that keeps the busiest thread's share of blocks smallest: the
+// widest such, since wider groups reuse each broadcast of dg over more units.
+template <int G>
+void backward_dispatch(const RecurrenceBackward& a, int threads) {
+  const int64_t H = a.H, nblk = (H + kU - 1) / kU;
+  int64_t max_bs = 0;
+  for (int64_t t = 0; t < a.T; ++t) max_bs = std::max(max_bs, a.bs[t]);
+  const int nt0 = useful_threads(threads, nblk, 2 * max_bs * G * H * H);
+  int best_nb = 1;
+  int64_t best = -1;
+  for (int nb : {1, 2, 4}) {
+    const int64_t ngrp = (nblk + nb - 1) / nb, busiest = (ngrp + nt0 - 1) / nt0 * nb;
+    if (best < 0 || busiest <= best) best = busiest, best_nb = nb;
+  }
+  const int64_t ngrp = (nblk + best_nb - 1) / best_nb;
+  const int nt = int(std::min<int64_t>(nt0, ngrp));
+  if (best_nb == 4) return run_backward<G, 4>(a, nt);
+  if (best_nb == 2) return run_backward<G, 2>(a, nt);
+  return run_backward<G, 1>(a, nt);
+}
+
 }  // namespace
 
 bool recurrence_forward_available() { return true; }
@@ -327,10 +569,21 @@ void recurrence_forward(const RecurrenceForward& a, int threads) {
   }
 }
 
+void recurrence_backward(const RecurrenceBackward& a, int threads) {
+  if (a.lstm) {
+    backward_dispatch<4>(a, threads);
+  } else {
+    backward_dispatch<3>(a, threads);
+  }
+}
+
 #else  // no AVX-512: rnn_cpu.cpp keeps its per-step GEMM path
 
 bool recurrence_forward_available() { return false; }
 void recurrence_forward(const RecurrenceForward&, int) { TORCH_CHECK(false, "rnn: the fused recurrence needs AVX-512"); }
+void recurrence_backward(const RecurrenceBackward&, int) {
+  TORCH_CHECK(false, "rnn: the fused recurrence needs AVX-512");
+}
 
 #endif
 

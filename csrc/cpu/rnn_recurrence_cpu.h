@@ -31,10 +31,40 @@ struct RecurrenceForward {
   float* aux = nullptr;          // (rows, H) when train: c (LSTM) or h W_hn^T + b_hn (GRU) of each step
 };
 
+// The backward's recurrence of the same layer (the per-step part of rnn_cpu.cpp's backward): per step the
+// cell backward of every unit, fed by the later step's gate gradients times W_hh, in one parallel region.
+// Threads own groups of 16-unit blocks (columns of W_hh, packed once per call); one barrier per step, T + 1
+// iterations (the last computes dh0 of the rows live at the first step). The weight gradients are left
+// to the caller (one GEMM each over dgx / dgh).
+struct RecurrenceBackward {
+  bool lstm = true, reverse = false;
+  int64_t H = 0, B = 0, T = 0;
+  const int64_t* bs = nullptr;   // as RecurrenceForward
+  const int64_t* off = nullptr;
+  const float* w_hh = nullptr;   // (G H, H)
+  const float* gates = nullptr;  // (rows, G H): the training forward's activated gates
+  const float* aux = nullptr;    // (rows, H): its c (LSTM) or h W_hn^T + b_hn (GRU) of each step
+  const float* y = nullptr;      // (rows, H): its outputs (the GRU's h_prev)
+  const float* h0 = nullptr;     // (B, H)
+  const float* c0 = nullptr;     // (B, H) (LSTM)
+  const float* dy = nullptr;     // (rows, H)
+  float* dgx = nullptr;          // (rows, G H) out: gradients of the gates' pre-activations (input part)
+  float* dgh = nullptr;          // (rows, G H) out, GRU: those of the recurrent part (n scaled by r)
+  // Or they come in chunks of walk steps, from the last: consume(k0, k1, r0, r1) is called once walk steps
+  // [k0, k1) (rows [r0, r1)) are done, with row r's gradients at row r - r0 of dgx / dgh, which then hold
+  // chunk_steps steps' rows.
+  std::function<void(int64_t k0, int64_t k1, int64_t r0, int64_t r1)> consume;
+  int64_t chunk_steps = 0;
+  float* dh = nullptr;           // (B, H): dh_n in, dh0 out
+  float* dc = nullptr;           // (B, H): dc_n in, dc0 out (LSTM)
+};
+
 // Whether this build has the fused recurrence (it needs AVX-512).
 bool recurrence_forward_available();
 // Runs the recurrence on up to `threads` threads.
 void recurrence_forward(const RecurrenceForward& a, int threads);
+// Runs the backward's recurrence on up to `threads` threads; results do not depend on the thread count.
+void recurrence_backward(const RecurrenceBackward& a, int threads);
 
 }  // namespace cpu
 }  // namespace fastnn

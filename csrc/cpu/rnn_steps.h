@@ -106,12 +106,16 @@ struct PackedSteps {
   // once so that dW_hh is one GEMM
   Tensor gather_h_prev(const Tensor& y, const Tensor& h0) const {
     Tensor h_prev = at::empty({rows, h0.size(1)}, y.options());
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t n_prev = rows_with_prev(t);
-      if (n_prev > 0) h_prev.narrow(0, off[t], n_prev).copy_(y.narrow(0, off[prev_step(t)], n_prev));
-      if (bs[t] > n_prev) h_prev.narrow(0, off[t] + n_prev, bs[t] - n_prev).copy_(h0.narrow(0, n_prev, bs[t] - n_prev));
-    }
+    if (T > 0) gather_h_prev_into(y, h0, 0, T - 1, h_prev, 0);
     return h_prev;
+  }
+  // the same for the steps from t_a to t_b (either order), row r at r - r0 of out
+  void gather_h_prev_into(const Tensor& y, const Tensor& h0, int64_t t_a, int64_t t_b, Tensor& out, int64_t r0) const {
+    for (int64_t t = std::min(t_a, t_b); t <= std::max(t_a, t_b); ++t) {
+      const int64_t n_prev = rows_with_prev(t), o = off[t] - r0;
+      if (n_prev > 0) out.narrow(0, o, n_prev).copy_(y.narrow(0, off[prev_step(t)], n_prev));
+      if (bs[t] > n_prev) out.narrow(0, o + n_prev, bs[t] - n_prev).copy_(h0.narrow(0, n_prev, bs[t] - n_prev));
+    }
   }
 };
 
