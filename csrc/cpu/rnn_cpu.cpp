@@ -96,8 +96,8 @@ std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& 
         // (64 MB at T = 256, B = 32, H = 512) costs ~20 ms of page faults and zeroing per call, a quarter
         // of the recurrence (measured here); this one is reused within the call and, small enough, by the
         // allocator across calls. GEMMs of 1024 rows still run at the big GEMM's rate.
-        a.chunk_steps = std::max<int64_t>(1, 1024 / B);
-        gates = at::empty({std::min(L.rows, a.chunk_steps * B), GH}, opt);
+        a.chunk_rows = std::max<int64_t>(1024, B);
+        gates = at::empty({std::min(L.rows, a.chunk_rows), GH}, opt);
         a.input = [&](int64_t, int64_t, int64_t r0, int64_t r1) { project(r0, r1, gates.narrow(0, 0, r1 - r0)); };
       }
       a.gates = ptr<float>(gates);
@@ -212,7 +212,7 @@ std::vector<Tensor> backward_impl(const Layer& L, const Tensor& dy, const Tensor
   // a fifth of the recurrence (as in the forward's input projection).
   if constexpr (std::is_same_v<T, float>) {
     if (!L.proj && L.T > 0 && H > 0 && recurrence_forward_available()) {
-      const int64_t chunk_steps = std::max<int64_t>(1, 1024 / L.B), chunk_rows = std::min(L.rows, chunk_steps * L.B);
+      const int64_t chunk_rows = std::min(L.rows, std::max<int64_t>(1024, L.B));
       Tensor dgx_c = at::empty({chunk_rows, GH}, opt);
       Tensor dgh_c = L.lstm ? dgx_c : at::empty({chunk_rows, GH}, opt);
       Tensor h_prev_c = want_dweights ? at::empty({chunk_rows, H}, opt) : Tensor();
@@ -284,7 +284,7 @@ std::vector<Tensor> backward_impl(const Layer& L, const Tensor& dy, const Tensor
       a.dh = ptr<float>(dh);
       a.dc = ptr<float>(dc);
       a.consume = consume;
-      a.chunk_steps = chunk_steps;
+      a.chunk_rows = chunk_rows;
       recurrence_backward(a, at::get_num_threads());
       if (want_dweights && bias && L.lstm) db_hh = db_ih.clone();
       return {dx, dw_ih, dw_hh, db_ih, db_hh, none(), dh, L.lstm ? dc : none()};

@@ -397,6 +397,22 @@ int useful_threads(int threads, int64_t blocks, int64_t flops) {
   return int(std::max<int64_t>(1, std::min<int64_t>({threads, blocks, flops / kMinFlopsPerThread})));
 }
 
+// Chunks of whole walk steps with up to `rows` rows (at least one step): the end of the one starting at
+// walk step k0, and the start of the one ending at k1 (walk step k is time step k, or T - 1 - k reversed).
+// Chunks by rows, not steps: a packed batch's tail steps would make small, slow GEMMs of their chunks.
+int64_t chunk_end(const int64_t* bs, int64_t T, bool reverse, int64_t k0, int64_t rows) {
+  auto step_rows = [&](int64_t k) { return bs[reverse ? T - 1 - k : k]; };
+  int64_t k1 = k0, n = 0;
+  while (k1 < T && (k1 == k0 || n + step_rows(k1) <= rows)) n += step_rows(k1++);
+  return k1;
+}
+int64_t chunk_start(const int64_t* bs, int64_t T, bool reverse, int64_t k1, int64_t rows) {
+  auto step_rows = [&](int64_t k) { return bs[reverse ? T - 1 - k : k]; };
+  int64_t k0 = k1, n = 0;
+  while (k0 > 0 && (k0 == k1 || n + step_rows(k0 - 1) <= rows)) n += step_rows(--k0);
+  return k0;
+}
+
 template <int G>
 void run(const RecurrenceForward& a, int threads) {
   const int64_t H = a.H, B = a.B, K = H, nblk = (H + kU - 1) / kU;
@@ -430,8 +446,8 @@ void run(const RecurrenceForward& a, int threads) {
   if (!a.input) {
     steps(0, a.T, 0);
   } else {
-    for (int64_t k0 = 0; k0 < a.T; k0 += a.chunk_steps) {
-      const int64_t k1 = std::min(a.T, k0 + a.chunk_steps);
+    for (int64_t k0 = 0, k1; k0 < a.T; k0 = k1) {
+      k1 = chunk_end(a.bs, a.T, a.reverse, k0, a.chunk_rows);
       // the chunk's rows: contiguous, from its first step in time to its last
       const int64_t t_first = a.reverse ? a.T - k1 : k0, t_last = a.reverse ? a.T - 1 - k0 : k1 - 1;
       const int64_t r0 = a.off[t_first], r1 = a.off[t_last] + a.bs[t_last];
@@ -469,7 +485,7 @@ void pack_columns(const float* w, int64_t G, int64_t H, int64_t Hp, int64_t widt
 
 // Iteration k of T + 1: the dot products of walk step T - k's rows (the step after t, done in the previous
 // iteration) with W_hh, then the cell backward of walk step T - 1 - k (none in the last iteration). With
-// a.consume, in chunks of a.chunk_steps walk steps from the last, one parallel region each.
+// a.consume, in chunks of up to a.chunk_rows rows of whole walk steps from the last, one parallel region each.
 template <int G, int NB>
 void run_backward(const RecurrenceBackward& a, int nt) {
   const int64_t H = a.H, B = a.B, T = a.T, Hp = (H + kU - 1) / kU * kU, K = G * Hp;
@@ -526,8 +542,8 @@ void run_backward(const RecurrenceBackward& a, int nt) {
     iterations(0, T + 1, 0);
     return;
   }
-  for (int64_t k1 = T; k1 > 0; k1 -= a.chunk_steps) {
-    const int64_t k0 = std::max<int64_t>(0, k1 - a.chunk_steps);
+  for (int64_t k1 = T, k0; k1 > 0; k1 = k0) {
+    k0 = chunk_start(a.bs, T, a.reverse, k1, a.chunk_rows);
     // walk steps [k0, k1): rows contiguous, from the chunk's first step in time to its last
     const int64_t t_first = a.reverse ? T - k1 : k0, t_last = a.reverse ? T - 1 - k0 : k1 - 1;
     const int64_t r0 = a.off[t_first], r1 = a.off[t_last] + a.bs[t_last];

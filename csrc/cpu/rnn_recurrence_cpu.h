@@ -22,9 +22,10 @@ struct RecurrenceForward {
   const float* b_hh = nullptr;   // (G H,) for the GRU (the LSTM's is folded into gates), or null
   float* gates = nullptr;        // (rows, G H): input projection in; activated gates out when train
   // Without train the input projection may instead come in chunks of steps: input(k0, k1, r0, r1) writes
-  // that of walk steps [k0, k1) (rows [r0, r1)) to `gates` at row r - r0, chunk_steps steps at a time.
+  // that of walk steps [k0, k1) (rows [r0, r1)) to `gates` at row r - r0, as many whole steps at a time as
+  // fit in chunk_rows rows (at least one).
   std::function<void(int64_t k0, int64_t k1, int64_t r0, int64_t r1)> input;
-  int64_t chunk_steps = 0;
+  int64_t chunk_rows = 0;
   float* y = nullptr;            // (rows, H) out
   float* h = nullptr;            // (B, H): h0 in, h_n out
   float* c = nullptr;            // (B, H): c0 in, c_n out (LSTM)
@@ -52,9 +53,9 @@ struct RecurrenceBackward {
   float* dgh = nullptr;          // (rows, G H) out, GRU: those of the recurrent part (n scaled by r)
   // Or they come in chunks of walk steps, from the last: consume(k0, k1, r0, r1) is called once walk steps
   // [k0, k1) (rows [r0, r1)) are done, with row r's gradients at row r - r0 of dgx / dgh, which then hold
-  // chunk_steps steps' rows.
+  // as many whole steps as fit in chunk_rows rows (at least one).
   std::function<void(int64_t k0, int64_t k1, int64_t r0, int64_t r1)> consume;
-  int64_t chunk_steps = 0;
+  int64_t chunk_rows = 0;
   float* dh = nullptr;           // (B, H): dh_n in, dh0 out
   float* dc = nullptr;           // (B, H): dc_n in, dc0 out (LSTM)
 };
