@@ -109,6 +109,7 @@ struct ForwardStep {
   int64_t ld() const { return a->H; }
   const float* lhs(int64_t b, int64_t k0) const { return hp + b * a->H + k0; }
   int64_t rows() const { return bs; }
+  void prefetch_lhs(int64_t, int, int64_t) const {}  // h_{t-1} is small and was just written by the team
 
   FASTNN_ALWAYS_INLINE void prefetch(int64_t b, int64_t u0) const {
     const int64_t H = a->H;
@@ -189,6 +190,12 @@ struct BackwardStep {
   int64_t rows() const { return bs; }
   // where (b, k) of the chunk-major copy is (k0 a multiple of kKc: chunks of kKc k, each B rows of kKc)
   float* chunked(float* base, int64_t b, int64_t k) const { return base + (k / kKc) * kKc * a->B + b * kKc + k % kKc; }
+  // rows [b0, b0 + n)'s chunk at k1 into L1 while this chunk runs: half of it was written by the other
+  // threads and would otherwise arrive line by line at cross-core latency
+  FASTNN_ALWAYS_INLINE void prefetch_lhs(int64_t b0, int n, int64_t k1) const {
+    const char* p = reinterpret_cast<const char*>(lhs(b0, k1));
+    for (int64_t i = 0; i < int64_t(n) * kKc * 4; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
+  }
 
   FASTNN_ALWAYS_INLINE void prefetch(int64_t b, int64_t u0) const {
     if (b >= bs) return;
@@ -286,6 +293,7 @@ void row_block(const E& e, const float* wblk, int64_t u0, int64_t b0, int64_t k0
 #pragma GCC unroll 4
     for (int g = 0; g < W; ++g) acc[r][g] = _mm512_setzero_ps();
   }
+  if (k1 < e.K()) e.prefetch_lhs(b0, R, k1);
   dot_rows<W, R, NPF>(wblk + k0 * W * kU, e.lhs(b0, k0), e.ld(), k1 - k0, pf, acc);
   if (k0 > 0) {
 #pragma GCC unroll 8
