@@ -150,10 +150,11 @@ def test_layer_kernel_matches_reference(backend, dtype, mode, proj, reverse, len
 
 # The float32 fused recurrence (csrc/cpu/rnn_recurrence_cpu.cpp): units in blocks of 16 (H a multiple of 16
 # and not), microkernel row blocks of up to 6 / 8 rows (B = 1, 5, 32), packed steps, and inference's input
-# projection in chunks of ~1024 rows (the long cases run several chunks).
+# projection and the backward's gate gradients in chunks of ~1024 rows (the long cases run several chunks);
+# the backward's groups of 4 / 2 / 1 blocks, partial ones included (H = 100: 4 + 3 blocks on 2 threads).
 FUSED_SHAPES = [(7, 20, [5]), (9, 48, [7, 7, 5, 3, 3]), (16, 48, [6] * 32), (12, 33, [4] * 5), (64, 512, [5] * 32),
                 (32, 512, [9, 8, 8, 6, 5, 5, 3, 2, 1, 1]), (8, 16, [3, 2, 2, 1]), (16, 48, [40] * 32),
-                (12, 20, [700, 600, 410])]
+                (12, 20, [700, 600, 410]), (12, 100, [5, 4, 2])]
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ backend is not under test")
@@ -543,6 +544,27 @@ def test_bad_inputs_name_the_argument():
                  ValueError, r"b_ih and b_hh")
     expect_error(lambda: rnn_ops.lstm(torch.randn(2, 2, 3), None, [(a["w_ih"], a["w_hh"], None, None, None)],
                                       num_layers=1, dropout=1.5), (), ValueError, r"dropout must be in \[0, 1\]")
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ backend is not under test")
+def test_kernel_rejects_strided_weights():
+    """The C++ kernel reads W_hh and the workspace as dense arrays: a direct call of the op with a strided
+    one is refused with the argument's name (the Python wrappers pass them contiguous)."""
+    from fastnn._backend import _C
+    a = _layer_args("lstm", torch.float32, 0, [3, 3], I=3, H=4, B=2)
+    w_hh = torch.randn(a["w_hh"].shape[1], a["w_hh"].shape[0]).t()  # same shape, transposed strides
+    args = (a["x"], a["batch_sizes"], a["w_ih"], w_hh, a["b_ih"], a["b_hh"], None, a["h0"], a["c0"], False)
+    with pytest.raises(RuntimeError, match="w_hh must be contiguous"):
+        _C.rnn_layer_forward_cpu("lstm", *args, True)
+    y, h, c, gates, aux, r = _C.rnn_layer_forward_cpu("lstm", *args[:3], a["w_hh"], *args[4:], True)
+    with pytest.raises(RuntimeError, match="w_hh must be contiguous"):
+        _C.rnn_layer_backward_cpu("lstm", torch.randn_like(y), torch.randn_like(h), torch.randn_like(c), a["x"],
+                                  a["batch_sizes"], a["w_ih"], w_hh, a["b_ih"], a["b_hh"], None, a["h0"], a["c0"], y,
+                                  gates, aux, r, False, True, True)
+    with pytest.raises(RuntimeError, match="gates must be contiguous"):
+        _C.rnn_layer_backward_cpu("lstm", torch.randn_like(y), torch.randn_like(h), torch.randn_like(c), a["x"],
+                                  a["batch_sizes"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], None, a["h0"],
+                                  a["c0"], y, gates.t().contiguous().t(), aux, r, False, True, True)
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])

@@ -395,6 +395,14 @@ std::vector<Tensor> backward_impl(const Layer& L, const Tensor& dy, const Tensor
   return {dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh, L.lstm ? dc : none()};
 }
 
+// The kernels read these through raw pointers as dense row-major arrays (the Python wrappers pass them
+// contiguous; a direct call of the op might not).
+void check_contiguous(const char* who, std::initializer_list<std::pair<const char*, const Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors) {
+    TORCH_CHECK(!t->defined() || t->is_contiguous(), who, ": ", name, " must be contiguous");
+  }
+}
+
 void check_dtype(const Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "rnn_layer (CPU kernel): float32 or float64 expected, got ", x.scalar_type());
@@ -407,6 +415,8 @@ std::vector<Tensor> rnn_layer_forward(const std::string& mode, const Tensor& x, 
                                       const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr,
                                       const Tensor& h0, const c10::optional<Tensor>& c0, bool reverse, bool train) {
   check_dtype(x);
+  check_contiguous("rnn_layer", {{"w_hh", &w_hh}});
+  if (b_hh) check_contiguous("rnn_layer", {{"b_hh", &*b_hh}});
   const Layer L(mode, x, batch_sizes, w_hh, w_hr, h0, reverse);
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnn_layer: b_ih and b_hh must be both given or both absent");
   TORCH_CHECK(!L.lstm || c0.has_value(), "rnn_layer: the LSTM needs c0");
@@ -422,6 +432,9 @@ std::vector<Tensor> rnn_layer_backward(const std::string& mode, const Tensor& dy
                                        const Tensor& gates, const Tensor& aux, const Tensor& r, bool reverse,
                                        bool want_dx, bool want_dweights) {
   check_dtype(x);
+  check_contiguous("rnn_layer_backward",
+                   {{"dy", &dy}, {"w_hh", &w_hh}, {"y", &y}, {"gates", &gates}, {"aux", &aux}, {"h0", &h0}});
+  if (c0) check_contiguous("rnn_layer_backward", {{"c0", &*c0}});
   const Layer L(mode, x, batch_sizes, w_hh, w_hr, h0, reverse);
   TORCH_CHECK(!L.lstm || (c0.has_value() && dc_n.has_value()), "rnn_layer_backward: the LSTM needs c0 and dc_n");
   TORCH_CHECK(gates.numel() == L.rows * L.G * L.H && aux.numel() == L.rows * L.H,
