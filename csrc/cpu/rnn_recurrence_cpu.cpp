@@ -12,6 +12,10 @@
 // k loops (without it: ~12% slower at B = 32, a third slower in a microbenchmark streaming W from L3);
 // every other step walks the blocks in reverse so that it starts on what is still in L2; the input part
 // of the gates is prefetched a few chunks before the gate math reads it.
+//
+// The backward's recurrence runs on the same machinery with another epilogue (BackwardStep): blocks are
+// groups of NB x 16 columns of W_hh, the dot products run over the G H gate gradients of the later step,
+// and the cell backward runs on the accumulators.
 #include "cpu/rnn_recurrence_cpu.h"
 
 #include <omp.h>
@@ -91,6 +95,7 @@ inline __mmask16 lanes_below(int64_t H, int64_t u) {
 //   prefetch(b, u0)    the epilogue's inputs of row b, block u0, into L2 (called a few chunks ahead)
 //   finish(b, u0, acc) the epilogue of row b, block u0, from its sums acc[kWidth] (null: no dot product)
 //   rows()             how many rows the step's epilogue covers; rows [n_dot, rows()) get finish(.., null)
+//   prefetch_lhs(b0, n, k1)  rows [b0, b0 + n) of the left operand's chunk at k1, while this chunk runs
 
 // Forward step: acc[g] = h_{t-1}[b] . W_hh[g H + u0 ..] for the G gates of 16 units; the gate math.
 template <int G>
