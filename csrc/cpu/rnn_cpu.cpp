@@ -240,26 +240,20 @@ std::vector<Tensor> backward_impl(const Layer& L, const Tensor& dy, const Tensor
           Tensor h_prev = h_prev_c.narrow(0, 0, n);
           L.gather_h_prev_into(y, h0, L.step(k0), L.step(k1 - 1), h_prev, r0);
           const Tensor x_rows = x.narrow(0, r0, n);
-          if (first) {
-            at::mm_out(dw_ih, dgx_rows.t(), x_rows);
-            at::mm_out(dw_hh, dgh_rows.t(), h_prev);
-          } else {
-            dw_ih.addmm_(dgx_rows.t(), x_rows);
-            dw_hh.addmm_(dgh_rows.t(), h_prev);
-          }
-          if (bias) {
+          // the first chunk overwrites (beta 0 ignores the uninitialised outputs), the later ones add
+          const double beta = first ? 0.0 : 1.0;
+          dw_ih.addmm_(dgx_rows.t(), x_rows, beta);
+          dw_hh.addmm_(dgh_rows.t(), h_prev, beta);
+          auto add_column_sums = [&](Tensor& acc, const Tensor& rows) {
             if (first) {
-              at::sum_out(db_ih, dgx_rows, 0);
+              at::sum_out(acc, rows, 0);
             } else {
-              db_ih.add_(dgx_rows.sum(0));
+              acc.add_(rows.sum(0));
             }
-            if (!L.lstm) {
-              if (first) {
-                at::sum_out(db_hh, dgh_rows, 0);
-              } else {
-                db_hh.add_(dgh_rows.sum(0));
-              }
-            }
+          };
+          if (bias) {
+            add_column_sums(db_ih, dgx_rows);
+            if (!L.lstm) add_column_sums(db_hh, dgh_rows);
           }
         }
         first = false;
