@@ -52,6 +52,10 @@ CASES = {
     "len2049": Case(batch=1, dim=16, length=2049, nstate=4, init=True),
     "n64": Case(batch=1, dim=20, length=40, nstate=64),
     "n256": Case(batch=1, dim=17, length=20, nstate=256),
+    # N = 16 has its own CPU instantiation (states in registers, synced at sequence boundaries)
+    "seq_idx_n16": Case(init=True, seq="seq_idx", nstate=16),
+    "cu_seqlens_n16": Case(batch=1, length=53, init=True, seq="cu_seqlens", nstate=16),
+    "fixed_bc_n16": Case(dim=21, bc="fixed", init=True, nstate=16),
 }
 
 
@@ -201,7 +205,7 @@ def test_kernel_float64_matches_reference(backend, name):
 @pytest.mark.parametrize("device", ["cpu", cuda_param("cuda")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["mamba", "groups_odd", "fixed_bc", "init", "seq_idx", "cu_seqlens", "len1",
-                                  "len2049", "n64", "n256"])
+                                  "len2049", "n64", "n256", "seq_idx_n16", "cu_seqlens_n16", "fixed_bc_n16"])
 def test_kernel_matches_float64_reference_at_mamba_tolerance(device, dtype, name):
     if device == "cpu" and "cpp" not in CPU_BACKENDS:
         pytest.skip("fastnn._C not built")

@@ -59,7 +59,8 @@ def _conv_cases(device, quick, dtype):
                         work=2 * nbytes, check=_close(tol)))
         xl, wl, bl = (t.clone().requires_grad_() for t in (x, w, b))
 
-        def fwd_bwd(fn):
+        def fwd_bwd(fn, xl=xl, wl=wl, bl=bl, dout=dout):
+            # this shape's tensors bound now: a plain closure would see the loop's last shape at call time
             return lambda: torch.autograd.grad(fn(xl, wl, bl), (xl, wl, bl), dout)[0]
 
         out.append(Case("ssm_conv", f"causal_conv1d fwd+bwd[{backend}]", shape, dname, fwd_bwd(ours),

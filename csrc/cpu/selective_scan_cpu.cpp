@@ -461,6 +461,33 @@ struct SlabState {
   }
 };
 
+// One step's update of the N states in `h` and its y before the gate (D u included). Inlined into the
+// step loop, so with a fixed kN the loop over the states unrolls fully and a local `h` lives in
+// registers (GCC unrolls neither a 16-trip loop of this size nor keeps a vector's data in registers).
+template <typename acc_t, bool kBFixed, bool kCFixed, int kN, bool kRecord>
+inline __attribute__((always_inline)) VecOf<acc_t> scan_one_step(const SlabState<acc_t>& st, int64_t N, VecOf<acc_t> dt,
+                                                                  VecOf<acc_t> dtu, VecOf<acc_t> y, const acc_t* Bt,
+                                                                  const acc_t* Ct, VecOf<acc_t>* h, VecOf<acc_t>* HP,
+                                                                  VecOf<acc_t>* AA) {
+  using V = VecOf<acc_t>;
+  const V* A = st.A.data();
+  V y1 = splat<V>(acc_t(0));  // two partial sums halve the latency chain of y through the states
+#pragma GCC unroll 16
+  for (int64_t n = 0; n < N; ++n) {
+    const V a = decay(dt, A[n]);
+    const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
+    const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
+    if (kRecord) {
+      HP[n] = h[n];
+      AA[n] = a;
+    }
+    h[n] = fmadd(a, h[n], dtu * bn);
+    if (n & 1) y1 = fmadd(h[n], cn, y1);
+    else y = fmadd(h[n], cn, y);
+  }
+  return y + y1;
+}
+
 // Steps [t0, t0 + T) of one slab from state h (updated in place), the chunk staged in buf: y before the
 // gate into buf.Y; with kRecord, each step's previous state and decay into buf.HP / buf.AA (the
 // backward's recompute). Per-sequence final states are stored at sequence ends when store_last.
@@ -470,31 +497,41 @@ void scan_steps(const Scan<acc_t>& p, const SlabState<acc_t>& st, int64_t t0, in
   using V = VecOf<acc_t>;
   const int64_t N = kN > 0 ? kN : p.nstate;
   const Slab& s = st.s;
-  const V* A = st.A.data();
+  // With kN fixed the state is carried in `local` (registers) and synced with `h` only around the rare
+  // sequence-boundary loads / stores; `local` is indexed by constants only, so it never needs memory.
+  V local[kN > 0 ? kN : 1];
+  V* hs = h;
+  if constexpr (kN > 0) {
+    for (int n = 0; n < kN; ++n) local[n] = h[n];
+  }
   for (int64_t t = 0; t < T; ++t) {
     const int64_t tt = t0 + t;
     if (prefetch != nullptr) prefetch->step();
-    if (tt > 0 && p.seq_idx != nullptr && p.is_start(s.b, tt))
+    if (tt > 0 && p.seq_idx != nullptr && p.is_start(s.b, tt)) {
       load_state(p.init, p.state_row(s.b, tt, false), p, s, h);
-    const V dt = buf.DT[t], dtu = buf.DTU[t];
+      if constexpr (kN > 0) {
+        for (int n = 0; n < kN; ++n) local[n] = h[n];
+      }
+    }
+    const V dt = buf.DT[t], dtu = buf.DTU[t], y0 = st.D_v * buf.U[t];
     const acc_t* Bt = buf.Bs.data() + t * N;
     const acc_t* Ct = buf.Cs.data() + t * N;
-    // two partial sums halve the latency chain of y through the states
-    V y = st.D_v * buf.U[t], y1 = splat<V>(acc_t(0));
-    for (int64_t n = 0; n < N; ++n) {
-      const V a = decay(dt, A[n]);
-      const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
-      const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
-      if (kRecord) {
-        buf.HP[t * N + n] = h[n];
-        buf.AA[t * N + n] = a;
-      }
-      h[n] = fmadd(a, h[n], dtu * bn);
-      if (n & 1) y1 = fmadd(h[n], cn, y1);
-      else y = fmadd(h[n], cn, y);
+    V* HP = kRecord ? buf.HP.data() + t * N : nullptr;
+    V* AA = kRecord ? buf.AA.data() + t * N : nullptr;
+    if constexpr (kN > 0) {
+      buf.Y[t] = scan_one_step<acc_t, kBFixed, kCFixed, kN, kRecord>(st, kN, dt, dtu, y0, Bt, Ct, local, HP, AA);
+    } else {
+      buf.Y[t] = scan_one_step<acc_t, kBFixed, kCFixed, kN, kRecord>(st, N, dt, dtu, y0, Bt, Ct, hs, HP, AA);
     }
-    buf.Y[t] = y + y1;
-    if (store_last && p.per_seq && p.is_end(s.b, tt)) store_state(p.last, p.state_row(s.b, tt, true), p, s, h);
+    if (store_last && p.per_seq && p.is_end(s.b, tt)) {
+      if constexpr (kN > 0) {
+        for (int n = 0; n < kN; ++n) h[n] = local[n];
+      }
+      store_state(p.last, p.state_row(s.b, tt, true), p, s, h);
+    }
+  }
+  if constexpr (kN > 0) {
+    for (int n = 0; n < kN; ++n) h[n] = local[n];
   }
 }
 
@@ -575,6 +612,35 @@ void forward_task(const Scan<acc_t>& p, const Slab* slabs, int count, Buffers<ac
 
 // ---------------------------------------------------------------- backward
 
+// One step of the adjoint over the N states (the loop of backward_chunk, inlined and, with a fixed N,
+// unrolled so that g stays in registers): g becomes g_t a_t; d(dt) and gB accumulate.
+template <typename acc_t, bool kBFixed, bool kCFixed>
+inline __attribute__((always_inline)) void adjoint_one_step(SlabState<acc_t>& st, int64_t N, VecOf<acc_t> dt,
+                                                            VecOf<acc_t> dtu, VecOf<acc_t> dy, const acc_t* Bt,
+                                                            const acc_t* Ct, const VecOf<acc_t>* HP,
+                                                            const VecOf<acc_t>* AA, VecOf<acc_t>* PB,
+                                                            VecOf<acc_t>* PC, VecOf<acc_t>* g, VecOf<acc_t>& gB,
+                                                            VecOf<acc_t>& ddt) {
+  using V = VecOf<acc_t>;
+  const V* A = st.A.data();
+#pragma GCC unroll 16
+  for (int64_t n = 0; n < N; ++n) {
+    const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
+    const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
+    const V hn = fmadd(AA[n], HP[n], dtu * bn);  // h_t
+    const V gn = fmadd(cn, dy, g[n]);            // dL/dh_t
+    const V ghA = gn * HP[n] * AA[n];
+    ddt = fmadd(ghA, A[n], ddt);  // times 1 / a_scale below
+    st.dA[n] = fmadd(ghA, dt, st.dA[n]);
+    gB = fmadd(gn, bn, gB);
+    if (kBFixed) st.dBf[n] = fmadd(gn, dtu, st.dBf[n]);
+    else PB[n] = fmadd(gn, dtu, PB[n]);
+    if (kCFixed) st.dCf[n] = fmadd(hn, dy, st.dCf[n]);
+    else PC[n] = fmadd(hn, dy, PC[n]);
+    g[n] = gn * AA[n];  // carried to step t - 1
+  }
+}
+
 // One chunk of one slab, backwards: recompute the chunk's states from the saved one, then the adjoint
 // g (st.h holds g_{t0+T} a_{t0+T} on entry, g_{t0} a_{t0} on exit). Per-step dB / dC go to the task's
 // lane vectors PB / PC ([t][n], summed over the task's slabs; the lanes are added once per task).
@@ -585,7 +651,6 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
   constexpr int W = Lanes<acc_t>::W;
   const int64_t N = kN > 0 ? kN : p.nstate, L = p.len;
   const Slab& s = st.s;
-  const V* A = st.A.data();
   const V zero = splat<V>(acc_t(0));
   stage_chunk(p, s, t0, T, buf, st.bias_v, true);
   // Recompute: previous state HP and decay AA of every step, y before the gate.
@@ -596,14 +661,23 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
   }
   if (prefetch != nullptr) prefetch->plan(T);
   scan_steps<acc_t, kBFixed, kCFixed, kN, true>(p, st, t0, T, buf, h, false, prefetch);
+  // The adjoint g: in `local` (registers) when kN is fixed, as the forward's state in scan_steps.
   V* g = st.h.data();
+  V local[kN > 0 ? kN : 1];
+  if constexpr (kN > 0) {
+    for (int n = 0; n < kN; ++n) local[n] = g[n];
+  }
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t tt = t0 + t;
     if (p.dlast != nullptr && p.is_end(s.b, tt)) {
       const int64_t r = p.state_row(s.b, tt, tt == L - 1);
       if (r >= 0) {
         load_state(p.dlast, r, p, s, h);  // h is free now: borrow it
-        for (int64_t n = 0; n < N; ++n) g[n] += h[n];
+        if constexpr (kN > 0) {
+          for (int n = 0; n < kN; ++n) local[n] += h[n];
+        } else {
+          for (int64_t n = 0; n < N; ++n) g[n] += h[n];
+        }
       }
     }
     V dy = buf.DO[t];
@@ -622,27 +696,23 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
     V* PB = buf.PB.data() + t * N;
     V* PC = buf.PC.data() + t * N;
     V gB = zero, ddt = zero;
-    for (int64_t n = 0; n < N; ++n) {
-      const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
-      const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
-      const V hn = fmadd(AA[n], HP[n], dtu * bn);  // h_t
-      const V gn = fmadd(cn, dy, g[n]);            // dL/dh_t
-      const V ghA = gn * HP[n] * AA[n];
-      ddt = fmadd(ghA, A[n], ddt);  // times 1 / a_scale below
-      st.dA[n] = fmadd(ghA, dt, st.dA[n]);
-      gB = fmadd(gn, bn, gB);
-      if (kBFixed) st.dBf[n] = fmadd(gn, dtu, st.dBf[n]);
-      else PB[n] = fmadd(gn, dtu, PB[n]);
-      if (kCFixed) st.dCf[n] = fmadd(hn, dy, st.dCf[n]);
-      else PC[n] = fmadd(hn, dy, PC[n]);
-      g[n] = gn * AA[n];  // carried to step t - 1
+    if constexpr (kN > 0) {
+      adjoint_one_step<acc_t, kBFixed, kCFixed>(st, kN, dt, dtu, dy, Bt, Ct, HP, AA, PB, PC, local, gB, ddt);
+    } else {
+      adjoint_one_step<acc_t, kBFixed, kCFixed>(st, N, dt, dtu, dy, Bt, Ct, HP, AA, PB, PC, g, gB, ddt);
     }
     if (p.is_start(s.b, tt)) {
       // The state before this step was the segment's start state: its gradient is g (already times
       // a_t); nothing flows into the previous segment.
       const int64_t r = p.state_row(s.b, tt, tt == 0);
+      if constexpr (kN > 0) {
+        for (int n = 0; n < kN; ++n) g[n] = local[n];
+      }
       if (p.dinit != nullptr && r >= 0) store_state(p.dinit, r, p, s, g);
       for (int64_t n = 0; n < N; ++n) g[n] = zero;
+      if constexpr (kN > 0) {
+        for (int n = 0; n < kN; ++n) local[n] = zero;
+      }
     }
     ddt = fmadd(gB, u, ddt * (acc_t(1) / a_scale<acc_t>()));
     buf.DU[t] = fmadd(gB, dt, dy * st.D_v);
@@ -652,6 +722,9 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
     }
     st.dbias += ddt;
     buf.DDT[t] = ddt;
+  }
+  if constexpr (kN > 0) {
+    for (int n = 0; n < kN; ++n) g[n] = local[n];
   }
   char* rows[W];
   auto tile = [&](char* base, const std::vector<V>& src) {
