@@ -39,42 +39,8 @@ namespace {
 
 using at::Tensor;
 
-// natural log of 16 positive normal floats (Cephes' logf polynomial on [sqrt(1/2), sqrt(2))).
-inline VF vlog(VF x) {
-  VI bits = (VI)x;
-  VI e = ((bits >> 23) & 0xff) - 127;
-  VF m = (VF)((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
-  const auto big = m > splat<VF>(1.41421356f);
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
-  const VF f = m - 1.0f;
-  VF p = splat<VF>(7.0376836292e-2f);
-  p = fmadd(p, f, splat<VF>(-1.1514610310e-1f));
-  p = fmadd(p, f, splat<VF>(1.1676998740e-1f));
-  p = fmadd(p, f, splat<VF>(-1.2420140846e-1f));
-  p = fmadd(p, f, splat<VF>(1.4249322787e-1f));
-  p = fmadd(p, f, splat<VF>(-1.6668057665e-1f));
-  p = fmadd(p, f, splat<VF>(2.0000714765e-1f));
-  p = fmadd(p, f, splat<VF>(-2.4999993993e-1f));
-  p = fmadd(p, f, splat<VF>(3.3333331174e-1f));
-  const VF f2 = f * f;
-  VF y = f2 * f * p;
-  const VF ef = __builtin_convertvector(e, VF);
-  y = fmadd(ef, splat<VF>(-2.12194440e-4f), y);
-  y = fmadd(f2, splat<VF>(-0.5f), y);
-  return fmadd(ef, splat<VF>(0.693359375f), f + y);
-}
-
-// softplus with torch's threshold: x above 20 passes through; else log1p(exp(x)) as
-// max(x, 0) + log1p(exp(-|x|)), log1p(w) = log(1 + w) * w / ((1 + w) - 1) (exact-rounding correction).
-inline VF vsoftplus(VF x) {
-  const VF w = vexp(-(x > 0 ? x : -x));
-  const VF onep = w + 1.0f;
-  const VF den = onep - 1.0f;
-  const VF l1p = den == 0 ? w : vlog(onep) * (w / (den == 0 ? splat<VF>(1.0f) : den));
-  const VF sp = vmax(x, splat<VF>(0.0f)) + l1p;
-  return x > ssm::kSoftplusThreshold ? x : sp;
-}
+// softplus with torch's threshold (vec_math.h's vsoftplus)
+inline VF vsoftplus(VF x) { return fastnn::cpu::vsoftplus(x, ssm::kSoftplusThreshold); }
 inline VD vsoftplus(VD x) {
   for (int i = 0; i < 8; ++i) x[i] = ssm::softplus(x[i]);
   return x;
