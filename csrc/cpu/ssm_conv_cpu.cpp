@@ -436,7 +436,6 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
       std::vector<acc_t> cat(S + T);
       // pre-activations of rows lo..hi (out's layout), the silu applied afterwards in one vector pass
       std::vector<acc_t> pre((hi - lo) * T);
-      acc_t* pr = pre.data() - lo * T;
       // b and d by counters: two integer divisions per row cost more than the row's convolution
       int64_t b = lo / D, d = lo % D;
       for (int64_t row = lo; row < hi; ++row, d = d + 1 == D ? (++b, 0) : d + 1) {
@@ -449,9 +448,9 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
           // sums in the same order as the general loop below
           const acc_t b0 = bp ? bp[d] : acc_t(0);
           switch (W) {
-            case 2: pr[row] = decode_conv_row<2>(sr, xr[0], wd, b0); break;
-            case 3: pr[row] = decode_conv_row<3>(sr, xr[0], wd, b0); break;
-            default: pr[row] = decode_conv_row<4>(sr, xr[0], wd, b0); break;
+            case 2: pre[row - lo] = decode_conv_row<2>(sr, xr[0], wd, b0); break;
+            case 3: pre[row - lo] = decode_conv_row<3>(sr, xr[0], wd, b0); break;
+            default: pre[row - lo] = decode_conv_row<4>(sr, xr[0], wd, b0); break;
           }
         } else if (seqlens == nullptr) {
           // the window [state, new steps] is read whole before the state row is overwritten
@@ -460,7 +459,7 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
           for (int64_t t = 0; t < T; ++t) {
             acc_t s = bp ? bp[d] : acc_t(0);
             for (int64_t k = 0; k < W; ++k) s += wd[k] * cat[S - (W - 1) + t + k];
-            pr[row * T + t] = s;
+            pre[(row - lo) * T + t] = s;
           }
           for (int64_t i = 0; i < S; ++i) sr[i] = static_cast<scalar_t>(cat[i + T]);
         } else {
@@ -472,7 +471,7 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
           for (int64_t t = 0; t < T; ++t) {
             acc_t s = bp ? bp[d] : acc_t(0);
             for (int64_t k = 0; k < W; ++k) s += wd[k] * cat[t + k];
-            pr[row * T + t] = s;
+            pre[(row - lo) * T + t] = s;
           }
           for (int64_t t = T > S ? T - S : 0; t < T; ++t) sr[(p + t) % S] = xr[t];
         }
