@@ -533,20 +533,17 @@ void ssu_kernel(state_t* state, const scalar_t* x, const scalar_t* dt, const at:
     }
     if (z) {
       for (int64_t i = 0; i < n_rows; ++i) gate[i] = static_cast<acc_t>(z[lo + i]);
+      silu_inplace(gate.data(), n_rows);
     }
+    if (softplus) {
 #if defined(__AVX512F__)
-    if constexpr (std::is_same<acc_t, float>::value) {
-      // explicit vector code: the scalar-shaped softplus did not vectorise (a division per row)
-      if (softplus) map16(dts.data(), n_rows, [](VF v) { return vsoftplus(v, ssm::kSoftplusThreshold); });
-      if (z) map16(gate.data(), n_rows, [](VF v) { return v * vsigmoid(v); });
-    } else
+      if constexpr (std::is_same<acc_t, float>::value) {
+        // explicit vector code: the scalar-shaped softplus did not vectorise (a division per row)
+        map16(dts.data(), n_rows, [](VF v) { return vsoftplus(v, ssm::kSoftplusThreshold); });
+      } else
 #endif
-    {
-      if (softplus) {
+      {
         for (int64_t i = 0; i < n_rows; ++i) dts[i] = softplus_t(dts[i]);
-      }
-      if (z) {
-        for (int64_t i = 0; i < n_rows; ++i) gate[i] = gate[i] * sigmoid_t(gate[i]);
       }
     }
     int64_t loaded = -1;  // the (b, group) row held in bv / cv
