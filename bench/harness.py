@@ -33,6 +33,9 @@ class Case:
     work: float = 0.0
     check: Optional[Callable[[object, object], bool]] = None  # ours vs peer output agreement
     peak_memory: bool = False     # also record the peak memory of one call of each (CUDA only)
+    # seconds of timed calls for this case instead of the default (1 s, 0.3 quick): for comparisons near
+    # parity, where the 3 repeats a 0.3 s call gets cannot tell a few per cent from this machine's noise
+    budget_s: Optional[float] = None
 
 
 def _sync(device: str) -> None:
@@ -54,10 +57,11 @@ def time_call(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t
 
 
-def time_pair(ours: Callable, peer: Optional[Callable], device: str, quick: bool) -> tuple:
+def time_pair(ours: Callable, peer: Optional[Callable], device: str, quick: bool,
+              budget_s: Optional[float] = None) -> tuple:
     """Median seconds of ours and peer, alternating calls after one untimed call of each. Repeats adapt to
-    the slower of the two so a case takes about 1 s (0.3 s quick); a call of over 1 s is timed twice (its
-    first timed call counts)."""
+    the slower of the two so a case takes about budget_s (default 1 s, 0.3 s quick; at least 3 repeats); a
+    call of over 1 s is timed twice (its first timed call counts)."""
     fns = [ours] + ([peer] if peer is not None else [])
     # The first call of a torch custom op pays a one-time set-up (~1.5 s on the CPU machine, independent of
     # the input): one untimed call of each (both, so cases that step a state in place stay in step).
@@ -68,12 +72,12 @@ def time_pair(ours: Callable, peer: Optional[Callable], device: str, quick: bool
         _sync(device)
         first.append(time_call(fn, device))
     slowest = max(first)
-    budget = 0.3 if quick else 1.0
+    budget = budget_s if budget_s is not None else (0.3 if quick else 1.0)
     if slowest > 1.0:
         repeats = 1
         samples = [[f] for f in first]
     else:
-        repeats = int(min(max(budget / max(slowest, 1e-6), 3), 25 if quick else 100))
+        repeats = int(min(max(budget / max(slowest, 1e-6), 3), 25 if quick and budget_s is None else 100))
         samples = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
@@ -161,7 +165,7 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
     records = []
     for c in cases:
         try:
-            ours_s, peer_s = time_pair(c.ours, c.peer_fn, device, quick)
+            ours_s, peer_s = time_pair(c.ours, c.peer_fn, device, quick, c.budget_s)
         except torch.OutOfMemoryError:
             print(f"{c.suite} {c.case} {c.shape}: out of memory, skipped", flush=True)
             continue

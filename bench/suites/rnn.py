@@ -8,8 +8,9 @@
   persistent (CUDA): the same layers with the persistent kernels (forward and the backward's recurrence)
   switched on (fastnn.ops.rnn.PERSISTENT), where they fit.
   packed: a PackedSequence with lengths spread evenly between T / 4 and T, against the same layer on a
-  padded batch holding as many tokens (the issue's "no slower than padded of the same total length"),
-  and against torch.nn on the same PackedSequence.
+  padded batch holding as many tokens (the issue's "no slower than padded of the same total length"; timed
+  over more pairs, the ratio being near 1), on the batch padded to its longest sequence, and against
+  torch.nn on the same PackedSequence.
 """
 from __future__ import annotations
 
@@ -146,8 +147,14 @@ def _packed_cases(device, dtype, quick):
         padded = torch.randn(T_same, B, I, device=device, dtype=dtype)
         shape = f"B={B},H={H},T<={T},tokens={tokens}"
         flops = _flops(kind, tokens, I, H)
+        # Both sides do the same flops at the same GEMM rate: the ratio sits near 1, and on the noisy 2-core
+        # CPU a median of 3 pairs (the default for 0.3 s calls) scattered 0.89-1.06 between runs.
         out.append(Case("rnn", f"{kind} packed fwd+bwd", shape, dname, _fwd_bwd(ours, packed),
-                        f"ours padded T={T_same}", _fwd_bwd(ours, padded), metric="TFLOP/s", work=3 * flops))
+                        f"ours padded T={T_same}", _fwd_bwd(ours, padded), metric="TFLOP/s", work=3 * flops,
+                        budget_s=None if device == "cuda" else (3.0 if quick else 8.0)))
+        if not quick:  # what a torch user without packing runs: every sequence padded to the longest
+            out.append(Case("rnn", f"{kind} packed fwd+bwd", shape, dname, _fwd_bwd(ours, packed),
+                            f"ours padded T={T}", _fwd_bwd(ours, x), metric="TFLOP/s", work=3 * flops))
         out.append(Case("rnn", f"{kind} packed fwd+bwd", shape, dname, _fwd_bwd(ours, packed),
                         f"torch.nn.{kind} packed", _fwd_bwd(theirs, packed), metric="TFLOP/s", work=3 * flops))
         out.append(Case("rnn", f"{kind} packed fwd", shape, dname, _fwd(ours, packed),
