@@ -155,17 +155,34 @@ def test_layer_kernel_matches_reference(backend, dtype, mode, proj, reverse, len
 FUSED_SHAPES = [(7, 20, [5]), (9, 48, [7, 7, 5, 3, 3]), (16, 48, [6] * 32), (12, 33, [4] * 5), (64, 512, [5] * 32),
                 (32, 512, [9, 8, 8, 6, 5, 5, 3, 2, 1, 1]), (8, 16, [3, 2, 2, 1]), (16, 48, [40] * 32),
                 (12, 20, [700, 600, 410]), (12, 100, [5, 4, 2])]
+# From 2048 rows (I <= 1024) the input projection runs as brgemm tiles (rnn_cpu.cpp's gemm_rows): packed,
+# with and without biases; 2360 rows, so inference's 1024-row chunks start off the 64-row tile grid.
+LONG_PACKED = [300, 280, 270, 250, 240, 230, 220, 210, 200, 160]
+FUSED_CASES = [(I, H, lengths, True) for I, H, lengths in FUSED_SHAPES] + [(24, 20, LONG_PACKED, True),
+                                                                          (24, 20, LONG_PACKED, False)]
+
+
+def _blas_projection_reproducible(a, threads):
+    """Whether torch.addmm gives the layer's input projection the same bits on one thread as on `threads`."""
+    bias = a["b_ih"] if a["b_ih"] is not None else torch.zeros(a["w_ih"].shape[0])
+    many = torch.addmm(bias, a["x"], a["w_ih"].t())
+    torch.set_num_threads(1)
+    try:
+        one = torch.addmm(bias, a["x"], a["w_ih"].t())
+    finally:
+        torch.set_num_threads(threads)
+    return torch.equal(one, many)
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ backend is not under test")
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("I,H,lengths", FUSED_SHAPES)
-def test_fused_recurrence_float32(mode, reverse, I, H, lengths):
+@pytest.mark.parametrize("I,H,lengths,bias", FUSED_CASES)
+def test_fused_recurrence_float32(mode, reverse, I, H, lengths, bias):
     """Inference and training forward vs the float64 reference, the gradients of training, and the same
     bits on one thread as on all (each unit's sums are one thread's, in a fixed order)."""
     torch.manual_seed(0)
-    a = _layer_args(mode, torch.float32, 0, lengths, I=I, H=H, B=len(lengths))
+    a = _layer_args(mode, torch.float32, 0, lengths, bias=bias, I=I, H=H, B=len(lengths))
     for k in ("w_ih", "w_hh"):  # torch.nn's scale: at H = 512 the tests' 0.3 saturates every gate
         a[k] = a[k] / 0.3 * min(0.3, H ** -0.5)
     names = ("x", "batch_sizes", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
@@ -187,23 +204,31 @@ def test_fused_recurrence_float32(mode, reverse, I, H, lengths):
         train = [t for t in rnn_ops._layer(mode, *(mine[k] for k in names), reverse) if t is not None]
         cotangents = [torch.randn_like(t) for t in train]
         torch.autograd.backward(train, cotangents)
-        # the backward's recurrence on one thread: dh0 / dc0 come from it alone (dx and the weight
-        # gradients also go through BLAS), so they must be the same bits
+        # the backward's recurrence on one thread, from the same forward: dh0 / dc0 come from it alone (dx
+        # and the weight gradients also go through BLAS), so they must be the same bits
+        initial = [a[k].clone().requires_grad_() for k in ("h0", "c0") if a[k] is not None]
+        outs = [t for t in rnn_ops._layer(mode, *(a[k] for k in names[:7]), *initial, *([None] * (2 - len(initial))),
+                                          reverse) if t is not None]
         torch.set_num_threads(1)
         try:
-            initial = [a[k].clone().requires_grad_() for k in ("h0", "c0") if a[k] is not None]
-            outs = [t for t in rnn_ops._layer(mode, *(a[k] for k in names[:7]), *initial, *([None] * (2 - len(initial))),
-                                              reverse) if t is not None]
             grads_one = torch.autograd.grad(outs, initial, cotangents)
         finally:
             torch.set_num_threads(threads)
     for k, g in zip(("h0", "c0"), grads_one):
         assert torch.equal(g, mine[k].grad), f"grad of {k}: one thread differs from {threads}"
     torch.autograd.backward(want, [c.double() for c in cotangents])
+    # The input projection goes through BLAS below 2048 rows, and MKL's sgemm on the AMD CI machine gives
+    # other bits on one thread than on two for small shapes (5 x 7 x 80: 1e-6 apart); the one-thread
+    # forward is then only as close as the float32 tolerance. From 2048 rows it is brgemm tiles, one
+    # thread per tile: the same bits.
+    blas_fixed = sum(lengths) >= 2048 or _blas_projection_reproducible(a, threads)
     for i, (g, t, o, w) in enumerate(zip(infer, train, one, want)):
         assert_rel_close(g, w, torch.float32, f"output {i}")
         assert torch.equal(g, t), f"output {i}: training and inference forwards differ"
-        assert torch.equal(g, o), f"output {i}: one thread differs from {threads}"
+        if blas_fixed:
+            assert torch.equal(g, o), f"output {i}: one thread differs from {threads}"
+        else:
+            assert_rel_close(o, w, torch.float32, f"output {i} on one thread")
     for k in names:
         if k != "batch_sizes" and a[k] is not None:
             assert_rel_close(mine[k].grad, leaves[k].grad, torch.float32, f"grad of {k}")
