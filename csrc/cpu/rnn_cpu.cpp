@@ -12,7 +12,6 @@
 // gate backward (in float32 without projection: one fused recurrence again); the weight gradients are one
 // GEMM each over all steps at the end, never per step.
 #include <torch/extension.h>
-#include <ATen/native/CPUBlas.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -20,6 +19,7 @@
 
 #include "common/alloc.h"
 #include "common/rnn_math.h"
+#include "cpu/brgemm.h"
 #include "cpu/rnn_recurrence_cpu.h"
 #include "cpu/rnn_steps.h"
 #include "families/rnn.h"
@@ -31,13 +31,11 @@ namespace {
 using at::Tensor;
 
 // C[rows, N] = A[rows, K] B[K, N] (+ bias[N] on every row), all row-major and contiguous (A rows K apart,
-// B and C rows N apart), float32, in 64 x 64 tiles through torch's brgemm (oneDNN's kernels where torch
-// has them). Threads take contiguous ranges of tiles in row-major order, so each maps mostly its own
-// pages of a fresh C. Why not at::mm: on the AMD 2-core machine MKL's sgemm ran the input projection
+// B and C rows N apart), float32, in 64 x 64 tiles through brgemm.h's gemm (torch's brgemm: oneDNN's
+// kernels). Threads take contiguous ranges of tiles in row-major order, so each maps mostly its own pages
+// of a fresh C. Why not at::mm: on the AMD 2-core machine MKL's sgemm ran the input projection
 // (1024 x 512 x 2048) at ~180 GFLOP/s and these tiles at ~210 (FMA peak ~230): the LSTM forward at
 // B = 32, H = 512, T = 256 went from 187 to 175 ms (interleaved medians).
-#if defined(CPUBLAS_BRGEMM_F32F32F32)
-constexpr bool kHaveBrgemm = true;
 void gemm_rows(const float* A, const float* B, const float* bias, float* C, int64_t rows, int64_t K, int64_t N,
                int threads) {
   constexpr int64_t kT = 64;
@@ -52,17 +50,10 @@ void gemm_rows(const float* A, const float* B, const float* bias, float* C, int6
       if (bias) {
         for (int64_t r = 0; r < mt; ++r) std::copy(bias + n0, bias + n0 + nw, c + r * N);
       }
-      at::native::cpublas::brgemm(mt, nw, K, K, N, N, bias != nullptr, A + m0 * K, B + n0, c, /*is_vnni=*/false);
+      gemm(mt, nw, K, A + m0 * K, K, B + n0, N, c, N, /*add=*/bias != nullptr);
     }
-    at::native::cpublas::brgemm_release(false);
   }
 }
-#else
-constexpr bool kHaveBrgemm = false;
-void gemm_rows(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int) {
-  TORCH_CHECK(false, "rnn: gemm_rows needs torch's fp32 brgemm");
-}
-#endif
 using namespace rnn_steps;
 
 // Geometry of one layer and direction over a packed batch.
@@ -127,7 +118,7 @@ std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& 
       // brgemm tiles for the input projection from a few thousand rows (at 1024 rows no gain was measured,
       // and W_ih^T's copy per call weighs on small calls) while a 64-column tile of W_ih^T (I x 64 floats)
       // fits in L2. The backward's dx through the same tiles measured even at H = 512 and 0.7x at H = 1024.
-      const bool tiles = kHaveBrgemm && L.rows >= 2048 && x.size(1) <= 1024;
+      const bool tiles = FASTNN_HAVE_BRGEMM && L.rows >= 2048 && x.size(1) <= 1024;
       const Tensor w_ih_t = tiles ? w_ih.t().contiguous() : Tensor();  // B of x W_ih^T, (I, G H)
       auto project_rows = [&](int64_t r0, int64_t r1, Tensor out) {
         if (!tiles) return project(r0, r1, out);

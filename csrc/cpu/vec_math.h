@@ -129,6 +129,7 @@ inline VF vsoftplus(VF x, float threshold) {
   const VF sp = vmax(x, splat<VF>(0.0f)) + l1p;
   return x > threshold ? x : sp;
 }
+
 // logistic sigmoid 1 / (1 + e^-x): the relative error of vexp (~1e-7) carries over, no cancellation
 inline VF vsigmoid(VF x) { return 1.0f / (1.0f + vexp(-x)); }
 
