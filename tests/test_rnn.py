@@ -152,9 +152,11 @@ def test_layer_kernel_matches_reference(backend, dtype, mode, proj, reverse, len
 # and not), microkernel row blocks of up to 6 / 8 rows (B = 1, 5, 32), packed steps, and inference's input
 # projection and the backward's gate gradients in chunks of ~1024 rows (the long cases run several chunks);
 # the backward's groups of 4 / 2 / 1 blocks, partial ones included (H = 100: 4 + 3 blocks on 2 threads).
+# The forward walks K = H whole up to 1024 (LSTM) / 1365 (GRU) units and in chunks of 512 beyond (H = 1400:
+# 512 + 512 + 376, partial sums between them); the backward always in chunks of 128.
 FUSED_SHAPES = [(7, 20, [5]), (9, 48, [7, 7, 5, 3, 3]), (16, 48, [6] * 32), (12, 33, [4] * 5), (64, 512, [5] * 32),
                 (32, 512, [9, 8, 8, 6, 5, 5, 3, 2, 1, 1]), (8, 16, [3, 2, 2, 1]), (16, 48, [40] * 32),
-                (12, 20, [700, 600, 410]), (12, 100, [5, 4, 2])]
+                (12, 20, [700, 600, 410]), (12, 100, [5, 4, 2]), (6, 1400, [3, 3, 2])]
 # From 2048 rows (I <= 1024) the input projection runs as brgemm tiles (rnn_cpu.cpp's gemm_rows): packed,
 # with and without biases; 2360 rows, so inference's 1024-row chunks start off the 64-row tile grid.
 LONG_PACKED = [300, 280, 270, 250, 240, 230, 220, 210, 200, 160]
