@@ -575,7 +575,7 @@ def test_bad_inputs_name_the_argument():
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ backend is not under test")
 def test_kernel_rejects_strided_weights():
-    """The C++ kernel reads W_hh and the workspace as dense arrays: a direct call of the op with a strided
+    """The C++ kernel reads x, the weights and the workspace as dense arrays: a direct call of the op with a strided
     one is refused with the argument's name (the Python wrappers pass them contiguous)."""
     from fastnn._backend import _C
     a = _layer_args("lstm", torch.float32, 0, [3, 3], I=3, H=4, B=2)
@@ -583,6 +583,9 @@ def test_kernel_rejects_strided_weights():
     args = (a["x"], a["batch_sizes"], a["w_ih"], w_hh, a["b_ih"], a["b_hh"], None, a["h0"], a["c0"], False)
     with pytest.raises(RuntimeError, match="w_hh must be contiguous"):
         _C.rnn_layer_forward_cpu("lstm", *args, True)
+    x_strided = a["x"].t().contiguous().t()  # read by the input projection through a raw pointer
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        _C.rnn_layer_forward_cpu("lstm", x_strided, *args[1:3], a["w_hh"], *args[4:], True)
     y, h, c, gates, aux, r = _C.rnn_layer_forward_cpu("lstm", *args[:3], a["w_hh"], *args[4:], True)
     with pytest.raises(RuntimeError, match="w_hh must be contiguous"):
         _C.rnn_layer_backward_cpu("lstm", torch.randn_like(y), torch.randn_like(h), torch.randn_like(c), a["x"],

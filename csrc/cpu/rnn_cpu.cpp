@@ -458,7 +458,9 @@ std::vector<Tensor> rnn_layer_forward(const std::string& mode, const Tensor& x, 
                                       const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr,
                                       const Tensor& h0, const c10::optional<Tensor>& c0, bool reverse, bool train) {
   check_dtype(x);
-  check_contiguous("rnn_layer", {{"w_hh", &w_hh}});
+  // x, w_ih and b_ih too: the brgemm input projection reads them through raw pointers
+  check_contiguous("rnn_layer", {{"x", &x}, {"w_ih", &w_ih}, {"w_hh", &w_hh}});
+  if (b_ih) check_contiguous("rnn_layer", {{"b_ih", &*b_ih}});
   if (b_hh) check_contiguous("rnn_layer", {{"b_hh", &*b_hh}});
   const Layer L(mode, x, batch_sizes, w_hh, w_hr, h0, reverse);
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnn_layer: b_ih and b_hh must be both given or both absent");
