@@ -5,7 +5,7 @@ ahead-of-time compile test (tests/test_triton_aot.py) builds for sm_90 and sm_80
 """
 import importlib
 
-KERNEL_MODULES = ("attention", "boxes", "detect", "fpn", "rnn", "spp", "ssm")
+KERNEL_MODULES = ("attention", "boxes", "detect", "fpn", "rnn", "rnn_ln", "spp", "ssm")
 
 
 def all_aot_specs():

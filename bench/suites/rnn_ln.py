@@ -9,7 +9,8 @@ input: the code one would otherwise write.
            they equal the masks the reference is given)
 Floor: the GEMM flops, 2 * rows * 4H * (I + H) for the forward (input projection + recurrence) and 3x that for
 forward+backward, against the machine's matmul rate; the layer norms and gates add O(rows * H) work.
-No CUDA kernel exists yet, so the suite has no CUDA cases.
+On CUDA the module runs the Triton cells (kernels/rnn_ln.py); float32 only, as they compute (fp16 / bf16 are
+lifted to float32 by the op, on both devices).
 """
 from __future__ import annotations
 
@@ -58,10 +59,10 @@ def _ours(m, x, masks):
 _MASK_SEED = 7
 
 
-def _draw_masks(rows, H, zoneout, dtype):
+def _draw_masks(rows, H, zoneout, dtype, device):
     """The masks the module draws after torch.manual_seed(_MASK_SEED) (one layer: one draw)."""
     torch.manual_seed(_MASK_SEED)
-    return [torch.empty(rows, H, dtype=dtype).bernoulli_(zoneout)]
+    return [torch.empty(rows, H, dtype=dtype, device=device).bernoulli_(zoneout)]
 
 
 def _fwd(run, m, x):
@@ -87,17 +88,15 @@ def _fwd_bwd(run, m, x, masks, seed=1):
 
 
 def cases(device: str, quick: bool):
-    if device != "cpu":
-        return []
+    B, H, T, I = (16, 256, 64, 256) if device == "cpu" else (64, 512, 64, 512)
     dtype = torch.float32
-    B, H, T, I = 16, 256, 64, 256
     shape = f"B={B},H={H},T={T},I={I}"
     flops = 2 * T * B * 4 * H * (I + H)
-    x = torch.randn(T, B, I, dtype=dtype)
+    x = torch.randn(T, B, I, dtype=dtype, device=device)
     out = []
     for zoneout in ((0.0,) if quick else (0.0, 0.1)):
-        m = _module(I, H, zoneout, dtype)
-        masks = _draw_masks(T * B, H, zoneout, dtype) if zoneout else None
+        m = _module(I, H, zoneout, dtype).to(device)
+        masks = _draw_masks(T * B, H, zoneout, dtype, device) if zoneout else None
         label = "LayerNormLSTM" + (f" z={zoneout}" if zoneout else "")
         peer = "reference (torch ops)"
         out.append(Case("rnn_ln", f"{label} fwd", shape, "float32", _fwd(_ours, m, x), peer, _fwd(_reference, m, x),

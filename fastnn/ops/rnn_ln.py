@@ -7,7 +7,9 @@ Kernels:
   CPU   C++ (csrc/cpu/rnn_ln_cpu.cpp): the input projection and its layer norm for all steps up front, per
         step one GEMM with W_hh and a fused pass per row (layer norms, gates, cell, zoneout); weight
         gradients as one GEMM each after the recurrence. fp16 / bf16 run in float32 and are rounded back.
-  CUDA  none yet: CUDA tensors run the reference (logged once).
+  CUDA  Triton (kernels/rnn_ln.py): the same structure, per step one cuBLAS GEMM and one launch of the fused
+        cell (a program per row), forward and backward; float32 inside, like the CPU kernel (fp16 / bf16 are
+        lifted to float32 and rounded back). float64 runs the reference.
 Zoneout masks are drawn here with torch's RNG (Bernoulli(z) per unit, step, layer and direction) and given
 to the kernel, so a seed reproduces them and tests can pass their own.
 """
@@ -22,10 +24,15 @@ from torch.nn.utils.rnn import PackedSequence
 from .._backend import _C, pick
 from ..reference import rnn as ref
 from . import _checks
-from .rnn import (RNN_DTYPES, _compute_dtype, _contig, _lift, check_dropout, check_stacked_weights,
+from .rnn import (RNN_DTYPES, _compute_dtype, _contig, _fresh_empties, _lift, check_dropout, check_stacked_weights,
                   initial_states, pack_input, run_stacked, unpack_output, workspace_dtype)
 
-_PREFERENCE = {"cpu": ("cpp",)}
+try:  # the Triton cells (CUDA; CPU tensors under TRITON_INTERPRET=1)
+    from ..kernels import rnn_ln as _triton_ln
+except ImportError:  # triton missing, or kernels without this family
+    _triton_ln = None
+
+_PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton",)}
 _WEIGHT_NAMES = ref.LayerNormLSTMWeights._fields  # w_ih, w_hh, bias, ln_ih_weight, ..., ln_cell_bias
 _STATS = 6  # mean and rstd of x W_ih^T, h W_hh^T and c' per row (csrc/families/rnn_ln.h)
 
@@ -89,11 +96,26 @@ def _backward_cpp(dy, *args):
     return [g.to(dy.dtype) for g in _C.layer_norm_lstm_backward_cpu(*_lift([dy, *args]))]
 
 
+def _forward_triton(x, *args):
+    """fp16 / bf16 run in float32 as in _forward_cpp: y, h_n, c_n are rounded back, the workspace stays float32."""
+    y, h, c, *workspace = _triton_ln.layer_norm_lstm_forward(*_lift([x, *args]))
+    return _fresh_empties([t.to(x.dtype) for t in (y, h, c)] + workspace)
+
+
+def _backward_triton(dy, *args):
+    return _fresh_empties([g.to(dy.dtype) for g in _triton_ln.layer_norm_lstm_backward(*_lift([dy, *args]))])
+
+
 _FORWARD_IMPLS = {"reference": _forward_reference, "cpp": _forward_cpp}
 _BACKWARD_IMPLS = {"reference": _backward_reference, "cpp": _backward_cpp}
+if _triton_ln is not None:
+    _FORWARD_IMPLS["triton"] = _forward_triton
+    _BACKWARD_IMPLS["triton"] = _backward_triton
 
 
 def _pick(op: str, x: Tensor, impls: dict):
+    if x.dtype == torch.float64 and x.device.type == "cuda":
+        impls = {k: v for k, v in impls.items() if k != "triton"}  # the Triton cells are float32
     return pick(op, x.device, impls, _PREFERENCE.get(x.device.type, ()))
 
 
