@@ -153,10 +153,13 @@ def test_layer_kernel_matches_reference(backend, dtype, mode, proj, reverse, len
 # projection and the backward's gate gradients in chunks of ~1024 rows (the long cases run several chunks);
 # the backward's groups of 4 / 2 / 1 blocks, partial ones included (H = 100: 4 + 3 blocks on 2 threads).
 # The forward walks K = H whole up to 1024 (LSTM) / 1365 (GRU) units and in chunks of 512 beyond (H = 1400:
-# 512 + 512 + 376, partial sums between them); the backward always in chunks of 128.
+# 512 + 512 + 376, partial sums between them); the backward always in chunks of 128. From 12 rows a thread
+# (B >= 24 on 2 threads) the backward splits the rows between the threads: equal (B = 32) and, for a packed
+# batch, balanced by row-steps (the 28 lengths below split at row 6: 204 and 218 of 422 row-steps).
+PACKED_28 = [40, 38, 35, 33, 30, 28, 25, 22, 20, 18, 16, 15, 14, 12, 11, 10, 9, 8, 7, 6, 5, 5, 4, 3, 3, 2, 2, 1]
 FUSED_SHAPES = [(7, 20, [5]), (9, 48, [7, 7, 5, 3, 3]), (16, 48, [6] * 32), (12, 33, [4] * 5), (64, 512, [5] * 32),
                 (32, 512, [9, 8, 8, 6, 5, 5, 3, 2, 1, 1]), (8, 16, [3, 2, 2, 1]), (16, 48, [40] * 32),
-                (12, 20, [700, 600, 410]), (12, 100, [5, 4, 2]), (6, 1400, [3, 3, 2])]
+                (12, 20, [700, 600, 410]), (12, 100, [5, 4, 2]), (6, 1400, [3, 3, 2]), (10, 48, PACKED_28)]
 # From 2048 rows (I <= 1024) the input projection runs as brgemm tiles (rnn_cpu.cpp's gemm_rows): packed,
 # with and without biases; 2360 rows, so inference's 1024-row chunks start off the 64-row tile grid.
 LONG_PACKED = [300, 280, 270, 250, 240, 230, 220, 210, 200, 160]
