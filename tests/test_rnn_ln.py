@@ -364,9 +364,9 @@ def test_cuda_module_matches_reference(dtype):
     c0 = torch.randn(4, 24, 640, generator=gen, dtype=F64).cuda()
 
     def run(module, t, backend):
-        xs = PackedSequence(packed.data.to(t).requires_grad_(), packed.batch_sizes, packed.sorted_indices,
-                            packed.unsorted_indices)
-        hi, ci = h0.to(t).requires_grad_(), c0.to(t).requires_grad_()
+        xs = PackedSequence(packed.data.to(t, copy=True).requires_grad_(), packed.batch_sizes,
+                            packed.sorted_indices, packed.unsorted_indices)
+        hi, ci = h0.to(t, copy=True).requires_grad_(), c0.to(t, copy=True).requires_grad_()
         with fastnn.use_backend(backend):
             out, (h_n, c_n) = fastnn.ops.layer_norm_lstm(xs, (hi, ci), module.layer_weights(), num_layers=2,
                                                          bidirectional=True, zoneout=0.15, training=True,
