@@ -143,12 +143,13 @@ struct ForwardStep {
     float* gx = gates + (row - row0) * G * H + u0;
     auto load = [m](const float* p) { return (VF)_mm512_maskz_loadu_ps(m, p); };
     auto store = [m](float* p, VF v) { _mm512_mask_storeu_ps(p, m, (__m512)v); };
+    // the input part, with its bias when the projection left it out
+    auto input = [&](int q) { return A.b_in ? load(gx + q * H) + load(A.b_in + q * H + u0) : load(gx + q * H); };
     if constexpr (G == 4) {
       float* c = A.c + b * H + u0;
       VF i, f, g, o, cn, r;
-      rnn::lstm_forward<rnn_steps::VecMath>(load(gx) + (VF)acc[0], load(gx + H) + (VF)acc[1],
-                                            load(gx + 2 * H) + (VF)acc[2], load(gx + 3 * H) + (VF)acc[3], load(c), i,
-                                            f, g, o, cn, r);
+      rnn::lstm_forward<rnn_steps::VecMath>(input(0) + (VF)acc[0], input(1) + (VF)acc[1], input(2) + (VF)acc[2],
+                                            input(3) + (VF)acc[3], load(c), i, f, g, o, cn, r);
       store(c, cn);
       store(A.y + row * H + u0, r);
       store(hn + b * H + u0, r);
@@ -167,7 +168,7 @@ struct ForwardStep {
         h_n = h_n + load(A.b_hh + 2 * H + u0);
       }
       VF r, z, n, hv;
-      rnn::gru_forward<rnn_steps::VecMath>(load(gx), load(gx + H), load(gx + 2 * H), h_r, h_z, h_n,
+      rnn::gru_forward<rnn_steps::VecMath>(input(0), input(1), input(2), h_r, h_z, h_n,
                                            load(hp + b * H + u0), r, z, n, hv);
       store(hn + b * H + u0, hv);
       store(A.y + row * H + u0, hv);

@@ -20,6 +20,9 @@ struct RecurrenceForward {
   const int64_t* off = nullptr;  // (T,) first row of each step
   const float* w_hh = nullptr;   // (G H, H)
   const float* b_hh = nullptr;   // (G H,) for the GRU (the LSTM's is folded into gates), or null
+  // (G H,) or null: a bias of the input part that `gates` does not hold yet, added by the gate math (the
+  // LSTM's b_ih + b_hh, the GRU's b_ih)
+  const float* b_in = nullptr;
   float* gates = nullptr;        // (rows, G H): input projection in; activated gates out when train
   // Without train the input projection may instead come in chunks of steps: input(k0, k1, r0, r1) writes
   // that of walk steps [k0, k1) (rows [r0, r1)) to `gates` at row r - r0, as many whole steps at a time as
