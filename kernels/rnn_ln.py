@@ -45,6 +45,31 @@ _STATS = tl.constexpr(STATS)
 # ---------------------------------------------------------------- row layer norms (the input part)
 
 @triton.jit
+def _rstd_about(v, mean, N, BLOCK: tl.constexpr):
+    # 1 / sqrt(biased variance + eps) of v[0..N) about its mean, from the deviations (a pass of its own: no
+    # cancellation when the mean is large against the spread); rounded sqrt and division (the GPU's default
+    # ones are approximate), as the CPU kernel: once per row
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j0 in range(0, N, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        m = j < N
+        d = tl.where(m, tl.load(v + j, mask=m, other=0.0) - mean, 0.0)
+        acc += d * d
+    return tl.div_rn(1.0, tl.sqrt_rn(tl.sum(acc, axis=0) / N + _EPS))
+
+
+@triton.jit
+def _mean_rstd(v, N, BLOCK: tl.constexpr):
+    # mean and 1 / sqrt(biased variance + eps) of v[0..N)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j0 in range(0, N, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        acc += tl.load(v + j, mask=j < N, other=0.0)
+    mean = tl.sum(acc, axis=0) / N
+    return mean, _rstd_about(v, mean, N, BLOCK)
+
+
+@triton.jit
 def _ln_rows_fwd_kernel(
     v_ptr,                 # (rows, N) fp32: x W_ih^T
     w_ptr, b_ptr,          # (N,) the layer norm's gain and bias
@@ -57,20 +82,7 @@ def _ln_rows_fwd_kernel(
 ):
     r = tl.program_id(0).to(tl.int64)
     v = v_ptr + r * N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j0 in range(0, N, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        acc += tl.load(v + j, mask=j < N, other=0.0)
-    mean = tl.sum(acc, axis=0) / N
-    # the variance from the deviations (a second pass): no cancellation when the mean is large
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j0 in range(0, N, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        m = j < N
-        d = tl.where(m, tl.load(v + j, mask=m, other=0.0) - mean, 0.0)
-        acc += d * d
-    # rounded sqrt and division (the GPU's default ones are approximate), as the CPU kernel: once per row
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(acc, axis=0) / N + _EPS))
+    mean, rstd = _mean_rstd(v, N, BLOCK)
     for j0 in range(0, N, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         m = j < N
@@ -144,19 +156,7 @@ def _ln_lstm_fwd_kernel(
     hp = hp_ptr + (hp_off + b) * G4
     g = g_ptr + row * G4
     c = c_ptr + b * H
-    # mean and rstd of the recurrent projection over its 4H values
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j0 in range(0, G4, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        acc += tl.load(hp + j, mask=j < G4, other=0.0)
-    mean_h = tl.sum(acc, axis=0) / G4
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j0 in range(0, G4, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        m = j < G4
-        d = tl.where(m, tl.load(hp + j, mask=m, other=0.0) - mean_h, 0.0)
-        acc += d * d
-    rstd_h = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(acc, axis=0) / G4 + _EPS))
+    mean_h, rstd_h = _mean_rstd(hp, G4, BLOCK)  # of the recurrent projection, over its 4H values
     # gates = input part + LN_hh(h_proj); activations; c' = f c + i g
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j0 in range(0, H, BLOCK):
@@ -192,13 +192,7 @@ def _ln_lstm_fwd_kernel(
         acc += tl.where(m, cn, 0.0)
     mean_c = tl.sum(acc, axis=0) / H
     tl.debug_barrier()  # c' and o are read back below
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j0 in range(0, H, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        m = j < H
-        d = tl.where(m, tl.load(c + j, mask=m, other=0.0) - mean_c, 0.0)
-        acc += d * d
-    rstd_c = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(acc, axis=0) / H + _EPS))
+    rstd_c = _rstd_about(c, mean_c, H, BLOCK)
     # h_new = o tanh(LN_cell(c')), then zoneout against the previous h (this row's state before the write)
     for j0 in range(0, H, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
@@ -227,6 +221,27 @@ def _hh_terms(hp, hh_w_ptr, u, m, d, mean_h, rstd_h):
     xh = (tl.load(hp + u, mask=m, other=0.0) - mean_h) * rstd_h
     dx = d * tl.load(hh_w_ptr + u, mask=m, other=0.0)
     return dx, dx * xh
+
+
+@triton.jit
+def _cell_out_terms(dh, dy, keep_row, zoneout, cell, o_row, cell_w_ptr, cell_b_ptr, mean_c, rstd_c, j, m,
+                    ZONED: tl.constexpr, MASKED: tl.constexpr):
+    # at units j of a row: dh + dy, the zoneout keep weight, the share reaching h_new, LN_cell's gain, its
+    # normalised input xhat, tanh of its output, and o
+    dh_total = tl.load(dh + j, mask=m, other=0.0) + tl.load(dy + j, mask=m, other=0.0)
+    keep = 0.0
+    dh_new = dh_total
+    if ZONED:
+        if MASKED:
+            keep = tl.load(keep_row + j, mask=m, other=0.0)
+        else:
+            keep = zoneout
+        dh_new = (1.0 - keep) * dh_total
+    cw = tl.load(cell_w_ptr + j, mask=m, other=0.0)
+    xhat = (tl.load(cell + j, mask=m, other=0.0) - mean_c) * rstd_c
+    tc = _tanh(xhat * cw + tl.load(cell_b_ptr + j, mask=m, other=0.0))
+    o = tl.load(o_row + j, mask=m, other=0.0)
+    return dh_total, keep, dh_new, cw, xhat, tc, o
 
 
 @triton.jit
@@ -271,17 +286,9 @@ def _ln_lstm_bwd_kernel(
     for j0 in range(0, H, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         m = j < H
-        dh_new = tl.load(dh_ptr + b * H + j, mask=m, other=0.0) + tl.load(dy_ptr + row * H + j, mask=m, other=0.0)
-        if ZONED:
-            if MASKED:
-                keep = tl.load(keep_ptr + row * H + j, mask=m, other=0.0)
-            else:
-                keep = zoneout
-            dh_new = (1.0 - keep) * dh_new
-        cw = tl.load(cell_w_ptr + j, mask=m, other=0.0)
-        xhat = (tl.load(cell + j, mask=m, other=0.0) - mean_c) * rstd_c
-        tc = _tanh(xhat * cw + tl.load(cell_b_ptr + j, mask=m, other=0.0))
-        o = tl.load(gt + 3 * H + j, mask=m, other=0.0)
+        _, _, dh_new, cw, xhat, tc, o = _cell_out_terms(dh_ptr + b * H, dy_ptr + row * H, keep_ptr + row * H,
+                                                        zoneout, cell, gt + 3 * H, cell_w_ptr, cell_b_ptr, mean_c,
+                                                        rstd_c, j, m, ZONED, MASKED)
         dxhat = dh_new * o * (1.0 - tc * tc) * cw
         s1 += dxhat
         s2 += dxhat * xhat
@@ -294,19 +301,12 @@ def _ln_lstm_bwd_kernel(
     for j0 in range(0, H, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         m = j < H
-        dh_total = tl.load(dh_ptr + b * H + j, mask=m, other=0.0) + tl.load(dy_ptr + row * H + j, mask=m, other=0.0)
-        dh_new = dh_total
+        dh_total, keep, dh_new, cw, xhat, tc, o = _cell_out_terms(dh_ptr + b * H, dy_ptr + row * H,
+                                                                  keep_ptr + row * H, zoneout, cell, gt + 3 * H,
+                                                                  cell_w_ptr, cell_b_ptr, mean_c, rstd_c, j, m,
+                                                                  ZONED, MASKED)
         if ZONED:
-            if MASKED:
-                keep = tl.load(keep_ptr + row * H + j, mask=m, other=0.0)
-            else:
-                keep = zoneout
-            dh_new = (1.0 - keep) * dh_total
             tl.store(dh_ptr + b * H + j, keep * dh_total, mask=m)  # the previous h's direct share
-        cw = tl.load(cell_w_ptr + j, mask=m, other=0.0)
-        xhat = (tl.load(cell + j, mask=m, other=0.0) - mean_c) * rstd_c
-        tc = _tanh(xhat * cw + tl.load(cell_b_ptr + j, mask=m, other=0.0))
-        o = tl.load(gt + 3 * H + j, mask=m, other=0.0)
         d_o = dh_new * tc * (o * (1.0 - o))
         d_norm = dh_new * o * (1.0 - tc * tc)
         dc = tl.load(dc_ptr + b * H + j, mask=m, other=0.0) + rstd_c * (d_norm * cw - cell_m1 - xhat * cell_m2)
