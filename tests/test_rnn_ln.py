@@ -1,5 +1,6 @@
 """LayerNormLSTM with zoneout: the reference against an independent per-step formulation, the C++ layer kernel
-against the reference (forward and every gradient), the module over packed / padded / unbatched input,
+and the Triton cells (under TRITON_INTERPRET=1 here; on CUDA in test_cuda_module_matches_reference) against
+the reference (forward and every gradient), the module over packed / padded / unbatched input,
 zoneout in training and evaluation, low precision, opcheck, gradcheck, torch.compile, bad inputs and
 determinism."""
 import copy
