@@ -171,6 +171,22 @@ def _check_layer_against_reference(backend, dtype, reverse, leaves, sizes, mask,
             assert_rel_close(v.grad, want_leaves[k].grad, dtype, f"grad of {k}")
 
 
+@pytest.mark.parametrize("backend", [b for b in KERNELS if b != "reference"])
+@pytest.mark.parametrize("zoneout", ["none", "eval"])
+def test_inference_forward_equals_training_forward(backend, zoneout):
+    """train=False gives the training forward's y, h_n, c_n (the same cell math, which keeps no workspace)
+    and an empty workspace; H = 600 walks rows of several chunks in both."""
+    leaves, sizes, _, z = _layer_case(torch.float32, [4, 3, 3, 1], True, zoneout, I=5, H=600)
+    args = (leaves["x"], sizes, *(leaves[k] for k in ref.LayerNormLSTMWeights._fields), leaves["h0"], leaves["c0"],
+            None, z, True)
+    with fastnn.use_backend(backend):
+        inference = torch.ops.fastnn.layer_norm_lstm_layer_forward(*args, False)
+        training = torch.ops.fastnn.layer_norm_lstm_layer_forward(*args, True)
+    for a, b in zip(inference[:3], training[:3]):
+        assert torch.equal(a, b)
+    assert all(t.numel() == 0 for t in inference[3:]) and all(t.numel() > 0 for t in training[3:])
+
+
 def test_backward_only_what_is_asked():
     """With only x requiring grad the backward skips the weight gradients (and the result is the same)."""
     leaves, sizes, mask, z = _layer_case(F64, [3, 2], True, "mask", H=6, B=2)
