@@ -354,9 +354,9 @@ void row_block_n(int n, const E& e, const float* wblk, int64_t u0, int64_t b0, i
   }
 }
 
-// One step of blocks [blo, bhi): the dot products of rows [0, n_dot), split into near-equal microkernel
-// row blocks, then the epilogue of rows [n_dot, e.rows()) (none in the forward); the blocks in descending
-// order when `down`.
+// One step of blocks [blo, bhi) for the rows in [r_lo, r_hi) (all by default): the dot products of those
+// below n_dot, split into near-equal microkernel row blocks, then the epilogue of those in [n_dot, e.rows())
+// (none in the forward); the blocks in descending order when `down`.
 template <class E>
 void step_blocks(const E& e, const float* wp, int64_t blo, int64_t bhi, int64_t n_dot, float* part, bool down,
                  int64_t r_lo = 0, int64_t r_hi = INT64_MAX) {

@@ -19,7 +19,7 @@ struct RecurrenceForward {
   const int64_t* bs = nullptr;   // (T,) rows of each step, non-increasing
   const int64_t* off = nullptr;  // (T,) first row of each step
   const float* w_hh = nullptr;   // (G H, H)
-  const float* b_hh = nullptr;   // (G H,) for the GRU (the LSTM's is folded into gates), or null
+  const float* b_hh = nullptr;   // (G H,) for the GRU (the LSTM's is part of its input bias), or null
   // (G H,) or null: a bias of the input part that `gates` does not hold yet, added by the gate math (the
   // LSTM's b_ih + b_hh, the GRU's b_ih)
   const float* b_in = nullptr;
@@ -37,9 +37,10 @@ struct RecurrenceForward {
 
 // The backward's recurrence of the same layer (the per-step part of rnn_cpu.cpp's backward): per step the
 // cell backward of every unit, fed by the later step's gate gradients times W_hh, in one parallel region.
-// Threads own groups of 16-unit blocks (columns of W_hh, packed once per call); one barrier per step, T + 1
-// iterations (the last computes dh0 of the rows live at the first step). The weight gradients are left
-// to the caller (one GEMM each over dgx / dgh).
+// Threads own groups of 16-unit blocks (columns of W_hh, packed once per call) with one barrier per step, or,
+// in iterations with enough rows, ranges of batch rows without barriers between them; T + 1 iterations (the
+// last computes dh0 of the rows live at the first step). The weight gradients are left to the caller (one
+// GEMM each over dgx / dgh).
 struct RecurrenceBackward {
   bool lstm = true, reverse = false;
   int64_t H = 0, B = 0, T = 0;
