@@ -25,6 +25,17 @@ FASTNN_HD double exp_(double x) { return exp(x); }
 FASTNN_HD float log1p_(float x) { return log1pf(x); }
 FASTNN_HD double log1p_(double x) { return log1p(x); }
 
+// a * b + c. On the GPU one fused multiply-add: the build passes --fmad=false (bit-exact box and RoI math
+// elsewhere), which stops nvcc contracting a * b + c, but not an explicit fmaf. The scan's recurrences are
+// mostly such terms, so this halves their instructions. On the host, two roundings as before.
+#if defined(__CUDA_ARCH__)
+FASTNN_HD float madd(float a, float b, float c) { return fmaf(a, b, c); }
+FASTNN_HD double madd(double a, double b, double c) { return fma(a, b, c); }
+#else
+FASTNN_HD float madd(float a, float b, float c) { return a * b + c; }
+FASTNN_HD double madd(double a, double b, double c) { return a * b + c; }
+#endif
+
 // torch.nn.functional.softplus(x, beta=1, threshold=20)
 template <typename T>
 FASTNN_HD T softplus(T x) {
@@ -63,14 +74,20 @@ struct Affine {
 // `first` then `second`: h -> second.a * (first.a * h + first.b) + second.b
 template <typename T>
 FASTNN_HD Affine<T> combine(Affine<T> first, Affine<T> second) {
-  return {second.a * first.a, second.a * first.b + second.b};
+  return {second.a * first.a, madd(second.a, first.b, second.b)};
+}
+
+// The map applied to a state: m.a * h + m.b
+template <typename T>
+FASTNN_HD T apply(Affine<T> m, T h) {
+  return madd(m.a, h, m.b);
 }
 
 // The element of step t: a = exp(dt * A), b = dt * B * u; at a sequence start the incoming state is
 // replaced by h_start (the initial state or 0): the map becomes the constant a * h_start + b.
 template <typename T>
 FASTNN_HD Affine<T> step_element(T a, T b, bool reset, T h_start) {
-  return reset ? Affine<T>{T(0), a * h_start + b} : Affine<T>{a, b};
+  return reset ? Affine<T>{T(0), madd(a, h_start, b)} : Affine<T>{a, b};
 }
 
 }  // namespace ssm

@@ -193,20 +193,41 @@ __device__ __forceinline__ void load_coef(const float* __restrict__ base, bool v
   }
 }
 
-// Per-step dB / dC values of the thread's K steps: red.add into the group's row (atomic), or stores into
-// the channel's own plane (summed in order later).
+// Per-step dB / dC values of a warp's 32 x K steps (lane l holds steps warp_pos + l K .. + K - 1): red.add
+// into the group's row (atomic), or stores into the channel's own plane (summed in order later). The values
+// go through the warp's slice of shared memory first, so each instruction touches 32 consecutive floats
+// (4 sectors) instead of one float in each of 32 sectors: every channel of a group adds into the same row,
+// and the L2 handles red.add by the sector. The row stride K + 1 keeps the lanes' writes off each other's
+// banks. Every lane of the warp must call it (two __syncwarp).
 template <int K>
-__device__ __forceinline__ void put_step_grads(float* __restrict__ row, int p, int L, bool atomic, const float (&v)[K]) {
-  if (atomic) {
+__device__ __forceinline__ void put_step_grads(float* __restrict__ row, int warp_pos, int L, bool atomic,
+                                               const float (&v)[K], float* __restrict__ warp_buf, int lane) {
+  __syncwarp();  // the previous call's reads of warp_buf are done
 #pragma unroll
-    for (int i = 0; i < K; ++i)
-      if (p + i < L) atomicAdd(row + p + i, v[i]);
-  } else {
-    store_items<K>(row, p, L, v);
+  for (int i = 0; i < K; ++i) warp_buf[lane * (K + 1) + i] = v[i];
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    const int e = j * 32 + lane;  // the warp's e-th step: lane e / K's item e % K
+    const int t = warp_pos + e;
+    if (t < L) {
+      const float x = warp_buf[(e / K) * (K + 1) + e % K];
+      if (atomic) {
+        atomicAdd(row + t, x);
+      } else {
+        row[t] = x;
+      }
+    }
   }
 }
 
 using Aff = ssm::Affine<float>;
+
+// exp(dt * A) as exp2(dt * (A log2 e)): a multiply and the SFU's ex2, where expf's accurate range reduction
+// costs about 8 instructions for every state element. The extra error, |dt A| 2^-24 relative plus exp2f's
+// 2 ulp, is far inside the scan's tolerances; mamba computes it the same way.
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float exp_scaled(float dt, float A_log2) { return exp2f(dt * A_log2); }
 
 __device__ __forceinline__ Aff shfl_up_aff(Aff x, int delta) {
   return {__shfl_up_sync(0xffffffffu, x.a, delta), __shfl_up_sync(0xffffffffu, x.b, delta)};
@@ -289,33 +310,39 @@ __global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) selective_scan_
     for (int n = tid; n < N; n += blockDim.x) saved[n] = cin[n];
 
     const int pos = c * kScanChunk + tid * K;
-    float u[K], dt[K], acc[K];
-    load_items<K>(u_row, pos, L, u);
+    // acc starts as the skip term D u, and u becomes dt u, all the n loop needs of it (one multiply less
+    // per state element, and no u left live across the loop)
+    float dtu[K], dt[K], acc[K];
+    load_items<K>(u_row, pos, L, dtu);
     load_items<K>(delta_row, pos, L, dt);
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       dt[i] += bias;
       if (p.softplus) dt[i] = ssm::softplus(dt[i]);
-      acc[i] = 0.0f;
+      acc[i] = Dd * dtu[i];
+      dtu[i] *= dt[i];
     }
     uint32_t resets = 0, ends = 0;
     if (seq) seq_flags<K>(seq, pos, L, resets, ends);
 
     for (int n = 0; n < N; ++n) {
-      const float An = p.A[static_cast<int64_t>(d) * N + n];
-      float Bv[K], Cv[K];
+      const float An2 = p.A[static_cast<int64_t>(d) * N + n] * kLog2e;
+      float Bv[K];
       load_coef<K>(Bbase, p.B_var, n, N, L, pos, Bv);
-      load_coef<K>(Cbase, p.C_var, n, N, L, pos, Cv);
       Aff el[K];
 #pragma unroll
       for (int i = 0; i < K; ++i) {
-        const float a = ssm::exp_(dt[i] * An);
-        const float bb = dt[i] * Bv[i] * u[i];
+        const float a = exp_scaled(dt[i], An2);
+        const float bb = dtu[i] * Bv[i];
         float hs = 0.0f;  // the state a reset starts from: the sequence's initial state (per sequence) or 0
         if (((resets >> i) & 1u) && p.per_seq && p.init)
           hs = p.init[(static_cast<int64_t>(__ldg(seq + pos + i)) * Dm + d) * N + n];
         el[i] = pos + i < L ? ssm::step_element(a, bb, ((resets >> i) & 1u) != 0, hs) : Aff{1.0f, 0.0f};
       }
+      // C only now that B is dead (B and C together over the element loop spill on sm_90); the scan below
+      // and the barrier cover its latency
+      float Cv[K];
+      load_coef<K>(Cbase, p.C_var, n, N, L, pos, Cv);
       Aff agg = el[0];
 #pragma unroll
       for (int i = 1; i < K; ++i) agg = ssm::combine(agg, el[i]);
@@ -329,17 +356,17 @@ __global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) selective_scan_
       if (lane == 31) warp_total[n & 1][warp] = agg;
       __syncthreads();
       float h = cin[n];
-      for (int w = 0; w < warp; ++w) h = warp_total[n & 1][w].a * h + warp_total[n & 1][w].b;
+      for (int w = 0; w < warp; ++w) h = ssm::apply(warp_total[n & 1][w], h);
       if (tid == 0) {  // the state after this chunk, for the next one
         float hc = h;
-        for (int w = 0; w < nwarps; ++w) hc = warp_total[n & 1][w].a * hc + warp_total[n & 1][w].b;
+        for (int w = 0; w < nwarps; ++w) hc = ssm::apply(warp_total[n & 1][w], hc);
         cout[n] = hc;
       }
-      h = excl.a * h + excl.b;
+      h = ssm::apply(excl, h);
 #pragma unroll
       for (int i = 0; i < K; ++i) {
-        h = el[i].a * h + el[i].b;
-        acc[i] += h * Cv[i];
+        h = ssm::apply(el[i], h);
+        acc[i] = ssm::madd(h, Cv[i], acc[i]);
         if (p.per_seq && ((ends >> i) & 1u))
           p.last_state[(static_cast<int64_t>(__ldg(seq + pos + i)) * Dm + d) * N + n] = h;
       }
@@ -349,10 +376,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) selective_scan_
       float zv[K];
       load_items<K>(static_cast<const T*>(p.z) + row, pos, L, zv);
 #pragma unroll
-      for (int i = 0; i < K; ++i) acc[i] = (acc[i] + Dd * u[i]) * ssm::silu(zv[i]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < K; ++i) acc[i] += Dd * u[i];
+      for (int i = 0; i < K; ++i) acc[i] *= ssm::silu(zv[i]);
     }
     store_items<K>(static_cast<T*>(p.out) + row, pos, L, acc);
   }
@@ -378,6 +402,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) selective_scan_
   __shared__ Aff fwd_total[2][kMaxWarps];  // [n & 1][warp]
   __shared__ Aff rev_total[2][kMaxWarps];
   __shared__ float final_sum[2][kMaxWarps];
+  __shared__ float step_grad_buf[kMaxWarps][32 * (K + 1)];  // put_step_grads' per-warp transpose
 
   const ScanFwdParams& p = q.f;
   const int d = q.d0 + blockIdx.x, b = q.b0 + blockIdx.y;
@@ -430,6 +455,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) selective_scan_
     for (int n = tid; n < N; n += blockDim.x) h_chunk[n] = hsaved[n];
 
     const int pos = c * kScanChunk + tid * K;
+    const int warp_pos = pos - lane * K;
     float u[K], dt[K], dy[K], du[K], ddt[K], y[K];
     load_items<K>(u_row, pos, L, u);
     load_items<K>(delta_row, pos, L, dt);
@@ -453,7 +479,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) selective_scan_
     const bool sums_B = !p.B_var, sums_C = !p.C_var;
 
     for (int n = 0; n < N; ++n) {
-      const float An = A_row[n];
+      const float An = A_row[n], An2 = An * kLog2e;
       float Bv[K], Cv[K], a[K], prev[K];
       load_coef<K>(Bbase, p.B_var, n, N, L, pos, Bv);
       load_coef<K>(Cbase, p.C_var, n, N, L, pos, Cv);
@@ -461,7 +487,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) selective_scan_
       Aff fagg{1.0f, 0.0f}, ragg{1.0f, 0.0f};
 #pragma unroll
       for (int i = 0; i < K; ++i) {
-        a[i] = ssm::exp_(dt[i] * An);
+        a[i] = exp_scaled(dt[i], An2);
         const bool reset = (resets >> i) & 1u;
         prev[i] = 0.0f;
         if (reset && p.per_seq && p.init)
@@ -497,13 +523,13 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) selective_scan_
       if (lane == 0) rev_total[n & 1][warp] = ragg;
       __syncthreads();
       float h = h_chunk[n];
-      for (int w = 0; w < warp; ++w) h = fwd_total[n & 1][w].a * h + fwd_total[n & 1][w].b;
-      h = fexcl.a * h + fexcl.b;
+      for (int w = 0; w < warp; ++w) h = ssm::apply(fwd_total[n & 1][w], h);
+      h = ssm::apply(fexcl, h);
       float wr = rin[n];
-      for (int w = nwarps - 1; w > warp; --w) wr = rev_total[n & 1][w].a * wr + rev_total[n & 1][w].b;
+      for (int w = nwarps - 1; w > warp; --w) wr = ssm::apply(rev_total[n & 1][w], wr);
       if (tid == 0)  // w at this chunk's first step, for the chunk before it (warp 0's total last)
-        rout[n] = rev_total[n & 1][0].a * wr + rev_total[n & 1][0].b;
-      wr = rexcl.a * wr + rexcl.b;
+        rout[n] = ssm::apply(rev_total[n & 1][0], wr);
+      wr = ssm::apply(rexcl, wr);
       // States before each step (the reset start state at a reset) and after it: y (for dz) and dC need
       // only the latter, so they are done here; Cv becomes C * dy, all the reverse pass needs of it.
       float sA = 0.0f, sB = 0.0f, sC = 0.0f;
@@ -512,15 +538,17 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) selective_scan_
 #pragma unroll
         for (int i = 0; i < K; ++i) {
           if (!((resets >> i) & 1u)) prev[i] = h;
-          h = a[i] * prev[i] + dt[i] * Bv[i] * u[i];
+          h = ssm::madd(a[i], prev[i], dt[i] * Bv[i] * u[i]);
           gC[i] = dy[i] * h;
           if (pos + i < L) {
-            if (kHasZ) y[i] += h * Cv[i];
+            if (kHasZ) y[i] = ssm::madd(h, Cv[i], y[i]);
             sC += gC[i];
           }
           Cv[i] *= dy[i];
         }
-        if (p.C_var) put_step_grads<K>(dCrow + static_cast<int64_t>(n) * L, pos, L, q.atomic_var, gC);
+        if (p.C_var)
+          put_step_grads<K>(dCrow + static_cast<int64_t>(n) * L, warp_pos, L, q.atomic_var, gC, step_grad_buf[warp],
+                            lane);
       }
       // Adjoint, from the last step back, and the other gradients of this state; Bv becomes dB's values.
 #pragma unroll
@@ -528,9 +556,10 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) selective_scan_
         if (pos + i >= L) continue;
         const float gi = Cv[i] + wr;  // dL/dh after step i
         const float ga = gi * a[i];   // dL/dh before step i (= w_i when no reset)
-        du[i] += gi * dt[i] * Bv[i];
-        ddt[i] += ga * prev[i] * An + gi * Bv[i] * u[i];
-        sA += ga * prev[i] * dt[i];
+        const float gap = ga * prev[i];
+        du[i] = ssm::madd(gi, dt[i] * Bv[i], du[i]);
+        ddt[i] = ssm::madd(gap, An, ssm::madd(gi * Bv[i], u[i], ddt[i]));
+        sA = ssm::madd(gap, dt[i], sA);
         Bv[i] = gi * dt[i] * u[i];
         sB += Bv[i];
         if ((resets >> i) & 1u) {
@@ -544,7 +573,9 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) selective_scan_
           wr = ga;
         }
       }
-      if (p.B_var) put_step_grads<K>(dBrow + static_cast<int64_t>(n) * L, pos, L, q.atomic_var, Bv);
+      if (p.B_var)
+        put_step_grads<K>(dBrow + static_cast<int64_t>(n) * L, warp_pos, L, q.atomic_var, Bv, step_grad_buf[warp],
+                          lane);
       sA = warp_sum(sA);
       if (sums_B) sB = warp_sum(sB);
       if (sums_C) sC = warp_sum(sC);

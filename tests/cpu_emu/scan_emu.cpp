@@ -1,6 +1,6 @@
 // CPU emulation of the CUDA selective-scan kernels (csrc/cuda/selective_scan_kernels.cuh), so their index
 // math, scans, carries and reductions run on a machine without a GPU. Every CUDA thread of a block is a
-// std::thread; __syncthreads is a block barrier, warp shuffles go through a per-warp buffer between two
+// std::thread; __syncthreads is a block barrier, __syncwarp a warp barrier, warp shuffles go through a per-warp buffer between two
 // warp barriers, atomics take a lock. Blocks run one after another, so static "__shared__" variables are
 // the block's shared memory. Dynamic shared memory starts as NaN, so a read before a write shows up.
 //
@@ -82,6 +82,7 @@ void launch(unsigned gx, unsigned gy, unsigned gz, int threads, size_t smem_byte
 }  // namespace emu
 
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { (*emu::warps)[threadIdx.x / 32].bar->arrive_and_wait(); }
 inline float __shfl_up_sync(unsigned, float v, int d) {
   return emu::shuffle(v, [d](int l) { return l >= d ? l - d : l; });
 }
