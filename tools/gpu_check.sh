@@ -54,6 +54,15 @@ rc_test=${PIPESTATUS[0]}
 stamp "tools/gpu_diag.py"
 PYTHONUNBUFFERED=1 timeout 90 "$PY" tools/gpu_diag.py > "$OUT/diag.txt" 2>&1
 tail -5 "$OUT/diag.txt"
+if command -v ncu > /dev/null && [ "$(elapsed)" -lt $(( BUDGET - 180 )) ]; then
+  # where the selective scan's time goes (bench/NOTES.md: fwd+bwd far from both floors): one forward and one
+  # backward scan kernel, throughput, occupancy and warp stall reasons
+  stamp "ncu on the selective-scan kernels"
+  timeout 75 ncu --target-processes all --kernel-name regex:selective_scan_.*_kernel --launch-count 2 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    "$PY" tools/gpu_diag.py --scan-once >> "$OUT/diag.txt" 2>&1
+  grep -E "selective_scan_|Duration|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" "$OUT/diag.txt" | tail -12
+fi
 if grep -q "Segmentation fault" "$OUT/pytest-cuda.log" && command -v cuda-gdb > /dev/null; then
   # the host backtrace of the crash that the first H100 run saw (bench/NOTES.md), in one process
   stamp "cuda-gdb on test_cuda_scan_rejects_bad_inputs"

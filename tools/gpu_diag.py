@@ -5,8 +5,12 @@ first H100 run (bench/NOTES.md, "First H100 run of every suite"), answered in a 
    the largest differences, so a disagreement is pinned to one side.
 2. Fixed cost per call: torch.profiler over a few small calls (fpn top-down, SPPF pooling, a decode-shaped
    attention call), the CPU-side functions that take the time.
+3. Selective scan at the bench's shape (B8 D1536 L2048 N16 bf16, per-step B / C, z): the time of each CUDA
+   kernel of a forward+backward, so the gap to the HBM floor is pinned to the forward scan, the backward
+   scan or the reductions around them.
 
-Usage: python tools/gpu_diag.py  (prints to stdout)."""
+Usage: python tools/gpu_diag.py            (prints to stdout)
+       python tools/gpu_diag.py --scan-once (one forward+backward of 3., for ncu in tools/gpu_check.sh)"""
 import os
 import sys
 import time
@@ -44,7 +48,7 @@ def roi_sides():
                       f"at flat index {worst} (roi {worst // (256 * 49)}), {int((d > 1e-5).sum())} over 1e-5")
 
 
-def profile(name, fn, calls=20):
+def profile(name, fn, calls=20, sort_by="self_cpu_time_total"):
     from torch.profiler import ProfilerActivity, profile as prof
 
     for _ in range(3):
@@ -60,7 +64,12 @@ def profile(name, fn, calls=20):
             fn()
         torch.cuda.synchronize()
     print(f"\n== {name}: {per_call:.3f} ms per call (wall, {calls} calls)")
-    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+    try:
+        table = p.key_averages().table(sort_by=sort_by, row_limit=12, max_name_column_width=60)
+    except Exception:  # older / newer names of the device-time column
+        table = p.key_averages().table(sort_by=sort_by.replace("cuda", "device"), row_limit=12,
+                                       max_name_column_width=60)
+    print(table)
 
 
 def overheads():
@@ -76,11 +85,36 @@ def overheads():
     profile("attention_decode B8 H32/8 cache 8192 D128", lambda: ops.attention_decode(q, kc, vc, lens), calls=10)
 
 
+def scan_inputs():
+    from bench.suites.ssm import _inputs
+
+    args = _inputs(8, 1536, 2048, 16, torch.bfloat16, "cuda")
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    dout = torch.randn_like(args[0])
+
+    def fwd_bwd():
+        for t in leaves:
+            t.grad = None
+        u, delta, A, Bm, Cm, Dv, z, bias = leaves
+        ops.selective_scan_fn(u, delta, A, Bm, Cm, Dv, z, bias, True).backward(dout)
+    return fwd_bwd
+
+
+def scan_kernels():
+    profile("selective_scan_fn fwd+bwd B8 D1536 L2048 N16 bf16", scan_inputs(), calls=5,
+            sort_by="self_cuda_time_total")
+
+
 def main():
     if not torch.cuda.is_available():
         print("gpu_diag: no CUDA GPU")
         return 1
-    for step in (roi_sides, overheads):
+    if "--scan-once" in sys.argv:
+        fn = scan_inputs()
+        fn()
+        torch.cuda.synchronize()
+        return 0
+    for step in (roi_sides, overheads, scan_kernels):
         try:
             step()
         except Exception as e:  # one failing diagnostic must not hide the others
