@@ -44,7 +44,10 @@ std::vector<at::Tensor> roi_align_backward_emulated(const at::Tensor& grad, cons
   const auto dtype = grad.scalar_type();
   const auto ct = roi_compute_type(dtype);
   const size_t n_levels = scales.size();
-  std::vector<at::Tensor> grads = roi_grad_buffers(feature_shapes, grad.options().dtype(ct), channels_last);
+  // Channels-last whatever the features' layout: the reduce runs a thread per (pixel, channel), channels
+  // fastest, so its stores coalesce. An NCHW result costs one transposing copy at the end instead of one
+  // 32-byte sector written per gradient element.
+  std::vector<at::Tensor> grads = roi_grad_buffers(feature_shapes, grad.options().dtype(ct), /*channels_last=*/true);
   const int64_t k = rois.size(0), channels = feature_shapes[1];
   if (k > 0 && channels > 0) {
     const at::Tensor r = rois.to(ct).contiguous();
@@ -52,7 +55,7 @@ std::vector<at::Tensor> roi_align_backward_emulated(const at::Tensor& grad, cons
     roi_check_indices(r, lvl, feature_shapes[0], static_cast<int64_t>(n_levels));
     const at::Tensor go = grad.to(ct).contiguous(at::MemoryFormat::ChannelsLast);
     const RoiAlignParams p = roi_align_params(feature_shapes, scales, r, lvl, grad.size(2), grad.size(3),
-                                              sampling_ratio, aligned, channels_last);
+                                              sampling_ratio, aligned, /*channels_last=*/true);
     AT_DISPATCH_FLOATING_TYPES(ct, "roi_align_backward_emulated", [&] {
       using T = scalar_t;
       std::vector<T*> table;
@@ -61,17 +64,14 @@ std::vector<at::Tensor> roi_align_backward_emulated(const at::Tensor& grad, cons
       roi_align_backward_sequence(
           k, grad.options().dtype(ct),
           [&](RoiBackwardPlan& pl) {
-            for (int64_t i = 0; i < k; ++i) {
-              T c;
-              pl.counts.data_ptr<int64_t>()[i] = roi_align_sample_count<T>(p, i, c);
-              pl.roi_count.data_ptr<T>()[i] = c;
-            }
+            for (int64_t i = 0; i < k; ++i) pl.counts.data_ptr<int64_t>()[i] = roi_align_sample_count<T>(p, i);
           },
           [&](RoiBackwardPlan& pl) {
             at::parallel_for(0, pl.samples, 1024, [&](int64_t a, int64_t b) {
               for (int64_t s = a; s < b; ++s) {
                 roi_align_backward_entries<T>(p, pl.starts.data_ptr<int64_t>(), s, pl.keys.data_ptr<int64_t>(),
-                                              pl.sources.data_ptr<int64_t>(), pl.weights.data_ptr<T>());
+                                              pl.sources.data_ptr<int64_t>(), pl.weights.data_ptr<T>(),
+                                              pl.divisors.data_ptr<T>());
               }
             });
           },
@@ -80,14 +80,14 @@ std::vector<at::Tensor> roi_align_backward_emulated(const at::Tensor& grad, cons
               for (int64_t i = a; i < b; ++i) {
                 roi_align_backward_segment<T>(p, pl.seg_start.data_ptr<int64_t>(), pl.sorted_keys.data_ptr<int64_t>(),
                                               pl.order.data_ptr<int64_t>(), pl.sources.data_ptr<int64_t>(),
-                                              pl.weights.data_ptr<T>(), pl.roi_count.data_ptr<T>(), go.data_ptr<T>(),
+                                              pl.weights.data_ptr<T>(), pl.divisors.data_ptr<T>(), go.data_ptr<T>(),
                                               i / channels, i % channels, targets);
               }
             });
           });
     });
   }
-  for (auto& g : grads) g = g.to(dtype);
+  for (auto& g : grads) g = g.to(dtype, /*non_blocking=*/false, /*copy=*/false, roi_format(channels_last));
   return grads;
 }
 

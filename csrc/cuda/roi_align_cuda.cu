@@ -28,31 +28,28 @@ __global__ void roi_align_forward_kernel(RoiAlignParams p, int64_t total, T* out
 }
 
 template <typename T>
-__global__ void roi_align_count_kernel(RoiAlignParams p, int64_t* counts, T* roi_count) {
+__global__ void roi_align_count_kernel(RoiAlignParams p, int64_t* counts) {
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k >= p.n_rois) return;
-  T c;
-  counts[k] = roi_align_sample_count<T>(p, k, c);
-  roi_count[k] = c;
+  if (k < p.n_rois) counts[k] = roi_align_sample_count<T>(p, k);
 }
 
 template <typename T>
 __global__ void roi_align_entries_kernel(RoiAlignParams p, const int64_t* sample_start, int64_t samples,
-                                         int64_t* keys, int64_t* sources, T* weights) {
+                                         int64_t* keys, int64_t* sources, T* weights, T* divisors) {
   const int64_t s = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (s >= samples) return;
-  roi_align_backward_entries<T>(p, sample_start, s, keys, sources, weights);
+  roi_align_backward_entries<T>(p, sample_start, s, keys, sources, weights, divisors);
 }
 
 // One thread per (segment, channel), channels fastest: the grad_out reads and channels-last writes coalesce.
 template <typename T>
 __global__ void roi_align_reduce_kernel(RoiAlignParams p, const int64_t* seg_start, int64_t segments,
                                         const int64_t* sorted_keys, const int64_t* order, const int64_t* sources,
-                                        const T* weights, const T* roi_count, const T* grad_out, RoiGradTargets<T> out) {
+                                        const T* weights, const T* divisors, const T* grad_out, RoiGradTargets<T> out) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= segments * p.channels) return;
   const int64_t seg = i / p.channels, c = i % p.channels;
-  roi_align_backward_segment<T>(p, seg_start, sorted_keys, order, sources, weights, roi_count, grad_out, seg, c, out);
+  roi_align_backward_segment<T>(p, seg_start, sorted_keys, order, sources, weights, divisors, grad_out, seg, c, out);
 }
 
 template <typename T>
@@ -112,7 +109,10 @@ std::vector<at::Tensor> roi_align_backward(const at::Tensor& grad, const at::Ten
   const auto ct = roi_compute_type(dtype);
   const size_t n_levels = scales.size();
   TORCH_CHECK(feature_shapes.size() == 4 * n_levels, "fastnn roi_align cuda backward: 4 sizes per level");
-  std::vector<at::Tensor> grads = roi_grad_buffers(feature_shapes, grad.options().dtype(ct), channels_last);
+  // Channels-last whatever the features' layout: the reduce runs a thread per (pixel, channel), channels
+  // fastest, so its stores coalesce. An NCHW result costs one transposing copy at the end instead of one
+  // 32-byte sector written per gradient element.
+  std::vector<at::Tensor> grads = roi_grad_buffers(feature_shapes, grad.options().dtype(ct), /*channels_last=*/true);
   const int64_t k = rois.size(0), channels = feature_shapes[1];
   if (k > 0 && channels > 0) {
     const at::Tensor r = rois.to(ct).contiguous();
@@ -120,7 +120,7 @@ std::vector<at::Tensor> roi_align_backward(const at::Tensor& grad, const at::Ten
     roi_check_indices(r, lvl, feature_shapes[0], static_cast<int64_t>(n_levels));
     const at::Tensor go = grad.to(ct).contiguous(at::MemoryFormat::ChannelsLast);  // (K * bins, C) rows
     const RoiAlignParams p = roi_align_params(feature_shapes, scales, r, lvl, grad.size(2), grad.size(3),
-                                              sampling_ratio, aligned, channels_last);
+                                              sampling_ratio, aligned, /*channels_last=*/true);
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(ct, "roi_align_backward_cuda", [&] {
       using T = scalar_t;
@@ -131,26 +131,25 @@ std::vector<at::Tensor> roi_align_backward(const at::Tensor& grad, const at::Ten
       roi_align_backward_sequence(
           k, grad.options().dtype(ct),
           [&](RoiBackwardPlan& pl) {
-            roi_align_count_kernel<T><<<blocks_for(k), kThreads, 0, stream>>>(p, pl.counts.data_ptr<int64_t>(),
-                                                                               pl.roi_count.data_ptr<T>());
+            roi_align_count_kernel<T><<<blocks_for(k), kThreads, 0, stream>>>(p, pl.counts.data_ptr<int64_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           },
           [&](RoiBackwardPlan& pl) {
             roi_align_entries_kernel<T><<<blocks_for(pl.samples), kThreads, 0, stream>>>(
                 p, pl.starts.data_ptr<int64_t>(), pl.samples, pl.keys.data_ptr<int64_t>(),
-                pl.sources.data_ptr<int64_t>(), pl.weights.data_ptr<T>());
+                pl.sources.data_ptr<int64_t>(), pl.weights.data_ptr<T>(), pl.divisors.data_ptr<T>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           },
           [&](RoiBackwardPlan& pl) {
             roi_align_reduce_kernel<T><<<blocks_for(pl.segments * channels), kThreads, 0, stream>>>(
                 p, pl.seg_start.data_ptr<int64_t>(), pl.segments, pl.sorted_keys.data_ptr<int64_t>(),
                 pl.order.data_ptr<int64_t>(), pl.sources.data_ptr<int64_t>(), pl.weights.data_ptr<T>(),
-                pl.roi_count.data_ptr<T>(), go.data_ptr<T>(), targets);
+                pl.divisors.data_ptr<T>(), go.data_ptr<T>(), targets);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
     });
   }
-  for (auto& g : grads) g = g.to(dtype);
+  for (auto& g : grads) g = g.to(dtype, /*non_blocking=*/false, /*copy=*/false, roi_format(channels_last));
   return grads;
 }
 

@@ -6,7 +6,8 @@
 //
 // Backward without float atomics, in three steps (the launcher adds a stable sort between 1 and 2):
 //   1. entries: one thread per sample writes its four taps as (key = flat pixel index, or kNoPixel for a
-//      sample outside the map; source = RoI * bins + bin; weight);
+//      sample outside the map; source = RoI * bins + bin; weight; divisor = the RoI's averaging count, so the
+//      reduce's inner loop needs no division or lookup to find it);
 //   2. a stable sort by key groups the taps of each pixel and keeps them in generation order (RoI, bin,
 //      sample, tap), which is the CPU kernels' and torchvision's order;
 //   3. reduce: one thread per (pixel segment, channel) adds grad * weight / count over its segment.
@@ -94,22 +95,21 @@ FASTNN_HD T roi_align_forward_element(const RoiAlignParams& p, int64_t index, in
   return acc / g.count;
 }
 
-// Number of samples of RoI k (bins * grid_h * grid_w) and its averaging count.
+// Number of samples of RoI k: bins * grid_h * grid_w.
 template <typename T>
-FASTNN_HD int64_t roi_align_sample_count(const RoiAlignParams& p, int64_t k, T& count) {
+FASTNN_HD int64_t roi_align_sample_count(const RoiAlignParams& p, int64_t k) {
   const T* roi = static_cast<const T*>(p.rois) + 5 * k;
   const RoiLevel& lv = p.levels[roi_level<T>(p, k)];
   const auto g = roi_align_geometry<T>(roi, static_cast<T>(lv.scale), p.pooled_h, p.pooled_w, p.sampling_ratio,
                                        p.aligned);
-  count = g.count;
   return int64_t(p.pooled_h) * p.pooled_w * g.grid_h * g.grid_w;
 }
 
 // Step 1 for sample `s` (global over all RoIs; sample_start is the exclusive prefix sum of the counts):
-// writes keys / sources / weights [4 s, 4 s + 4).
+// writes keys / sources / weights / divisors [4 s, 4 s + 4).
 template <typename T>
 FASTNN_HD void roi_align_backward_entries(const RoiAlignParams& p, const int64_t* sample_start, int64_t s,
-                                          int64_t* keys, int64_t* sources, T* weights) {
+                                          int64_t* keys, int64_t* sources, T* weights, T* divisors) {
   // The RoI owning sample s: the last k with sample_start[k] <= s (RoIs with no samples are skipped).
   int64_t lo = 0, hi = p.n_rois - 1;
   while (lo < hi) {
@@ -138,22 +138,22 @@ FASTNN_HD void roi_align_backward_entries(const RoiAlignParams& p, const int64_t
     keys[4 * s + t] = smp.valid ? image_base + pix[t] : kNoPixel;
     sources[4 * s + t] = src;
     weights[4 * s + t] = wt[t];
+    divisors[4 * s + t] = g.count;
   }
 }
 
 // Step 3 for (segment, channel): the gradient of one pixel and channel. `order` is the stable sort's
 // permutation (sorted position -> entry), [seg_begin, seg_end) the segment's sorted positions;
-// grad_out is channels-last (K * bins, C); roi_count[k] the averaging count of RoI k.
+// grad_out is channels-last (K * bins, C); divisors[e] the averaging count of entry e's RoI.
 template <typename T>
 FASTNN_HD T roi_align_backward_reduce(const int64_t* order, int64_t seg_begin, int64_t seg_end,
-                                      const int64_t* sources, const T* weights, const T* roi_count,
-                                      const T* grad_out, int64_t channels, int64_t bins, int64_t c) {
+                                      const int64_t* sources, const T* weights, const T* divisors,
+                                      const T* grad_out, int64_t channels, int64_t c) {
   T acc = T(0);
   for (int64_t i = seg_begin; i < seg_end; ++i) {
     const int64_t e = order[i];
-    const int64_t src = sources[e];
     // torchvision's order: (grad * w) / count, added to the running gradient
-    acc += grad_out[src * channels + c] * weights[e] / roi_count[src / bins];
+    acc += grad_out[sources[e] * channels + c] * weights[e] / divisors[e];
   }
   return acc;
 }
@@ -172,13 +172,12 @@ FASTNN_HD void roi_pixel_destination(const RoiAlignParams& p, int64_t key, int64
 template <typename T>
 FASTNN_HD void roi_align_backward_segment(const RoiAlignParams& p, const int64_t* seg_start,
                                           const int64_t* sorted_keys, const int64_t* order, const int64_t* sources,
-                                          const T* weights, const T* roi_count, const T* grad_out, int64_t seg,
+                                          const T* weights, const T* divisors, const T* grad_out, int64_t seg,
                                           int64_t c, const RoiGradTargets<T>& out) {
   const int64_t b = seg_start[seg], e = seg_start[seg + 1];
   const int64_t key = sorted_keys[b];
   if (key == kNoPixel) return;  // taps of samples outside the map
-  const int64_t bins = int64_t(p.pooled_h) * p.pooled_w;
-  const T g = roi_align_backward_reduce<T>(order, b, e, sources, weights, roi_count, grad_out, p.channels, bins, c);
+  const T g = roi_align_backward_reduce<T>(order, b, e, sources, weights, divisors, grad_out, p.channels, c);
   int level;
   int64_t off;
   roi_pixel_destination(p, key, c, level, off);

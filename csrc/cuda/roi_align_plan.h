@@ -132,14 +132,14 @@ inline KeySegments sort_segments(const at::Tensor& keys) {
 
 // The backward's buffers, filled step by step.
 struct RoiBackwardPlan {
-  at::Tensor counts, roi_count, starts;    // per RoI: samples, averaging count, first sample
+  at::Tensor counts, starts;               // per RoI: samples, first sample
   int64_t samples = 0;
-  at::Tensor keys, sources, weights;       // per tap (4 per sample)
+  at::Tensor keys, sources, weights, divisors;  // per tap (4 per sample); divisor: the RoI's averaging count
   at::Tensor sorted_keys, order, seg_start;
   int64_t segments = 0;
 };
 
-// count(plan) fills counts / roi_count; entries(plan) fills keys / sources / weights; reduce(plan) writes
+// count(plan) fills counts; entries(plan) fills keys / sources / weights / divisors; reduce(plan) writes
 // the gradients. Returns false when no sample exists (the gradients stay zero).
 template <typename CountFn, typename EntriesFn, typename ReduceFn>
 bool roi_align_backward_sequence(int64_t k, const at::TensorOptions& compute, CountFn count, EntriesFn entries,
@@ -147,7 +147,6 @@ bool roi_align_backward_sequence(int64_t k, const at::TensorOptions& compute, Co
   RoiBackwardPlan plan;
   const auto i64 = compute.dtype(at::kLong);
   plan.counts = at::empty({k}, i64);
-  plan.roi_count = at::empty({k}, compute);
   count(plan);
   const at::Tensor ends = plan.counts.cumsum(0);
   plan.starts = ends - plan.counts;
@@ -157,6 +156,7 @@ bool roi_align_backward_sequence(int64_t k, const at::TensorOptions& compute, Co
   plan.keys = at::empty({taps}, i64);
   plan.sources = at::empty({taps}, i64);
   plan.weights = at::empty({taps}, compute);
+  plan.divisors = at::empty({taps}, compute);
   entries(plan);
   KeySegments seg = sort_segments(plan.keys);
   plan.sorted_keys = seg.sorted_keys;
