@@ -55,13 +55,14 @@ stamp "tools/gpu_diag.py"
 PYTHONUNBUFFERED=1 timeout 90 "$PY" tools/gpu_diag.py > "$OUT/diag.txt" 2>&1
 tail -5 "$OUT/diag.txt"
 if command -v ncu > /dev/null && [ "$(elapsed)" -lt $(( BUDGET - 180 )) ]; then
-  # where the selective scan's time goes (bench/NOTES.md: fwd+bwd far from both floors): one forward and one
-  # backward scan kernel, throughput, occupancy and warp stall reasons
-  stamp "ncu on the selective-scan kernels"
-  timeout 75 ncu --target-processes all --kernel-name regex:selective_scan_.*_kernel --launch-count 2 \
+  # where the time goes in the kernels furthest from their targets (bench/NOTES.md): the forward and
+  # backward scan, RoIAlign's forward and its backward reduce; throughput, occupancy and warp stall reasons
+  stamp "ncu on the selective-scan and roi_align kernels"
+  timeout 90 ncu --target-processes all --launch-count 4 \
+    --kernel-name "regex:selective_scan_(fwd|bwd)_kernel|roi_align_(forward|reduce)_kernel" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    "$PY" tools/gpu_diag.py --scan-once >> "$OUT/diag.txt" 2>&1
-  grep -E "selective_scan_|Duration|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" "$OUT/diag.txt" | tail -12
+    "$PY" tools/gpu_diag.py --once >> "$OUT/diag.txt" 2>&1
+  grep -E "_kernel|Duration|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" "$OUT/diag.txt" | tail -24
 fi
 if grep -q "Segmentation fault" "$OUT/pytest-cuda.log" && command -v cuda-gdb > /dev/null; then
   # the host backtrace of the crash that the first H100 run saw (bench/NOTES.md), in one process

@@ -10,7 +10,8 @@ first H100 run (bench/NOTES.md, "First H100 run of every suite"), answered in a 
    scan or the reductions around them.
 
 Usage: python tools/gpu_diag.py            (prints to stdout)
-       python tools/gpu_diag.py --scan-once (one forward+backward of 3., for ncu in tools/gpu_check.sh)"""
+       python tools/gpu_diag.py --once  (one forward+backward of 3. and one of the roi bench's roi_align, for
+                                          ncu in tools/gpu_check.sh)"""
 import os
 import sys
 import time
@@ -100,6 +101,19 @@ def scan_inputs():
     return fwd_bwd
 
 
+def roi_inputs():
+    from bench.suites.roi import make_rois
+
+    x = torch.randn(2, 256, 200, 200, device="cuda", requires_grad=True)
+    rois = make_rois(512, 2, 800, "cuda")
+    dy = torch.randn(512, 256, 7, 7, device="cuda")
+
+    def fwd_bwd():
+        x.grad = None
+        ops.roi_align(x, rois, 7, 0.25, 2, False).backward(dy)
+    return fwd_bwd
+
+
 def scan_kernels():
     profile("selective_scan_fn fwd+bwd B8 D1536 L2048 N16 bf16", scan_inputs(), calls=5,
             sort_by="self_cuda_time_total")
@@ -109,9 +123,9 @@ def main():
     if not torch.cuda.is_available():
         print("gpu_diag: no CUDA GPU")
         return 1
-    if "--scan-once" in sys.argv:
-        fn = scan_inputs()
-        fn()
+    if "--once" in sys.argv:
+        for make in (scan_inputs, roi_inputs):
+            make()()
         torch.cuda.synchronize()
         return 0
     for step in (roi_sides, overheads, scan_kernels):
