@@ -28,7 +28,9 @@ at::Tensor roi_align_forward_emulated(const std::vector<at::Tensor>& features, c
     at::parallel_for(0, in.out.numel(), 1024, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {  // one CUDA thread each
         int64_t at_;
-        const scalar_t v = roi_align_forward_element<scalar_t>(p, i, at_);
+        // the CUDA launcher's choice of kernel
+        const scalar_t v = sampling_ratio == 2 ? roi_align_forward_element<scalar_t, 2>(p, i, at_)
+                                               : roi_align_forward_element<scalar_t, 0>(p, i, at_);
         o[at_] = v;
       }
     });

@@ -18,12 +18,13 @@ constexpr int kThreads = 256;
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
-template <typename T>
+// kGrid: roi_align_forward_element's compile-time sampling ratio (0: any)
+template <typename T, int kGrid>
 __global__ void roi_align_forward_kernel(RoiAlignParams p, int64_t total, T* out) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= total) return;
   int64_t at;
-  const T v = roi_align_forward_element<T>(p, i, at);
+  const T v = roi_align_forward_element<T, kGrid>(p, i, at);
   out[at] = v;
 }
 
@@ -93,8 +94,12 @@ at::Tensor roi_align_forward(const std::vector<at::Tensor>& features, const at::
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t total = in.out.numel();
   AT_DISPATCH_FLOATING_TYPES(in.out.scalar_type(), "roi_align_forward_cuda", [&] {
-    roi_align_forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(p, total,
-                                                                                  in.out.data_ptr<scalar_t>());
+    scalar_t* out = in.out.data_ptr<scalar_t>();
+    if (sampling_ratio == 2) {  // detectors' usual setting (torchvision's MultiScaleRoIAlign, Mask R-CNN)
+      roi_align_forward_kernel<scalar_t, 2><<<blocks_for(total), kThreads, 0, stream>>>(p, total, out);
+    } else {
+      roi_align_forward_kernel<scalar_t, 0><<<blocks_for(total), kThreads, 0, stream>>>(p, total, out);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return in.out.to(in.dtype);

@@ -50,7 +50,10 @@ FASTNN_HD int roi_level(const RoiAlignParams& p, int64_t k) {
 }
 
 // Output element `index` of the forward: returns its value and stores its flat output offset in `out_at`.
-template <typename T>
+// kGrid > 0: compiled for sampling_ratio == kGrid, so the sample loops unroll and a thread's 4 kGrid^2 tap
+// loads are all in flight at once, instead of one sample's four at a time (the additions keep their order).
+// kGrid == 0: any sampling_ratio, adaptive included.
+template <typename T, int kGrid = 0>
 FASTNN_HD T roi_align_forward_element(const RoiAlignParams& p, int64_t index, int64_t& out_at) {
   const int64_t bins = int64_t(p.pooled_h) * p.pooled_w;
   int64_t k, c, bin;
@@ -80,12 +83,23 @@ FASTNN_HD T roi_align_forward_element(const RoiAlignParams& p, int64_t index, in
     pix_stride = 1;
     base = (n * p.channels + c) * lv.height * lv.width;
   }
+  // With kGrid the loop bounds and divisors are constants. geometry gives sampling_ratio samples a side, or
+  // none for a NaN RoI (then the average is 0 / 1).
+  if (kGrid > 0 && g.grid_h == 0) return T(0);
+  const int grid_h = kGrid > 0 ? kGrid : g.grid_h;
+  const int grid_w = kGrid > 0 ? kGrid : g.grid_w;
   T acc = T(0);
-  for (int iy = 0; iy < g.grid_h; ++iy) {
-    const AxisTaps<T> ty = axis_taps(roi_sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), h);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int iy = 0; iy < grid_h; ++iy) {
+    const AxisTaps<T> ty = axis_taps(roi_sample_coord(g.start_h, g.bin_h, ph, iy, grid_h), h);
     if (!ty.valid) continue;
-    for (int ix = 0; ix < g.grid_w; ++ix) {
-      const AxisTaps<T> tx = axis_taps(roi_sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), w);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int ix = 0; ix < grid_w; ++ix) {
+      const AxisTaps<T> tx = axis_taps(roi_sample_coord(g.start_w, g.bin_w, pw, ix, grid_w), w);
       if (!tx.valid) continue;
       const BilinearSample<T> s = bilinear_sample(ty, tx, w);
       acc += s.w1 * img[base + s.p1 * pix_stride] + s.w2 * img[base + s.p2 * pix_stride] +
