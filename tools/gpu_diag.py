@@ -87,18 +87,9 @@ def overheads():
 
 
 def scan_inputs():
-    from bench.suites.ssm import _inputs
+    from bench.suites.ssm import _fwd_bwd, _inputs
 
-    args = _inputs(8, 1536, 2048, 16, torch.bfloat16, "cuda")
-    leaves = [a.detach().clone().requires_grad_() for a in args]
-    dout = torch.randn_like(args[0])
-
-    def fwd_bwd():
-        for t in leaves:
-            t.grad = None
-        u, delta, A, Bm, Cm, Dv, z, bias = leaves
-        ops.selective_scan_fn(u, delta, A, Bm, Cm, Dv, z, bias, True).backward(dout)
-    return fwd_bwd
+    return _fwd_bwd(ops.selective_scan_fn, _inputs(8, 1536, 2048, 16, torch.bfloat16, "cuda"))
 
 
 def roi_inputs():

@@ -29,8 +29,9 @@ at::Tensor roi_align_forward_emulated(const std::vector<at::Tensor>& features, c
       for (int64_t i = a; i < b; ++i) {  // one CUDA thread each
         int64_t at_;
         // the CUDA launcher's choice of kernel
-        const scalar_t v = sampling_ratio == 2 ? roi_align_forward_element<scalar_t, 2>(p, i, at_)
-                                               : roi_align_forward_element<scalar_t, 0>(p, i, at_);
+        const scalar_t v = sampling_ratio == kRoiUnrolledGrid
+                               ? roi_align_forward_element<scalar_t, kRoiUnrolledGrid>(p, i, at_)
+                               : roi_align_forward_element<scalar_t, 0>(p, i, at_);
         o[at_] = v;
       }
     });

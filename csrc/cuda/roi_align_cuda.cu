@@ -95,8 +95,9 @@ at::Tensor roi_align_forward(const std::vector<at::Tensor>& features, const at::
   const int64_t total = in.out.numel();
   AT_DISPATCH_FLOATING_TYPES(in.out.scalar_type(), "roi_align_forward_cuda", [&] {
     scalar_t* out = in.out.data_ptr<scalar_t>();
-    if (sampling_ratio == 2) {  // detectors' usual setting (torchvision's MultiScaleRoIAlign, Mask R-CNN)
-      roi_align_forward_kernel<scalar_t, 2><<<blocks_for(total), kThreads, 0, stream>>>(p, total, out);
+    if (sampling_ratio == kRoiUnrolledGrid) {
+      roi_align_forward_kernel<scalar_t, kRoiUnrolledGrid>
+          <<<blocks_for(total), kThreads, 0, stream>>>(p, total, out);
     } else {
       roi_align_forward_kernel<scalar_t, 0><<<blocks_for(total), kThreads, 0, stream>>>(p, total, out);
     }

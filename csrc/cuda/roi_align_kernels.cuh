@@ -53,6 +53,10 @@ FASTNN_HD int roi_level(const RoiAlignParams& p, int64_t k) {
 // kGrid > 0: compiled for sampling_ratio == kGrid, so the sample loops unroll and a thread's 4 kGrid^2 tap
 // loads are all in flight at once, instead of one sample's four at a time (the additions keep their order).
 // kGrid == 0: any sampling_ratio, adaptive included.
+// The sampling ratio the launchers run as roi_align_forward_element<T, kRoiUnrolledGrid>: detectors' usual
+// setting (torchvision's MultiScaleRoIAlign, Mask R-CNN).
+constexpr int kRoiUnrolledGrid = 2;
+
 template <typename T, int kGrid = 0>
 FASTNN_HD T roi_align_forward_element(const RoiAlignParams& p, int64_t index, int64_t& out_at) {
   const int64_t bins = int64_t(p.pooled_h) * p.pooled_w;
