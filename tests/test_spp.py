@@ -127,6 +127,33 @@ def test_sppf_gradient_ties_follow_torch_chain(device, layout):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_sppf_every_radius_signed_zeros_and_nan_blocks(device, layout):
+    """Each window radius the C++ kernel specialises (1-4) and the any-radius path (k = 11, 13), with
+    windows tied between -0.0 and +0.0 (torch keeps the first: the sign must match, not just the value) and
+    one plane / channel block holding a NaN (the kernel's NaN-aware variant) beside NaN-free ones, and an
+    -inf region with windows of nothing else."""
+    torch.manual_seed(3)
+    for k in (1, 3, 5, 7, 9, 11, 13):
+        shape = (2, 20, 9, 14)   # 20 channels: a full 16-lane block and a partial one when channels_last
+        x = torch.randint(-1, 2, shape).to(torch.float64) * 0.0   # -0.0 / +0.0 mixed
+        x = torch.where(torch.rand(shape) < 0.3, torch.randint(0, 3, shape).double(), x).to(device=device)
+        x[1, 3, 4, 5] = float("nan")
+        x[0, 5, :6, 2:9] = float("-inf")   # windows that are all -inf: torch picks their first element
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        want = ref.sppf_pool(x, k)
+        grad = torch.randn_like(want)
+        gwant = grads(lambda t: ref.sppf_pool(t, k), x, grad)
+        for backend in kernel_backends(device):
+            got = run(backend, ops.sppf_pool, x, k)
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{backend} k={k}: {m}")
+            assert torch.equal(torch.signbit(got), torch.signbit(want)), f"{backend} k={k}: the sign of a zero differs"
+            g = run(backend, lambda t: grads(lambda u: ops.sppf_pool(u, k), t, grad), x)
+            torch.testing.assert_close(g, gwant, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{backend} k={k}: {m}")
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_sppf_nan_and_inf(device):
     x = torch.randn(2, 3, 9, 8, device=device)
     x[0, 0, 4, 4] = float("nan")

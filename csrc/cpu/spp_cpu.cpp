@@ -38,10 +38,12 @@ constexpr int64_t kLanesPlanesSpp = 8;      // NCHW SPP: planes interleaved per 
 constexpr int64_t kElementsPerTask = 16384;
 
 // torch's max-pool update: take v when it beats the running max or is NaN. Bitwise |, not ||: no branch
-// (a short-circuit branch on random data mispredicts; the select compiles to a compare + blend).
+// (a short-circuit branch on random data mispredicts; the select compiles to a compare + blend). The
+// builtins (v > m, isnan v) rather than `(v > m) | (v != v)`: with the latter GCC does not vectorise the
+// fused argmax passes below.
 template <typename A>
 inline bool takes(A v, A m) {
-  return static_cast<bool>(static_cast<int>(v > m) | static_cast<int>(v != v));
+  return static_cast<bool>(static_cast<int>(__builtin_isgreater(v, m)) | static_cast<int>(__builtin_isunordered(v, v)));
 }
 
 // Strides of one block's elements in a tensor: (pixel p, lane l) at base + p * sp + l * sl.
@@ -80,6 +82,16 @@ inline T* tensor_block(T* base, const Layout& g, int64_t CT, int64_t n, int64_t 
   return base + (n * CT + c) * hw;
 }
 
+// d[l] = s[l] for the lanes of one pixel; a full channels_last block is a fixed-length (vector) copy.
+template <typename D, typename S>
+inline void copy_lanes(D* __restrict__ d, const S* __restrict__ s, int64_t lanes) {
+  if (lanes == kLanesChannelsLast) {
+    for (int64_t l = 0; l < kLanesChannelsLast; ++l) d[l] = static_cast<D>(s[l]);
+  } else {
+    for (int64_t l = 0; l < lanes; ++l) d[l] = static_cast<D>(s[l]);
+  }
+}
+
 // dst[(row0 + h) * row_stride + (col0 + w) * L + l] = src(h, w, l); rows are W pixels long.
 template <typename T, typename A>
 void load_block(const T* src, Strides s, int64_t H, int64_t W, int64_t L, int64_t lanes, A* dst, int64_t row_stride,
@@ -90,8 +102,7 @@ void load_block(const T* src, Strides s, int64_t H, int64_t W, int64_t L, int64_
     if (L == 1 && s.sp == 1) {
       for (int64_t w = 0; w < W; ++w) d[w] = static_cast<A>(sr[w]);
     } else if (s.sl == 1) {
-      for (int64_t w = 0; w < W; ++w)
-        for (int64_t l = 0; l < lanes; ++l) d[w * L + l] = static_cast<A>(sr[w * s.sp + l]);
+      for (int64_t w = 0; w < W; ++w) copy_lanes(d + w * L, sr + w * s.sp, lanes);
     } else {
       for (int64_t l = 0; l < lanes; ++l)
         for (int64_t w = 0; w < W; ++w) d[w * L + l] = static_cast<A>(sr[w * s.sp + l * s.sl]);
@@ -101,17 +112,21 @@ void load_block(const T* src, Strides s, int64_t H, int64_t W, int64_t L, int64_
   }
 }
 
-// dst(p, l) = src[p * L + l] for the HW pixels.
+// dst(h, w, l) = src[h * row_stride + w * L + l] for the H x W pixels (the inverse of load_block).
 template <typename T, typename A>
-void store_block(const A* src, int64_t HW, int64_t L, int64_t lanes, T* dst, Strides s) {
-  if (L == 1 && s.sp == 1) {
-    for (int64_t p = 0; p < HW; ++p) dst[p] = static_cast<T>(src[p]);
-  } else if (s.sl == 1) {
-    for (int64_t p = 0; p < HW; ++p)
-      for (int64_t l = 0; l < lanes; ++l) dst[p * s.sp + l] = static_cast<T>(src[p * L + l]);
-  } else {
-    for (int64_t l = 0; l < lanes; ++l)
-      for (int64_t p = 0; p < HW; ++p) dst[p * s.sp + l * s.sl] = static_cast<T>(src[p * L + l]);
+void store_block(const A* src, int64_t H, int64_t W, int64_t row_stride, int64_t L, int64_t lanes, T* dst,
+                 Strides s) {
+  for (int64_t h = 0; h < H; ++h) {
+    const A* sr = src + h * row_stride;
+    T* d = dst + h * W * s.sp;
+    if (L == 1 && s.sp == 1) {
+      for (int64_t w = 0; w < W; ++w) d[w] = static_cast<T>(sr[w]);
+    } else if (s.sl == 1) {
+      for (int64_t w = 0; w < W; ++w) copy_lanes(d + w * s.sp, sr + w * L, lanes);
+    } else {
+      for (int64_t l = 0; l < lanes; ++l)
+        for (int64_t w = 0; w < W; ++w) d[w * s.sp + l * s.sl] = static_cast<T>(sr[w * L + l]);
+    }
   }
 }
 
@@ -138,12 +153,18 @@ template <typename A>
 struct SppfScratch {
   int64_t H, W, L, r, Wp, rowP, rowW, n;
   std::vector<A> P, HP, G, Gin;
+  std::vector<uint8_t> PADCOL;  // over the H interior rows: 1 at the pad columns
   std::vector<int32_t> HD, D0, VD0, BASE, VD, VC, IDX;
   SppfScratch(int64_t H_, int64_t W_, int64_t L_, int64_t r_, bool backward)
       : H(H_), W(W_), L(L_), r(r_), Wp(W_ + 2 * r_), rowP((W_ + 2 * r_) * L_), rowW(W_ * L_), n(H_ * rowP) {
     const A ninf = -std::numeric_limits<A>::infinity();
     P.assign((H + 2 * r) * rowP, ninf);   // -inf border of r pixels: torch's max-pool padding
     HP.assign((H + 2 * r) * rowP, ninf);  // row maxima in P's padded geometry, -inf rows above and below
+    PADCOL.assign(n, 0);
+    for (int64_t h = 0; h < H; ++h) {
+      std::fill_n(PADCOL.begin() + h * rowP, r * L, uint8_t{1});
+      std::fill_n(PADCOL.begin() + h * rowP + (r + W) * L, r * L, uint8_t{1});
+    }
     if (!backward) return;
     // Argmax state over the H interior rows of the padded geometry (index j = h * rowP + c * L + l, padded
     // column c = w + r); entries at pad columns are junk and never used.
@@ -176,32 +197,99 @@ struct SppfScratch {
   }
 };
 
+// One pass of a separable max: out[j] = the window max of in[j + d * stride], d in [-r, r], scanned from
+// d = -r with torch's rule. Without NaNs in the plane, `v > m ? v : m` is that rule (ties keep the earlier
+// element, so signed zeros come out as torch's) and compiles to one vmaxps; with NaNs, `takes` decides.
+// The window is one expression per output (R a compile-time radius: unrolled, in registers), so each pass
+// loads 2r + 1 vectors and stores one; the loop per offset it replaces stored and reloaded the running
+// maximum 2r + 1 times (bench/NOTES.md, SPPF v3).
+template <typename A, bool kNaNs>
+inline A max_pick(A v, A m) {
+  if constexpr (kNaNs) {
+    return takes(v, m) ? v : m;
+  } else {
+    return v > m ? v : m;
+  }
+}
+
+template <typename A, int R, bool kNaNs, bool kMaskPads>
+void window_max_pass(const A* __restrict__ in, A* __restrict__ out, int64_t n, int64_t stride,
+                     const uint8_t* __restrict__ pad) {
+  const A ninf = -std::numeric_limits<A>::infinity();
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    A m = in[j - R * stride];
+#pragma GCC unroll 8
+    for (int d = 1 - R; d <= R; ++d) m = max_pick<A, kNaNs>(in[j + d * stride], m);
+    if constexpr (kMaskPads) m = pad[j] ? ninf : m;
+    out[j] = m;
+  }
+}
+
+template <typename A, int R, bool kNaNs>
+void window_max_radius(const A* in, A* out, int64_t n, int64_t stride, const uint8_t* pad) {
+  if (pad != nullptr) {
+    window_max_pass<A, R, kNaNs, true>(in, out, n, stride, pad);
+  } else {
+    window_max_pass<A, R, kNaNs, false>(in, out, n, stride, pad);
+  }
+}
+
+// Any radius (k > 9): one loop per window offset.
+template <typename A, bool kNaNs>
+void window_max_any_radius(const A* __restrict__ in, A* __restrict__ out, int64_t n, int64_t stride, int64_t r,
+                           const uint8_t* __restrict__ pad) {
+  {
+    const A* q0 = in - r * stride;
+    for (int64_t j = 0; j < n; ++j) out[j] = q0[j];
+  }
+  for (int64_t d = 1 - r; d <= r; ++d) {
+    const A* q = in + d * stride;
+    for (int64_t j = 0; j < n; ++j) out[j] = max_pick<A, kNaNs>(q[j], out[j]);
+  }
+  const A ninf = -std::numeric_limits<A>::infinity();
+  if (pad != nullptr)
+    for (int64_t j = 0; j < n; ++j) out[j] = pad[j] ? ninf : out[j];
+}
+
+// out = window maxima of in along `stride`; where pad[j] (when given), -inf instead.
+template <typename A, bool kNaNs>
+void window_max(const A* in, A* out, int64_t n, int64_t stride, int64_t r, const uint8_t* pad) {
+  switch (r) {
+    case 0: window_max_radius<A, 0, kNaNs>(in, out, n, stride, pad); break;
+    case 1: window_max_radius<A, 1, kNaNs>(in, out, n, stride, pad); break;
+    case 2: window_max_radius<A, 2, kNaNs>(in, out, n, stride, pad); break;
+    case 3: window_max_radius<A, 3, kNaNs>(in, out, n, stride, pad); break;
+    case 4: window_max_radius<A, 4, kNaNs>(in, out, n, stride, pad); break;
+    default: window_max_any_radius<A, kNaNs>(in, out, n, stride, r, pad);
+  }
+}
+
 // One k x k stride-1 max pool of the padded P, in place (values only): row maxima of all H padded rows as
-// one flat loop per window offset (the values at pad columns are junk and never used), then column maxima
-// written back into P's interior rows, whose pad columns are then reset to -inf. Whole-plane loops: rows of
-// W = 20 pixels are too short for the per-loop overhead (per-row loops measured 3x slower at 20 x 20).
+// one flat pass, with -inf written at the pad columns, then column maxima of those written back into P's
+// interior rows (its pad columns come out -inf again: the maxima of -inf columns). Whole-plane loops: rows
+// of W = 20 pixels are too short for the per-loop overhead (per-row loops measured 3x slower at 20 x 20).
+// `nans`: the block holds a NaN (a pool never makes one, so one check of x covers every level).
 template <typename A>
-void max_pool_in_place(SppfScratch<A>& s) {
+void max_pool_in_place(SppfScratch<A>& s, bool nans) {
   const int64_t r = s.r, L = s.L, rowP = s.rowP, n = s.H * rowP, lo = r * rowP;
   A* hm = s.HP.data() + lo;
   A* p = s.P.data() + lo;
-  {
-    const A* q0 = p - r * L;
-    for (int64_t j = 0; j < n; ++j) hm[j] = q0[j];
+  if (nans) {
+    window_max<A, true>(p, hm, n, L, r, s.PADCOL.data());
+    window_max<A, true>(hm, p, n, rowP, r, nullptr);
+  } else {
+    window_max<A, false>(p, hm, n, L, r, s.PADCOL.data());
+    window_max<A, false>(hm, p, n, rowP, r, nullptr);
   }
-  for (int64_t d = 1 - r; d <= r; ++d) {
-    const A* q = p + d * L;
-    for (int64_t j = 0; j < n; ++j) hm[j] = takes(q[j], hm[j]) ? q[j] : hm[j];
-  }
-  {
-    const A* q0 = hm - r * rowP;
-    for (int64_t j = 0; j < n; ++j) p[j] = q0[j];
-  }
-  for (int64_t d = 1 - r; d <= r; ++d) {
-    const A* q = hm + d * rowP;
-    for (int64_t j = 0; j < n; ++j) p[j] = takes(q[j], p[j]) ? q[j] : p[j];
-  }
-  s.reset_pad_columns();
+}
+
+template <typename A>
+bool has_nan(const A* v, int64_t n) {
+  int any = 0;  // an int reduction vectorises; a bool one ran as a scalar loop
+#pragma omp simd reduction(| : any)
+  for (int64_t j = 0; j < n; ++j) any |= static_cast<int>(v[j] != v[j]);
+  return any != 0;
 }
 
 // The same pool in place with torch's argmax: idx[j] (padded interior geometry) = pixel h' * W + w' of the
@@ -209,7 +297,7 @@ void max_pool_in_place(SppfScratch<A>& s) {
 // Separable: the row pass keeps each row maximum's column, the column pass the first row (scanning top to
 // bottom with the same rule) and that row's column: together the row-major first pick of the 2-D window.
 template <typename A>
-void max_pool_argmax_in_place(SppfScratch<A>& s, int32_t* idx) {
+void max_pool_argmax_any_radius(SppfScratch<A>& s, int32_t* idx) {
   const int64_t r = s.r, L = s.L, rowP = s.rowP, n = s.n, k = 2 * r + 1;
   const int32_t W = static_cast<int32_t>(s.W);
   const A ninf = -std::numeric_limits<A>::infinity();
@@ -257,6 +345,79 @@ void max_pool_argmax_in_place(SppfScratch<A>& s, int32_t* idx) {
   s.reset_pad_columns();
 }
 
+// The same two passes for a compile-time radius R, each one expression per output kept in registers (as
+// window_max_pass; bench/NOTES.md, SPPF v3). Row pass: the maximum of in[j + (d - R) L], d = 0..2R, and its
+// offset, from (-inf, first in-image offset d0); -inf at pad columns so that the column pass gives -inf
+// there (P's pads stay -inf for the next level).
+template <typename A, int R, bool kNaNs>
+void argmax_row_pass(const A* __restrict__ in, A* __restrict__ hm, int32_t* __restrict__ hd,
+                     const int32_t* __restrict__ d0, const uint8_t* __restrict__ pad, int64_t n, int64_t L) {
+  const A ninf = -std::numeric_limits<A>::infinity();
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    A m = ninf;
+    int32_t a = d0[j];
+#pragma GCC unroll 9  // fully: a loop left inside stops the vectoriser
+    for (int d = 0; d <= 2 * R; ++d) {
+      const A v = in[j + (d - R) * L];
+      const bool c = kNaNs ? takes(v, m) : v > m;
+      m = c ? v : m;
+      a = c ? d : a;
+    }
+    hm[j] = pad[j] ? ninf : m;
+    hd[j] = a;
+  }
+}
+
+// Column pass: the first row by the same rule (from -inf and the first in-image row v0, with that row's
+// column), then idx = the picked pixel of the previous level.
+template <typename A, int R, bool kNaNs>
+void argmax_col_pass(const A* __restrict__ hm, const int32_t* __restrict__ hd, A* __restrict__ p,
+                     int32_t* __restrict__ idx, const int32_t* __restrict__ v0, const int32_t* __restrict__ base,
+                     int64_t n, int64_t rowP, int32_t W) {
+  const A ninf = -std::numeric_limits<A>::infinity();
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    A m = ninf;
+    const int32_t first = v0[j];
+    int32_t vd = first, vc = 0, vc_first = 0;
+#pragma GCC unroll 9  // fully: a loop left inside stops the vectoriser
+    for (int d = 0; d <= 2 * R; ++d) {
+      const A v = hm[j + (d - R) * rowP];
+      const int32_t col = hd[j + (d - R) * rowP];
+      const bool c = kNaNs ? takes(v, m) : v > m;
+      m = c ? v : m;
+      vd = c ? d : vd;
+      vc = c ? col : vc;
+      vc_first = d == first ? col : vc_first;
+    }
+    p[j] = m;
+    // rows above `first` are -inf padding and never taken, so vd == first: nothing taken or `first` taken,
+    // and either way the column is that row's (a "taken" flag instead stops GCC's vectoriser)
+    idx[j] = base[j] + vd * W + (vd == first ? vc_first : vc);
+  }
+}
+
+template <typename A, int R, bool kNaNs>
+void max_pool_argmax_radius(SppfScratch<A>& s, int32_t* idx) {
+  const int64_t rowP = s.rowP, lo = R * rowP;
+  argmax_row_pass<A, R, kNaNs>(s.P.data() + lo, s.HP.data() + lo, s.HD.data() + lo, s.D0.data(), s.PADCOL.data(),
+                               s.n, s.L);
+  argmax_col_pass<A, R, kNaNs>(s.HP.data() + lo, s.HD.data() + lo, s.P.data() + lo, idx, s.VD0.data(),
+                               s.BASE.data(), s.n, rowP, static_cast<int32_t>(s.W));
+}
+
+template <typename A, bool kNaNs>
+void max_pool_argmax_in_place(SppfScratch<A>& s, int32_t* idx) {
+  switch (s.r) {
+    case 1: max_pool_argmax_radius<A, 1, kNaNs>(s, idx); break;
+    case 2: max_pool_argmax_radius<A, 2, kNaNs>(s, idx); break;
+    case 3: max_pool_argmax_radius<A, 3, kNaNs>(s, idx); break;
+    case 4: max_pool_argmax_radius<A, 4, kNaNs>(s, idx); break;
+    default: max_pool_argmax_any_radius(s, idx);
+  }
+}
+
 template <typename T>
 void sppf_forward_impl(const T* x, T* out, const Layout& g, int64_t r) {
   using A = at::opmath_type<T>;
@@ -268,20 +429,19 @@ void sppf_forward_impl(const T* x, T* out, const Layout& g, int64_t r) {
       Strides xs, os;
       const T* xb = tensor_block(x, g, g.C, id.n, id.c0, xs);
       load_block(xb, xs, g.H, g.W, g.L, id.lanes, s.P.data() + s.r * s.rowP, s.rowP, s.r);
+      const bool nans = has_nan(s.P.data(), static_cast<int64_t>(s.P.size()));
       for (int64_t slot = 0; slot < 4; ++slot) {
         T* ob = tensor_block(out, g, 4 * g.C, id.n, slot * g.C + id.c0, os);
         if (slot == 0) {  // x itself: a straight copy
           if (g.cl) {
-            for (int64_t p = 0; p < HW; ++p)
-              for (int64_t l = 0; l < id.lanes; ++l) ob[p * os.sp + l] = xb[p * xs.sp + l];
+            for (int64_t p = 0; p < HW; ++p) copy_lanes(ob + p * os.sp, xb + p * xs.sp, id.lanes);
           } else {
             std::copy(xb, xb + HW, ob);
           }
           continue;
         }
-        max_pool_in_place(s);
-        for (int64_t h = 0; h < g.H; ++h)
-          store_block(s.interior_row(h), g.W, g.L, id.lanes, ob + h * g.W * os.sp, os);
+        max_pool_in_place(s, nans);
+        store_block(s.interior_row(0), g.H, g.W, s.rowP, g.L, id.lanes, ob, os);
       }
     }
   });
@@ -299,8 +459,15 @@ void sppf_backward_impl(const T* grad, const T* x, T* gx, const Layout& g, int64
       Strides xs, gs;
       const T* xb = tensor_block(x, g, g.C, id.n, id.c0, xs);
       load_block(xb, xs, g.H, g.W, g.L, id.lanes, s.P.data() + s.r * s.rowP, s.rowP, s.r);
-      for (int64_t level = 0; level < 3; ++level)  // replay the chain, keeping each level's argmax
-        max_pool_argmax_in_place(s, s.IDX.data() + level * s.n);
+      const bool nans = has_nan(s.P.data(), static_cast<int64_t>(s.P.size()));
+      for (int64_t level = 0; level < 3; ++level) {  // replay the chain, keeping each level's argmax
+        int32_t* idx = s.IDX.data() + level * s.n;
+        if (nans) {
+          max_pool_argmax_in_place<A, true>(s, idx);
+        } else {
+          max_pool_argmax_in_place<A, false>(s, idx);
+        }
+      }
       // G: gradient reaching the output of the current level; walk back y3 -> y2 -> y1 -> x.
       const T* g3 = tensor_block(grad, g, 4 * g.C, id.n, 3 * g.C + id.c0, gs);
       load_block(g3, gs, g.H, g.W, g.L, id.lanes, s.G.data(), s.rowW, 0);
@@ -313,7 +480,13 @@ void sppf_backward_impl(const T* grad, const T* x, T* gx, const Layout& g, int64
           for (int64_t w = 0; w < g.W; ++w) {
             const int32_t* ir = idx + h * s.rowP + (w + r) * g.L;
             const A* go = gout + (h * g.W + w) * g.L;
-            for (int64_t l = 0; l < g.L; ++l) gin[static_cast<int64_t>(ir[l]) * g.L + l] += go[l];
+            if (g.L == 1) {  // NCHW: one plane (a fixed-length lane loop, not one of run-time length 1)
+              gin[ir[0]] += go[0];
+            } else {
+              // the lanes' targets are distinct (lane l adds into lane l), so they may go as one vector
+#pragma omp simd
+              for (int64_t l = 0; l < g.L; ++l) gin[static_cast<int64_t>(ir[l]) * g.L + l] += go[l];
+            }
           }
         // plus the gradient of this level's input as a slice of the concatenated output
         const T* gd = tensor_block(grad, g, 4 * g.C, id.n, level * g.C + id.c0, gs);
@@ -322,7 +495,7 @@ void sppf_backward_impl(const T* grad, const T* x, T* gx, const Layout& g, int64
       }
       Strides xo;
       T* gxb = tensor_block(gx, g, g.C, id.n, id.c0, xo);
-      store_block(s.G.data(), HW, g.L, id.lanes, gxb, xo);
+      store_block(s.G.data(), g.H, g.W, s.rowW, g.L, id.lanes, gxb, xo);
     }
   });
 }
@@ -433,7 +606,7 @@ void spp_backward_impl(const T* grad, const T* x, T* gx, const Layout& g, const 
         }
       }
       Strides os;
-      store_block(GX.data(), HW, L, id.lanes, tensor_block(gx, g, g.C, id.n, id.c0, os), os);
+      store_block(GX.data(), g.H, g.W, g.W * L, L, id.lanes, tensor_block(gx, g, g.C, id.n, id.c0, os), os);
     }
   });
 }
