@@ -226,6 +226,30 @@ def test_conv_seq_idx_blocks_nan_and_backward_is_deterministic(backend):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpp_conv_unmasked_paths_equal_masked_path(width, dtype):
+    """The C++ kernels have fused paths for rows without seq_idx (backward: two passes; float32 forward: one)
+    beside the general (masked) path; with one sequence every mask keeps every term, so both must give the
+    same bits: initial and final states, silu or not, lengths around the 16-lane blocks and shorter than the
+    width."""
+    torch.manual_seed(width)
+    for L, silu in ((1, True), (2, False), (37, True), (64, False), (300, True)):
+        x = torch.randn(2, 5, L).to(dtype)
+        w, b = torch.randn(5, width).to(dtype), torch.randn(5).to(dtype)
+        init = torch.randn(2, 5, width - 1).to(dtype)
+        dout, dfinal = torch.randn(2, 5, L).to(dtype), torch.randn(2, 5, width - 1).to(dtype)
+        one_seq = torch.zeros(2, L, dtype=torch.int32)
+        with fastnn.use_backend("cpp"):
+            fwd_plain = torch.ops.fastnn.causal_conv1d_forward(x, w, b, None, init, True, silu)
+            fwd_masked = torch.ops.fastnn.causal_conv1d_forward(x, w, b, one_seq, init, True, silu)
+            plain = torch.ops.fastnn.causal_conv1d_backward(dout, dfinal, x, w, b, None, init, silu)
+            masked = torch.ops.fastnn.causal_conv1d_backward(dout, dfinal, x, w, b, one_seq, init, silu)
+        for name, p, m in zip(("out", "final_states", "dx", "dweight", "dbias", "dinit"), fwd_plain + plain,
+                              fwd_masked + masked):
+            assert torch.equal(p, m), f"{name} differs, L={L} W={width} silu={silu} {dtype}"
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_conv_api_details(backend):
     """final_states_out receives the states and is returned; "swish" is silu; channel-last and other

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/alloc.h"
@@ -172,6 +173,37 @@ inline void conv_row(const acc_t* __restrict buf, const acc_t* __restrict w, acc
   }
 }
 
+// Without sequence masks and with float in and out: conv_row's sum and the silu in one pass straight into
+// the output (two extra passes over the row otherwise).
+template <int W, typename acc_t>
+inline void conv_silu_row(const acc_t* __restrict buf, const acc_t* __restrict w, acc_t bias, int64_t L, bool silu,
+                          acc_t* __restrict o) {
+  auto pass = [&](auto silu_c) {
+#pragma omp simd
+    for (int64_t t = 0; t < L; ++t) {
+      acc_t s = bias;
+#pragma GCC unroll 4
+      for (int k = 0; k < W; ++k) s += w[k] * buf[t + k];
+      if constexpr (decltype(silu_c)::value) s = s * sigmoid_t(s);
+      o[t] = s;
+    }
+  };
+  if (silu) {
+    pass(std::true_type{});
+  } else {
+    pass(std::false_type{});
+  }
+}
+
+// The row's final states: the last W - 1 extended-input entries (zero where seq_idx ends a sequence before).
+template <int W, typename scalar_t, typename acc_t>
+inline void store_final_states(const acc_t* buf, const uint8_t* final_keep, int64_t b, int64_t L, scalar_t* final_row) {
+  for (int j = 0; j < W - 1; ++j) {
+    const bool k = !final_keep || final_keep[b * (W - 1) + j];
+    final_row[j] = static_cast<scalar_t>(k ? buf[L + j] : acc_t(0));
+  }
+}
+
 // sum_t a[t] * b[t] (b == nullptr: sum_t a[t]) in kLanes partial sums, added in a fixed order
 template <typename acc_t>
 inline acc_t dot_lanes(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
@@ -203,20 +235,108 @@ void conv_forward(const scalar_t* x, const at::opmath_type<scalar_t>* w, const a
     for (int64_t row = lo; row < hi; ++row) {
       const int64_t b = row / D, d = row % D;
       load_row(x + row * L, init ? init + row * (W - 1) : nullptr, L, W, buf.data());
-      conv_row<W>(buf.data(), w + d * W, bias ? bias[d] : acc_t(0), keep ? keep + b * W * L : nullptr, L, o.data());
       scalar_t* orow = out + row * L;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (!keep) {  // one pass, the same arithmetic (conv_row's sum, then silu)
+          conv_silu_row<W>(buf.data(), w + d * W, bias ? bias[d] : acc_t(0), L, silu, orow);
+          if (final) store_final_states<W>(buf.data(), final_keep, b, L, final + row * (W - 1));
+          continue;
+        }
+      }
+      conv_row<W>(buf.data(), w + d * W, bias ? bias[d] : acc_t(0), keep ? keep + b * W * L : nullptr, L, o.data());
       if (silu) {  // in place first: fused with the bf16 rounding, GCC left this loop scalar
         for (int64_t t = 0; t < L; ++t) o[t] = o[t] * sigmoid_t(o[t]);
       }
       for (int64_t t = 0; t < L; ++t) orow[t] = static_cast<scalar_t>(o[t]);
-      if (final) {  // the last W - 1 extended-input entries
-        for (int j = 0; j < W - 1; ++j) {
-          const bool k = !final_keep || final_keep[b * (W - 1) + j];
-          final[row * (W - 1) + j] = static_cast<scalar_t>(k ? buf[L + j] : acc_t(0));
-        }
-      }
+      if (final) store_final_states<W>(buf.data(), final_keep, b, L, final + row * (W - 1));
     }
   });
+}
+
+// The backward of one row without sequence masks (the general path below makes ~12 passes over the row):
+// pass 1 the gradient g at the pre-activation with the dbias / dweight lane partials, pass 2 dx (and dinit)
+// from g. Same terms in the same order as the general path (dot_lanes' partials; dx from 0 adding w[k] g in
+// k order, absent terms skipped, dfinal last), so both give the same bits. go: dout widened to acc_t (a
+// separate loop: the bf16 conversion inside would stop the vectoriser).
+template <bool kSilu, int W, typename acc_t>
+void conv_grad_pass(const acc_t* __restrict buf, const acc_t* __restrict go, const acc_t* __restrict wd, acc_t bias,
+                    int64_t L, acc_t* __restrict g, acc_t (&pdb)[kLanes], acc_t (&pdw)[W][kLanes]) {
+  auto grad_at = [&](int64_t t) {
+    if constexpr (!kSilu) {
+      return go[t];
+    } else {
+      acc_t pre = bias;
+      for (int k = 0; k < W; ++k) pre += wd[k] * buf[t + k];
+      const acc_t sg = sigmoid_t(pre);
+      return go[t] * (sg * (acc_t(1) + pre * (acc_t(1) - sg)));
+    }
+  };
+  int64_t t = 0;
+  for (; t + kLanes <= L; t += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t gv = grad_at(t + j);
+      g[t + j] = gv;
+      pdb[j] += gv;
+#pragma GCC unroll 4
+      for (int k = 0; k < W; ++k) pdw[k][j] += gv * buf[t + j + k];
+    }
+  }
+  for (; t < L; ++t) {
+    const acc_t gv = grad_at(t);
+    g[t] = gv;
+    pdb[t % kLanes] += gv;
+    for (int k = 0; k < W; ++k) pdw[k][t % kLanes] += gv * buf[t + k];
+  }
+}
+
+template <int W, typename scalar_t, typename acc_t>
+void conv_backward_row_unmasked(const acc_t* __restrict buf, const acc_t* __restrict go, const acc_t* __restrict wd,
+                                acc_t bias, bool silu, int64_t L, acc_t* __restrict g, const scalar_t* dfinal_row,
+                                scalar_t* __restrict dxr, scalar_t* dinit_row, acc_t& dbd, acc_t (&dwk)[W]) {
+  acc_t pdb[kLanes] = {}, pdw[W][kLanes] = {};
+  if (silu) {
+    conv_grad_pass<true, W>(buf, go, wd, bias, L, g, pdb, pdw);
+  } else {
+    conv_grad_pass<false, W>(buf, go, wd, bias, L, g, pdb, pdw);
+  }
+  acc_t sdb = 0;
+  for (int j = 0; j < kLanes; ++j) sdb += pdb[j];
+  dbd += sdb;
+  for (int k = 0; k < W; ++k) {
+    acc_t sdw = 0;
+    for (int j = 0; j < kLanes; ++j) sdw += pdw[k][j];
+    dwk[k] += sdw;
+  }
+  // dxc[p] = sum over k of w[k] g[p - k] (0 <= p - k < L), p = W - 1 + t for dx, p < W - 1 for dinit
+  auto dxc_at = [&](int64_t p) {
+    acc_t a = 0;
+    for (int k = 0; k < W; ++k)
+      if (p - k >= 0 && p - k < L) a += wd[k] * g[p - k];
+    return a;
+  };
+  const int64_t full = std::max<int64_t>(0, L - (W - 1));  // outputs t < full have all W terms
+#pragma omp simd
+  for (int64_t u = 0; u < full; ++u) {
+    acc_t a = 0;
+#pragma GCC unroll 4
+    for (int k = 0; k < W; ++k) a += wd[k] * g[W - 1 + u - k];
+    dxr[u] = static_cast<scalar_t>(a);
+  }
+  for (int64_t u = full; u < L; ++u) {
+    acc_t a = dxc_at(W - 1 + u);
+    const int64_t j = W - 1 + u - L;  // dfinal entry j lands on extended position L + j
+    if (dfinal_row && j >= 0) a += static_cast<acc_t>(dfinal_row[j]);
+    dxr[u] = static_cast<scalar_t>(a);
+  }
+  if (dinit_row) {
+    for (int i = 0; i < W - 1; ++i) {
+      acc_t a = dxc_at(i);
+      const int64_t j = i - L;  // L < W - 1: dfinal reaches the initial states too
+      if (dfinal_row && j >= 0) a += static_cast<acc_t>(dfinal_row[j]);
+      dinit_row[i] = static_cast<scalar_t>(a);
+    }
+  }
 }
 
 template <int W, typename scalar_t>
@@ -236,6 +356,13 @@ void conv_backward(const scalar_t* dout, const scalar_t* dfinal, const scalar_t*
         const uint8_t* kb = keep ? keep + b * W * L : nullptr;
         load_row(x + row * L, init ? init + row * (W - 1) : nullptr, L, W, buf.data());
         const scalar_t* gr = dout + row * L;
+        if (!kb) {
+          for (int64_t t = 0; t < L; ++t) h[t] = static_cast<acc_t>(gr[t]);
+          conv_backward_row_unmasked<W>(buf.data(), h.data(), wd, bias ? bias[d] : acc_t(0), silu, L, g.data(),
+                                        dfinal ? dfinal + row * (W - 1) : nullptr, dx + row * L,
+                                        dinit ? dinit + row * (W - 1) : nullptr, dbd, dwk);
+          continue;
+        }
         if (silu) {  // g = dout * silu'(pre), pre recomputed; dout widened first (keeps this loop vectorised)
           conv_row<W>(buf.data(), wd, bias ? bias[d] : acc_t(0), kb, L, g.data());
           for (int64_t t = 0; t < L; ++t) h[t] = static_cast<acc_t>(gr[t]);
