@@ -187,14 +187,6 @@ struct SppfScratch {
         }
   }
   A* interior_row(int64_t h) { return P.data() + (h + r) * rowP + r * L; }
-  void reset_pad_columns() {
-    const A ninf = -std::numeric_limits<A>::infinity();
-    for (int64_t h = 0; h < H; ++h) {
-      A* row = P.data() + (h + r) * rowP;
-      std::fill(row, row + r * L, ninf);
-      std::fill(row + (r + W) * L, row + rowP, ninf);
-    }
-  }
 };
 
 // One pass of a separable max: out[j] = the window max of in[j + d * stride], d in [-r, r], scanned from
@@ -323,6 +315,8 @@ void max_pool_argmax_any_radius(SppfScratch<A>& s, int32_t* idx) {
       hd[j] = c ? dd : hd[j];
     }
   }
+  const uint8_t* pad = s.PADCOL.data();  // -inf at the pad columns: the column pass keeps P's pads -inf
+  for (int64_t j = 0; j < n; ++j) hm[j] = pad[j] ? ninf : hm[j];
   for (int64_t j = 0; j < n; ++j) {
     p[j] = ninf;
     vd[j] = v0[j];
@@ -342,7 +336,6 @@ void max_pool_argmax_any_radius(SppfScratch<A>& s, int32_t* idx) {
   }
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) idx[j] = base[j] + vd[j] * W + vc[j];
-  s.reset_pad_columns();
 }
 
 // The same two passes for a compile-time radius R, each one expression per output kept in registers (as

@@ -122,6 +122,23 @@ inline T sigmoid_t(T x) {
   return T(1) / (T(1) + exp_t(-x));
 }
 
+// bias + sum_k w[k] xc[k] over one window of the extended input: k ascending in every path (forward,
+// backward, decode), so they agree bit for bit.
+template <int W, typename acc_t>
+inline acc_t window_sum(const acc_t* xc, const acc_t* w, acc_t bias) {
+  acc_t s = bias;
+#pragma GCC unroll 4
+  for (int k = 0; k < W; ++k) s += w[k] * xc[k];
+  return s;
+}
+
+// go * d silu(pre) / d pre
+template <typename acc_t>
+inline acc_t silu_backward(acc_t go, acc_t pre) {
+  const acc_t s = sigmoid_t(pre);
+  return go * (s * (acc_t(1) + pre * (acc_t(1) - s)));
+}
+
 // Per batch row b: the sequence id of extended-input position p (p = t + W - 1; positions before step 0
 // belong to the first sequence).
 inline int32_t seq_ext(const int32_t* seq, int64_t p, int W) { return p < W - 1 ? seq[0] : seq[p - (W - 1)]; }
@@ -164,12 +181,7 @@ inline void conv_row(const acc_t* __restrict buf, const acc_t* __restrict w, acc
       o[t] = s;
     }
   } else {
-    for (int64_t t = 0; t < L; ++t) {
-      acc_t s = bias;
-#pragma GCC unroll 4
-      for (int k = 0; k < W; ++k) s += w[k] * buf[t + k];
-      o[t] = s;
-    }
+    for (int64_t t = 0; t < L; ++t) o[t] = window_sum<W>(buf + t, w, bias);
   }
 }
 
@@ -181,9 +193,7 @@ inline void conv_silu_row(const acc_t* __restrict buf, const acc_t* __restrict w
   auto pass = [&](auto silu_c) {
 #pragma omp simd
     for (int64_t t = 0; t < L; ++t) {
-      acc_t s = bias;
-#pragma GCC unroll 4
-      for (int k = 0; k < W; ++k) s += w[k] * buf[t + k];
+      acc_t s = window_sum<W>(buf + t, w, bias);
       if constexpr (decltype(silu_c)::value) s = s * sigmoid_t(s);
       o[t] = s;
     }
@@ -265,10 +275,7 @@ void conv_grad_pass(const acc_t* __restrict buf, const acc_t* __restrict go, con
     if constexpr (!kSilu) {
       return go[t];
     } else {
-      acc_t pre = bias;
-      for (int k = 0; k < W; ++k) pre += wd[k] * buf[t + k];
-      const acc_t sg = sigmoid_t(pre);
-      return go[t] * (sg * (acc_t(1) + pre * (acc_t(1) - sg)));
+      return silu_backward(go[t], window_sum<W>(buf + t, wd, bias));
     }
   };
   int64_t t = 0;
@@ -366,10 +373,7 @@ void conv_backward(const scalar_t* dout, const scalar_t* dfinal, const scalar_t*
         if (silu) {  // g = dout * silu'(pre), pre recomputed; dout widened first (keeps this loop vectorised)
           conv_row<W>(buf.data(), wd, bias ? bias[d] : acc_t(0), kb, L, g.data());
           for (int64_t t = 0; t < L; ++t) h[t] = static_cast<acc_t>(gr[t]);
-          for (int64_t t = 0; t < L; ++t) {
-            const acc_t pre = g[t], s = sigmoid_t(pre);
-            g[t] = h[t] * (s * (acc_t(1) + pre * (acc_t(1) - s)));
-          }
+          for (int64_t t = 0; t < L; ++t) g[t] = silu_backward(h[t], g[t]);
         } else {
           for (int64_t t = 0; t < L; ++t) g[t] = static_cast<acc_t>(gr[t]);
         }
@@ -506,8 +510,7 @@ inline acc_t decode_conv_row(scalar_t* state, scalar_t x, const acc_t* w, acc_t 
   acc_t win[W];
   for (int i = 0; i < W - 1; ++i) win[i] = static_cast<acc_t>(state[i]);
   win[W - 1] = static_cast<acc_t>(x);
-  acc_t s = bias;
-  for (int k = 0; k < W; ++k) s += w[k] * win[k];
+  const acc_t s = window_sum<W>(win, w, bias);
   for (int i = 0; i < W - 1; ++i) state[i] = static_cast<scalar_t>(win[i + 1]);
   return s;
 }
