@@ -454,6 +454,194 @@ def test_autocast_cpu_follows_torch():
         assert ours(x[0])[0].dtype == theirs(x[0])[0].dtype
 
 
+
+# ---------------------------------------------------------------- bf16 layers with bf16 operands (CPU)
+
+def _bf16_native_here() -> bool:
+    from fastnn._backend import _C
+    return _C is not None and hasattr(_C, "rnn_bf16_native") and _C.rnn_bf16_native(8, False)
+
+
+needs_bf16_native = pytest.mark.skipif(not _bf16_native_here(),
+                                       reason="no AVX512-BF16 here: bf16 layers run wholly in float32")
+
+# (mode, input_size, hidden_size, module kwargs, packed lengths or None): odd H (a zero k pad in the recurrent
+# products), G H odd for the GRU (a zero column in the gate gradients), unsorted packed lengths, 40 rows a
+# step (two brgemm row blocks), batch_first, two layers, no bias; odd input_size falls back to float32.
+BF16_CASES = [
+    ("lstm", 8, 24, {}, None),
+    ("gru", 8, 24, {}, None),
+    ("lstm", 12, 37, {"bidirectional": True}, (7, 3, 5, 1, 6)),
+    ("gru", 12, 37, {"bidirectional": True, "bias": False}, (7, 3, 5, 1, 6)),
+    ("lstm", 64, 48, {"num_layers": 2, "batch_first": True}, None),
+    ("gru", 64, 48, {"num_layers": 2}, None),
+    ("lstm", 11, 24, {}, None),
+]
+
+
+def _bf16_run(mode, module, x, init, lengths, batch_first, cotangents):
+    """Outputs and every gradient of one forward+backward (module in x's dtype), as float64."""
+    dtype = next(module.parameters()).dtype
+    module.zero_grad(set_to_none=True)
+    xi = x.detach().to(dtype).requires_grad_()
+    states = [s.detach().to(dtype).requires_grad_() for s in init]
+    inp = pack_padded_sequence(xi, lengths, batch_first=batch_first, enforce_sorted=False) if lengths else xi
+    out, hidden = module(inp, tuple(states) if mode == "lstm" else states[0])
+    y = out.data if lengths else out
+    outs = [y] + (list(hidden) if mode == "lstm" else [hidden])
+    loss = sum((o.double() * g).sum() for o, g in zip(outs, cotangents))
+    loss.backward()
+    return [o.detach().double() for o in outs] + [t.grad.double() for t in [xi, *states, *module.parameters()]]
+
+
+@needs_bf16_native
+@pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: f"{c[0]}-I{c[1]}-H{c[2]}-{len(c[3])}kw-{bool(c[4])}")
+def test_bf16_native_forward_backward(case):
+    """bf16 layers with bf16 GEMM operands: outputs and every gradient (input, h0, c0, each parameter) within 2x
+    torch's own bf16 error against float64 (DESIGN tier 2), and not the float32 path's numbers, so the bf16
+    kernels ran (odd input_size: the float32 path, the same numbers)."""
+    mode, I, H, kw, lengths = case
+    batch_first = kw.get("batch_first", False)
+    B = len(lengths) if lengths else 40
+    T = max(lengths) if lengths else 6
+    layers = kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=g).bfloat16().double()
+    init = [torch.randn(layers, B, H, generator=g).bfloat16().double() for _ in range(2 if mode == "lstm" else 1)]
+    m64 = TORCH[mode](I, H, **kw).double()
+    rows = sum(lengths) if lengths else T * B
+    y_shape = (rows, 2 * H if kw.get("bidirectional") else H) if lengths else \
+        ((B, T) if batch_first else (T, B)) + ((2 * H if kw.get("bidirectional") else H),)
+    cotangents = [torch.randn(y_shape, generator=g, dtype=torch.float64)] + \
+        [torch.randn(layers, B, H, generator=g, dtype=torch.float64) for _ in init]
+    want = _bf16_run(mode, m64, x, init, lengths, batch_first, cotangents)
+    theirs = TORCH[mode](I, H, **kw).bfloat16()
+    theirs.load_state_dict(m64.state_dict())
+    got_theirs = _bf16_run(mode, theirs, x, init, lengths, batch_first, cotangents)
+    ours = OURS[mode](I, H, **kw).bfloat16()
+    ours.load_state_dict(m64.state_dict())
+    got = _bf16_run(mode, ours, x, init, lengths, batch_first, cotangents)
+    names = ["y", "h_n", "c_n"][:len(init) + 1] + ["dx", "dh0", "dc0"][:len(init) + 1] + \
+        [f"d{n}" for n, _ in ours.named_parameters()]
+    for name, o, w, t in zip(names, got, want, got_theirs):
+        lowp_close(o, w, t, floor=1e-4 * max(1.0, w.abs().max().item()), what=name)
+    before = rnn_ops.BF16_NATIVE
+    try:
+        rnn_ops.BF16_NATIVE = False
+        got32 = _bf16_run(mode, ours, x, init, lengths, batch_first, cotangents)
+    finally:
+        rnn_ops.BF16_NATIVE = before
+    same = [torch.equal(a, b) for a, b in zip(got, got32)]
+    if I % 2:
+        assert all(same), "odd input_size: the float32 path, the same numbers"
+    else:
+        assert not same[0] and not all(same[len(init) + 1:]), "the bf16 path did not run"
+
+
+def _round_bf16_straight_through(t):
+    """t rounded to bf16 (via float32, as the kernel rounds its float32 h), gradient passed through unchanged."""
+    return t + (t.float().bfloat16().double() - t).detach()
+
+
+def _emulate_bf16_layer(mode, x, w_ih, w_hh, b_ih, b_hh, h0, c0):
+    """float64 layer with the bf16 path's one extra rounding: h_{t-1} in bf16 in the recurrent products (the
+    GRU's blend keeps it unrounded, as the kernel's float32 gate math does)."""
+    H = w_hh.shape[1]
+    h, c, ys = h0, c0, []
+    for t in range(x.shape[0]):
+        gx, gh = x[t] @ w_ih.T + b_ih, _round_bf16_straight_through(h) @ w_hh.T + b_hh
+        if mode == "lstm":
+            g = gx + gh
+            i, f, gg, o = g[:, :H].sigmoid(), g[:, H:2 * H].sigmoid(), g[:, 2 * H:3 * H].tanh(), g[:, 3 * H:].sigmoid()
+            c = f * c + i * gg
+            h = o * c.tanh()
+        else:
+            r, z = (gx[:, :H] + gh[:, :H]).sigmoid(), (gx[:, H:2 * H] + gh[:, H:2 * H]).sigmoid()
+            h = (1 - z) * (gx[:, 2 * H:] + r * gh[:, 2 * H:]).tanh() + z * h
+        ys.append(h)
+    return torch.stack(ys)
+
+
+@needs_bf16_native
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bf16_native_is_the_stated_rounding(mode, seed):
+    """The bf16 path computes the float64 layer with h_{t-1} rounded to bf16 in the recurrent products (and
+    nothing else rounded but the outputs): its bf16 outputs equal that emulation's rounded ones but for rare
+    rounding-boundary flips of one ulp (the float32 path, without the rounding, misses ~11% of them). Its
+    gradients (with the rounding's gradient taken as 1) differ by the gate gradients' and the results'
+    roundings to bf16: per gate's rows an rms error of at most 3.4e-3 of the rms here, bounded by 6e-3; a 1%
+    error in one gate's gradients gives 1e-2."""
+    rms_bound = 6e-3
+    g = torch.Generator().manual_seed(seed)
+    I, H, B, T = 16, 24, 5, 8
+    m = OURS[mode](I, H).bfloat16()
+    x = torch.randn(T, B, I, generator=g).bfloat16().requires_grad_()
+    h0, c0 = (torch.randn(1, B, H, generator=g).bfloat16() for _ in range(2))
+    dy = torch.randn(T, B, H, generator=g)
+    y = m(x, (h0, c0) if mode == "lstm" else h0)[0]
+    (y.float() * dy).sum().backward()
+    p = {n: v.detach().double().requires_grad_() for n, v in m.named_parameters()}
+    xe = x.detach().double().requires_grad_()
+    ye = _emulate_bf16_layer(mode, xe, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"],
+                             h0[0].double(), c0[0].double())
+    (ye * dy.double()).sum().backward()
+    want = ye.detach().float().bfloat16().double()
+    diff = (y.detach().double() - want).abs()
+    assert (diff > 0).double().mean().item() <= 0.01, "outputs differ from the emulation beyond rounding flips"
+    assert diff.max().item() <= 2 ** -7 * want.abs().max().item()
+    grads = [x.grad] + [v.grad for v in m.parameters()]
+    G = 4 if mode == "lstm" else 3
+    for name, got, w in zip(["x", *p], grads, [xe.grad] + [v.grad for v in p.values()]):
+        blocks = [(got, w)] if name == "x" else zip(got.double().chunk(G), w.chunk(G))  # each gate's rows
+        for q, (a, b) in enumerate(blocks):
+            rms = ((a.double() - b).square().mean().sqrt() / b.square().mean().sqrt()).item()
+            assert rms <= rms_bound, f"d{name} (block {q}): rms error {rms:.3g} of the rms"
+
+@needs_bf16_native
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_bf16_native_same_bits_on_any_thread_count(mode):
+    """Groups of units move between the threads (work stealing): the results must not depend on that."""
+    m = OURS[mode](32, 80, bidirectional=True).bfloat16()
+    x = torch.randn(9, 37, 32).bfloat16()
+
+    def results():
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = m(xi)[0]
+        out.float().square().sum().backward()
+        return [out, xi.grad] + [p.grad.clone() for p in m.parameters()]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = results()
+        torch.set_num_threads(max(2, threads))
+        many, again = results(), results()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(one, many, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@needs_bf16_native
+def test_bf16_kernel_checks_its_arguments():
+    from fastnn._backend import _C
+    assert not _C.rnn_bf16_native(7, False) and not _C.rnn_bf16_native(8, True)
+    bf = torch.bfloat16
+    x, bs = torch.randn(5, 8, dtype=bf), torch.tensor([3, 2])
+    w_ih, w_hh = torch.randn(96, 8, dtype=bf), torch.randn(96, 24, dtype=bf)
+    h0, c0 = torch.randn(3, 24), torch.randn(3, 24)
+    fwd = _C.rnn_layer_forward_cpu
+    expect_error(fwd, ("lstm", x, bs, w_ih.float(), w_hh, None, None, None, h0, c0, False, False), RuntimeError,
+                 "bfloat16 w_ih and w_hh")
+    expect_error(fwd, ("lstm", x, bs, w_ih, w_hh, None, None, None, h0.to(bf), c0, False, False), RuntimeError,
+                 "h0 must be float32")
+    expect_error(fwd, ("lstm", x[:, :7].contiguous(), bs, w_ih[:, :7].contiguous(), w_hh, None, None, None, h0, c0,
+                       False, False), RuntimeError, "input_size 7")
+    expect_error(fwd, ("lstm", x.half(), bs, w_ih, w_hh, None, None, None, h0, c0, False, False), RuntimeError,
+                 "float32 or float64")
+
 # ---------------------------------------------------------------- determinism, opcheck, gradcheck, compile
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])

@@ -40,6 +40,16 @@ Tensor column_panels(const Tensor& w) {
   return at::constant_pad_nd(w, {0, 0, 0, panels * kTile - N}).view({panels, kTile, K}).permute({0, 2, 1}).contiguous();
 }
 
+// column_panels for bf16, as brgemm's VNNI-2 B: panel j is K / 2 rows of kTile column pairs, (k2, n, e)
+// holding w[j kTile + n][2 k2 + e] (K even).
+Tensor bf16_column_panels(const Tensor& w) {
+  const int64_t N = w.size(0), K = w.size(1), panels = (N + kTile - 1) / kTile;
+  return at::constant_pad_nd(w, {0, 0, 0, panels * kTile - N})
+      .view({panels, kTile, K / 2, 2})
+      .permute({0, 2, 1, 3})
+      .contiguous();
+}
+
 // C[rows, N] = A[rows, K] B[K, N] (+ bias[N] on every row), float32, A and C row-major and contiguous (rows
 // K and N apart), B as column_panels, in kTile x kTile tiles through brgemm.h's gemm (torch's brgemm:
 // oneDNN's kernels). Threads take contiguous ranges of tiles in row-major order, so each maps mostly its
@@ -84,6 +94,83 @@ struct Layer : PackedSteps {
   }
 };
 
+// The fused recurrence's forward (rnn_recurrence_cpu.cpp): a layer without projection in float32, or with
+// bfloat16 x and weights (bf16_recurrence_available; x's width even): then the input projection and the
+// recurrent products take bf16 operands with float32 sums, and everything else runs in float32 as before.
+// bias_row: the input part's float32 bias (the LSTM's b_ih + b_hh, the GRU's b_ih) or undefined; b_hh: the
+// GRU's float32 b_hh or undefined. h0, c0 float32; y, h_n, c_n and the workspace come out float32.
+std::vector<Tensor> fused_forward(const Layer& L, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+                                  const Tensor& bias_row, const Tensor& b_hh, const Tensor& h0,
+                                  const c10::optional<Tensor>& c0, bool train) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16, bias = bias_row.defined();
+  const auto opt = x.options().dtype(at::kFloat);
+  const int64_t H = L.H, B = L.B, GH = L.G * L.H;
+  Tensor y = new_output({L.rows, H}, opt);
+  Tensor h = h0.clone();
+  Tensor c = L.lstm ? c0->clone() : Tensor();
+  Tensor aux = train ? new_output({L.rows, H}, opt) : Tensor();
+  RecurrenceForward a;
+  a.lstm = L.lstm;
+  a.reverse = L.reverse;
+  a.train = train;
+  a.H = H;
+  a.B = B;
+  a.T = L.T;
+  a.bs = L.bs.data();
+  a.off = L.off.data();
+  a.w_hh = bf16 ? nullptr : ptr<float>(w_hh);
+  a.w_hh_bf16 = bf16 ? ptr<at::BFloat16>(w_hh) : nullptr;
+  a.b_hh = b_hh.defined() ? ptr<float>(b_hh) : nullptr;
+  a.y = ptr<float>(y);
+  a.h = ptr<float>(h);
+  a.c = ptr<float>(c);
+  a.aux = ptr<float>(aux);
+  // brgemm tiles for the input projection from a few thousand rows (at 1024 rows no gain was measured,
+  // and W_ih^T's copy per call weighs on small calls) while a 64-column tile of W_ih^T (I x 64 floats)
+  // fits in L2. The backward's dx through the same tiles measured even at H = 512 and 0.7x at H = 1024.
+  // bf16 always runs the tiles: ATen has no bf16 GEMM with float32 output on the CPU.
+  const bool tiles = bf16 || (FASTNN_HAVE_BRGEMM && L.rows >= 2048 && x.size(1) <= 1024);
+  const Tensor w_ih_panels = !tiles ? Tensor() : bf16 ? bf16_column_panels(w_ih) : column_panels(w_ih);
+  // Without the tiles the bias is left to the gate math: ATen's addmm would first copy it into every
+  // row of the output (4 MB a 1024-row chunk at H = 256). Inference, interleaved, new / old: LSTM B16
+  // H256 T64 0.94 (I = 16: 0.96), B64 H256 0.99, B16 H1024 T16 0.97; GRU B16 H256 0.95.
+  // bf16 leaves it to the gate math too: its tiles run twice as fast, so copying the bias into every row
+  // first would weigh twice as much.
+  const bool bias_in_gate_math = bias && (!tiles || bf16);
+  if (bias_in_gate_math) a.b_in = ptr<float>(bias_row);
+  auto project_rows = [&](int64_t r0, int64_t r1, Tensor out) {
+    if (!tiles) {
+      at::mm_out(out, x.narrow(0, r0, r1 - r0), w_ih.t());
+      return;
+    }
+    const float* bias_p = bias && !bias_in_gate_math ? ptr<float>(bias_row) : nullptr;
+    if (bf16) {
+      bf16_gemm_rows(ptr<at::BFloat16>(x) + r0 * x.size(1), ptr<at::BFloat16>(w_ih_panels), bias_p, ptr<float>(out),
+                     r1 - r0, x.size(1), GH, at::get_num_threads());
+    } else {
+      gemm_rows(ptr<float>(x) + r0 * x.size(1), ptr<float>(w_ih_panels), bias_p, ptr<float>(out), r1 - r0,
+                x.size(1), GH, at::get_num_threads());
+    }
+  };
+  Tensor gates;
+  if (train) {  // the backward reads every step's gates: one GEMM for all
+    gates = at::empty({L.rows, GH}, opt);
+    project_rows(0, L.rows, gates);
+  } else {
+    // Inference keeps only ~1024 rows of input projection at a time: a fresh buffer for all of them
+    // (64 MB at T = 256, B = 32, H = 512) costs ~20 ms of page faults and zeroing per call, a quarter
+    // of the recurrence (measured here); this one is reused within the call and, small enough, by the
+    // allocator across calls. GEMMs of 1024 rows still run at the big GEMM's rate.
+    a.chunk_rows = std::max<int64_t>(1024, B);
+    gates = at::empty({std::min(L.rows, a.chunk_rows), GH}, opt);
+    a.input = [&](int64_t, int64_t, int64_t r0, int64_t r1) { project_rows(r0, r1, gates.narrow(0, 0, r1 - r0)); };
+  }
+  a.gates = ptr<float>(gates);
+  recurrence_forward(a, at::get_num_threads());
+  const auto none = [&] { return at::empty({0}, opt); };
+  return {y, h, L.lstm ? c : none(), train ? gates : none(), train ? aux : none(), none()};
+}
+
 template <typename T>
 std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
                                  const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
@@ -107,59 +194,7 @@ std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& 
   // pass per step
   if constexpr (std::is_same_v<T, float>) {
     if (!L.proj && L.T > 0 && H > 0 && recurrence_forward_available()) {
-      Tensor y = new_output({L.rows, H}, opt);
-      Tensor h = h0.clone();
-      Tensor c = L.lstm ? c0->clone() : Tensor();
-      Tensor aux = train ? new_output({L.rows, H}, opt) : Tensor();
-      RecurrenceForward a;
-      a.lstm = L.lstm;
-      a.reverse = L.reverse;
-      a.train = train;
-      a.H = H;
-      a.B = B;
-      a.T = L.T;
-      a.bs = L.bs.data();
-      a.off = L.off.data();
-      a.w_hh = ptr<float>(w_hh);
-      a.b_hh = (bias && !L.lstm) ? ptr<float>(*b_hh) : nullptr;
-      a.y = ptr<float>(y);
-      a.h = ptr<float>(h);
-      a.c = ptr<float>(c);
-      a.aux = ptr<float>(aux);
-      // brgemm tiles for the input projection from a few thousand rows (at 1024 rows no gain was measured,
-      // and W_ih^T's copy per call weighs on small calls) while a 64-column tile of W_ih^T (I x 64 floats)
-      // fits in L2. The backward's dx through the same tiles measured even at H = 512 and 0.7x at H = 1024.
-      const bool tiles = FASTNN_HAVE_BRGEMM && L.rows >= 2048 && x.size(1) <= 1024;
-      const Tensor w_ih_panels = tiles ? column_panels(w_ih) : Tensor();  // B of x W_ih^T
-      // Without the tiles the bias is left to the gate math: ATen's addmm would first copy it into every
-      // row of the output (4 MB a 1024-row chunk at H = 256). Inference, interleaved, new / old: LSTM B16
-      // H256 T64 0.94 (I = 16: 0.96), B64 H256 0.99, B16 H1024 T16 0.97; GRU B16 H256 0.95.
-      if (!tiles && bias) a.b_in = ptr<float>(bias_row);
-      auto project_rows = [&](int64_t r0, int64_t r1, Tensor out) {
-        if (!tiles) {
-          at::mm_out(out, x.narrow(0, r0, r1 - r0), w_ih.t());
-          return;
-        }
-        gemm_rows(ptr<float>(x) + r0 * x.size(1), ptr<float>(w_ih_panels), bias ? ptr<float>(bias_row) : nullptr,
-                  ptr<float>(out), r1 - r0, x.size(1), GH, at::get_num_threads());
-      };
-      Tensor gates;
-      if (train) {  // the backward reads every step's gates: one GEMM for all
-        gates = at::empty({L.rows, GH}, opt);
-        project_rows(0, L.rows, gates);
-      } else {
-        // Inference keeps only ~1024 rows of input projection at a time: a fresh buffer for all of them
-        // (64 MB at T = 256, B = 32, H = 512) costs ~20 ms of page faults and zeroing per call, a quarter
-        // of the recurrence (measured here); this one is reused within the call and, small enough, by the
-        // allocator across calls. GEMMs of 1024 rows still run at the big GEMM's rate.
-        a.chunk_rows = std::max<int64_t>(1024, B);
-        gates = at::empty({std::min(L.rows, a.chunk_rows), GH}, opt);
-        a.input = [&](int64_t, int64_t, int64_t r0, int64_t r1) { project_rows(r0, r1, gates.narrow(0, 0, r1 - r0)); };
-      }
-      a.gates = ptr<float>(gates);
-      recurrence_forward(a, at::get_num_threads());
-      const auto none = [&] { return at::empty({0}, opt); };
-      return {y, h, L.lstm ? c : none(), train ? gates : none(), train ? aux : none(), none()};
+      return fused_forward(L, x, w_ih, w_hh, bias_row, (bias && !L.lstm) ? *b_hh : Tensor(), h0, c0, train);
     }
   }
   // Input projection of all steps, one GEMM.
@@ -453,18 +488,129 @@ void check_contiguous(const char* who, std::initializer_list<std::pair<const cha
   }
 }
 
-void check_dtype(const Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "rnn_layer (CPU kernel): float32 or float64 expected, got ", x.scalar_type());
+void check_dtype(const Tensor& x, bool bf16_ok = false) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                  (bf16_ok && x.scalar_type() == at::kBFloat16),
+              "rnn_layer (CPU kernel): float32 or float64", bf16_ok ? " (or bfloat16, see rnn_bf16_native)" : "",
+              " expected, got ", x.scalar_type());
+}
+
+// bfloat16 x and weights: the fused recurrence with bf16 operands (fused_forward), for layers it runs
+// (rnn_bf16_native); biases, h0 and c0 come in float32, the outputs go out float32.
+std::vector<Tensor> forward_bf16(const Layer& L, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+                                 const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
+                                 const c10::optional<Tensor>& w_hr, const Tensor& h0,
+                                 const c10::optional<Tensor>& c0, bool train) {
+  TORCH_CHECK(rnn_bf16_native(x.size(1), w_hr.has_value()),
+              "rnn_layer (CPU kernel): bfloat16 runs only where rnn_bf16_native(input_size, has_projection) holds "
+              "(AVX512-BF16, no projection, an even input_size); got input_size ", x.size(1),
+              w_hr ? " with a projection" : "", ": pass float32");
+  TORCH_CHECK(w_ih.scalar_type() == at::kBFloat16 && w_hh.scalar_type() == at::kBFloat16,
+              "rnn_layer (CPU kernel): bfloat16 x needs bfloat16 w_ih and w_hh, got ", w_ih.scalar_type(), " and ",
+              w_hh.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"h0", &h0}, {"c0", c0 ? &*c0 : nullptr},
+                                {"b_ih", b_ih ? &*b_ih : nullptr}, {"b_hh", b_hh ? &*b_hh : nullptr}}) {
+    TORCH_CHECK(!t || t->scalar_type() == at::kFloat, "rnn_layer (CPU kernel): with bfloat16 x, ", name,
+                " must be float32, got ", t->scalar_type());
+  }
+  if (L.T == 0 || L.H == 0) {  // nothing for the fused recurrence to do: the float32 path's shapes
+    return forward_impl<float>(L, x.to(at::kFloat), w_ih.to(at::kFloat), w_hh.to(at::kFloat), b_ih, b_hh, w_hr, h0,
+                               c0, train);
+  }
+  const bool bias = b_ih.has_value();
+  const Tensor bias_row = bias ? (L.lstm ? (*b_ih + *b_hh) : *b_ih) : Tensor();
+  return fused_forward(L, x, w_ih, w_hh, bias_row, (bias && !L.lstm) ? *b_hh : Tensor(), h0, c0, train);
+}
+
+// The bf16 layer's backward (forward_bf16's): the fused recurrence with bf16 operands (RecurrenceBackward's
+// w_hh_bf16) writes every row's gate gradients in bf16; dx and the weight gradients are then one bf16 GEMM
+// each (ATen's, float32 sums) over all rows; the bias gradients are float32 sums taken by the recurrence.
+// x, w_ih, w_hh and y in bf16, the rest float32; dx and the weight gradients come out bf16, the rest float32
+// (without steps: the float32 path's results).
+std::vector<Tensor> backward_bf16(const Layer& L, const Tensor& dy, const Tensor& dh_n,
+                                  const c10::optional<Tensor>& dc_n, const Tensor& x, const Tensor& w_ih,
+                                  const Tensor& w_hh, bool bias, const c10::optional<Tensor>& w_hr, const Tensor& h0,
+                                  const c10::optional<Tensor>& c0, const Tensor& y, const Tensor& gates,
+                                  const Tensor& aux, bool want_dx, bool want_dweights) {
+  TORCH_CHECK(rnn_bf16_native(x.size(1), w_hr.has_value()),
+              "rnn_layer_backward (CPU kernel): bfloat16 runs only where rnn_bf16_native(input_size, "
+              "has_projection) holds; got input_size ", x.size(1), w_hr ? " with a projection" : "", ": pass float32");
+  TORCH_CHECK(w_ih.scalar_type() == at::kBFloat16 && w_hh.scalar_type() == at::kBFloat16 &&
+                  y.scalar_type() == at::kBFloat16,
+              "rnn_layer_backward (CPU kernel): bfloat16 x needs bfloat16 w_ih, w_hh and y, got ", w_ih.scalar_type(),
+              ", ", w_hh.scalar_type(), " and ", y.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"dy", &dy}, {"dh_n", &dh_n},
+                                {"dc_n", dc_n ? &*dc_n : nullptr}, {"h0", &h0}, {"c0", c0 ? &*c0 : nullptr},
+                                {"gates", &gates}, {"aux", &aux}}) {
+    TORCH_CHECK(!t || t->scalar_type() == at::kFloat, "rnn_layer_backward (CPU kernel): with bfloat16 x, ", name,
+                " must be float32, got ", t->scalar_type());
+  }
+  const int64_t H = L.H, GH = L.G * H, GHp = (GH + 1) / 2 * 2;
+  const auto f32 = x.options().dtype(at::kFloat), b16 = x.options().dtype(at::kBFloat16);
+  const auto none = [&] { return at::empty({0}, f32); };
+  if (L.T == 0 || H == 0) {  // nothing to run: the float32 path's shapes and zeros
+    return backward_impl<float>(L, dy, dh_n, dc_n, x.to(at::kFloat), w_ih.to(at::kFloat), w_hh.to(at::kFloat), bias,
+                                w_hr, h0, c0, y.to(at::kFloat), gates, aux, none(), want_dx, want_dweights);
+  }
+  Tensor dh = dh_n.clone();
+  Tensor dc = L.lstm ? dc_n->clone() : Tensor();
+  Tensor dgx16 = new_output({L.rows, GHp}, b16);
+  Tensor dgh16 = L.lstm ? dgx16 : new_output({L.rows, GHp}, b16);
+  if (GHp != GH) {  // the pad column enters the recurrent products' sums (against zero weights): keep it finite
+    dgx16.narrow(1, GH, 1).zero_();
+    if (!L.lstm) dgh16.narrow(1, GH, 1).zero_();
+  }
+  const Tensor y32 = L.lstm ? Tensor() : y.to(at::kFloat);  // the GRU's cell backward reads h_{t-1} in float32
+  RecurrenceBackward a;
+  a.lstm = L.lstm;
+  a.reverse = L.reverse;
+  a.H = H;
+  a.B = L.B;
+  a.T = L.T;
+  a.bs = L.bs.data();
+  a.off = L.off.data();
+  a.w_hh_bf16 = ptr<at::BFloat16>(w_hh);
+  a.gates = ptr<float>(gates);
+  a.aux = ptr<float>(aux);
+  a.y = L.lstm ? nullptr : ptr<float>(y32);
+  a.h0 = ptr<float>(h0);
+  a.c0 = L.lstm ? ptr<float>(*c0) : nullptr;
+  a.dy = ptr<float>(dy);
+  a.dh = ptr<float>(dh);
+  a.dc = L.lstm ? ptr<float>(dc) : nullptr;
+  a.dgx16 = ptr<at::BFloat16>(dgx16);
+  a.dgh16 = ptr<at::BFloat16>(dgh16);
+  a.ld16 = GHp;
+  Tensor db_x = want_dweights && bias ? at::zeros({GH}, f32) : Tensor();
+  Tensor db_h = want_dweights && bias && !L.lstm ? at::zeros({GH}, f32) : Tensor();
+  a.db_x = db_x.defined() ? ptr<float>(db_x) : nullptr;
+  a.db_h = db_h.defined() ? ptr<float>(db_h) : nullptr;
+  recurrence_backward(a, at::get_num_threads());
+  const Tensor dgx = dgx16.narrow(1, 0, GH), dgh = dgh16.narrow(1, 0, GH);
+  Tensor dx = want_dx ? at::mm(dgx, w_ih) : none();
+  Tensor dw_ih = none(), dw_hh = none(), db_ih = none(), db_hh = none();
+  if (want_dweights) {
+    dw_ih = at::mm(dgx.t(), x);
+    dw_hh = at::mm(dgh.t(), L.gather_h_prev(y, h0));  // h_{t-1} in bf16: y's rows, h0 rounded
+    if (bias) {  // summed by the recurrence, before the gate gradients' rounding to bf16
+      db_ih = db_x;
+      db_hh = L.lstm ? db_x.clone() : db_h;
+    }
+  }
+  return {dx, dw_ih, dw_hh, db_ih, db_hh, none(), dh, L.lstm ? dc : none()};
 }
 
 }  // namespace
+
+bool rnn_bf16_native(int64_t input_size, bool has_projection) {
+  return !has_projection && input_size % 2 == 0 && recurrence_forward_available() && bf16_recurrence_available();
+}
 
 std::vector<Tensor> rnn_layer_forward(const std::string& mode, const Tensor& x, const Tensor& batch_sizes,
                                       const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
                                       const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr,
                                       const Tensor& h0, const c10::optional<Tensor>& c0, bool reverse, bool train) {
-  check_dtype(x);
+  check_dtype(x, /*bf16_ok=*/true);
   // x, w_ih and b_ih too: the brgemm input projection reads them through raw pointers
   check_contiguous("rnn_layer", {{"x", &x}, {"w_ih", &w_ih}, {"w_hh", &w_hh}});
   if (b_ih) check_contiguous("rnn_layer", {{"b_ih", &*b_ih}});
@@ -472,6 +618,7 @@ std::vector<Tensor> rnn_layer_forward(const std::string& mode, const Tensor& x, 
   const Layer L(mode, x, batch_sizes, w_hh, w_hr, h0, reverse);
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnn_layer: b_ih and b_hh must be both given or both absent");
   TORCH_CHECK(!L.lstm || c0.has_value(), "rnn_layer: the LSTM needs c0");
+  if (x.scalar_type() == at::kBFloat16) return forward_bf16(L, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, train);
   if (x.scalar_type() == at::kFloat) return forward_impl<float>(L, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, train);
   return forward_impl<double>(L, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, train);
 }
@@ -483,7 +630,7 @@ std::vector<Tensor> rnn_layer_backward(const std::string& mode, const Tensor& dy
                                        const Tensor& h0, const c10::optional<Tensor>& c0, const Tensor& y,
                                        const Tensor& gates, const Tensor& aux, const Tensor& r, bool reverse,
                                        bool want_dx, bool want_dweights) {
-  check_dtype(x);
+  check_dtype(x, /*bf16_ok=*/true);
   check_contiguous("rnn_layer_backward",
                    {{"dy", &dy}, {"w_hh", &w_hh}, {"y", &y}, {"gates", &gates}, {"aux", &aux}, {"h0", &h0}});
   if (c0) check_contiguous("rnn_layer_backward", {{"c0", &*c0}});
@@ -492,6 +639,9 @@ std::vector<Tensor> rnn_layer_backward(const std::string& mode, const Tensor& dy
   TORCH_CHECK(gates.numel() == L.rows * L.G * L.H && aux.numel() == L.rows * L.H,
               "rnn_layer_backward: the workspace does not match (was the forward run with train=true?)");
   const bool bias = b_ih.has_value();
+  if (x.scalar_type() == at::kBFloat16) {
+    return backward_bf16(L, dy, dh_n, dc_n, x, w_ih, w_hh, bias, w_hr, h0, c0, y, gates, aux, want_dx, want_dweights);
+  }
   if (x.scalar_type() == at::kFloat) {
     return backward_impl<float>(L, dy, dh_n, dc_n, x, w_ih, w_hh, bias, w_hr, h0, c0, y, gates, aux, r, want_dx,
                                 want_dweights);

@@ -24,6 +24,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -33,10 +34,13 @@
 #include <c10/util/Exception.h>
 
 #include "common/rnn_math.h"
+#include "cpu/brgemm.h"
 #include "cpu/rnn_steps.h"
 
 namespace fastnn {
 namespace cpu {
+
+using bf16 = c10::BFloat16;
 
 #if defined(__AVX512F__)
 namespace {
@@ -53,16 +57,19 @@ constexpr int64_t kForwardKc = 512;
 // (H = 20, B = 4, 26 kflop: 1.0 us a step on one thread, 1.4 on two; H = 64, B = 8, 262 kflop: 4.6, 3.8).
 constexpr int64_t kMinFlopsPerThread = 100000;
 
-struct Buffer {
+template <typename T>
+struct AlignedBuffer {
   struct Free {
-    void operator()(float* p) const { std::free(p); }
+    void operator()(T* p) const { std::free(p); }
   };
-  std::unique_ptr<float, Free> p;
-  explicit Buffer(int64_t n) : p(static_cast<float*>(std::aligned_alloc(64, ((n * 4 + 63) / 64) * 64))) {
+  std::unique_ptr<T, Free> p;
+  explicit AlignedBuffer(int64_t n)
+      : p(static_cast<T*>(std::aligned_alloc(64, ((n * int64_t(sizeof(T)) + 63) / 64) * 64))) {
     TORCH_CHECK(p != nullptr, "rnn: out of memory");
   }
-  float* get() const { return p.get(); }
+  T* get() const { return p.get(); }
 };
+using Buffer = AlignedBuffer<float>;
 
 // Rows per microkernel call: R W accumulators + W registers of weights within the 32 zmm.
 template <int W>
@@ -94,6 +101,16 @@ FASTNN_ALWAYS_INLINE void dot_rows(const float* __restrict w, const float* __res
 
 inline __mmask16 lanes_below(int64_t H, int64_t u) {
   return H - u >= kU ? __mmask16(0xFFFF) : __mmask16((1u << (H - u)) - 1);
+}
+
+// 16 floats rounded to bf16 (to nearest even, as c10::BFloat16; NaN stays a quiet NaN), in plain AVX-512F
+// so that machines without AVX512-BF16 still build the file.
+FASTNN_ALWAYS_INLINE __m256i round_to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
 }
 
 // The steps are walked by step_blocks below with an epilogue E describing one step:
@@ -238,6 +255,12 @@ struct BackwardStep {
       const __mmask16 m = lanes_below(H, u);
       auto load = [m](const float* p) { return (VF)_mm512_maskz_loadu_ps(m, p); };
       auto store = [m](float* p, VF v) { _mm512_mask_storeu_ps(p, m, (__m512)v); };
+      auto store16 = [m](bf16* p, VF v) { _mm256_mask_storeu_epi16(p, m, round_to_bf16((__m512)v)); };
+      // p[q H] += v_q: a unit's bias-gradient sums; one thread a group and step, rows in order
+      auto add_to = [&](float* p, int64_t H_, auto... v) {
+        int q = 0;
+        ((store(p + q * H_, load(p + q * H_) + v), ++q), ...);
+      };
       float* dh = A.dh + b * H + u;
       if constexpr (G == 4) {
         const VF dh_in = acc ? (VF)acc[j] : load(dh);
@@ -253,11 +276,20 @@ struct BackwardStep {
         rnn::lstm_backward<rnn_steps::VecMath>(load(gt), load(gt + H), load(gt + 2 * H), load(gt + 3 * H),
                                                load(c_prev), load(A.aux + row * H + u), dh_in + load(A.dy + row * H + u),
                                                load(dc), di, df, dgg, dgo, dcp);
+        store(dc, dcp);
+        if (A.dgx16) {  // bf16: every row's gate gradients, the recurrent products' operand
+          bf16* d16 = A.dgx16 + row * A.ld16 + u;
+          store16(d16, di);
+          store16(d16 + H, df);
+          store16(d16 + 2 * H, dgg);
+          store16(d16 + 3 * H, dgo);
+          if (A.db_x) add_to(A.db_x + u, H, di, df, dgg, dgo);
+          continue;
+        }
         store(dg, di);
         store(dg + H, df);
         store(dg + 2 * H, dgg);
         store(dg + 3 * H, dgo);
-        store(dc, dcp);
         store(chunked(dg_out, b, u), di);
         store(chunked(dg_out, b, Hp + u), df);
         store(chunked(dg_out, b, 2 * Hp + u), dgg);
@@ -275,6 +307,20 @@ struct BackwardStep {
         rnn::gru_backward<rnn_steps::VecMath>(load(gt), load(gt + H), load(gt + 2 * H), load(A.aux + row * H + u),
                                               load(h_prev), dh_in + load(A.dy + row * H + u), d_r, d_z, d_n, d_hn,
                                               dh_direct);
+        store(dh, dh_direct);
+        if (A.dgx16) {
+          bf16* x16 = A.dgx16 + row * A.ld16 + u;
+          bf16* h16 = A.dgh16 + row * A.ld16 + u;
+          store16(x16, d_r);
+          store16(x16 + H, d_z);
+          store16(x16 + 2 * H, d_n);
+          store16(h16, d_r);
+          store16(h16 + H, d_z);
+          store16(h16 + 2 * H, d_hn);
+          if (A.db_x) add_to(A.db_x + u, H, d_r, d_z, d_n);
+          if (A.db_h) add_to(A.db_h + u, H, d_r, d_z, d_hn);
+          continue;
+        }
         float* dgx = A.dgx + (row - row0) * GH + u;
         float* dgh = A.dgh + (row - row0) * GH + u;
         store(dgx, d_r);
@@ -283,7 +329,6 @@ struct BackwardStep {
         store(dgh, d_r);
         store(dgh + H, d_z);
         store(dgh + 2 * H, d_hn);
-        store(dh, dh_direct);
         store(chunked(dg_out, b, u), d_r);
         store(chunked(dg_out, b, Hp + u), d_z);
         store(chunked(dg_out, b, 2 * Hp + u), d_hn);
@@ -446,6 +491,33 @@ int64_t forward_chunk(int64_t K, int G) {
   return K * G * kU * int64_t(sizeof(float)) <= kForwardWholeKBytes ? K : kForwardKc;
 }
 
+// Runs the forward's walk steps through steps(k0, k1, row0) (walk steps [k0, k1), the input part of row r
+// at row r - row0 of a.gates): all at once, or chunk by chunk after a.input; then h_n.
+template <class Steps>
+void drive_forward(const RecurrenceForward& a, const Steps& steps) {
+  if (!a.input) {
+    steps(0, a.T, 0);
+  } else {
+    for (int64_t k0 = 0, k1; k0 < a.T; k0 = k1) {
+      k1 = chunk_end(a.bs, a.T, a.reverse, k0, a.chunk_rows);
+      // the chunk's rows: contiguous, from its first step in time to its last
+      const int64_t t_first = a.reverse ? a.T - k1 : k0, t_last = a.reverse ? a.T - 1 - k0 : k1 - 1;
+      const int64_t r0 = a.off[t_first], r1 = a.off[t_last] + a.bs[t_last];
+      a.input(k0, k1, r0, r1);
+      steps(k0, k1, r0);
+    }
+  }
+  // h_n of each sequence is its output at the last step it is live in: forward, the last step with more
+  // than b rows; reverse, step 0 (walked last, all B rows).
+  for (int64_t b = 0; b < a.B; ++b) {
+    int64_t t = 0;
+    if (!a.reverse) {
+      while (t + 1 < a.T && a.bs[t + 1] > b) ++t;
+    }
+    std::memcpy(a.h + b * a.H, a.y + (a.off[t] + b) * a.H, sizeof(float) * a.H);
+  }
+}
+
 template <int G>
 void run(const RecurrenceForward& a, int threads) {
   const int64_t H = a.H, B = a.B, K = H, nblk = (H + kU - 1) / kU;
@@ -477,29 +549,225 @@ void run(const RecurrenceForward& a, int threads) {
       }
     }
   };
-  if (!a.input) {
-    steps(0, a.T, 0);
-  } else {
-    for (int64_t k0 = 0, k1; k0 < a.T; k0 = k1) {
-      k1 = chunk_end(a.bs, a.T, a.reverse, k0, a.chunk_rows);
-      // the chunk's rows: contiguous, from its first step in time to its last
-      const int64_t t_first = a.reverse ? a.T - k1 : k0, t_last = a.reverse ? a.T - 1 - k0 : k1 - 1;
-      const int64_t r0 = a.off[t_first], r1 = a.off[t_last] + a.bs[t_last];
-      a.input(k0, k1, r0, r1);
-      steps(k0, k1, r0);
+  drive_forward(a, steps);
+}
+
+
+// ---------------------------------------------------------------- bfloat16 forward
+
+// Rows of h_{t-1} per brgemm call of the bf16 recurrence (its float32 sums stay in L1).
+constexpr int64_t kBf16Rows = 32;
+// 16-unit blocks per brgemm call (a group): the call's N is G 16 kBf16Blocks columns.
+constexpr int64_t kBf16Blocks = 1;
+
+// Packs groups [glo, ghi) of kBf16Blocks blocks of the bf16 W_hh (G H, H) as brgemm's VNNI-2 B: group grp
+// is Kp / 2 rows of N = G 16 kBf16Blocks column pairs, (k2, (j G + g) 16 + l, e) holding
+// W[g H + (grp kBf16Blocks + j) 16 + l][2 k2 + e] (0 past H, in units and in k).
+void pack_groups_bf16(const bf16* w, int64_t G, int64_t H, int64_t Kp, bf16* wp, int64_t glo, int64_t ghi) {
+  const int64_t N = G * kU * kBf16Blocks;
+  for (int64_t grp = glo; grp < ghi; ++grp) {
+    bf16* dst = wp + grp * Kp * N;
+    std::memset(static_cast<void*>(dst), 0, sizeof(bf16) * Kp * N);
+    for (int64_t j = 0; j < kBf16Blocks; ++j) {
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t l = 0; l < kU; ++l) {
+          const int64_t u = (grp * kBf16Blocks + j) * kU + l;
+          if (u >= H) break;
+          const bf16* src = w + (g * H + u) * H;
+          bf16* col = dst + ((j * G + g) * kU + l) * 2;
+          for (int64_t k = 0; k < H; ++k) col[(k >> 1) * N * 2 + (k & 1)] = src[k];
+        }
+      }
     }
-  }
-  // h_n of each sequence is its output at the last step it is live in: forward, the last step with more
-  // than b rows; reverse, step 0 (walked last, all B rows).
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t t = 0;
-    if (!a.reverse) {
-      while (t + 1 < a.T && a.bs[t + 1] > b) ++t;
-    }
-    std::memcpy(a.h + b * H, a.y + (a.off[t] + b) * H, sizeof(float) * H);
   }
 }
 
+// The groups of each step, split between the threads, each run once by whichever thread claims it first:
+// a thread walks its own groups (every other step backwards, as run<G>: it starts on what is still in its
+// L2), then takes the others' not yet started, from the far end of their walk. A thread slowed down by the
+// VM or by L3 then no longer holds the other up at the step's barrier (bf16 LSTM B32 H512: the barrier's
+// spinning went from 12% to 6% of the time). Results do not depend on which thread computes a group.
+class GroupClaims {
+ public:
+  explicit GroupClaims(int64_t n) : n_(n), last_(new std::atomic<int64_t>[n]) {
+    for (int64_t g = 0; g < n; ++g) last_[g].store(-1, std::memory_order_relaxed);
+  }
+  // fn(grp) for the groups of step k (k >= 0, increasing) that thread tid of team claims
+  template <class Fn>
+  void run(int64_t k, int tid, int team, const Fn& fn) {
+    auto walk = [&](int who, int64_t i) {  // the i-th group of thread who's walk in step k
+      const int64_t lo = n_ * who / team, hi = n_ * (who + 1) / team;
+      return (k & 1) ? hi - 1 - i : lo + i;
+    };
+    auto count = [&](int who) { return n_ * (who + 1) / team - n_ * who / team; };
+    for (int64_t i = 0; i < count(tid); ++i) {
+      const int64_t grp = walk(tid, i);
+      if (claim(grp, k)) fn(grp);
+    }
+    for (int d = 1; d < team; ++d) {
+      const int who = (tid + d) % team;
+      for (int64_t i = count(who) - 1; i >= 0; --i) {
+        const int64_t grp = walk(who, i);
+        if (!claim(grp, k)) break;  // its owner got there: the groups before it are taken too
+        fn(grp);
+      }
+    }
+  }
+
+ private:
+  bool claim(int64_t grp, int64_t k) {
+    int64_t last = last_[grp].load(std::memory_order_relaxed);
+    return last < k && last_[grp].compare_exchange_strong(last, k, std::memory_order_acq_rel);
+  }
+  int64_t n_;
+  std::unique_ptr<std::atomic<int64_t>[]> last_;
+};
+
+// The bf16 forward: per step and group of 16-unit blocks, one brgemm of the live rows' bf16 h_{t-1} (up to
+// kBf16Rows at a time) with the group's packed W_hh (float32 sums), then ForwardStep's gate math on the
+// sums, which also writes h_t in bf16 for the next step. Groups split between the threads as run<G>'s
+// blocks.
+template <int G>
+void run_bf16(const RecurrenceForward& a, int threads) {
+  const int64_t H = a.H, B = a.B, Kp = (H + 1) / 2 * 2, N = G * kU * kBf16Blocks;
+  const int64_t nblk = (H + kU - 1) / kU, ngrp = (nblk + kBf16Blocks - 1) / kBf16Blocks;
+  const int64_t flops = 2 * a.bs[a.reverse ? a.T - 1 : 0] * H * G * H;
+  const int nt = useful_threads(threads, ngrp, flops);
+  AlignedBuffer<bf16> wp(ngrp * Kp * N), hb(2 * B * Kp);
+  Buffer h1(B * H), sums(int64_t(nt) * kBf16Rows * N);
+  GroupClaims claims(ngrp);
+  std::memcpy(h1.get(), a.h, sizeof(float) * B * H);
+  float* hbuf[2] = {a.h, h1.get()};
+  bf16* hb16[2] = {hb.get(), hb.get() + B * Kp};
+  for (int64_t b = 0; b < B; ++b) {  // both bf16 copies start as h0 rounded, 0 in the pad of an odd H
+    for (int64_t k = 0; k < Kp; ++k) {
+      hb16[0][b * Kp + k] = hb16[1][b * Kp + k] = k < H ? bf16(a.h[b * H + k]) : bf16(0.f);
+    }
+  }
+  auto steps = [&](int64_t k0, int64_t k1, int64_t row0) {
+#pragma omp parallel num_threads(nt)
+    {
+      const int team = omp_get_num_threads(), tid = omp_get_thread_num();
+      const int64_t glo = ngrp * tid / team, ghi = ngrp * (tid + 1) / team;
+      float* my_sums = sums.get() + int64_t(tid) * kBf16Rows * N;
+      if (k0 == 0) {  // each thread its own groups; any thread may run any group (GroupClaims)
+        pack_groups_bf16(a.w_hh_bf16, G, H, Kp, wp.get(), glo, ghi);
+#pragma omp barrier
+      }
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t t = a.reverse ? a.T - 1 - k : k;
+        const ForwardStep<G> s{&a, hbuf[k & 1], hbuf[(k + 1) & 1], a.off[t], a.gates, row0, a.bs[t], Kp};
+        const bf16* h_in = hb16[k & 1];
+        bf16* h_out = hb16[(k + 1) & 1];
+        auto group = [&](int64_t grp) {
+          const int64_t nb = std::min(kBf16Blocks, nblk - grp * kBf16Blocks);
+          for (int64_t b0 = 0; b0 < s.bs; b0 += kBf16Rows) {
+            const int64_t n = std::min(kBf16Rows, s.bs - b0);
+            at::native::cpublas::brgemm(n, nb * G * kU, Kp, Kp, N, N, false, h_in + b0 * Kp, wp.get() + grp * Kp * N,
+                                        my_sums, /*is_vnni=*/true);
+            for (int64_t j = 0; j < nb; ++j) {
+              const int64_t u0 = (grp * kBf16Blocks + j) * kU;
+              const __mmask16 m = lanes_below(H, u0);
+              for (int64_t r = 0; r < n; ++r) {
+                __m512 v[G];
+#pragma GCC unroll 4
+                for (int g = 0; g < G; ++g) v[g] = _mm512_loadu_ps(my_sums + r * N + (j * G + g) * kU);
+                s.finish(b0 + r, u0, v);
+                const __m512 h = _mm512_maskz_loadu_ps(m, s.hn + (b0 + r) * H + u0);
+                _mm256_mask_storeu_epi16(h_out + (b0 + r) * Kp + u0, m, round_to_bf16(h));
+              }
+            }
+          }
+        };
+        claims.run(k, tid, team, group);
+        // h_t complete before anyone reads it, and h_{t-1} no longer read before anyone overwrites it
+#pragma omp barrier
+      }
+      at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+    }
+  };
+  drive_forward(a, steps);
+}
+// Packs groups [glo, ghi) of kBf16Blocks blocks of 16 columns of the bf16 W_hh (G H, H) as brgemm's VNNI-2 B
+// of the backward's products dg W_hh: group grp is Kp / 2 rows of N = 16 kBf16Blocks column pairs,
+// (k2, n, e) holding W[2 k2 + e][grp N + n] (0 past G H and past H).
+void pack_columns_bf16(const bf16* w, int64_t G, int64_t H, int64_t Kp, bf16* wp, int64_t glo, int64_t ghi) {
+  const int64_t N = kU * kBf16Blocks;
+  for (int64_t grp = glo; grp < ghi; ++grp) {
+    bf16* dst = wp + grp * Kp * N;
+    std::memset(static_cast<void*>(dst), 0, sizeof(bf16) * Kp * N);
+    const int64_t u0 = grp * N, n = std::min(N, H - u0);
+    for (int64_t k = 0; k < G * H; ++k) {
+      bf16* row = dst + (k >> 1) * N * 2 + (k & 1);
+      for (int64_t j = 0; j < n; ++j) row[j * 2] = w[k * H + u0 + j];
+    }
+  }
+}
+
+// The bf16 backward's recurrence: iteration k of T + 1 as run_backward's, the dot products of the later
+// step's bf16 gate gradients (rows of a.dgh16 / dgx16) with a group of W_hh's columns through one brgemm
+// (up to kBf16Rows rows at a time, float32 sums), then BackwardStep's cell backward on the sums, which
+// writes step t's gate gradients in bf16. Groups split between the threads with GroupClaims, a barrier
+// after each iteration.
+template <int G>
+void run_backward_bf16(const RecurrenceBackward& a, int threads) {
+  const int64_t H = a.H, T = a.T, Kp = a.ld16, N = kU * kBf16Blocks;
+  const int64_t nblk = (H + kU - 1) / kU, ngrp = (nblk + kBf16Blocks - 1) / kBf16Blocks;
+  int64_t max_bs = 0;
+  for (int64_t t = 0; t < T; ++t) max_bs = std::max(max_bs, a.bs[t]);
+  const int nt = useful_threads(threads, ngrp, 2 * max_bs * G * H * H);
+  auto step = [&](int64_t k) { return a.reverse ? T - 1 - k : k; };  // the k-th step of the forward walk
+  AlignedBuffer<bf16> wp(ngrp * Kp * N);
+  Buffer sums(int64_t(nt) * kBf16Rows * N);
+  GroupClaims claims(ngrp);
+  const bf16* dg_rec = a.lstm ? a.dgx16 : a.dgh16;
+#pragma omp parallel num_threads(nt)
+  {
+    const int team = omp_get_num_threads(), tid = omp_get_thread_num();
+    float* my_sums = sums.get() + int64_t(tid) * kBf16Rows * N;
+    pack_columns_bf16(a.w_hh_bf16, G, H, Kp, wp.get(), ngrp * tid / team, ngrp * (tid + 1) / team);
+#pragma omp barrier
+    for (int64_t k = 0; k <= T; ++k) {
+      BackwardStep<G, kBf16Blocks> s{&a, (H + kU - 1) / kU * kU};
+      int64_t n_dot = 0, off_next = 0;
+      if (k > 0) {  // the later step's rows and their gate gradients
+        n_dot = a.bs[step(T - k)];
+        off_next = a.off[step(T - k)];
+      }
+      if (k < T) {
+        const int64_t t = step(T - 1 - k);
+        s.bs = a.bs[t];
+        s.off = a.off[t];
+        if (T - 1 - k > 0) {
+          const int64_t tp = step(T - 2 - k);
+          s.n_prev = std::min(a.bs[t], a.bs[tp]);
+          s.off_prev = a.off[tp];
+        }
+      }
+      auto group = [&](int64_t grp) {
+        const int64_t u0 = grp * N, nb = std::min(kBf16Blocks, nblk - grp * kBf16Blocks);
+        for (int64_t b0 = 0; b0 < n_dot; b0 += kBf16Rows) {
+          const int64_t n = std::min(kBf16Rows, n_dot - b0);
+          at::native::cpublas::brgemm(n, nb * kU, Kp, Kp, N, N, false, dg_rec + (off_next + b0) * Kp,
+                                      wp.get() + grp * Kp * N, my_sums, /*is_vnni=*/true);
+          for (int64_t r = 0; r < n; ++r) {
+            __m512 acc[kBf16Blocks];
+#pragma GCC unroll 4
+            for (int64_t j = 0; j < kBf16Blocks; ++j) {
+              acc[j] = j < nb ? _mm512_loadu_ps(my_sums + r * N + j * kU) : _mm512_setzero_ps();
+            }
+            s.finish(b0 + r, u0, acc);
+          }
+        }
+        for (int64_t b = n_dot; b < s.bs; ++b) s.finish(b, u0, nullptr);
+      };
+      claims.run(k, tid, team, group);
+      // step t's gate gradients, dh and dc complete before the next iteration reads them
+#pragma omp barrier
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+  }
+}
 
 // Packs groups [glo, ghi) of NB blocks of 16 columns of w_hh (G H rows, H columns) into wp: group grp, row
 // g Hp + u holds W[g H + u][grp NB 16 + j] at j (0 past H, and in the rows u >= H that pad each gate to Hp);
@@ -673,6 +941,15 @@ void backward_dispatch(const RecurrenceBackward& a, int threads) {
 bool recurrence_forward_available() { return true; }
 
 void recurrence_forward(const RecurrenceForward& a, int threads) {
+  if (a.w_hh_bf16) {
+    TORCH_CHECK(bf16_recurrence_available(), "rnn: the bf16 recurrence needs AVX512-BF16 and torch's bf16 brgemm");
+    if (a.lstm) {
+      run_bf16<4>(a, threads);
+    } else {
+      run_bf16<3>(a, threads);
+    }
+    return;
+  }
   if (a.lstm) {
     run<4>(a, threads);
   } else {
@@ -681,6 +958,15 @@ void recurrence_forward(const RecurrenceForward& a, int threads) {
 }
 
 void recurrence_backward(const RecurrenceBackward& a, int threads) {
+  if (a.w_hh_bf16) {
+    TORCH_CHECK(bf16_recurrence_available(), "rnn: the bf16 recurrence needs AVX512-BF16 and torch's bf16 brgemm");
+    if (a.lstm) {
+      run_backward_bf16<4>(a, threads);
+    } else {
+      run_backward_bf16<3>(a, threads);
+    }
+    return;
+  }
   if (a.lstm) {
     backward_dispatch<4>(a, threads);
   } else {
@@ -697,6 +983,64 @@ void recurrence_backward(const RecurrenceBackward&, int) {
 }
 
 #endif
+
+bool bf16_recurrence_available() {
+#if defined(__AVX512F__) && FASTNN_HAVE_BRGEMM
+  static const bool ok = [] {
+    if (!__builtin_cpu_supports("avx512bf16")) return false;  // oneDNN would emulate: slower than float32
+    try {
+      // a 3 x 20 x 6 product through the call and VNNI-2 layout the kernels use, small integers: exact
+      const int64_t M = 3, N = 20, K = 6;
+      std::vector<bf16> a(M * K), b(K * N);
+      std::vector<float> c(M * N, -1.f);
+      for (int64_t i = 0; i < M * K; ++i) a[i] = bf16(float(i % 7 - 3));
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t n = 0; n < N; ++n) b[((k >> 1) * N + n) * 2 + (k & 1)] = bf16(float((k * N + n) % 5 - 2));
+      }
+      at::native::cpublas::brgemm(M, N, K, K, N, N, false, a.data(), b.data(), c.data(), /*is_vnni=*/true);
+      at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+      for (int64_t i = 0; i < M; ++i) {
+        for (int64_t n = 0; n < N; ++n) {
+          float want = 0.f;
+          for (int64_t k = 0; k < K; ++k) want += float(a[i * K + k]) * float((k * N + n) % 5 - 2);
+          if (c[i * N + n] != want) return false;
+        }
+      }
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void bf16_gemm_rows(const bf16* A, const bf16* B_panels, const float* bias, float* C, int64_t rows, int64_t K,
+                    int64_t N, int threads) {
+#if FASTNN_HAVE_BRGEMM
+  constexpr int64_t kT = 64;  // the panels' width; tiles of kT x kT of C, as rnn_cpu.cpp's gemm_rows
+  const int64_t col_tiles = (N + kT - 1) / kT, tiles = (rows + kT - 1) / kT * col_tiles;
+#pragma omp parallel num_threads(int(std::max<int64_t>(1, std::min<int64_t>(threads, tiles))))
+  {
+    const int team = omp_get_num_threads(), tid = omp_get_thread_num();
+    for (int64_t i = tiles * tid / team; i < tiles * (tid + 1) / team; ++i) {
+      const int64_t m0 = i / col_tiles * kT, mt = std::min(kT, rows - m0);
+      const int64_t n0 = i % col_tiles * kT, nw = std::min(kT, N - n0);
+      float* c = C + m0 * N + n0;
+      if (bias) {
+        for (int64_t r = 0; r < mt; ++r) std::copy(bias + n0, bias + n0 + nw, c + r * N);
+      }
+      at::native::cpublas::brgemm(mt, nw, K, K, kT, N, bias != nullptr, A + m0 * K, B_panels + n0 * K, c,
+                                  /*is_vnni=*/true);
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+  }
+#else
+  TORCH_CHECK(false, "rnn: the bf16 input projection needs torch's brgemm");
+#endif
+}
 
 }  // namespace cpu
 }  // namespace fastnn

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <functional>
 
+#include <c10/util/BFloat16.h>
+
 namespace fastnn {
 namespace cpu {
 
@@ -33,6 +35,10 @@ struct RecurrenceForward {
   float* h = nullptr;            // (B, H): h0 in, h_n out
   float* c = nullptr;            // (B, H): c0 in, c_n out (LSTM)
   float* aux = nullptr;          // (rows, H) when train: c (LSTM) or h W_hn^T + b_hn (GRU) of each step
+  // bfloat16 layers: W_hh (G H, H) in bf16, used instead of w_hh. The dot products then take h_{t-1}
+  // rounded to bf16 (the layer's output in its dtype) with float32 sums, as torch's bf16 LSTM does; the
+  // input part, the gate math, c and the outputs stay float32.
+  const c10::BFloat16* w_hh_bf16 = nullptr;
 };
 
 // The backward's recurrence of the same layer (the per-step part of rnn_cpu.cpp's backward): per step the
@@ -62,10 +68,29 @@ struct RecurrenceBackward {
   int64_t chunk_rows = 0;
   float* dh = nullptr;           // (B, H): dh_n in, dh0 out
   float* dc = nullptr;           // (B, H): dc_n in, dc0 out (LSTM)
+  // bfloat16 layers: W_hh in bf16 instead of w_hh. The gate gradients of every row then go to dgx16 /
+  // dgh16 in bf16, row r at r ld16 (ld16 = G H rounded up to even; the pad column must hold zeros), and
+  // dgx, dgh and consume are not used; the recurrent products take dgh16 (the LSTM's: dgx16) with float32
+  // sums.
+  const c10::BFloat16* w_hh_bf16 = nullptr;
+  c10::BFloat16* dgx16 = nullptr;
+  c10::BFloat16* dgh16 = nullptr;  // the GRU's recurrent part; the LSTM's is dgx16
+  int64_t ld16 = 0;
+  // and, when set, float32 sums of those gate gradients over all rows (G H each, zeroed by the caller),
+  // in a fixed order: the bias gradients, from the gradients before their rounding to bf16
+  float* db_x = nullptr;
+  float* db_h = nullptr;  // the GRU's recurrent part
 };
 
 // Whether this build has the fused recurrence (it needs AVX-512).
 bool recurrence_forward_available();
+// Whether the bf16 recurrence (w_hh_bf16) and bf16_gemm_rows run here: AVX512-BF16 and torch's bf16 brgemm,
+// checked once against a float computation.
+bool bf16_recurrence_available();
+// C[rows, N] = A[rows, K] B[K, N] (+ bias[N] on every row): A bf16 row-major (rows K apart, K even), B as
+// bf16_column_panels (rnn_cpu.cpp), C float32 (rows N apart), float32 sums; on up to `threads` threads.
+void bf16_gemm_rows(const c10::BFloat16* A, const c10::BFloat16* B_panels, const float* bias, float* C, int64_t rows,
+                    int64_t K, int64_t N, int threads);
 // Runs the recurrence on up to `threads` threads.
 void recurrence_forward(const RecurrenceForward& a, int threads);
 // Runs the backward's recurrence on up to `threads` threads; results do not depend on the thread count.

@@ -3,7 +3,8 @@
 // Semantics: fastnn/reference/rnn.py (rnn_layer).
 //
 // Inputs are validated and made contiguous by fastnn/ops/rnn.py, all in one float dtype (float32 or
-// float64; the op layer runs fp16 / bf16 in float32):
+// float64; the op layer runs fp16 / bf16 in float32, except bf16 layers that rnn_bf16_native accepts: they
+// pass x, w_ih and w_hh in bf16, the rest in float32, and get float32 outputs and workspace):
 //   mode "lstm" (G = 4 gates) or "gru" (G = 3); x (rows, I) packed; batch_sizes (T,) int64 on the CPU,
 //   non-increasing, summing to rows, batch_sizes[0] = B; w_ih (G H, I), w_hh (G H, P), b_ih / b_hh (G H,)
 //   or both absent; w_hr (P, H) for an LSTM with projection (else P = H); h0 (B, P); c0 (B, H) (LSTM).
@@ -23,6 +24,9 @@
 namespace fastnn {
 
 namespace cpu {
+// Whether the CPU forward takes bf16 x / w_ih / w_hh for such a layer: AVX512-BF16 with torch's bf16 brgemm,
+// no projection, an even input size (pairs of k per VNNI-2 element).
+bool rnn_bf16_native(int64_t input_size, bool has_projection);
 std::vector<at::Tensor> rnn_layer_forward(const std::string& mode, const at::Tensor& x, const at::Tensor& batch_sizes,
                                           const at::Tensor& w_ih, const at::Tensor& w_hh,
                                           const c10::optional<at::Tensor>& b_ih,
@@ -77,6 +81,9 @@ inline void register_rnn(pybind11::module& m) {
         "One LSTM / GRU layer and direction over a packed batch on CPU -> [y, h_n, c_n, gates, aux, r]",
         py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
         py::arg("b_hh"), py::arg("w_hr"), py::arg("h0"), py::arg("c0"), py::arg("reverse"), py::arg("train"));
+  m.def("rnn_bf16_native", &cpu::rnn_bf16_native,
+        "Whether rnn_layer_forward_cpu runs a bf16 layer with bf16 operands (else it wants float32)",
+        py::arg("input_size"), py::arg("has_projection"));
   m.def("rnn_layer_backward_cpu", &cpu::rnn_layer_backward,
         "Backward through time of rnn_layer_forward_cpu -> [dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0]",
         py::arg("mode"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("x"), py::arg("batch_sizes"),

@@ -6,7 +6,8 @@ batch) and rnn_layer_backward (its backward through time). Contract: csrc/famili
 Kernels:
   CPU   C++ (csrc/cpu/rnn_cpu.cpp): one GEMM for the input projection of all steps, per step one GEMM with
         W_hh and a fused, vectorised gate pass; weight gradients as one GEMM each after the recurrence.
-        fp16 / bf16 inputs run in float32 and are rounded back.
+        fp16 / bf16 inputs run in float32 and are rounded back; bf16 layers without projection, on CPUs with
+        AVX512-BF16, take bf16 operands in their GEMMs instead (BF16_NATIVE below).
   CUDA  Triton (kernels/rnn.py) when present: per-step cuBLAS GEMM plus a fused Triton cell. Opt-in
         (PERSISTENT below): the forward and the backward's recurrence each as one persistent CUDA C++ launch
         (csrc/cuda/rnn_persistent_*) with W_hh in registers, when they fit (no projection, H up to ~1024);
@@ -75,14 +76,38 @@ def _lift(args):
     return [a.float() if isinstance(a, Tensor) and a.dtype in low else a for a in args]
 
 
-def _forward_cpp(mode, x, *args):
-    """fp16 / bf16 run in float32: y, h_n, c_n are rounded back, the workspace stays float32."""
-    y, h, c, *workspace = _C.rnn_layer_forward_cpu(mode, *_lift([x, *args]))
+# bf16 layers on the CPU: bf16 operands in the input projection and the recurrent products (float32 sums,
+# the rest in float32) where the kernel has them (_C.rnn_bf16_native), as torch's oneDNN LSTM does; False
+# runs them wholly in float32 (more accurate, about half the speed).
+BF16_NATIVE = True
+
+
+def _bf16_native(x, w_ih, w_hh, w_hr) -> bool:
+    return (BF16_NATIVE and x.dtype == torch.bfloat16 and w_ih.dtype == w_hh.dtype == torch.bfloat16
+            and _C.rnn_bf16_native(x.shape[1], w_hr is not None))
+
+
+def _forward_cpp(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, train):
+    """fp16 / bf16 run in float32 (bf16 layers with bf16 operands where BF16_NATIVE allows): y, h_n, c_n are
+    rounded back, the workspace stays float32."""
+    native = _bf16_native(x, w_ih, w_hh, w_hr)
+    x_in, w_ih_in, w_hh_in = (x, w_ih, w_hh) if native else _lift([x, w_ih, w_hh])
+    y, h, c, *workspace = _C.rnn_layer_forward_cpu(mode, x_in, batch_sizes, w_ih_in, w_hh_in,
+                                                   *_lift([b_ih, b_hh, w_hr, h0, c0]), reverse, train)
     return [t.to(x.dtype) for t in (y, h, c)] + workspace
 
 
-def _backward_cpp(mode, dy, *args):
-    return [g.to(dy.dtype) for g in _C.rnn_layer_backward_cpu(mode, *_lift([dy, *args]))]
+def _backward_cpp(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
+                  reverse, want_dx, want_dweights):
+    """The bf16 path (x, w_ih, w_hh and y kept in bf16) where the forward's would run, else float32."""
+    native = _bf16_native(x, w_ih, w_hh, w_hr) and y.dtype == torch.bfloat16
+    x_in, w_ih_in, w_hh_in, y_in = (x, w_ih, w_hh, y) if native else _lift([x, w_ih, w_hh, y])
+    dy_in, dh_in, dc_in, b_ih_in, b_hh_in, w_hr_in, h0_in, c0_in, gates_in, aux_in, r_in = _lift(
+        [dy, dh_n, dc_n, b_ih, b_hh, w_hr, h0, c0, gates, aux, r])
+    grads = _C.rnn_layer_backward_cpu(mode, dy_in, dh_in, dc_in, x_in, batch_sizes, w_ih_in, w_hh_in, b_ih_in,
+                                      b_hh_in, w_hr_in, h0_in, c0_in, y_in, gates_in, aux_in, r_in, reverse, want_dx,
+                                      want_dweights)
+    return [g.to(dy.dtype) for g in grads]
 
 
 def workspace_dtype(dtype: torch.dtype) -> torch.dtype:
