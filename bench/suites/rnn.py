@@ -7,6 +7,7 @@
   machine's matmul rate. G = 4 (LSTM), 3 (GRU).
   persistent (CUDA): the same layers with the persistent kernels (forward and the backward's recurrence)
   switched on (fastnn.ops.rnn.PERSISTENT), where they fit.
+  bf16 (CPU): the same layers in bf16 against torch.nn's bf16 layers (oneDNN's LSTM).
   packed: a PackedSequence with lengths spread evenly between T / 4 and T, against the same layer on a
   padded batch holding as many tokens (the issue's "no slower than padded of the same total length"; timed
   over more pairs, the ratio being near 1), on the batch padded to its longest sequence, and against
@@ -108,7 +109,27 @@ def cases(device: str, quick: bool):
                             _fwd(theirs, x), metric="TFLOP/s", work=flops, check=tol))
             out.append(Case("rnn", f"{kind} fwd+bwd persistent", shape, dname, _persistent(_fwd_bwd(ours, x)), peer,
                             _fwd_bwd(theirs, x), metric="TFLOP/s", work=3 * flops, check=tol))
+    if device == "cpu":
+        out += _cpu_bf16_cases(quick)
     out += _packed_cases(device, dtype, quick)
+    return out
+
+
+def _cpu_bf16_cases(quick):
+    """bf16 layers on the CPU against torch.nn's (oneDNN's bf16 LSTM, ATen's GRU): fastnn runs them with bf16
+    GEMM operands where the CPU has AVX512-BF16 (fastnn.ops.rnn.BF16_NATIVE), else wholly in float32."""
+    dtype, out = torch.bfloat16, []
+    grid = [(k, 32, 512, 256, 512) for k in ("LSTM", "GRU")]
+    if not quick:
+        grid += [(k, B, H, 64, H) for k in ("LSTM", "GRU") for (B, H) in ((16, 256), (64, 512), (16, 1024))]
+    for kind, B, H, T, I in grid:
+        theirs, ours = _pair(kind, I, H, "cpu", dtype)
+        x = torch.randn(T, B, I, dtype=dtype)
+        shape, flops = f"B={B},H={H},T={T},I={I}", _flops(kind, T * B, I, H)
+        out.append(Case("rnn", f"{kind} fwd", shape, "bfloat16", _fwd(ours, x), f"torch.nn.{kind}", _fwd(theirs, x),
+                        metric="TFLOP/s", work=flops, check=_close(5e-2)))
+        out.append(Case("rnn", f"{kind} fwd+bwd", shape, "bfloat16", _fwd_bwd(ours, x), f"torch.nn.{kind}",
+                        _fwd_bwd(theirs, x), metric="TFLOP/s", work=3 * flops, check=_close(5e-2)))
     return out
 
 

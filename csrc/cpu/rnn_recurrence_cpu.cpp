@@ -136,6 +136,8 @@ struct ForwardStep {
   int64_t row0;
   int64_t bs;       // rows of the step
   int64_t kc;       // k per chunk (forward_chunk)
+  bf16* h16 = nullptr;  // the bf16 forward: h_t rounded to bf16 too, row b at b ld16
+  int64_t ld16 = 0;
 
   int64_t K() const { return a->H; }
   int64_t chunk() const { return kc; }
@@ -170,6 +172,9 @@ struct ForwardStep {
       store(c, cn);
       store(A.y + row * H + u0, r);
       store(hn + b * H + u0, r);
+      // from the register: reloading the masked store just made stalled on its forwarding (a third of
+      // the gate math's time in perf)
+      if (h16) _mm256_mask_storeu_epi16(h16 + b * ld16 + u0, m, round_to_bf16((__m512)r));
       if (A.train) {
         store(gx, i);
         store(gx + H, f);
@@ -189,6 +194,7 @@ struct ForwardStep {
                                            load(hp + b * H + u0), r, z, n, hv);
       store(hn + b * H + u0, hv);
       store(A.y + row * H + u0, hv);
+      if (h16) _mm256_mask_storeu_epi16(h16 + b * ld16 + u0, m, round_to_bf16((__m512)hv));
       if (A.train) {
         store(gx, r);
         store(gx + H, z);
@@ -656,9 +662,9 @@ void run_bf16(const RecurrenceForward& a, int threads) {
       }
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t t = a.reverse ? a.T - 1 - k : k;
-        const ForwardStep<G> s{&a, hbuf[k & 1], hbuf[(k + 1) & 1], a.off[t], a.gates, row0, a.bs[t], Kp};
         const bf16* h_in = hb16[k & 1];
-        bf16* h_out = hb16[(k + 1) & 1];
+        const ForwardStep<G> s{&a, hbuf[k & 1], hbuf[(k + 1) & 1], a.off[t], a.gates, row0, a.bs[t], Kp,
+                               hb16[(k + 1) & 1], Kp};
         auto group = [&](int64_t grp) {
           const int64_t nb = std::min(kBf16Blocks, nblk - grp * kBf16Blocks);
           for (int64_t b0 = 0; b0 < s.bs; b0 += kBf16Rows) {
@@ -667,14 +673,11 @@ void run_bf16(const RecurrenceForward& a, int threads) {
                                         my_sums, /*is_vnni=*/true);
             for (int64_t j = 0; j < nb; ++j) {
               const int64_t u0 = (grp * kBf16Blocks + j) * kU;
-              const __mmask16 m = lanes_below(H, u0);
               for (int64_t r = 0; r < n; ++r) {
                 __m512 v[G];
 #pragma GCC unroll 4
                 for (int g = 0; g < G; ++g) v[g] = _mm512_loadu_ps(my_sums + r * N + (j * G + g) * kU);
-                s.finish(b0 + r, u0, v);
-                const __m512 h = _mm512_maskz_loadu_ps(m, s.hn + (b0 + r) * H + u0);
-                _mm256_mask_storeu_epi16(h_out + (b0 + r) * Kp + u0, m, round_to_bf16(h));
+                s.finish(b0 + r, u0, v);  // also h_t in bf16 for the next step
               }
             }
           }
