@@ -40,14 +40,13 @@ Tensor column_panels(const Tensor& w) {
   return at::constant_pad_nd(w, {0, 0, 0, panels * kTile - N}).view({panels, kTile, K}).permute({0, 2, 1}).contiguous();
 }
 
-// column_panels for bf16, as brgemm's VNNI-2 B: panel j is K / 2 rows of kTile column pairs, (k2, n, e)
-// holding w[j kTile + n][2 k2 + e] (K even).
+// column_panels for bf16: bf16_pack_panels' VNNI-2 panels (K even).
 Tensor bf16_column_panels(const Tensor& w) {
+  static_assert(kTile == 64, "bf16_pack_panels' panels are 64 columns wide");
   const int64_t N = w.size(0), K = w.size(1), panels = (N + kTile - 1) / kTile;
-  return at::constant_pad_nd(w, {0, 0, 0, panels * kTile - N})
-      .view({panels, kTile, K / 2, 2})
-      .permute({0, 2, 1, 3})
-      .contiguous();
+  Tensor out = at::empty({panels, K / 2, kTile, 2}, w.options());
+  bf16_pack_panels(w.data_ptr<at::BFloat16>(), N, K, out.data_ptr<at::BFloat16>(), at::get_num_threads());
+  return out;
 }
 
 // C[rows, N] = A[rows, K] B[K, N] (+ bias[N] on every row), float32, A and C row-major and contiguous (rows

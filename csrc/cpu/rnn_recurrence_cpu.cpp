@@ -571,17 +571,27 @@ constexpr int64_t kBf16Blocks = 1;
 // W[g H + (grp kBf16Blocks + j) 16 + l][2 k2 + e] (0 past H, in units and in k).
 void pack_groups_bf16(const bf16* w, int64_t G, int64_t H, int64_t Kp, bf16* wp, int64_t glo, int64_t ghi) {
   const int64_t N = G * kU * kBf16Blocks;
+  // A gate's 16 unit rows, read as 32-bit words (k pairs), transposed 16 x 16 words at a time: word k2 of
+  // the 16 rows is then one vector of the panel's row k2. The k left over (H / 2 not a multiple of 16, or H
+  // odd) go one by one.
+  const int64_t tiled = H / 2 / kU * kU;  // words in whole 16-word tiles
   for (int64_t grp = glo; grp < ghi; ++grp) {
     bf16* dst = wp + grp * Kp * N;
     std::memset(static_cast<void*>(dst), 0, sizeof(bf16) * Kp * N);
     for (int64_t j = 0; j < kBf16Blocks; ++j) {
+      const int64_t u0 = (grp * kBf16Blocks + j) * kU, nl = std::min<int64_t>(kU, H - u0);
+      if (nl <= 0) break;
       for (int64_t g = 0; g < G; ++g) {
-        for (int64_t l = 0; l < kU; ++l) {
-          const int64_t u = (grp * kBf16Blocks + j) * kU + l;
-          if (u >= H) break;
-          const bf16* src = w + (g * H + u) * H;
-          bf16* col = dst + ((j * G + g) * kU + l) * 2;
-          for (int64_t k = 0; k < H; ++k) col[(k >> 1) * N * 2 + (k & 1)] = src[k];
+        const bf16* rows = w + (g * H + u0) * H;
+        const int64_t col = (j * G + g) * kU;
+        for (int64_t k2 = 0; k2 < tiled; k2 += kU) {
+          __m512 r[16];
+          for (int64_t l = 0; l < kU; ++l) r[l] = l < nl ? _mm512_loadu_ps(rows + l * H + 2 * k2) : _mm512_setzero_ps();
+          transpose16(r);
+          for (int64_t kk = 0; kk < kU; ++kk) _mm512_storeu_ps(dst + ((k2 + kk) * N + col) * 2, r[kk]);
+        }
+        for (int64_t l = 0; l < nl; ++l) {
+          for (int64_t k = 2 * tiled; k < H; ++k) dst[((k >> 1) * N + col + l) * 2 + (k & 1)] = rows[l * H + k];
         }
       }
     }
@@ -691,18 +701,26 @@ void run_bf16(const RecurrenceForward& a, int threads) {
   };
   drive_forward(a, steps);
 }
+
 // Packs groups [glo, ghi) of kBf16Blocks blocks of 16 columns of the bf16 W_hh (G H, H) as brgemm's VNNI-2 B
 // of the backward's products dg W_hh: group grp is Kp / 2 rows of N = 16 kBf16Blocks column pairs,
 // (k2, n, e) holding W[2 k2 + e][grp N + n] (0 past G H and past H).
 void pack_columns_bf16(const bf16* w, int64_t G, int64_t H, int64_t Kp, bf16* wp, int64_t glo, int64_t ghi) {
-  const int64_t N = kU * kBf16Blocks;
+  const int64_t N = kU * kBf16Blocks, GH = G * H;
   for (int64_t grp = glo; grp < ghi; ++grp) {
     bf16* dst = wp + grp * Kp * N;
-    std::memset(static_cast<void*>(dst), 0, sizeof(bf16) * Kp * N);
-    const int64_t u0 = grp * N, n = std::min(N, H - u0);
-    for (int64_t k = 0; k < G * H; ++k) {
-      bf16* row = dst + (k >> 1) * N * 2 + (k & 1);
-      for (int64_t j = 0; j < n; ++j) row[j * 2] = w[k * H + u0 + j];
+    for (int64_t j = 0; j < kBf16Blocks; ++j) {
+      const int64_t u = grp * N + j * kU;
+      const __mmask16 m = u < H ? lanes_below(H, u) : __mmask16(0);
+      for (int64_t k2 = 0; k2 < Kp / 2; ++k2) {
+        // rows 2 k2 and 2 k2 + 1, 16 columns each, interleaved into 16 pairs (0 past H, and past G H)
+        const __m256i lo = _mm256_maskz_loadu_epi16(m, w + 2 * k2 * H + u);
+        const __m256i hi =
+            2 * k2 + 1 < GH ? _mm256_maskz_loadu_epi16(m, w + (2 * k2 + 1) * H + u) : _mm256_setzero_si256();
+        const __m512i pairs =
+            _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+        _mm512_storeu_si512(dst + (k2 * N + j * kU) * 2, pairs);
+      }
     }
   }
 }
@@ -943,6 +961,35 @@ void backward_dispatch(const RecurrenceBackward& a, int threads) {
 
 bool recurrence_forward_available() { return true; }
 
+void bf16_pack_panels(const bf16* w, int64_t N, int64_t K, bf16* dst, int threads) {
+  constexpr int64_t kP = 64;  // panel width
+  const int64_t panels = (N + kP - 1) / kP, K2 = K / 2, tiled = K2 / kU * kU;
+  // 16 rows of w read as 32-bit words (k pairs) and transposed 16 x 16 words at a time: word k2 of the 16
+  // rows is then 16 column pairs of the panel's row k2. torch's permute + contiguous took ~2 ms at 2048 x 512.
+#pragma omp parallel for num_threads(int(std::max<int64_t>(1, std::min<int64_t>(threads, panels))))
+  for (int64_t p = 0; p < panels; ++p) {
+    bf16* out = dst + p * kP * K;
+    for (int64_t rb = 0; rb < kP; rb += kU) {
+      const int64_t n0 = p * kP + rb, nl = std::max<int64_t>(0, std::min<int64_t>(kU, N - n0));
+      for (int64_t k2 = 0; k2 < tiled; k2 += kU) {
+        __m512 r[16];
+        for (int64_t l = 0; l < kU; ++l) {
+          r[l] = l < nl ? _mm512_loadu_ps(w + (n0 + l) * K + 2 * k2) : _mm512_setzero_ps();
+        }
+        transpose16(r);
+        for (int64_t kk = 0; kk < kU; ++kk) _mm512_storeu_ps(out + ((k2 + kk) * kP + rb) * 2, r[kk]);
+      }
+      for (int64_t k2 = tiled; k2 < K2; ++k2) {
+        for (int64_t l = 0; l < kU; ++l) {
+          for (int64_t e = 0; e < 2; ++e) {
+            out[(k2 * kP + rb + l) * 2 + e] = l < nl ? w[(n0 + l) * K + 2 * k2 + e] : bf16(0.f);
+          }
+        }
+      }
+    }
+  }
+}
+
 void recurrence_forward(const RecurrenceForward& a, int threads) {
   if (a.w_hh_bf16) {
     TORCH_CHECK(bf16_recurrence_available(), "rnn: the bf16 recurrence needs AVX512-BF16 and torch's bf16 brgemm");
@@ -980,6 +1027,9 @@ void recurrence_backward(const RecurrenceBackward& a, int threads) {
 #else  // no AVX-512: rnn_cpu.cpp keeps its per-step GEMM path
 
 bool recurrence_forward_available() { return false; }
+void bf16_pack_panels(const bf16*, int64_t, int64_t, bf16*, int) {
+  TORCH_CHECK(false, "rnn: the bf16 kernels need AVX-512");
+}
 void recurrence_forward(const RecurrenceForward&, int) { TORCH_CHECK(false, "rnn: the fused recurrence needs AVX-512"); }
 void recurrence_backward(const RecurrenceBackward&, int) {
   TORCH_CHECK(false, "rnn: the fused recurrence needs AVX-512");
