@@ -49,15 +49,17 @@ Tensor bf16_column_panels(const Tensor& w) {
   return out;
 }
 
-// C[rows, N] = A[rows, K] B[K, N] (+ bias[N] on every row), float32, A and C row-major and contiguous (rows
-// K and N apart), B as column_panels, in kTile x kTile tiles through brgemm.h's gemm (torch's brgemm:
-// oneDNN's kernels). Threads take contiguous ranges of tiles in row-major order, so each maps mostly its
-// own pages of a fresh C. Why not at::mm: on the AMD 2-core machine MKL's sgemm ran the input projection
-// (1024 x 512 x 2048) at ~180 GFLOP/s and these tiles at ~210 (FMA peak ~230): the LSTM forward at
-// B = 32, H = 512, T = 256 went from 187 to 175 ms (interleaved medians); the panels took
-// another ~6% off (190 -> 180 ms, and 188 -> 176 in a repeat).
-void gemm_rows(const float* A, const float* B_panels, const float* bias, float* C, int64_t rows, int64_t K,
-               int64_t N, int threads) {
+// C[rows, N] = A[rows, K] B[K, N] (+ bias[N] on every row), A and C row-major and contiguous (rows K and N
+// apart), C float32; A and B float32 (B as column_panels) or bf16 (B as bf16_column_panels, K even, float32
+// sums), in kTile x kTile tiles through torch's brgemm (oneDNN's kernels). Threads take contiguous ranges of
+// tiles in row-major order, so each maps mostly its own pages of a fresh C. Why not at::mm: on the AMD
+// 2-core machine MKL's sgemm ran the input projection (1024 x 512 x 2048) at ~180 GFLOP/s and these tiles at
+// ~210 (FMA peak ~230): the LSTM forward at B = 32, H = 512, T = 256 went from 187 to 175 ms (interleaved
+// medians); the panels took another ~6% off (190 -> 180 ms, and 188 -> 176 in a repeat).
+template <typename T>
+void gemm_rows(const T* A, const T* B_panels, const float* bias, float* C, int64_t rows, int64_t K, int64_t N,
+               int threads) {
+  constexpr bool bf16 = std::is_same_v<T, at::BFloat16>;
   constexpr int64_t kT = kTile;
   const int64_t col_tiles = (N + kT - 1) / kT, tiles = (rows + kT - 1) / kT * col_tiles;
 #pragma omp parallel num_threads(int(std::max<int64_t>(1, std::min<int64_t>(threads, tiles))))
@@ -70,8 +72,20 @@ void gemm_rows(const float* A, const float* B_panels, const float* bias, float* 
       if (bias) {
         for (int64_t r = 0; r < mt; ++r) std::copy(bias + n0, bias + n0 + nw, c + r * N);
       }
-      gemm(mt, nw, K, A + m0 * K, K, B_panels + n0 * K, kT, c, N, /*add=*/bias != nullptr);
+      if constexpr (bf16) {
+#if FASTNN_HAVE_BRGEMM
+        at::native::cpublas::brgemm(mt, nw, K, K, kT, N, bias != nullptr, A + m0 * K, B_panels + n0 * K, c,
+                                    /*is_vnni=*/true);
+#else
+        TORCH_CHECK(false, "rnn: the bf16 input projection needs torch's brgemm");
+#endif
+      } else {
+        gemm(mt, nw, K, A + m0 * K, K, B_panels + n0 * K, kT, c, N, /*add=*/bias != nullptr);
+      }
     }
+#if FASTNN_HAVE_BRGEMM
+    if constexpr (bf16) at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+#endif
   }
 }
 using namespace rnn_steps;
@@ -144,8 +158,8 @@ std::vector<Tensor> fused_forward(const Layer& L, const Tensor& x, const Tensor&
     }
     const float* bias_p = bias && !bias_in_gate_math ? ptr<float>(bias_row) : nullptr;
     if (bf16) {
-      bf16_gemm_rows(ptr<at::BFloat16>(x) + r0 * x.size(1), ptr<at::BFloat16>(w_ih_panels), bias_p, ptr<float>(out),
-                     r1 - r0, x.size(1), GH, at::get_num_threads());
+      gemm_rows(ptr<at::BFloat16>(x) + r0 * x.size(1), ptr<at::BFloat16>(w_ih_panels), bias_p, ptr<float>(out),
+                r1 - r0, x.size(1), GH, at::get_num_threads());
     } else {
       gemm_rows(ptr<float>(x) + r0 * x.size(1), ptr<float>(w_ih_panels), bias_p, ptr<float>(out), r1 - r0,
                 x.size(1), GH, at::get_num_threads());

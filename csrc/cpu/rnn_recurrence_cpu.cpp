@@ -224,6 +224,21 @@ struct BackwardStep {
   int64_t n_prev = 0, off_prev = 0;  // rows of t that continue from an earlier step, and its first row
   int64_t row0 = 0;                  // row r's gate gradients are row r - row0 of dgx / dgh
 
+  // step t of iteration k (walk step T - 1 - k; none in the last iteration): bs, off, n_prev, off_prev
+  void at_iteration(int64_t k) {
+    const RecurrenceBackward& A = *a;
+    auto step = [&](int64_t i) { return A.reverse ? A.T - 1 - i : i; };  // the i-th step of the forward walk
+    if (k >= A.T) return;
+    const int64_t t = step(A.T - 1 - k);
+    bs = A.bs[t];
+    off = A.off[t];
+    if (A.T - 1 - k > 0) {
+      const int64_t tp = step(A.T - 2 - k);
+      n_prev = std::min(A.bs[t], A.bs[tp]);
+      off_prev = A.off[tp];
+    }
+  }
+
   int64_t K() const { return G * Hp; }
   int64_t chunk() const { return kKc; }  // the chunk-major copy of dg is laid out by it
   int64_t ld() const { return kKc; }
@@ -558,7 +573,6 @@ void run(const RecurrenceForward& a, int threads) {
   drive_forward(a, steps);
 }
 
-
 // ---------------------------------------------------------------- bfloat16 forward
 
 // Rows of h_{t-1} per brgemm call of the bf16 recurrence (its float32 sums stay in L1).
@@ -586,12 +600,16 @@ void pack_groups_bf16(const bf16* w, int64_t G, int64_t H, int64_t Kp, bf16* wp,
         const int64_t col = (j * G + g) * kU;
         for (int64_t k2 = 0; k2 < tiled; k2 += kU) {
           __m512 r[16];
-          for (int64_t l = 0; l < kU; ++l) r[l] = l < nl ? _mm512_loadu_ps(rows + l * H + 2 * k2) : _mm512_setzero_ps();
+          for (int64_t l = 0; l < kU; ++l) {
+            r[l] = l < nl ? _mm512_loadu_ps(rows + l * H + 2 * k2) : _mm512_setzero_ps();
+          }
           transpose16(r);
           for (int64_t kk = 0; kk < kU; ++kk) _mm512_storeu_ps(dst + ((k2 + kk) * N + col) * 2, r[kk]);
         }
         for (int64_t l = 0; l < nl; ++l) {
-          for (int64_t k = 2 * tiled; k < H; ++k) dst[((k >> 1) * N + col + l) * 2 + (k & 1)] = rows[l * H + k];
+          for (int64_t k = 2 * tiled; k < H; ++k) {
+            dst[((k >> 1) * N + col + l) * 2 + (k & 1)] = rows[l * H + k];
+          }
         }
       }
     }
@@ -755,16 +773,7 @@ void run_backward_bf16(const RecurrenceBackward& a, int threads) {
         n_dot = a.bs[step(T - k)];
         off_next = a.off[step(T - k)];
       }
-      if (k < T) {
-        const int64_t t = step(T - 1 - k);
-        s.bs = a.bs[t];
-        s.off = a.off[t];
-        if (T - 1 - k > 0) {
-          const int64_t tp = step(T - 2 - k);
-          s.n_prev = std::min(a.bs[t], a.bs[tp]);
-          s.off_prev = a.off[tp];
-        }
-      }
+      s.at_iteration(k);
       auto group = [&](int64_t grp) {
         const int64_t u0 = grp * N, nb = std::min(kBf16Blocks, nblk - grp * kBf16Blocks);
         for (int64_t b0 = 0; b0 < n_dot; b0 += kBf16Rows) {
@@ -894,16 +903,7 @@ void run_backward(const RecurrenceBackward& a, int nt) {
           s.dg_next = dg_steps.get() + ((k + 1) & 1) * dg_floats;
           n_dot = a.bs[step(T - k)];
         }
-        if (k < T) {
-          const int64_t t = step(T - 1 - k);
-          s.bs = a.bs[t];
-          s.off = a.off[t];
-          if (T - 1 - k > 0) {
-            const int64_t tp = step(T - 2 - k);
-            s.n_prev = std::min(a.bs[t], a.bs[tp]);
-            s.off_prev = a.off[tp];
-          }
-        }
+        s.at_iteration(k);
         if (by_rows[k]) {
           if (team == nt) {
             const int64_t* first = row_first.data() + k * (nt + 1);
@@ -1067,31 +1067,6 @@ bool bf16_recurrence_available() {
   return ok;
 #else
   return false;
-#endif
-}
-
-void bf16_gemm_rows(const bf16* A, const bf16* B_panels, const float* bias, float* C, int64_t rows, int64_t K,
-                    int64_t N, int threads) {
-#if FASTNN_HAVE_BRGEMM
-  constexpr int64_t kT = 64;  // the panels' width; tiles of kT x kT of C, as rnn_cpu.cpp's gemm_rows
-  const int64_t col_tiles = (N + kT - 1) / kT, tiles = (rows + kT - 1) / kT * col_tiles;
-#pragma omp parallel num_threads(int(std::max<int64_t>(1, std::min<int64_t>(threads, tiles))))
-  {
-    const int team = omp_get_num_threads(), tid = omp_get_thread_num();
-    for (int64_t i = tiles * tid / team; i < tiles * (tid + 1) / team; ++i) {
-      const int64_t m0 = i / col_tiles * kT, mt = std::min(kT, rows - m0);
-      const int64_t n0 = i % col_tiles * kT, nw = std::min(kT, N - n0);
-      float* c = C + m0 * N + n0;
-      if (bias) {
-        for (int64_t r = 0; r < mt; ++r) std::copy(bias + n0, bias + n0 + nw, c + r * N);
-      }
-      at::native::cpublas::brgemm(mt, nw, K, K, kT, N, bias != nullptr, A + m0 * K, B_panels + n0 * K, c,
-                                  /*is_vnni=*/true);
-    }
-    at::native::cpublas::brgemm_release(/*is_vnni=*/true);
-  }
-#else
-  TORCH_CHECK(false, "rnn: the bf16 input projection needs torch's brgemm");
 #endif
 }
 

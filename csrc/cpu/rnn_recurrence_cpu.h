@@ -84,17 +84,13 @@ struct RecurrenceBackward {
 
 // Whether this build has the fused recurrence (it needs AVX-512).
 bool recurrence_forward_available();
-// Whether the bf16 recurrence (w_hh_bf16) and bf16_gemm_rows run here: AVX512-BF16 and torch's bf16 brgemm,
+// Whether the bf16 kernels (w_hh_bf16, bf16 brgemm tiles) run here: AVX512-BF16 and torch's bf16 brgemm,
 // checked once against a float computation.
 bool bf16_recurrence_available();
-// w (N, K) bf16 row-major, K even -> B of A w^T as bf16_gemm_rows takes it, in dst (ceil(N / 64) 64 K
-// elements): column panels of 64 in brgemm's VNNI-2 layout, panel j being K / 2 rows of 64 column pairs,
-// (k2, n, e) holding w[64 j + n][2 k2 + e] (0 past N).
+// w (N, K) bf16 row-major, K even -> B of A w^T in dst (ceil(N / 64) 64 K elements): column panels of 64 in
+// brgemm's VNNI-2 layout, panel j being K / 2 rows of 64 column pairs, (k2, n, e) holding w[64 j + n][2 k2 + e]
+// (0 past N).
 void bf16_pack_panels(const c10::BFloat16* w, int64_t N, int64_t K, c10::BFloat16* dst, int threads);
-// C[rows, N] = A[rows, K] B[K, N] (+ bias[N] on every row): A bf16 row-major (rows K apart, K even), B as
-// bf16_pack_panels leaves it, C float32 (rows N apart), float32 sums; on up to `threads` threads.
-void bf16_gemm_rows(const c10::BFloat16* A, const c10::BFloat16* B_panels, const float* bias, float* C, int64_t rows,
-                    int64_t K, int64_t N, int threads);
 // Runs the recurrence on up to `threads` threads.
 void recurrence_forward(const RecurrenceForward& a, int threads);
 // Runs the backward's recurrence on up to `threads` threads; results do not depend on the thread count.
