@@ -107,6 +107,20 @@ struct Layer : PackedSteps {
   }
 };
 
+// The geometry fields a RecurrenceForward / RecurrenceBackward of layer L share.
+template <class R>
+R recurrence_args(const Layer& L) {
+  R a;
+  a.lstm = L.lstm;
+  a.reverse = L.reverse;
+  a.H = L.H;
+  a.B = L.B;
+  a.T = L.T;
+  a.bs = L.bs.data();
+  a.off = L.off.data();
+  return a;
+}
+
 // The fused recurrence's forward (rnn_recurrence_cpu.cpp): a layer without projection in float32, or with
 // bfloat16 x and weights (bf16_recurrence_available; x's width even): then the input projection and the
 // recurrent products take bf16 operands with float32 sums, and everything else runs in float32 as before.
@@ -122,15 +136,8 @@ std::vector<Tensor> fused_forward(const Layer& L, const Tensor& x, const Tensor&
   Tensor h = h0.clone();
   Tensor c = L.lstm ? c0->clone() : Tensor();
   Tensor aux = train ? new_output({L.rows, H}, opt) : Tensor();
-  RecurrenceForward a;
-  a.lstm = L.lstm;
-  a.reverse = L.reverse;
+  auto a = recurrence_args<RecurrenceForward>(L);
   a.train = train;
-  a.H = H;
-  a.B = B;
-  a.T = L.T;
-  a.bs = L.bs.data();
-  a.off = L.off.data();
   a.w_hh = bf16 ? nullptr : ptr<float>(w_hh);
   a.w_hh_bf16 = bf16 ? ptr<at::BFloat16>(w_hh) : nullptr;
   a.b_hh = b_hh.defined() ? ptr<float>(b_hh) : nullptr;
@@ -362,14 +369,7 @@ std::vector<Tensor> backward_impl(const Layer& L, const Tensor& dy, const Tensor
         }
         first = false;
       };
-      RecurrenceBackward a;
-      a.lstm = L.lstm;
-      a.reverse = L.reverse;
-      a.H = H;
-      a.B = L.B;
-      a.T = L.T;
-      a.bs = L.bs.data();
-      a.off = L.off.data();
+      auto a = recurrence_args<RecurrenceBackward>(L);
       a.w_hh = ptr<float>(w_hh);
       a.gates = ptr<float>(gates);
       a.aux = ptr<float>(aux);
@@ -574,14 +574,7 @@ std::vector<Tensor> backward_bf16(const Layer& L, const Tensor& dy, const Tensor
     if (!L.lstm) dgh16.narrow(1, GH, 1).zero_();
   }
   const Tensor y32 = L.lstm ? Tensor() : y.to(at::kFloat);  // the GRU's cell backward reads h_{t-1} in float32
-  RecurrenceBackward a;
-  a.lstm = L.lstm;
-  a.reverse = L.reverse;
-  a.H = H;
-  a.B = L.B;
-  a.T = L.T;
-  a.bs = L.bs.data();
-  a.off = L.off.data();
+  auto a = recurrence_args<RecurrenceBackward>(L);
   a.w_hh_bf16 = ptr<at::BFloat16>(w_hh);
   a.gates = ptr<float>(gates);
   a.aux = ptr<float>(aux);
