@@ -454,7 +454,6 @@ def test_autocast_cpu_follows_torch():
         assert ours(x[0])[0].dtype == theirs(x[0])[0].dtype
 
 
-
 # ---------------------------------------------------------------- bf16 layers with bf16 operands (CPU)
 
 def _bf16_native_here() -> bool:
