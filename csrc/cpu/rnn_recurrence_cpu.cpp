@@ -577,99 +577,89 @@ void run(const RecurrenceForward& a, int threads) {
 
 // Rows of h_{t-1} per brgemm call of the bf16 recurrence (its float32 sums stay in L1).
 constexpr int64_t kBf16Rows = 32;
-// 16-unit blocks per brgemm call (a group): the call's N is G 16 kBf16Blocks columns.
-constexpr int64_t kBf16Blocks = 1;
+// One brgemm call per 16-unit block (2 or 4 blocks a call measured the same: bench/NOTES.md).
 
-// Packs groups [glo, ghi) of kBf16Blocks blocks of the bf16 W_hh (G H, H) as brgemm's VNNI-2 B: group grp
-// is Kp / 2 rows of N = G 16 kBf16Blocks column pairs, (k2, (j G + g) 16 + l, e) holding
-// W[g H + (grp kBf16Blocks + j) 16 + l][2 k2 + e] (0 past H, in units and in k).
-void pack_groups_bf16(const bf16* w, int64_t G, int64_t H, int64_t Kp, bf16* wp, int64_t glo, int64_t ghi) {
-  const int64_t N = G * kU * kBf16Blocks;
+// Packs blocks [blo, bhi) of the bf16 W_hh (G H, H) as brgemm's VNNI-2 B: block blk is Kp / 2 rows of
+// N = G 16 column pairs, (k2, g 16 + l, e) holding W[g H + blk 16 + l][2 k2 + e] (0 past H, in units and k).
+void pack_blocks_bf16(const bf16* w, int64_t G, int64_t H, int64_t Kp, bf16* wp, int64_t blo, int64_t bhi) {
+  const int64_t N = G * kU;
   // A gate's 16 unit rows, read as 32-bit words (k pairs), transposed 16 x 16 words at a time: word k2 of
   // the 16 rows is then one vector of the panel's row k2. The k left over (H / 2 not a multiple of 16, or H
   // odd) go one by one.
   const int64_t tiled = H / 2 / kU * kU;  // words in whole 16-word tiles
-  for (int64_t grp = glo; grp < ghi; ++grp) {
-    bf16* dst = wp + grp * Kp * N;
+  for (int64_t blk = blo; blk < bhi; ++blk) {
+    bf16* dst = wp + blk * Kp * N;
     std::memset(static_cast<void*>(dst), 0, sizeof(bf16) * Kp * N);
-    for (int64_t j = 0; j < kBf16Blocks; ++j) {
-      const int64_t u0 = (grp * kBf16Blocks + j) * kU, nl = std::min<int64_t>(kU, H - u0);
-      if (nl <= 0) break;
-      for (int64_t g = 0; g < G; ++g) {
-        const bf16* rows = w + (g * H + u0) * H;
-        const int64_t col = (j * G + g) * kU;
-        for (int64_t k2 = 0; k2 < tiled; k2 += kU) {
-          __m512 r[16];
-          for (int64_t l = 0; l < kU; ++l) {
-            r[l] = l < nl ? _mm512_loadu_ps(rows + l * H + 2 * k2) : _mm512_setzero_ps();
-          }
-          transpose16(r);
-          for (int64_t kk = 0; kk < kU; ++kk) _mm512_storeu_ps(dst + ((k2 + kk) * N + col) * 2, r[kk]);
+    const int64_t u0 = blk * kU, nl = std::min<int64_t>(kU, H - u0);
+    for (int64_t g = 0; g < G; ++g) {
+      const bf16* rows = w + (g * H + u0) * H;
+      for (int64_t k2 = 0; k2 < tiled; k2 += kU) {
+        __m512 r[16];
+        for (int64_t l = 0; l < kU; ++l) {
+          r[l] = l < nl ? _mm512_loadu_ps(rows + l * H + 2 * k2) : _mm512_setzero_ps();
         }
-        for (int64_t l = 0; l < nl; ++l) {
-          for (int64_t k = 2 * tiled; k < H; ++k) {
-            dst[((k >> 1) * N + col + l) * 2 + (k & 1)] = rows[l * H + k];
-          }
-        }
+        transpose16(r);
+        for (int64_t kk = 0; kk < kU; ++kk) _mm512_storeu_ps(dst + ((k2 + kk) * N + g * kU) * 2, r[kk]);
+      }
+      for (int64_t l = 0; l < nl; ++l) {
+        for (int64_t k = 2 * tiled; k < H; ++k) dst[((k >> 1) * N + g * kU + l) * 2 + (k & 1)] = rows[l * H + k];
       }
     }
   }
 }
 
-// The groups of each step, split between the threads, each run once by whichever thread claims it first:
-// a thread walks its own groups (every other step backwards, as run<G>: it starts on what is still in its
-// L2), then takes the others' not yet started, from the far end of their walk. A thread slowed down by the
-// VM or by L3 then no longer holds the other up at the step's barrier (bf16 LSTM B32 H512: the barrier's
-// spinning went from 12% to 6% of the time). Results do not depend on which thread computes a group.
-class GroupClaims {
+// The 16-unit blocks of each step, split between the threads, each run once by whichever thread claims it
+// first: a thread walks its own blocks (every other step backwards, as run<G>: it starts on what is still in
+// its L2), then takes the others' not yet started, from the far end of their walk. A thread slowed down by
+// the VM or by L3 then no longer holds the other up at the step's barrier (bf16 LSTM B32 H512: the barrier's
+// spinning went from 12% to 6% of the time). Results do not depend on which thread computes a block.
+class BlockClaims {
  public:
-  explicit GroupClaims(int64_t n) : n_(n), last_(new std::atomic<int64_t>[n]) {
+  explicit BlockClaims(int64_t n) : n_(n), last_(new std::atomic<int64_t>[n]) {
     for (int64_t g = 0; g < n; ++g) last_[g].store(-1, std::memory_order_relaxed);
   }
-  // fn(grp) for the groups of step k (k >= 0, increasing) that thread tid of team claims
+  // fn(blk) for the blocks of step k (k >= 0, increasing) that thread tid of team claims
   template <class Fn>
   void run(int64_t k, int tid, int team, const Fn& fn) {
-    auto walk = [&](int who, int64_t i) {  // the i-th group of thread who's walk in step k
+    auto walk = [&](int who, int64_t i) {  // the i-th block of thread who's walk in step k
       const int64_t lo = n_ * who / team, hi = n_ * (who + 1) / team;
       return (k & 1) ? hi - 1 - i : lo + i;
     };
     auto count = [&](int who) { return n_ * (who + 1) / team - n_ * who / team; };
     for (int64_t i = 0; i < count(tid); ++i) {
-      const int64_t grp = walk(tid, i);
-      if (claim(grp, k)) fn(grp);
+      const int64_t blk = walk(tid, i);
+      if (claim(blk, k)) fn(blk);
     }
     for (int d = 1; d < team; ++d) {
       const int who = (tid + d) % team;
       for (int64_t i = count(who) - 1; i >= 0; --i) {
-        const int64_t grp = walk(who, i);
-        if (!claim(grp, k)) break;  // its owner got there: the groups before it are taken too
-        fn(grp);
+        const int64_t blk = walk(who, i);
+        if (!claim(blk, k)) break;  // its owner got there: the blocks before it are taken too
+        fn(blk);
       }
     }
   }
 
  private:
-  bool claim(int64_t grp, int64_t k) {
-    int64_t last = last_[grp].load(std::memory_order_relaxed);
-    return last < k && last_[grp].compare_exchange_strong(last, k, std::memory_order_acq_rel);
+  bool claim(int64_t blk, int64_t k) {
+    int64_t last = last_[blk].load(std::memory_order_relaxed);
+    return last < k && last_[blk].compare_exchange_strong(last, k, std::memory_order_acq_rel);
   }
   int64_t n_;
   std::unique_ptr<std::atomic<int64_t>[]> last_;
 };
 
-// The bf16 forward: per step and group of 16-unit blocks, one brgemm of the live rows' bf16 h_{t-1} (up to
-// kBf16Rows at a time) with the group's packed W_hh (float32 sums), then ForwardStep's gate math on the
-// sums, which also writes h_t in bf16 for the next step. Groups split between the threads as run<G>'s
-// blocks.
+// The bf16 forward: per step and 16-unit block, one brgemm of the live rows' bf16 h_{t-1} (up to
+// kBf16Rows at a time) with the block's packed W_hh (float32 sums), then ForwardStep's gate math on the
+// sums, which also writes h_t in bf16 for the next step. Blocks split between the threads with BlockClaims.
 template <int G>
 void run_bf16(const RecurrenceForward& a, int threads) {
-  const int64_t H = a.H, B = a.B, Kp = (H + 1) / 2 * 2, N = G * kU * kBf16Blocks;
-  const int64_t nblk = (H + kU - 1) / kU, ngrp = (nblk + kBf16Blocks - 1) / kBf16Blocks;
+  const int64_t H = a.H, B = a.B, Kp = (H + 1) / 2 * 2, N = G * kU, nblk = (H + kU - 1) / kU;
   const int64_t flops = 2 * a.bs[a.reverse ? a.T - 1 : 0] * H * G * H;
-  const int nt = useful_threads(threads, ngrp, flops);
-  AlignedBuffer<bf16> wp(ngrp * Kp * N), hb(2 * B * Kp);
+  const int nt = useful_threads(threads, nblk, flops);
+  AlignedBuffer<bf16> wp(nblk * Kp * N), hb(2 * B * Kp);
   Buffer h1(B * H), sums(int64_t(nt) * kBf16Rows * N);
-  GroupClaims claims(ngrp);
+  BlockClaims claims(nblk);
   std::memcpy(h1.get(), a.h, sizeof(float) * B * H);
   float* hbuf[2] = {a.h, h1.get()};
   bf16* hb16[2] = {hb.get(), hb.get() + B * Kp};
@@ -682,10 +672,9 @@ void run_bf16(const RecurrenceForward& a, int threads) {
 #pragma omp parallel num_threads(nt)
     {
       const int team = omp_get_num_threads(), tid = omp_get_thread_num();
-      const int64_t glo = ngrp * tid / team, ghi = ngrp * (tid + 1) / team;
       float* my_sums = sums.get() + int64_t(tid) * kBf16Rows * N;
-      if (k0 == 0) {  // each thread its own groups; any thread may run any group (GroupClaims)
-        pack_groups_bf16(a.w_hh_bf16, G, H, Kp, wp.get(), glo, ghi);
+      if (k0 == 0) {  // each thread its own blocks; any thread may run any block (BlockClaims)
+        pack_blocks_bf16(a.w_hh_bf16, G, H, Kp, wp.get(), nblk * tid / team, nblk * (tid + 1) / team);
 #pragma omp barrier
       }
       for (int64_t k = k0; k < k1; ++k) {
@@ -693,24 +682,20 @@ void run_bf16(const RecurrenceForward& a, int threads) {
         const bf16* h_in = hb16[k & 1];
         const ForwardStep<G> s{&a, hbuf[k & 1], hbuf[(k + 1) & 1], a.off[t], a.gates, row0, a.bs[t], Kp,
                                hb16[(k + 1) & 1], Kp};
-        auto group = [&](int64_t grp) {
-          const int64_t nb = std::min(kBf16Blocks, nblk - grp * kBf16Blocks);
+        auto block = [&](int64_t blk) {
           for (int64_t b0 = 0; b0 < s.bs; b0 += kBf16Rows) {
             const int64_t n = std::min(kBf16Rows, s.bs - b0);
-            at::native::cpublas::brgemm(n, nb * G * kU, Kp, Kp, N, N, false, h_in + b0 * Kp, wp.get() + grp * Kp * N,
-                                        my_sums, /*is_vnni=*/true);
-            for (int64_t j = 0; j < nb; ++j) {
-              const int64_t u0 = (grp * kBf16Blocks + j) * kU;
-              for (int64_t r = 0; r < n; ++r) {
-                __m512 v[G];
+            at::native::cpublas::brgemm(n, N, Kp, Kp, N, N, false, h_in + b0 * Kp, wp.get() + blk * Kp * N, my_sums,
+                                        /*is_vnni=*/true);
+            for (int64_t r = 0; r < n; ++r) {
+              __m512 v[G];
 #pragma GCC unroll 4
-                for (int g = 0; g < G; ++g) v[g] = _mm512_loadu_ps(my_sums + r * N + (j * G + g) * kU);
-                s.finish(b0 + r, u0, v);  // also h_t in bf16 for the next step
-              }
+              for (int g = 0; g < G; ++g) v[g] = _mm512_loadu_ps(my_sums + r * N + g * kU);
+              s.finish(b0 + r, blk * kU, v);  // also h_t in bf16 for the next step
             }
           }
         };
-        claims.run(k, tid, team, group);
+        claims.run(k, tid, team, block);
         // h_t complete before anyone reads it, and h_{t-1} no longer read before anyone overwrites it
 #pragma omp barrier
       }
@@ -720,78 +705,70 @@ void run_bf16(const RecurrenceForward& a, int threads) {
   drive_forward(a, steps);
 }
 
-// Packs groups [glo, ghi) of kBf16Blocks blocks of 16 columns of the bf16 W_hh (G H, H) as brgemm's VNNI-2 B
-// of the backward's products dg W_hh: group grp is Kp / 2 rows of N = 16 kBf16Blocks column pairs,
-// (k2, n, e) holding W[2 k2 + e][grp N + n] (0 past G H and past H).
-void pack_columns_bf16(const bf16* w, int64_t G, int64_t H, int64_t Kp, bf16* wp, int64_t glo, int64_t ghi) {
-  const int64_t N = kU * kBf16Blocks, GH = G * H;
-  for (int64_t grp = glo; grp < ghi; ++grp) {
-    bf16* dst = wp + grp * Kp * N;
-    for (int64_t j = 0; j < kBf16Blocks; ++j) {
-      const int64_t u = grp * N + j * kU;
-      const __mmask16 m = u < H ? lanes_below(H, u) : __mmask16(0);
-      for (int64_t k2 = 0; k2 < Kp / 2; ++k2) {
-        // rows 2 k2 and 2 k2 + 1, 16 columns each, interleaved into 16 pairs (0 past H, and past G H)
-        const __m256i lo = _mm256_maskz_loadu_epi16(m, w + 2 * k2 * H + u);
-        const __m256i hi =
-            2 * k2 + 1 < GH ? _mm256_maskz_loadu_epi16(m, w + (2 * k2 + 1) * H + u) : _mm256_setzero_si256();
-        const __m512i pairs =
-            _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-        _mm512_storeu_si512(dst + (k2 * N + j * kU) * 2, pairs);
-      }
+// Packs blocks [blo, bhi) of 16 columns of the bf16 W_hh (G H, H) as brgemm's VNNI-2 B of the backward's
+// products dg W_hh: block blk is Kp / 2 rows of 16 column pairs, (k2, n, e) holding W[2 k2 + e][blk 16 + n]
+// (0 past G H and past H).
+void pack_columns_bf16(const bf16* w, int64_t G, int64_t H, int64_t Kp, bf16* wp, int64_t blo, int64_t bhi) {
+  const int64_t GH = G * H;
+  for (int64_t blk = blo; blk < bhi; ++blk) {
+    bf16* dst = wp + blk * Kp * kU;
+    const int64_t u = blk * kU;
+    const __mmask16 m = lanes_below(H, u);
+    for (int64_t k2 = 0; k2 < Kp / 2; ++k2) {
+      // rows 2 k2 and 2 k2 + 1, 16 columns each, interleaved into 16 pairs (0 past H, and past G H)
+      const __m256i lo = _mm256_maskz_loadu_epi16(m, w + 2 * k2 * H + u);
+      const __m256i hi =
+          2 * k2 + 1 < GH ? _mm256_maskz_loadu_epi16(m, w + (2 * k2 + 1) * H + u) : _mm256_setzero_si256();
+      const __m512i pairs =
+          _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+      _mm512_storeu_si512(dst + k2 * kU * 2, pairs);
     }
   }
 }
 
 // The bf16 backward's recurrence: iteration k of T + 1 as run_backward's, the dot products of the later
-// step's bf16 gate gradients (rows of a.dgh16 / dgx16) with a group of W_hh's columns through one brgemm
-// (up to kBf16Rows rows at a time, float32 sums), then BackwardStep's cell backward on the sums, which
-// writes step t's gate gradients in bf16. Groups split between the threads with GroupClaims, a barrier
-// after each iteration.
+// step's bf16 gate gradients (rows of a.dgh16 / dgx16) with 16 columns of W_hh through one brgemm (up to
+// kBf16Rows rows at a time, float32 sums), then BackwardStep's cell backward on the sums, which writes step
+// t's gate gradients in bf16. Blocks split between the threads with BlockClaims, a barrier after each
+// iteration.
 template <int G>
 void run_backward_bf16(const RecurrenceBackward& a, int threads) {
-  const int64_t H = a.H, T = a.T, Kp = a.ld16, N = kU * kBf16Blocks;
-  const int64_t nblk = (H + kU - 1) / kU, ngrp = (nblk + kBf16Blocks - 1) / kBf16Blocks;
+  const int64_t H = a.H, T = a.T, Kp = a.ld16, nblk = (H + kU - 1) / kU;
   int64_t max_bs = 0;
   for (int64_t t = 0; t < T; ++t) max_bs = std::max(max_bs, a.bs[t]);
-  const int nt = useful_threads(threads, ngrp, 2 * max_bs * G * H * H);
+  const int nt = useful_threads(threads, nblk, 2 * max_bs * G * H * H);
   auto step = [&](int64_t k) { return a.reverse ? T - 1 - k : k; };  // the k-th step of the forward walk
-  AlignedBuffer<bf16> wp(ngrp * Kp * N);
-  Buffer sums(int64_t(nt) * kBf16Rows * N);
-  GroupClaims claims(ngrp);
+  AlignedBuffer<bf16> wp(nblk * Kp * kU);
+  Buffer sums(int64_t(nt) * kBf16Rows * kU);
+  BlockClaims claims(nblk);
   const bf16* dg_rec = a.lstm ? a.dgx16 : a.dgh16;
 #pragma omp parallel num_threads(nt)
   {
     const int team = omp_get_num_threads(), tid = omp_get_thread_num();
-    float* my_sums = sums.get() + int64_t(tid) * kBf16Rows * N;
-    pack_columns_bf16(a.w_hh_bf16, G, H, Kp, wp.get(), ngrp * tid / team, ngrp * (tid + 1) / team);
+    float* my_sums = sums.get() + int64_t(tid) * kBf16Rows * kU;
+    pack_columns_bf16(a.w_hh_bf16, G, H, Kp, wp.get(), nblk * tid / team, nblk * (tid + 1) / team);
 #pragma omp barrier
     for (int64_t k = 0; k <= T; ++k) {
-      BackwardStep<G, kBf16Blocks> s{&a, (H + kU - 1) / kU * kU};
+      BackwardStep<G, 1> s{&a, (H + kU - 1) / kU * kU};
       int64_t n_dot = 0, off_next = 0;
       if (k > 0) {  // the later step's rows and their gate gradients
         n_dot = a.bs[step(T - k)];
         off_next = a.off[step(T - k)];
       }
       s.at_iteration(k);
-      auto group = [&](int64_t grp) {
-        const int64_t u0 = grp * N, nb = std::min(kBf16Blocks, nblk - grp * kBf16Blocks);
+      auto block = [&](int64_t blk) {
         for (int64_t b0 = 0; b0 < n_dot; b0 += kBf16Rows) {
           const int64_t n = std::min(kBf16Rows, n_dot - b0);
-          at::native::cpublas::brgemm(n, nb * kU, Kp, Kp, N, N, false, dg_rec + (off_next + b0) * Kp,
-                                      wp.get() + grp * Kp * N, my_sums, /*is_vnni=*/true);
+          at::native::cpublas::brgemm(n, kU, Kp, Kp, kU, kU, false, dg_rec + (off_next + b0) * Kp,
+                                      wp.get() + blk * Kp * kU, my_sums, /*is_vnni=*/true);
           for (int64_t r = 0; r < n; ++r) {
-            __m512 acc[kBf16Blocks];
-#pragma GCC unroll 4
-            for (int64_t j = 0; j < kBf16Blocks; ++j) {
-              acc[j] = j < nb ? _mm512_loadu_ps(my_sums + r * N + j * kU) : _mm512_setzero_ps();
-            }
-            s.finish(b0 + r, u0, acc);
+            const __m512 acc[1] = {_mm512_loadu_ps(my_sums + r * kU)};
+            s.finish(b0 + r, blk * kU, acc);
           }
         }
-        for (int64_t b = n_dot; b < s.bs; ++b) s.finish(b, u0, nullptr);
+        for (int64_t b = n_dot; b < s.bs; ++b) s.finish(b, blk * kU, nullptr);
       };
-      claims.run(k, tid, team, group);
+      claims.run(k, tid, team, block);
       // step t's gate gradients, dh and dc complete before the next iteration reads them
 #pragma omp barrier
     }
