@@ -353,6 +353,8 @@ def test_state_dict_round_trip_and_repr():
     theirs2.load_state_dict(ours.state_dict())
     assert repr(ours) == repr(theirs)
     assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in theirs.named_parameters()]
+    assert [p.shape for p in ours._flat_weights] == [p.shape for p in theirs._flat_weights]
+    assert all(a is b for a, b in zip(ours._flat_weights, ours.parameters()))
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru", "lstm_cell", "gru_cell"])
@@ -440,18 +442,19 @@ def test_low_precision_cpu(mode, dtype):
     lowp_close(got, want, theirs_low, floor=eps)
 
 
-def test_autocast_cpu_follows_torch():
-    """CPU autocast lowers torch's LSTM layer to bf16 and leaves the GRU and the cells in float32: same here."""
-    x = torch.randn(4, 2, 5)
-    for mode in ("lstm", "gru"):
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_autocast_cpu_follows_torch(x_dtype):
+    """CPU autocast lowers torch's LSTM layer to bf16 and leaves the GRU and the cells in float32 (for a float32
+    input); a low-precision input to float32 weights comes out as torch's does: bf16 in bf16, fp16 in float32."""
+    x = torch.randn(4, 2, 5).to(x_dtype)
+    for mode in ("lstm", "gru", "lstm_cell", "gru_cell"):
         theirs, ours = pair(mode, torch.float32, input_size=5, hidden_size=6)
+        xi = x if mode in ("lstm", "gru") else x[0]
+        first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            want, got = theirs(x)[0], ours(x)[0]
+            want, got = first(theirs(xi)), first(ours(xi))
         assert got.dtype == want.dtype, (mode, got.dtype, want.dtype)
         torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.02)
-    theirs, ours = pair("lstm_cell", torch.float32, input_size=5, hidden_size=6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert ours(x[0])[0].dtype == theirs(x[0])[0].dtype
 
 
 # ---------------------------------------------------------------- bf16 layers with bf16 operands (CPU)
@@ -736,6 +739,22 @@ def test_compile_fullgraph(mode):
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+def test_compile_fullgraph_packed(mode, enforce_sorted):
+    """A PackedSequence input compiles whole too (its batch size read from sorted_indices, or bounded when it is
+    data-dependent)."""
+    m = OURS[mode](5, 6, num_layers=2, bidirectional=True)
+    lengths = [4, 3, 2] if enforce_sorted else [2, 4, 3]
+    packed = pack_padded_sequence(torch.randn(4, 3, 5), lengths, enforce_sorted=enforce_sorted)
+    torch._dynamo.reset()
+    got = torch.compile(m, fullgraph=True, backend="aot_eager")(packed)
+    want = m(packed)
+    torch.testing.assert_close(got[0].data, want[0].data)
+    for g, w in zip(hidden_states(mode, got[1]), hidden_states(mode, want[1])):
+        torch.testing.assert_close(g, w)
+
+
 # ---------------------------------------------------------------- bad inputs and empty ones
 
 def test_bad_inputs_name_the_argument():
@@ -789,12 +808,49 @@ def test_kernel_rejects_strided_weights():
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_empty_batch(mode):
+    """An empty batch runs and backpropagates (zero parameter gradients, as torch.nn's); no time step is refused."""
     theirs, ours = pair(mode, torch.float32, input_size=3, hidden_size=4)
-    x = torch.randn(5, 0, 3)
+    x = torch.randn(5, 0, 3, requires_grad=True)
     got, want = ours(x), theirs(x)
     assert got[0].shape == want[0].shape
     for g, w in zip(hidden_states(mode, got[1]), hidden_states(mode, want[1])):
         assert g.shape == w.shape
+    (got[0].sum() + sum(h.sum() for h in hidden_states(mode, got[1]))).backward()
+    for p in ours.parameters():
+        assert p.grad is not None and not p.grad.any()
+    assert x.grad.shape == x.shape
+    expect_error(ours, (torch.randn(0, 2, 3),), ValueError, r"at least one time step.*\(0, 2, 3\)")
+    cell = OURS[mode + "_cell"](3, 4)
+    out = cell(torch.randn(0, 3))
+    (out[0] if mode == "lstm" else out).sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in cell.parameters())
+
+
+def test_initial_state_dtype_must_match_input():
+    """Outside autocast, torch.nn refuses a state whose dtype differs from the input's: so does fastnn."""
+    x = torch.randn(3, 2, 5)
+    expect_error(fastnn.nn.LSTM(5, 6), (x, (torch.randn(1, 2, 6).half(), torch.randn(1, 2, 6))), TypeError,
+                 r"hx\[0\] has dtype torch.float16 but the input has torch.float32")
+    expect_error(fastnn.nn.GRU(5, 6), (x, torch.randn(1, 2, 6).double()), TypeError, r"hx has dtype torch.float64")
+    expect_error(fastnn.nn.LSTMCell(5, 6), (x[0], (torch.randn(2, 6), torch.randn(2, 6).double())), TypeError,
+                 r"hx\[1\] has dtype torch.float64")
+
+
+@pytest.mark.parametrize("mode,kw", [("lstm", {}), ("lstm", {"proj_size": 3, "num_layers": 2}),
+                                     ("gru", {"bidirectional": True}), ("lstm_cell", {}), ("gru_cell", {})])
+def test_double_backward_matches_torch(mode, kw):
+    """Gradients taken with create_graph=True are differentiable (through the reference's recompute) and give
+    torch.nn's second derivatives."""
+    theirs, ours = pair(mode, torch.float64, input_size=3, hidden_size=4, **kw)
+    shape = (5, 2, 3) if mode in ("lstm", "gru") else (2, 3)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    results = []
+    for m in (ours, theirs):
+        g, = torch.autograd.grad(first(m(x)).square().sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(g.square().sum(), [x, *m.parameters()]))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_nonfinite_input_propagates():

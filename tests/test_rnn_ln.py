@@ -290,6 +290,17 @@ def test_zoneout_draws_bernoulli_z():
     assert set(out.unique().tolist()) <= {0.0, 1.0} and abs(kept - 0.25) < 0.01, kept
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_zoneout_one_holds_h0(training):
+    """z = 1 (haste allows it): every unit keeps h0 at every step, in training and in evaluation, while c runs."""
+    m = fastnn.nn.LayerNormLSTM(3, 5, zoneout=1.0).double().train(training)
+    h0, c0 = torch.randn(1, 2, 5, dtype=F64), torch.randn(1, 2, 5, dtype=F64)
+    out, (h_n, c_n) = m(torch.randn(4, 2, 3, dtype=F64), (h0, c0))
+    torch.testing.assert_close(out, h0.expand(4, 2, 5), rtol=0, atol=0)
+    torch.testing.assert_close(h_n, h0, rtol=0, atol=0)
+    assert not torch.allclose(c_n, c0)
+
+
 def test_unbatched_and_empty_batch():
     m = fastnn.nn.LayerNormLSTM(3, 4, num_layers=2).double()
     x = torch.randn(5, 3, dtype=F64)
@@ -300,6 +311,8 @@ def test_unbatched_and_empty_batch():
     torch.testing.assert_close(c_n, c_b.squeeze(1), rtol=0, atol=0)
     out, (h_n, c_n) = m(torch.randn(5, 0, 3, dtype=F64))
     assert out.shape == (5, 0, 4) and h_n.shape == (2, 0, 4) and c_n.shape == (2, 0, 4)
+    (out.sum() + h_n.sum() + c_n.sum()).backward()  # zero gradients, as torch.nn's LSTM gives
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
 
 
 def test_parameters_init_and_repr():
@@ -310,8 +323,13 @@ def test_parameters_init_and_repr():
     assert names == [f"{p}_l{k}{r}" for k in range(2) for r in ("", "_reverse") for p in per]
     assert m.weight_ih_l1.shape == (32, 16) and m.ln_cell_weight_l0_reverse.shape == (8,)
     assert m.weight_hh_l0.abs().max() <= 8 ** -0.5 and m.weight_hh_l0.std() > 0.1
-    assert torch.equal(m.ln_hh_weight_l1, torch.ones(32)) and torch.equal(m.bias_l1_reverse, torch.zeros(32))
+    forget_one = torch.zeros(32)
+    forget_one[8:16] = 1.0  # haste's forget_bias = 1 on the forget gate (i, f, g, o)
+    assert torch.equal(m.ln_hh_weight_l1, torch.ones(32)) and torch.equal(m.bias_l1_reverse, forget_one)
     assert repr(m) == "LayerNormLSTM(5, 8, num_layers=2, bidirectional=True, zoneout=0.1)"
+    m = fastnn.nn.LayerNormLSTM(5, 8, forget_bias=0.0)
+    assert torch.equal(m.bias_l0, torch.zeros(32)) and torch.equal(m.ln_ih_bias_l0, torch.zeros(32))
+    assert repr(m) == "LayerNormLSTM(5, 8, forget_bias=0.0)"
     assert [n for n, _ in fastnn.nn.LayerNormLSTM(5, 8, bias=False).named_parameters()][2] == "ln_ih_weight_l0"
 
 
@@ -465,6 +483,28 @@ def test_compile_fullgraph_forward_and_backward():
         grads.append([xi.grad] + [p.grad.clone() for p in m.parameters()])
     for g, w in zip(*grads):
         torch.testing.assert_close(g, w)
+    m.eval()  # a PackedSequence (unsorted lengths) compiles whole as well
+    packed = pack_padded_sequence(torch.randn(4, 3, 6), [2, 4, 3], enforce_sorted=False)
+    torch._dynamo.reset()
+    got, want = torch.compile(m, fullgraph=True, backend="aot_eager")(packed), m(packed)
+    torch.testing.assert_close(got[0].data, want[0].data)
+    torch.testing.assert_close(got[1], want[1])
+
+
+def test_double_backward_matches_reference():
+    """create_graph=True gradients are differentiable: second derivatives equal the reference's (zoneout in
+    evaluation, two layers, bidirectional)."""
+    m = fastnn.nn.LayerNormLSTM(3, 4, num_layers=2, bidirectional=True, zoneout=0.2).double().eval()
+    x = torch.randn(5, 2, 3, dtype=F64, requires_grad=True)
+    zeros = torch.zeros(4, 2, 4, dtype=F64)
+    results = []
+    for loss in (lambda: m(x)[0].square().sum(),  # the reference's torch ops under plain autograd:
+                 lambda: _module_and_reference(m, ref.pad_to_packed(x)[0], [2] * 5, zeros, zeros, z=0.2)[0]
+                 .square().sum()):
+        g, = torch.autograd.grad(loss(), x, create_graph=True)
+        results.append(torch.autograd.grad(g.square().sum(), [x, *m.parameters()]))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -487,7 +527,7 @@ def test_bad_inputs_name_the_argument():
     bad = [w[0]._replace(bias=w[0].bias.double()), w[1]]
     expect_error(lnlstm, (x, None, bad), TypeError, r"weights\[0\]\.bias has dtype torch.float64")
     expect_error(lnlstm, (x, None, [w[0], w[0]]), ValueError, r"weights\[1\]\.w_ih must have input size 6")
-    expect_error(lambda: lnlstm(x, None, w, zoneout=1.0), (), ValueError, r"zoneout must be in \[0, 1\)")
+    expect_error(lambda: lnlstm(x, None, w, zoneout=1.5), (), ValueError, r"zoneout must be in \[0, 1\]")
     expect_error(lambda: lnlstm(x, None, w, training=True, zoneout_masks=[torch.ones(6, 6)]), (), ValueError,
                  r"zoneout_masks must hold .* 2 masks")
     expect_error(lambda: lnlstm(x, None, w, training=True, zoneout_masks=[torch.ones(5, 6)] * 2), (), ValueError,
@@ -496,6 +536,8 @@ def test_bad_inputs_name_the_argument():
         fastnn.nn.LayerNormLSTM(5, 6, zoneout=-0.1)
     with pytest.raises(TypeError, match="hidden_size should be of type int"):
         fastnn.nn.LayerNormLSTM(5, 6.0)
+    with pytest.raises(ValueError, match="forget_bias must be a finite number"):
+        fastnn.nn.LayerNormLSTM(5, 6, forget_bias=float("nan"))
 
 
 def test_nonfinite_input_propagates():

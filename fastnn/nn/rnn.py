@@ -98,6 +98,11 @@ class _RNNBase(torch.nn.Module):
     def all_weights(self) -> List[List[Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
+    @property
+    def _flat_weights(self) -> List[Parameter]:
+        """The parameters in torch.nn.RNNBase's flat order (code written against torch.nn reads this list)."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         for name, default in (("proj_size", 0), ("num_layers", 1), ("bias", True), ("batch_first", False),

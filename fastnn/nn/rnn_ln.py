@@ -22,22 +22,28 @@ class LayerNormLSTM(torch.nn.Module):
     """A stacked (bi)directional LSTM with layer norm on the input and recurrent pre-activations and on the
     cell, and zoneout on h.
 
-    Arguments as torch.nn.LSTM's (no proj_size) plus ``zoneout`` (z in [0, 1)): in training each unit of h keeps
-    its previous value with probability z at every step; in evaluation h' = z h + (1 - z) h_new.
+    Arguments as torch.nn.LSTM's (no proj_size) plus haste's ``zoneout`` (z in [0, 1]): in training each unit of h
+    keeps its previous value with probability z at every step; in evaluation h' = z h + (1 - z) h_new; and
+    haste's ``forget_bias`` (default 1.0, as haste): the forget gate's part of ``bias`` starts at this value
+    (no effect with bias=False).
     Parameters per layer k and direction (suffix ``_l{k}``, ``_reverse`` for the reverse direction):
     weight_ih (4H, I), weight_hh (4H, H), bias (4H,) when bias=True, ln_ih_weight / ln_ih_bias (4H,),
     ln_hh_weight / ln_hh_bias (4H,), ln_cell_weight / ln_cell_bias (H,). Gate order i, f, g, o.
-    Initialisation: weights U(-1/sqrt(H), 1/sqrt(H)) as torch.nn.LSTM; bias and layer-norm biases 0; gains 1.
+    Initialisation: weights U(-1/sqrt(H), 1/sqrt(H)) as torch.nn.LSTM; bias 0 but forget_bias on the forget gate
+    (units H..2H); layer-norm biases 0; gains 1.
 
     ``forward(input, hx=None) -> (output, (h_n, c_n))``.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, zoneout: float = 0.0,
-                 device=None, dtype=None) -> None:
+                 forget_bias: float = 1.0, device=None, dtype=None) -> None:
         super().__init__()
         check_rnn_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, stacklevel=3)
         zoneout = rnn_ln_ops._check_zoneout(zoneout)
+        if isinstance(forget_bias, bool) or not isinstance(forget_bias, (int, float)) or not math.isfinite(forget_bias):
+            raise ValueError(f"forget_bias must be a finite number, got {forget_bias!r}")
+        self.forget_bias = float(forget_bias)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.zoneout = bidirectional, zoneout
@@ -62,8 +68,10 @@ class LayerNormLSTM(torch.nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Weights U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) (torch.nn.LSTM's); biases 0; layer-norm gains 1."""
+        """Weights U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) (torch.nn.LSTM's); biases 0 but the forget gate's
+        part of ``bias``, forget_bias (haste's); layer-norm gains 1."""
         stdv = 1.0 / math.sqrt(self.hidden_size)
+        H = self.hidden_size
         for name, p in self.named_parameters():
             if name.startswith("weight_"):
                 torch.nn.init.uniform_(p, -stdv, stdv)
@@ -71,6 +79,8 @@ class LayerNormLSTM(torch.nn.Module):
                 torch.nn.init.ones_(p)
             else:
                 torch.nn.init.zeros_(p)
+                if name.startswith("bias_"):  # gate order i, f, g, o
+                    torch.nn.init.constant_(p[H:2 * H], self.forget_bias)
 
     @property
     def all_weights(self) -> List[List[Parameter]]:
@@ -98,7 +108,7 @@ class LayerNormLSTM(torch.nn.Module):
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0),
-                              ("bidirectional", False), ("zoneout", 0)):
+                              ("bidirectional", False), ("zoneout", 0), ("forget_bias", 1.0)):
             value = getattr(self, name)
             if value != default:
                 s += f", {name}={value}"

@@ -16,6 +16,7 @@ Packed batches (PackedSequence) run as they are: step t computes only its batch_
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -243,6 +244,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
+        return _differentiable_backward(ctx, dy, dh_n, dc_n)
     x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r = ctx.saved_tensors
     need = ctx.needs_input_grad
     dy = torch.zeros_like(y) if dy is None else dy.contiguous()
@@ -258,6 +261,24 @@ def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
     keep = lambda g, i: g if need[i] else None  # noqa: E731
     return (None, keep(dx, 1), None, keep(dw_ih, 3), keep(dw_hh, 4), keep(db_ih, 5), keep(db_hh, 6), keep(dw_hr, 7),
             keep(dh0, 8), keep(dc0, 9) if c0 is not None else None, None, None)
+
+
+def _differentiable_backward(ctx, dy, dh_n, dc_n):
+    """The backward for double backward: the layer recomputed by the reference's differentiable torch ops and
+    differentiated with create_graph (at reference speed; first-order gradients take the kernels)."""
+    x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0 = ctx.saved_tensors[:9]
+    inputs = (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)
+    positions = (1, 3, 4, 5, 6, 7, 8, 9)  # of each in the op's arguments
+    wanted = [k for k, i in enumerate(positions) if ctx.needs_input_grad[i] and inputs[k] is not None]
+    outputs = ref.rnn_layer(ctx.mode, x, batch_sizes.tolist(), w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, ctx.reverse)
+    pairs = [(o, g) for o, g in zip(outputs, (dy, dh_n, dc_n)) if o is not None and g is not None]
+    grads = [None] * len(_FORWARD_ARGS)
+    if pairs and wanted:
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[k] for k in wanted], [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+        for k, g in zip(wanted, got):
+            grads[positions[k]] = torch.zeros_like(inputs[k]) if g is None else g
+    return tuple(grads)
 
 
 _layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -313,6 +334,16 @@ def _check_batch_sizes(batch_sizes: Tensor, rows: int) -> Tensor:
     return sizes.contiguous()
 
 
+def empty_batch_outputs(x: Tensor, h0: Tensor, c0: Optional[Tensor],
+                        tensors: Sequence[Optional[Tensor]]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """A layer's (y, h_n, c_n) for an empty batch: nothing runs, but the (empty) outputs stay in the autograd
+    graph of every input, so that a backward through them gives zero gradients as torch.nn's does, instead
+    of failing for want of a grad_fn."""
+    anchor = sum(t.sum() * 0 for t in tensors if t is not None and t.requires_grad)
+    y = x.new_zeros(x.shape[0], h0.shape[1]) + anchor
+    return y, h0 + anchor, (None if c0 is None else c0 + anchor)
+
+
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
@@ -321,9 +352,10 @@ def _layer(mode: str, x: Tensor, batch_sizes: Tensor, w_ih: Tensor, w_hh: Tensor
            b_hh: Optional[Tensor], w_hr: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
            reverse: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One validated layer: runs the custom op (empty inputs answered here)."""
-    if x.shape[0] == 0 or h0.shape[0] == 0:  # no step to run: the states pass through
-        return x.new_zeros(x.shape[0], h0.shape[1]), h0.clone(), (None if c0 is None else c0.clone())
     tensors = (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)
+    if x.shape[0] == 0 or h0.shape[0] == 0:
+        y, h, c = empty_batch_outputs(x, h0, c0, tensors)
+        return y, h, (c if mode == "lstm" else None)
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     y, h, c, *_ = torch.ops.fastnn.rnn_layer_forward(mode, x.contiguous(), batch_sizes, w_ih.contiguous(),
                                                      w_hh.contiguous(), _contig(b_ih), _contig(b_hh), _contig(w_hr),
@@ -369,6 +401,7 @@ def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
     for name, s in zip(("hx[0]", "hx[1]") if mode == "lstm" else ("hx",), states):
         _checks.tensor(s, name, dtypes=RNN_DTYPES)
         _checks.same_device("input", input, **{name: s})
+        check_state_dtype(name, s, input)
         if tuple(s.shape) != ((B, H) if batched else (H,)):
             raise ValueError(f"{name} must have shape {(B, H) if batched else (H,)} for input {tuple(input.shape)} and "
                              f"hidden_size {H}; got {tuple(s.shape)}")
@@ -378,7 +411,7 @@ def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
     states = [(s if batched else s.unsqueeze(0)).to(dtype) for s in states]
     if not states:
         states = [x.new_zeros(B, H, dtype=dtype) for _ in range(2 if mode == "lstm" else 1)]
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         y, h, c = _layer(mode, x, torch.tensor([B], dtype=torch.int64), w_ih, w_hh, b_ih, b_hh, None, states[0],
                          states[1] if mode == "lstm" else None, False)
     if not batched:
@@ -387,16 +420,41 @@ def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
     return (h, c) if mode == "lstm" else h
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether torch.autocast is active for this device type (False for those without autocast, e.g. meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(device_type: str):
+    """A context that switches autocast off for the kernels' own casts (nothing for devices without it)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _compute_dtype(x: Tensor, w: Tensor, cell: bool = False, mode: str = "lstm") -> torch.dtype:
     """The dtype a layer runs in: autocast's, as torch applies it to its RNNs (CUDA: every RNN and cell; CPU:
-    the LSTM layer only), else the weights' (which the input must match)."""
+    the LSTM layer only), else the weights' (which the input must match). Under CPU autocast torch's GRU and
+    cells are not on autocast's list but decompose into autocast GEMMs and promoting pointwise ops: with
+    float32 weights, an input in the autocast dtype comes out in it, another low-precision one in float32."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev) and (dev == "cuda" or (not cell and mode == "lstm")):
+    autocast = autocast_on(dev)
+    low = torch.get_autocast_dtype(dev) if autocast else None
+    # (CPU autocast casts float32 tensors only: another low-precision input falls to the rules below)
+    if autocast and (dev == "cuda" or (not cell and mode == "lstm" and x.dtype in (torch.float32, low))):
         return torch.get_autocast_dtype(dev)
-    if x.dtype != w.dtype:
-        raise TypeError(f"input has dtype {x.dtype} but the weights have {w.dtype}; expected the same dtype "
-                        "(or run under torch.autocast)")
-    return w.dtype
+    if x.dtype == w.dtype:
+        return w.dtype
+    if autocast and x.dtype in (torch.float16, torch.bfloat16) and w.dtype == torch.float32:
+        return x.dtype if x.dtype == low else torch.float32
+    raise TypeError(f"input has dtype {x.dtype} but the weights have {w.dtype}; expected the same dtype "
+                    "(or run under torch.autocast)")
+
+
+def check_state_dtype(name: str, state: Tensor, x: Tensor) -> None:
+    """Outside autocast an initial state must have the input's dtype, as torch.nn requires (autocast casts)."""
+    if state.dtype != x.dtype and not autocast_on(x.device.type):
+        raise TypeError(f"{name} has dtype {state.dtype} but the input has {x.dtype}; expected the same dtype")
 
 
 def rnn(mode: str, input: Union[Tensor, PackedSequence], hx: Union[None, Tensor, Tuple[Tensor, Tensor]],
@@ -433,7 +491,7 @@ def rnn(mode: str, input: Union[Tensor, PackedSequence], hx: Union[None, Tensor,
         return _layer(mode, layer_in, seq.batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0[k],
                       None if c0 is None else c0[k], reverse)
 
-    with torch.autocast(seq.x.device.type, enabled=False):
+    with autocast_off(seq.x.device.type):
         y, h_n, c_n = run_stacked(seq.x.to(dtype), num_layers, directions, run_layer, dropout, training)
     output, h_n, c_n = unpack_output(seq, y, h_n, c_n)
     return (output, (h_n, c_n)) if mode == "lstm" else (output, h_n)
@@ -489,7 +547,13 @@ def pack_input(input: Union[Tensor, PackedSequence], input_size: int, batch_firs
         if x.dim() != 2 or x.shape[1] != I:
             raise ValueError(f"input.data must be (rows, input_size) with input_size = {I}; got {tuple(x.shape)}")
         batch_sizes = _check_batch_sizes(input.batch_sizes, x.shape[0])
-        B = int(batch_sizes[0]) if batch_sizes.numel() else 0
+        if input.sorted_indices is not None:  # B without reading data (traceable under torch.compile)
+            B = input.sorted_indices.shape[0]
+        elif torch.compiler.is_compiling():
+            B = int(batch_sizes[0])  # data-dependent there: a PackedSequence holds at least one sequence
+            torch._check(B > 0)
+        else:
+            B = int(batch_sizes[0]) if batch_sizes.numel() else 0
         return PackedInput(x, batch_sizes, B, batch_sizes.numel(), True, False, input)
     _checks.tensor(input, "input", dtypes=RNN_DTYPES)
     if input.dim() not in (2, 3) or input.shape[-1] != I:
@@ -500,6 +564,8 @@ def pack_input(input: Union[Tensor, PackedSequence], input_size: int, batch_firs
     if batched and batch_first:
         xt = xt.transpose(0, 1)
     T, B = xt.shape[0], xt.shape[1]
+    if T == 0:  # torch.nn refuses it too; an empty batch (B = 0) is fine
+        raise ValueError(f"input must hold at least one time step (seq_len > 0); got shape {tuple(input.shape)}")
     batch_sizes = torch.full((T,), B, dtype=torch.int64) if B > 0 else torch.zeros(0, dtype=torch.int64)
     return PackedInput(xt.reshape(T * B, I), batch_sizes, B, T, batched, batch_first, None)
 
@@ -523,6 +589,7 @@ def initial_states(hx, num_states: int, seq: PackedInput, H: int, P: int,
     for name, s, width in pairs:
         _checks.tensor(s, name, dtypes=RNN_DTYPES)
         _checks.same_device("input", x, **{name: s})
+        check_state_dtype(name, s, x)
         want = (num_states, seq.batch, width) if seq.batched else (num_states, width)
         if tuple(s.shape) != want:
             raise ValueError(f"{name} must have shape {want} (num_layers * directions, batch, "

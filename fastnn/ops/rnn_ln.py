@@ -24,8 +24,9 @@ from torch.nn.utils.rnn import PackedSequence
 from .._backend import _C, pick
 from ..reference import rnn as ref
 from . import _checks
-from .rnn import (RNN_DTYPES, _compute_dtype, _contig, _fresh_empties, _lift, check_dropout, check_stacked_weights,
-                  initial_states, pack_input, run_stacked, unpack_output, workspace_dtype)
+from .rnn import (RNN_DTYPES, _compute_dtype, _contig, _fresh_empties, _lift, autocast_off, check_dropout,
+                  check_stacked_weights, empty_batch_outputs, initial_states, pack_input, run_stacked, unpack_output,
+                  workspace_dtype)
 
 try:  # the Triton cells (CUDA; CPU tensors under TRITON_INTERPRET=1)
     from ..kernels import rnn_ln as _triton_ln
@@ -190,6 +191,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
+        return _differentiable_backward(ctx, dy, dh_n, dc_n)
     saved = ctx.saved_tensors
     x, batch_sizes = saved[:2]
     weights = saved[2:11]
@@ -205,6 +208,25 @@ def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
                                                             need["x"], want_dweights)
     by_name = dict(zip(_DIFFERENTIABLE, grads))
     return tuple(by_name[k] if k in by_name and need[k] else None for k in _FORWARD_ARGS)
+
+
+def _differentiable_backward(ctx, dy, dh_n, dc_n):
+    """The backward for double backward: the layer recomputed by the reference's differentiable torch ops and
+    differentiated with create_graph (at reference speed; first-order gradients take the kernels)."""
+    saved = ctx.saved_tensors
+    x, batch_sizes, weights, (h0, c0, zoneout_mask) = saved[0], saved[1], saved[2:11], saved[11:14]
+    inputs = dict(zip(_DIFFERENTIABLE, (x, *weights, h0, c0)))
+    need = dict(zip(_FORWARD_ARGS, ctx.needs_input_grad))
+    wanted = [k for k in _DIFFERENTIABLE if need[k] and inputs[k] is not None]
+    outputs = ref.layer_norm_lstm_layer(x, batch_sizes.tolist(), ref.LayerNormLSTMWeights(*weights), h0, c0,
+                                        _zoneout_keep(zoneout_mask, ctx.zoneout), ctx.reverse)
+    pairs = [(o, g) for o, g in zip(outputs, (dy, dh_n, dc_n)) if g is not None]
+    by_name = {}
+    if pairs and wanted:
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[k] for k in wanted], [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+        by_name = {k: torch.zeros_like(inputs[k]) if g is None else g for k, g in zip(wanted, got)}
+    return tuple(by_name.get(k) for k in _FORWARD_ARGS)
 
 
 _layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -243,8 +265,8 @@ def _check_layer_weights(w: Sequence[Optional[Tensor]], where: str) -> Tuple[int
 
 def _check_zoneout(zoneout) -> float:
     zoneout = _checks.real_number(zoneout, "zoneout")
-    if not 0.0 <= zoneout < 1.0:
-        raise ValueError(f"zoneout must be in [0, 1), got {zoneout}")
+    if not 0.0 <= zoneout <= 1.0:
+        raise ValueError(f"zoneout must be in [0, 1], got {zoneout}")
     return zoneout
 
 
@@ -252,9 +274,9 @@ def _layer(x: Tensor, batch_sizes: Tensor, weights: ref.LayerNormLSTMWeights, h0
            zoneout_mask: Optional[Tensor], zoneout: float, reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """One validated layer and direction: runs the custom op (empty inputs answered here). zoneout_mask
     (rows, H) in training, else the constant zoneout (0: none)."""
-    if x.shape[0] == 0 or h0.shape[0] == 0:  # no step to run: the states pass through
-        return x.new_zeros(x.shape[0], h0.shape[1]), h0.clone(), c0.clone()
     tensors = (x, *weights, h0, c0)
+    if x.shape[0] == 0 or h0.shape[0] == 0:
+        return empty_batch_outputs(x, h0, c0, tensors)
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     y, h, c, *_ = torch.ops.fastnn.layer_norm_lstm_layer_forward(
         x.contiguous(), batch_sizes, *(_contig(w) for w in weights), h0.contiguous(), c0.contiguous(),
@@ -279,7 +301,7 @@ def layer_norm_lstm(input: Union[Tensor, PackedSequence], hx: Optional[Tuple[Ten
                 tuple (w_ih, w_hh, bias or None, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
                 ln_cell_weight, ln_cell_bias)
       dropout   probability of zeroing each output of every layer but the last, in training
-      zoneout   z in [0, 1) on h (c is not zoned out). Training: each unit keeps its previous h with
+      zoneout   z in [0, 1] on h (c is not zoned out). Training: each unit keeps its previous h with
                 probability z, drawn per unit, step, layer and direction from torch's RNG. Evaluation:
                 h' = z h + (1 - z) h_new.
       zoneout_masks  in training, replaces those draws: one (rows, H) tensor of 0 / 1 per layer and direction,
@@ -318,7 +340,7 @@ def layer_norm_lstm(input: Union[Tensor, PackedSequence], hx: Optional[Tuple[Ten
         return _layer(layer_in, seq.batch_sizes, weights_k, h0[k], c0[k], cast(mask),
                       0.0 if training else zoneout, reverse)
 
-    with torch.autocast(seq.x.device.type, enabled=False):
+    with autocast_off(seq.x.device.type):
         y, h_n, c_n = run_stacked(seq.x.to(dtype), num_layers, directions, run_layer, dropout, training)
     output, h_n, c_n = unpack_output(seq, y, h_n, c_n)
     return output, (h_n, c_n)
