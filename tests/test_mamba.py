@@ -120,6 +120,9 @@ def test_bad_arguments():
         m(torch.randn(1, 3, 16), inference_params=InferenceParams(3, 1))
     with pytest.raises(ValueError, match="batch must be 1"):
         m(torch.randn(2, 3, 16), cu_seqlens=torch.tensor([0, 3]))
+    for bad in ([0, 5, 3, 8], [1, 8], [2, 4, 8], [0, 4, 7]):
+        with pytest.raises(ValueError, match="cu_seqlens must start at 0, increase strictly"):
+            m(torch.randn(1, 8, 16), cu_seqlens=torch.tensor(bad, dtype=torch.int32))
 
 
 def test_compiles_fullgraph():
@@ -128,3 +131,7 @@ def test_compiles_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(m, fullgraph=True)
     torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-5)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)  # packed sequences too
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: m(x, cu_seqlens=cu), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x[:1]), m(x[:1], cu_seqlens=cu), rtol=1e-5, atol=1e-5)

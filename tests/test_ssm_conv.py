@@ -579,6 +579,32 @@ def test_compiles_fullgraph(backend):
         torch.testing.assert_close(a1.grad, a2.grad)
 
 
+def test_decode_steps_with_indices_compile_and_carry_no_gradient():
+    """Decode steps with continuous-batching indices compile whole (the indices checked inside the graph; a
+    repeated row raises when the graph runs), and their outputs carry no gradient history, as mamba's and
+    causal-conv1d's steps (they have no backward)."""
+    t = _ssu_inputs(2, 2, 2, 4, 16, 1, torch.float32, torch.float32)
+    w = torch.randn(t["x"].shape[1] * t["x"].shape[2], 4)
+    cache = torch.randn(3, *t["state"].shape[1:])
+    conv_cache = torch.randn(3, w.shape[0], 3)
+    x_conv = torch.randn(2, w.shape[0], requires_grad=True)
+
+    def decode(idx, st, cst):
+        st, cst = st.clone(), cst.clone()
+        o1 = ops.causal_conv1d_update(x_conv, cst, w, None, "silu", conv_state_indices=idx)
+        o2 = ops.selective_state_update(st, t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"],
+                                        True, state_batch_indices=idx)
+        return o1, cst, o2, st
+
+    idx = torch.tensor([2, 0], dtype=torch.int32)
+    check_compiles(decode, (idx, cache, conv_cache))
+    assert not decode(idx, cache, conv_cache)[0].requires_grad
+    torch._dynamo.reset()
+    compiled = torch.compile(decode, fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="conv_state_indices must be distinct"):
+        compiled(torch.tensor([1, 1], dtype=torch.int32), cache, conv_cache)
+
+
 # ---------------------------------------------------------------- bad and empty inputs
 
 def test_bad_inputs_name_the_argument():
@@ -613,6 +639,8 @@ def test_bad_inputs_name_the_argument():
     expect_error(upd, (x[:, :, 0], torch.randn(3, 4, 2), w), ValueError, "batch size")
     expect_error(lambda: upd(x[:, :, 0], st, w, conv_state_indices=torch.tensor([0, 2])), (), ValueError,
                  r"conv_state_indices must be in \[0, 2\)")
+    expect_error(lambda: upd(x[:, :, 0], st, w, conv_state_indices=torch.tensor([1, 1])), (), ValueError,
+                 r"conv_state_indices must be distinct")
     expect_error(upd, (x[0, 0], st, w), ValueError, "x must have shape")
     ssu = ops.selective_state_update
     t = _ssu_inputs(2, 2, 4, 3, 8, 2, torch.float32, torch.float32)
@@ -632,6 +660,8 @@ def test_bad_inputs_name_the_argument():
     bad(5, t["C"].double(), TypeError, "C must have x's dtype")
     expect_error(lambda: ssu(*args, D=torch.randn(4)), (), ValueError, "D must have shape")
     expect_error(lambda: ssu(*args, state_batch_indices=torch.tensor([0, 5])), (), ValueError, "state_batch_indices")
+    expect_error(lambda: ssu(*args, state_batch_indices=torch.tensor([0, 0])), (), ValueError,
+                 "state_batch_indices must be distinct")
     expect_error(lambda: ssu(*args, state_batch_indices=torch.tensor([0.0, 1.0])), (), TypeError,
                  "state_batch_indices must have an integer dtype")
 

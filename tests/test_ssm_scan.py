@@ -347,6 +347,25 @@ def test_compiles_fullgraph():
         torch.testing.assert_close(a.grad, b.grad)
 
 
+def test_compiles_fullgraph_packed():
+    """cu_seqlens (its values checked inside the graph) and an initial state per sequence compile whole; a bad
+    table still raises when the compiled graph runs."""
+    args, _ = make_inputs(CASES["mamba"])
+    u, delta, A, Bm, Cm = [a if a is args[2] else a[:1] for a in args]  # batch 1 (A is (D, N))
+    L = u.shape[2]
+    cu = torch.tensor([0, 3, L], dtype=torch.int32)
+    init = torch.randn(2, u.shape[1], A.shape[1])
+
+    def fn(u, cu):
+        return ops.selective_scan_fn(u, delta, A, Bm, Cm, initial_state=init, cu_seqlens=cu, return_last_state=True)
+
+    check_compiles(fn, (u, cu))
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="cu_seqlens must start at 0"):
+        compiled(u, torch.tensor([0, 5, 3], dtype=torch.int32))
+
+
 # ---------------------------------------------------------------- bad inputs
 
 def test_bad_inputs_name_the_argument():
@@ -375,3 +394,10 @@ def test_bad_inputs_name_the_argument():
         expect_error(lambda: f(u1, d1, A, b1, c1, cu_seqlens=torch.tensor(bad)), (), ValueError, "cu_seqlens must")
     expect_error(lambda: f(u1, d1, A, b1, c1, cu_seqlens=torch.tensor([0, u.shape[2]]),
                            seq_idx=torch.zeros(1, u.shape[2], dtype=torch.int32)), (), ValueError, "either")
+    # int64 seq_idx is taken, but not wrapped into int32 (2^32 would read as 0 and merge two sequences)
+    L = u.shape[2]
+    wide = torch.zeros(u.shape[0], L, dtype=torch.int64)
+    wide[:, L // 2:] = 2 ** 32
+    expect_error(lambda: f(u, delta, A, Bm, Cm, seq_idx=wide), (), ValueError, r"seq_idx must fit in int32")
+    torch.testing.assert_close(f(u, delta, A, Bm, Cm, seq_idx=(wide > 0).long()),
+                               f(u, delta, A, Bm, Cm, seq_idx=(wide > 0).int()), rtol=0, atol=0)

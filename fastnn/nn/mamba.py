@@ -129,8 +129,7 @@ class Mamba(nn.Module):
         if cu_seqlens is not None:
             if batch != 1:
                 raise ValueError(f"with cu_seqlens the sequences are packed along L and the batch must be 1; got {batch}")
-            if cu_seqlens.dim() != 1 or int(cu_seqlens[-1]) != seqlen:
-                raise ValueError(f"cu_seqlens must be 1-D and end at the packed length {seqlen}")
+            ops.ssm.check_cu_seqlens(cu_seqlens, seqlen, "hidden_states", hidden_states)
             conv_seq_idx = ops.ssm.cu_seqlens_to_seq_idx(cu_seqlens, seqlen)
 
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2 * d_inner, L)

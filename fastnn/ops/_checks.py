@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -56,3 +56,22 @@ def real_number(x, name: str, *, allow_nan: bool = False) -> float:
     if math.isnan(x) and not allow_nan:
         raise ValueError(f"{name} must not be NaN")
     return x
+
+
+def values(ok: Tensor, message: Callable[[], str]) -> None:
+    """A check of a tensor's values: ok is a 0-d bool tensor computed from them. Eager, a false ok raises
+    ValueError(message()) (a host read). Under torch.compile, where the host cannot branch on data, the
+    check is traced as torch._assert_async, which raises a RuntimeError with the message's text when the
+    compiled graph runs."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, message())
+    elif not bool(ok):
+        raise ValueError(message())
+
+
+def shown(t: Tensor, most: int = 8) -> str:
+    """The first values of a 1-D tensor for an error message (the values themselves outside torch.compile)."""
+    if torch.compiler.is_compiling():
+        return f"a tensor of shape {tuple(t.shape)}"
+    flat = t.reshape(-1)
+    return f"{flat[:most].tolist()}{'...' if flat.numel() > most else ''}"

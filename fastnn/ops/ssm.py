@@ -200,6 +200,19 @@ def _check_bc(X: Tensor, name: str, u: Tensor, N: int) -> Tensor:
     return X
 
 
+def check_cu_seqlens(cu_seqlens: Tensor, total: int, reference_name: str, reference: Tensor) -> None:
+    """cu_seqlens (S + 1,) integer on reference's device, starting at 0, strictly increasing (no empty
+    sequence) and ending at total. Its values are read on the host (a wrong table would index out of bounds);
+    under torch.compile the value check runs in the graph."""
+    _checks.tensor(cu_seqlens, "cu_seqlens", integer=True)
+    _checks.same_device(reference_name, reference, cu_seqlens=cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries; got shape {tuple(cu_seqlens.shape)}")
+    _checks.values((cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (cu_seqlens.diff() > 0).all(),
+                   lambda: f"cu_seqlens must start at 0, increase strictly (no empty sequence) and end at {total} "
+                           f"(the packed length); got {_checks.shown(cu_seqlens)}")
+
+
 def cu_seqlens_to_seq_idx(cu_seqlens: Tensor, total: int) -> Tensor:
     """(1, total) int32 sequence index of every packed step, from cu_seqlens (S + 1,)."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -273,17 +286,10 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     if per_seq:
         if seq_idx is not None:
             raise ValueError("pass either seq_idx or cu_seqlens, not both")
-        _checks.tensor(cu_seqlens, "cu_seqlens", integer=True)
-        _checks.same_device("u", u, cu_seqlens=cu_seqlens)
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries; got shape {tuple(cu_seqlens.shape)}")
+        check_cu_seqlens(cu_seqlens, L, "u", u)
         if Bsz != 1:
             raise ValueError(f"with cu_seqlens the sequences are packed along L and u's batch size must be 1; "
                              f"got {Bsz}")
-        cpu_cu = cu_seqlens.cpu()  # validated on the host: a wrong table would index out of bounds
-        if int(cpu_cu[0]) != 0 or int(cpu_cu[-1]) != L or bool((cpu_cu[1:] <= cpu_cu[:-1]).any()):
-            raise ValueError(f"cu_seqlens must start at 0, increase strictly (no empty sequence) and end at L={L}; "
-                             f"got {cpu_cu.tolist()[:8]}{'...' if cpu_cu.numel() > 8 else ''}")
         num_states = cu_seqlens.numel() - 1
         seq_idx = cu_seqlens_to_seq_idx(cu_seqlens, L)
     else:
@@ -291,6 +297,10 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         if seq_idx is not None:
             _checks.tensor(seq_idx, "seq_idx", integer=True, shape=(Bsz, L))
             _checks.same_device("u", u, seq_idx=seq_idx)
+            if seq_idx.dtype != torch.int32 and seq_idx.numel():  # the kernels read int32: no silent wrap-around
+                _checks.values(((seq_idx >= -2 ** 31) & (seq_idx < 2 ** 31)).all(),
+                               lambda: f"seq_idx must fit in int32; got values in "
+                                       f"[{int(seq_idx.min())}, {int(seq_idx.max())}]")
             seq_idx = seq_idx.to(torch.int32).contiguous()
     ct = ref.compute_dtype(u.dtype)
     if initial_state is not None:

@@ -288,9 +288,13 @@ def _check_indices(idx, name: str, batch: int, cache_rows: int, x: Tensor) -> No
     _checks.tensor(idx, name, integer=True, shape=(batch,))
     _checks.same_device("x", x, **{name: idx})
     # value checks on CPU tensors only (on CUDA they would cost a host sync every decode step)
-    if idx.device.type == "cpu" and idx.numel() and (bool((idx < 0).any()) or int(idx.max()) >= cache_rows):
-        raise ValueError(f"{name} must be in [0, {cache_rows}) (the cache's batch size); got "
-                         f"{idx.tolist()[:8]}{'...' if idx.numel() > 8 else ''}")
+    if idx.device.type == "cpu" and idx.numel():
+        _checks.values(((idx >= 0) & (idx < cache_rows)).all(),
+                       lambda: f"{name} must be in [0, {cache_rows}) (the cache's batch size); got {_checks.shown(idx)}")
+        # two rows updating one cache row would race on the GPU and apply in turn on the CPU: refused
+        _checks.values((idx.sort().values.diff() != 0).all(),
+                       lambda: f"{name} must be distinct (each cache row updated by one batch row); got "
+                               f"{_checks.shown(idx)}")
 
 
 # ---------------------------------------------------------------- public functions
@@ -375,10 +379,11 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
             cache_seqlens[b] - 1 (mod S) and the new steps written at cache_seqlens[b] .. + T - 1 (mod S), the
             rest of the buffer untouched. The caller advances cache_seqlens. Values are checked for CPU tensors.
         conv_state_indices: optional (B,) integer tensor: row b uses conv_state[conv_state_indices[b]]
-            (continuous batching). Rows must be distinct; the range is checked for CPU tensors.
+            (continuous batching). Rows must be distinct; range and distinctness are checked for CPU tensors.
 
     Returns:
-        out shaped like x, in x's dtype.
+        out shaped like x, in x's dtype. A decode step has no backward (it updates conv_state in place), as
+        causal-conv1d's has none: out carries no gradient history.
     """
     _checks.tensor(x, "x", dtypes=_checks.FLOAT_DTYPES)
     if x.dim() not in (2, 3):
@@ -402,12 +407,12 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
     if cache_seqlens is not None:
         _checks.tensor(cache_seqlens, "cache_seqlens", integer=True, shape=(Bsz,))
         _checks.same_device("x", x, cache_seqlens=cache_seqlens)
-        if cache_seqlens.device.type == "cpu" and cache_seqlens.numel() and (
-                bool((cache_seqlens < 0).any()) or int(cache_seqlens.max()) >= 2 ** 31):
-            raise ValueError(f"cache_seqlens must be in [0, 2^31); got {cache_seqlens.tolist()[:8]}"
-                             f"{'...' if cache_seqlens.numel() > 8 else ''}")
-    out = torch.ops.fastnn.causal_conv1d_update(x3, conv_state, weight, bias, silu, conv_state_indices,
-                                                cache_seqlens)
+        if cache_seqlens.device.type == "cpu" and cache_seqlens.numel():
+            _checks.values(((cache_seqlens >= 0) & (cache_seqlens < 2 ** 31)).all(),
+                           lambda: f"cache_seqlens must be in [0, 2^31); got {_checks.shown(cache_seqlens)}")
+    with torch.no_grad():  # no backward (see Returns)
+        out = torch.ops.fastnn.causal_conv1d_update(x3, conv_state, weight, bias, silu, conv_state_indices,
+                                                    cache_seqlens)
     return out.squeeze(-1) if squeeze else out
 
 
@@ -429,12 +434,13 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
         D: optional (D,) or (H, P) skip. z: optional gate like x, x's dtype. dt_bias: optional like D.
         dt_softplus: apply softplus (threshold 20) to dt + dt_bias.
         state_batch_indices: optional (B,) integer tensor: row b updates state[state_batch_indices[b]]
-            (continuous batching). Rows must be distinct; the range is checked for CPU tensors.
+            (continuous batching). Rows must be distinct; range and distinctness are checked for CPU tensors.
             Without it, B_cache must equal B.
 
     Returns:
         out shaped like x, in x's dtype. Math in float32 (float64 for a float64 state); the state keeps its
-        dtype.
+        dtype. A decode step has no backward (it updates the state in place), as mamba's Triton step has
+        none: out carries no gradient history (a backward through it stops there, instead of failing).
     """
     _checks.tensor(state, "state", dtypes=_checks.FLOAT_DTYPES)
     if state.dim() not in (3, 4):
@@ -486,12 +492,13 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
         _check_indices(state_batch_indices, "state_batch_indices", Bsz, state.shape[0], x)
     elif state.shape[0] != Bsz:
         raise ValueError(f"state must have batch size {Bsz} (x's) without state_batch_indices; got {state.shape[0]}")
-    if three_d:  # the head form with H = 1 (views: the state is updated through them)
-        up = (lambda t: None if t is None else t.unsqueeze(1))
-        out = torch.ops.fastnn.selective_state_update(
-            state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0), up(B), up(C),
-            None if D is None else D.unsqueeze(0), up(z), None if dt_bias is None else dt_bias.unsqueeze(0),
-            dt_softplus, state_batch_indices)
-        return out.squeeze(1)
-    return torch.ops.fastnn.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
-                                                   state_batch_indices)
+    with torch.no_grad():  # no backward (see Returns)
+        if three_d:  # the head form with H = 1 (views: the state is updated through them)
+            up = (lambda t: None if t is None else t.unsqueeze(1))
+            out = torch.ops.fastnn.selective_state_update(
+                state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0), up(B), up(C),
+                None if D is None else D.unsqueeze(0), up(z), None if dt_bias is None else dt_bias.unsqueeze(0),
+                dt_softplus, state_batch_indices)
+            return out.squeeze(1)
+        return torch.ops.fastnn.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                                       state_batch_indices)
