@@ -550,6 +550,23 @@ def test_matrix_nms_matches_loop(kernel, labelled):
     assert (got <= scores + 1e-12).all()
 
 
+@pytest.mark.parametrize("kernel", ["linear", "gaussian"])
+def test_matrix_nms_duplicate_boxes(kernel):
+    """Exact duplicates (a box wholly covered by a higher one, comp = 1): the copies decay to 0 (linear) and
+    nothing is NaN; a third box apart from them keeps its decay by the first copy only."""
+    box = [0.0, 0.0, 10.0, 10.0]
+    boxes = torch.tensor([box, box, box, [5.0, 0.0, 15.0, 10.0]], dtype=torch.float64)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6], dtype=torch.float64)
+    got = ops.matrix_nms(boxes, scores, None, kernel)
+    want = ref.matrix_nms(boxes, scores, None, kernel)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    iou = 1 / 3  # of the fourth box with each copy
+    first = 1 - iou if kernel == "linear" else math.exp(-2.0 * iou ** 2)
+    copies = [0.0, 0.0] if kernel == "linear" else [0.8 * math.exp(-2.0), 0.7 * math.exp(-2.0)]
+    torch.testing.assert_close(got, torch.tensor([0.9, *copies, 0.6 * first], dtype=torch.float64))
+
+
 def test_matrix_nms_gradcheck():
     boxes = make_boxes((6,), image=30.0, dtype=torch.float64).requires_grad_()
     scores = make_scores((6,), dtype=torch.float64).requires_grad_()
@@ -582,6 +599,9 @@ BAD_INPUTS = [
     (ops.soft_nms, (torch.zeros(3, 4), torch.zeros(3), 0.3, 0.0), ValueError, "sigma must be > 0"),
     (ops.matrix_nms, (torch.zeros(3, 4), torch.zeros(3), torch.zeros(3)), TypeError, "labels must have an integer"),
     (ops.matrix_nms, (torch.zeros(3, 4), torch.zeros(3), None, "box"), ValueError, "kernel must be"),
+    (ops.matrix_nms, (torch.zeros(3, 4), torch.zeros(3), None, "gaussian", -1.0), ValueError,
+     "sigma must be a positive finite number"),
+    (ops.matrix_nms, (torch.zeros(3, 4), torch.zeros(3), None, "gaussian", 0.0), ValueError, "sigma must be"),
     (ops.decode_yolo, (torch.zeros(1, 3, 2, 2, 5), None, 8.0, 5), ValueError, "anchors .* are required"),
     (ops.decode_yolo, (torch.zeros(1, 3, 2, 2, 5), torch.ones(2, 2), 8.0, 5), ValueError, "anchors must have shape"),
     (ops.decode_yolo, (torch.zeros(1, 3, 2, 2, 5), None, 8.0, 6), ValueError, "version must be one of"),

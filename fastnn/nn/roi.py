@@ -43,6 +43,23 @@ class RoIPool(nn.Module):
         return f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
 
 
+class LevelMapper:
+    """torchvision's LevelMapper: ``mapper(boxlists)`` gives each box's pyramid level minus k_min (int64), by
+    eq. 1 of the FPN paper clamped to [k_min, k_max]; a box of negative or NaN area gets 0. Attributes
+    k_min, k_max, s0 (canonical scale), lvl0 (canonical level) and eps as torchvision names them."""
+
+    def __init__(self, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4,
+                 eps: float = 1e-6):
+        self.k_min, self.k_max, self.s0, self.lvl0, self.eps = k_min, k_max, canonical_scale, canonical_level, eps
+
+    def levels(self, boxes: Tensor) -> Tuple[Tensor, Tensor]:
+        """(levels, defined) of (K, 4) boxes: defined is False where the area is negative or NaN."""
+        return ref.map_levels(boxes, self.k_min, self.k_max, self.s0, self.lvl0, self.eps)
+
+    def __call__(self, boxlists: List[Tensor]) -> Tensor:
+        return self.levels(torch.cat(list(boxlists), 0))[0]
+
+
 class MultiScaleRoIAlign(nn.Module):
     """Multi-scale RoIAlign for feature pyramids, a drop-in for ``torchvision.ops.MultiScaleRoIAlign``.
 
@@ -69,7 +86,7 @@ class MultiScaleRoIAlign(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.output_size = tuple(output_size)
         self.scales: Optional[List[float]] = None
-        self.map_levels: Optional[Tuple[int, int]] = None  # (k_min, k_max) once set up
+        self.map_levels: Optional[LevelMapper] = None  # set up on the first call, as torchvision's
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
 
@@ -82,16 +99,15 @@ class MultiScaleRoIAlign(nn.Module):
             raise ValueError(f"x has none of the feature maps {self.featmap_names}")
         if self.scales is None or self.map_levels is None:
             scales, k_min, k_max = ref.setup_scales([f.shape[-2:] for f in features], image_shapes)
-            self.scales, self.map_levels = scales, (k_min, k_max)
+            self.scales = scales
+            self.map_levels = LevelMapper(k_min, k_max, self.canonical_scale, self.canonical_level)
         if not isinstance(boxes, (list, tuple)):
             raise TypeError(f"boxes must be a list of (L, 4) tensors, got {type(boxes).__name__}")
         rois = ops.roi.boxes_to_rois(boxes, features[0])
         if len(features) == 1:
             return ops.multi_scale_roi_align(features, rois, None, self.scales, self.output_size, self.sampling_ratio)
-        k_min, k_max = self.map_levels
         # levels from the boxes in their own dtype, as torchvision computes them
-        levels, defined = ref.map_levels(torch.cat(list(boxes), 0), k_min, k_max, self.canonical_scale,
-                                         self.canonical_level)
+        levels, defined = self.map_levels.levels(torch.cat(list(boxes), 0))
         out = ops.multi_scale_roi_align(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
         # boxes of negative area have no level: zeros and no gradient, as torchvision gives
         return torch.where(defined[:, None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))

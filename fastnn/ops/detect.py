@@ -463,6 +463,8 @@ def matrix_nms(boxes: Tensor, scores: Tensor, labels: Optional[Tensor] = None, k
     if kernel not in ("linear", "gaussian"):
         raise ValueError(f"kernel must be 'linear' or 'gaussian', got {kernel!r}")
     sigma = _checks.real_number(sigma, "sigma")
+    if not 0 < sigma < float("inf"):
+        raise ValueError(f"sigma must be a positive finite number, got {sigma}")
     n = boxes.shape[0]
     ct = torch.float64 if torch.float64 in (boxes.dtype, scores.dtype) else torch.float32
     if n == 0:
@@ -476,7 +478,9 @@ def matrix_nms(boxes: Tensor, scores: Tensor, labels: Optional[Tensor] = None, k
     if kernel == "gaussian":
         decay = torch.exp(-sigma * (iou.square() - comp.square())).min(0).values
     else:
-        decay = ((1 - iou) / (1 - comp)).min(0).values
+        # a box i wholly covered by a higher one (comp 1) decays nothing: its row would read 0 / 0 (NaN) for
+        # a duplicate j of it, which the duplicate's first copy decays to 0 anyway
+        decay = torch.where(comp < 1, (1 - iou) / (1 - comp), float("inf")).min(0).values
     decayed = scores[order].to(ct) * decay
     out = torch.empty_like(decayed).scatter(0, order, decayed)
     return out.to(scores.dtype)

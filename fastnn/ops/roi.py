@@ -248,9 +248,11 @@ def boxes_to_rois(boxes: Union[Tensor, Sequence[Tensor]], like: Tensor, name: st
 
 
 def _scale(spatial_scale, name: str = "spatial_scale") -> float:
+    # finite, as torchvision takes it: 0 or a negative scale is accepted too (boxes then sample at or beyond
+    # the map's origin, with torchvision's results)
     s = _checks.real_number(spatial_scale, name)
-    if not (s > 0 and s != float("inf")):
-        raise ValueError(f"{name} must be a positive finite number, got {spatial_scale!r}")
+    if s in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {spatial_scale!r}")
     return s
 
 
@@ -258,6 +260,14 @@ def _int(v, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     return int(v)
+
+
+def _sampling_ratio(v) -> int:
+    """An int the kernels' 32-bit argument holds (<= 0: adaptive), not wrapped around silently."""
+    v = _int(v, "sampling_ratio")
+    if not -2 ** 31 <= v < 2 ** 31:
+        raise ValueError(f"sampling_ratio must fit in 32 bits (<= 0 for adaptive), got {v}")
+    return v
 
 
 def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, spatial_scale: float = 1.0,
@@ -284,7 +294,7 @@ def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, sp
     pooled_h, pooled_w = _output_size(output_size)
     rois = boxes_to_rois(boxes, input)
     return torch.ops.fastnn.roi_align([input], rois, None, [_scale(spatial_scale)], pooled_h, pooled_w,
-                                      _int(sampling_ratio, "sampling_ratio"), bool(aligned))
+                                      _sampling_ratio(sampling_ratio), bool(aligned))
 
 
 def roi_pool(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, spatial_scale: float = 1.0) -> Tensor:
@@ -337,4 +347,4 @@ def multi_scale_roi_align(features: Sequence[Tensor], rois: Tensor, levels: Opti
         levels = levels.long().contiguous()
     pooled_h, pooled_w = _output_size(output_size)
     return torch.ops.fastnn.roi_align(list(features), rois, levels, scales, pooled_h, pooled_w,
-                                      _int(sampling_ratio, "sampling_ratio"), bool(aligned))
+                                      _sampling_ratio(sampling_ratio), bool(aligned))

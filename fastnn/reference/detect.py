@@ -165,7 +165,8 @@ def matrix_nms(boxes: Tensor, scores: Tensor, labels: Optional[Tensor] = None, k
     """Decayed scores (N,), in input order, by explicit loops over pairs: for box j,
     decay_j = min over higher-ranked i (same class when labels are given) of f(iou_ij) / f(comp_i),
     comp_i = max IoU of i with any box ranked above it (same class), f linear 1 - x or gaussian
-    exp(-sigma x^2) (taken as a ratio exp(-sigma (iou^2 - comp^2)))."""
+    exp(-sigma x^2) (taken as a ratio exp(-sigma (iou^2 - comp^2))). A box i with comp_i = 1 (wholly covered)
+    decays nothing in the linear kernel (its ratio would be 0 / 0 for a duplicate of it)."""
     n = scores.shape[0]
     ct = torch.float64 if scores.dtype == torch.float64 or boxes.dtype == torch.float64 else torch.float32
     order = torch.sort(scores, descending=True, stable=True).indices
@@ -184,7 +185,7 @@ def matrix_nms(boxes: Tensor, scores: Tensor, labels: Optional[Tensor] = None, k
         for i in range(j):
             x = iou[i][j] if same[i][j] else 0.0
             if kernel == "linear":
-                d = (1 - x) / (1 - comp[i])
+                d = (1 - x) / (1 - comp[i]) if comp[i] < 1 else math.inf  # box i wholly covered: no decay
             else:
                 d = math.exp(-sigma * (x * x - comp[i] * comp[i]))
             decay[j] = min(decay[j], d)
