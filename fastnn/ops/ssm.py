@@ -298,7 +298,8 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
             _checks.tensor(seq_idx, "seq_idx", integer=True, shape=(Bsz, L))
             _checks.same_device("u", u, seq_idx=seq_idx)
             if seq_idx.dtype != torch.int32 and seq_idx.numel():  # the kernels read int32: no silent wrap-around
-                _checks.values(((seq_idx >= -2 ** 31) & (seq_idx < 2 ** 31)).all(),
+                wide = seq_idx.long()
+                _checks.values(((wide >= -2 ** 31) & (wide < 2 ** 31)).all(),
                                lambda: f"seq_idx must fit in int32; got values in "
                                        f"[{int(seq_idx.min())}, {int(seq_idx.max())}]")
             seq_idx = seq_idx.to(torch.int32).contiguous()

@@ -408,7 +408,8 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
         _checks.tensor(cache_seqlens, "cache_seqlens", integer=True, shape=(Bsz,))
         _checks.same_device("x", x, cache_seqlens=cache_seqlens)
         if cache_seqlens.device.type == "cpu" and cache_seqlens.numel():
-            _checks.values(((cache_seqlens >= 0) & (cache_seqlens < 2 ** 31)).all(),
+            wide = cache_seqlens.long()  # (2^31 as an int32 scalar would wrap around)
+            _checks.values(((wide >= 0) & (wide < 2 ** 31)).all(),
                            lambda: f"cache_seqlens must be in [0, 2^31); got {_checks.shown(cache_seqlens)}")
     with torch.no_grad():  # no backward (see Returns)
         out = torch.ops.fastnn.causal_conv1d_update(x3, conv_state, weight, bias, silu, conv_state_indices,
