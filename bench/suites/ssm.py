@@ -71,8 +71,9 @@ def scan_shapes(device: str, quick: bool):
     if device == "cpu":
         shapes = [(2, 1536, 1024, 16, True, False),  # the CPU target shape
                   (1, 256, 512, 16, True, True)]
-        if not quick:
-            shapes += [(1, 2048, 4096, 16, False, False), (4, 1536, 512, 16, False, False)]
+        if not quick:  # the ranges (B up to 8, D 1536-5120, L 512-8192) at their corners, kept small
+            shapes += [(1, 2048, 4096, 16, False, False), (4, 1536, 512, 16, False, False),
+                       (8, 5120, 512, 16, False, False), (1, 1536, 8192, 16, False, False)]
         return shapes
     shapes = [(8, 1536, 2048, 16, True, False), (1, 256, 512, 16, True, True), (4, 2560, 4096, 16, False, False),
               (2, 5120, 8192, 16, False, False)]

@@ -1030,5 +1030,26 @@ std::vector<Tensor> selective_scan_backward(FASTNN_SCAN_BWD_ARGS) {
   return {du, ddelta, dz, dA, dB, dC, dD, dbias, dinit};
 }
 
+void exp2_throughput(const at::Tensor& x, at::Tensor& y, int64_t reps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  y.is_contiguous() && !x.is_cuda() && !y.is_cuda(),
+              "fastnn exp2_throughput: x and y must be contiguous float32 CPU tensors");
+  TORCH_CHECK(x.numel() == y.numel() && x.numel() % 16 == 0, "fastnn exp2_throughput: x and y must have the same "
+              "size, a multiple of 16; got ", x.numel(), " and ", y.numel());
+  TORCH_CHECK(reps >= 1, "fastnn exp2_throughput: reps must be >= 1, got ", reps);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x.numel() / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = 0; r < reps; ++r) {
+      for (int64_t i = begin; i < end; ++i) {  // independent vectors: the exps overlap as in the scan's states
+        VF v;
+        std::memcpy(&v, xp + 16 * i, sizeof v);
+        v = vexp2(v);
+        std::memcpy(yp + 16 * i, &v, sizeof v);
+      }
+    }
+  });
+}
+
 }  // namespace cpu
 }  // namespace fastnn

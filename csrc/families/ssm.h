@@ -30,6 +30,8 @@ namespace fastnn {
 namespace cpu {
 std::vector<at::Tensor> selective_scan_forward(FASTNN_SCAN_FWD_ARGS);
 std::vector<at::Tensor> selective_scan_backward(FASTNN_SCAN_BWD_ARGS);
+// y = 2^x, reps times, by the CPU kernels' vectorised exp2 (vec_math.h), every thread: the bench's exp ceiling.
+void exp2_throughput(const at::Tensor& x, at::Tensor& y, int64_t reps);
 }  // namespace cpu
 
 #ifdef FASTNN_WITH_CUDA
@@ -52,6 +54,9 @@ inline void register_ssm(pybind11::module& m) {
   m.def("selective_scan_backward_cpu", &cpu::selective_scan_backward,
         "Selective scan backward on CPU -> [du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dinitial_state]",
         FASTNN_SCAN_BWD_PYARGS);
+  m.def("exp2_throughput_cpu", &cpu::exp2_throughput,
+        "y = 2^x, reps times, by the CPU kernels' vectorised exp2 on every thread (the bench's exp ceiling)",
+        py::arg("x"), py::arg("y"), py::arg("reps"));
 #ifdef FASTNN_WITH_CUDA
   m.def("selective_scan_forward_cuda", &cuda::selective_scan_forward,
         "Selective scan forward on CUDA -> [out, last_state, chunk_states]", FASTNN_SCAN_PYARGS);
