@@ -364,6 +364,8 @@ def test_compiles_fullgraph_packed():
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     with pytest.raises(RuntimeError, match="cu_seqlens must start at 0"):
         compiled(u, torch.tensor([0, 5, 3], dtype=torch.int32))
+    seq_idx = (torch.arange(L) >= 3).long()[None]  # int64, range-checked in the graph
+    check_compiles(lambda u, s: ops.selective_scan_fn(u, delta, A, Bm, Cm, seq_idx=s), (u, seq_idx))
 
 
 # ---------------------------------------------------------------- bad inputs

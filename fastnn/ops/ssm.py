@@ -300,8 +300,7 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
             if seq_idx.dtype != torch.int32 and seq_idx.numel():  # the kernels read int32: no silent wrap-around
                 wide = seq_idx.long()
                 _checks.values(((wide >= -2 ** 31) & (wide < 2 ** 31)).all(),
-                               lambda: f"seq_idx must fit in int32; got values in "
-                                       f"[{int(seq_idx.min())}, {int(seq_idx.max())}]")
+                               lambda: f"seq_idx must fit in int32; got {_checks.shown(seq_idx)}")
             seq_idx = seq_idx.to(torch.int32).contiguous()
     ct = ref.compute_dtype(u.dtype)
     if initial_state is not None:
