@@ -57,6 +57,7 @@ class LevelMapper:
         return ref.map_levels(boxes, self.k_min, self.k_max, self.s0, self.lvl0, self.eps)
 
     def __call__(self, boxlists: List[Tensor]) -> Tensor:
+        """Levels (minus k_min, int64) of the boxes of every image, concatenated, as torchvision's mapper."""
         return self.levels(torch.cat(list(boxlists), 0))[0]
 
 
