@@ -244,8 +244,6 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
-    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
-        return _differentiable_backward(ctx, dy, dh_n, dc_n)
     x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r = ctx.saved_tensors
     need = ctx.needs_input_grad
     dy = torch.zeros_like(y) if dy is None else dy.contiguous()
@@ -255,30 +253,15 @@ def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
     else:
         dc_n = None
     want_dweights = any(need[3:8])
-    grads = torch.ops.fastnn.rnn_layer_backward(ctx.mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                                h0, c0, y, gates, aux, r, ctx.reverse, need[1], want_dweights)
+    # create_graph=True (double backward): the reference's torch.func.vjp, called directly rather than through
+    # the op, gives gradients that are differentiable themselves (at reference speed)
+    backward = _backward_reference if torch.is_grad_enabled() else torch.ops.fastnn.rnn_layer_backward
+    grads = backward(ctx.mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
+                     ctx.reverse, need[1], want_dweights)
     dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0 = grads
     keep = lambda g, i: g if need[i] else None  # noqa: E731
     return (None, keep(dx, 1), None, keep(dw_ih, 3), keep(dw_hh, 4), keep(db_ih, 5), keep(db_hh, 6), keep(dw_hr, 7),
             keep(dh0, 8), keep(dc0, 9) if c0 is not None else None, None, None)
-
-
-def _differentiable_backward(ctx, dy, dh_n, dc_n):
-    """The backward for double backward: the layer recomputed by the reference's differentiable torch ops and
-    differentiated with create_graph (at reference speed; first-order gradients take the kernels)."""
-    x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0 = ctx.saved_tensors[:9]
-    inputs = (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)
-    positions = (1, 3, 4, 5, 6, 7, 8, 9)  # of each in the op's arguments
-    wanted = [k for k, i in enumerate(positions) if ctx.needs_input_grad[i] and inputs[k] is not None]
-    outputs = ref.rnn_layer(ctx.mode, x, batch_sizes.tolist(), w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, ctx.reverse)
-    pairs = [(o, g) for o, g in zip(outputs, (dy, dh_n, dc_n)) if o is not None and g is not None]
-    grads = [None] * len(_FORWARD_ARGS)
-    if pairs and wanted:
-        got = torch.autograd.grad([o for o, _ in pairs], [inputs[k] for k in wanted], [g for _, g in pairs],
-                                  create_graph=True, allow_unused=True)
-        for k, g in zip(wanted, got):
-            grads[positions[k]] = torch.zeros_like(inputs[k]) if g is None else g
-    return tuple(grads)
 
 
 _layer_forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -191,8 +191,6 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
-    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
-        return _differentiable_backward(ctx, dy, dh_n, dc_n)
     saved = ctx.saved_tensors
     x, batch_sizes = saved[:2]
     weights = saved[2:11]
@@ -203,30 +201,13 @@ def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
     dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
     want_dweights = any(need[k] for k in _WEIGHT_NAMES)
-    grads = torch.ops.fastnn.layer_norm_lstm_layer_backward(dy, dh_n, dc_n, x, batch_sizes, *weights, h0, c0,
-                                                            zoneout_mask, ctx.zoneout, y, *workspace, ctx.reverse,
-                                                            need["x"], want_dweights)
+    # create_graph=True (double backward): the reference's torch.func.vjp, called directly rather than through
+    # the op, gives gradients that are differentiable themselves (at reference speed)
+    backward = _backward_reference if torch.is_grad_enabled() else torch.ops.fastnn.layer_norm_lstm_layer_backward
+    grads = backward(dy, dh_n, dc_n, x, batch_sizes, *weights, h0, c0, zoneout_mask, ctx.zoneout, y, *workspace,
+                     ctx.reverse, need["x"], want_dweights)
     by_name = dict(zip(_DIFFERENTIABLE, grads))
     return tuple(by_name[k] if k in by_name and need[k] else None for k in _FORWARD_ARGS)
-
-
-def _differentiable_backward(ctx, dy, dh_n, dc_n):
-    """The backward for double backward: the layer recomputed by the reference's differentiable torch ops and
-    differentiated with create_graph (at reference speed; first-order gradients take the kernels)."""
-    saved = ctx.saved_tensors
-    x, batch_sizes, weights, (h0, c0, zoneout_mask) = saved[0], saved[1], saved[2:11], saved[11:14]
-    inputs = dict(zip(_DIFFERENTIABLE, (x, *weights, h0, c0)))
-    need = dict(zip(_FORWARD_ARGS, ctx.needs_input_grad))
-    wanted = [k for k in _DIFFERENTIABLE if need[k] and inputs[k] is not None]
-    outputs = ref.layer_norm_lstm_layer(x, batch_sizes.tolist(), ref.LayerNormLSTMWeights(*weights), h0, c0,
-                                        _zoneout_keep(zoneout_mask, ctx.zoneout), ctx.reverse)
-    pairs = [(o, g) for o, g in zip(outputs, (dy, dh_n, dc_n)) if g is not None]
-    by_name = {}
-    if pairs and wanted:
-        got = torch.autograd.grad([o for o, _ in pairs], [inputs[k] for k in wanted], [g for _, g in pairs],
-                                  create_graph=True, allow_unused=True)
-        by_name = {k: torch.zeros_like(inputs[k]) if g is None else g for k, g in zip(wanted, got)}
-    return tuple(by_name.get(k) for k in _FORWARD_ARGS)
 
 
 _layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
