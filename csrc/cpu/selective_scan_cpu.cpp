@@ -293,7 +293,7 @@ template <typename acc_t>
 struct Buffers {
   static constexpr int W = Lanes<acc_t>::W;
   using V = typename Lanes<acc_t>::V;
-  std::vector<V> U, DT, DTU, Z, Y, DO, HP, AA, PB, PC, DU, DDT, DZ, RAW;
+  std::vector<V> U, DT, DTU, Z, Y, DO, H, AA, PB, PC, DU, DDT, DZ, RAW;
   std::vector<acc_t> Bs, Cs;  // [t][n] per chunk (per-step B / C)
   explicit Buffers(int64_t chunk, int64_t nstate, bool backward) {
     for (auto* v : {&U, &DT, &DTU, &Z, &Y}) v->resize(chunk);
@@ -301,7 +301,7 @@ struct Buffers {
     Cs.resize(chunk * nstate);
     if (backward) {
       for (auto* v : {&DO, &DU, &DDT, &DZ, &RAW}) v->resize(chunk);
-      for (auto* v : {&HP, &AA, &PB, &PC}) v->resize(chunk * nstate);
+      for (auto* v : {&H, &AA, &PB, &PC}) v->resize(chunk * nstate);
     }
   }
 };
@@ -433,7 +433,7 @@ struct SlabState {
 template <typename acc_t, bool kBFixed, bool kCFixed, int kN, bool kRecord>
 inline __attribute__((always_inline)) VecOf<acc_t> scan_one_step(const SlabState<acc_t>& st, int64_t N, VecOf<acc_t> dt,
                                                                   VecOf<acc_t> dtu, VecOf<acc_t> y, const acc_t* Bt,
-                                                                  const acc_t* Ct, VecOf<acc_t>* h, VecOf<acc_t>* HP,
+                                                                  const acc_t* Ct, VecOf<acc_t>* h, VecOf<acc_t>* H,
                                                                   VecOf<acc_t>* AA) {
   using V = VecOf<acc_t>;
   const V* A = st.A.data();
@@ -443,11 +443,11 @@ inline __attribute__((always_inline)) VecOf<acc_t> scan_one_step(const SlabState
     const V a = decay(dt, A[n]);
     const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
     const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
+    h[n] = fmadd(a, h[n], dtu * bn);
     if (kRecord) {
-      HP[n] = h[n];
+      H[n] = h[n];
       AA[n] = a;
     }
-    h[n] = fmadd(a, h[n], dtu * bn);
     if (n & 1) y1 = fmadd(h[n], cn, y1);
     else y = fmadd(h[n], cn, y);
   }
@@ -455,7 +455,7 @@ inline __attribute__((always_inline)) VecOf<acc_t> scan_one_step(const SlabState
 }
 
 // Steps [t0, t0 + T) of one slab from state h (updated in place), the chunk staged in buf: y before the
-// gate into buf.Y; with kRecord, each step's previous state and decay into buf.HP / buf.AA (the
+// gate into buf.Y; with kRecord, each step's new state h_t and decay a_t into buf.H / buf.AA (the
 // backward's recompute). Per-sequence final states are stored at sequence ends when store_last.
 template <typename acc_t, bool kBFixed, bool kCFixed, int kN, bool kRecord>
 void scan_steps(const Scan<acc_t>& p, const SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf,
@@ -482,12 +482,12 @@ void scan_steps(const Scan<acc_t>& p, const SlabState<acc_t>& st, int64_t t0, in
     const V dt = buf.DT[t], dtu = buf.DTU[t], y0 = st.D_v * buf.U[t];
     const acc_t* Bt = buf.Bs.data() + t * N;
     const acc_t* Ct = buf.Cs.data() + t * N;
-    V* HP = kRecord ? buf.HP.data() + t * N : nullptr;
+    V* H = kRecord ? buf.H.data() + t * N : nullptr;
     V* AA = kRecord ? buf.AA.data() + t * N : nullptr;
     if constexpr (kN > 0) {
-      buf.Y[t] = scan_one_step<acc_t, kBFixed, kCFixed, kN, kRecord>(st, kN, dt, dtu, y0, Bt, Ct, local, HP, AA);
+      buf.Y[t] = scan_one_step<acc_t, kBFixed, kCFixed, kN, kRecord>(st, kN, dt, dtu, y0, Bt, Ct, local, H, AA);
     } else {
-      buf.Y[t] = scan_one_step<acc_t, kBFixed, kCFixed, kN, kRecord>(st, N, dt, dtu, y0, Bt, Ct, hs, HP, AA);
+      buf.Y[t] = scan_one_step<acc_t, kBFixed, kCFixed, kN, kRecord>(st, N, dt, dtu, y0, Bt, Ct, hs, H, AA);
     }
     if (store_last && p.per_seq && p.is_end(s.b, tt)) {
       if constexpr (kN > 0) {
@@ -583,28 +583,38 @@ void forward_task(const Scan<acc_t>& p, const Slab* slabs, int count, Buffers<ac
 template <typename acc_t, bool kBFixed, bool kCFixed>
 inline __attribute__((always_inline)) void adjoint_one_step(SlabState<acc_t>& st, int64_t N, VecOf<acc_t> dt,
                                                             VecOf<acc_t> dtu, VecOf<acc_t> dy, const acc_t* Bt,
-                                                            const acc_t* Ct, const VecOf<acc_t>* HP,
+                                                            const acc_t* Ct, const VecOf<acc_t>* H,
                                                             const VecOf<acc_t>* AA, VecOf<acc_t>* PB,
                                                             VecOf<acc_t>* PC, VecOf<acc_t>* g, VecOf<acc_t>& gB,
                                                             VecOf<acc_t>& ddt) {
   using V = VecOf<acc_t>;
   const V* A = st.A.data();
+  const V neg_dtu = -dtu;
+  // two partial sums each for d(dt) and gB: halves their latency chains through the states
+  V ddt1 = splat<V>(acc_t(0)), gB1 = splat<V>(acc_t(0));
 #pragma GCC unroll 16
   for (int64_t n = 0; n < N; ++n) {
     const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
     const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
-    const V hn = fmadd(AA[n], HP[n], dtu * bn);  // h_t
-    const V gn = fmadd(cn, dy, g[n]);            // dL/dh_t
-    const V ghA = gn * HP[n] * AA[n];
-    ddt = fmadd(ghA, A[n], ddt);  // times 1 / a_scale below
+    const V hn = H[n];                        // h_t
+    const V gn = fmadd(cn, dy, g[n]);         // dL/dh_t
+    const V ghA = gn * fmadd(neg_dtu, bn, hn);  // gn a_t h_{t-1}, as h_t - dt u B
+    if (n & 1) {
+      ddt1 = fmadd(ghA, A[n], ddt1);  // times 1 / a_scale below
+      gB1 = fmadd(gn, bn, gB1);
+    } else {
+      ddt = fmadd(ghA, A[n], ddt);
+      gB = fmadd(gn, bn, gB);
+    }
     st.dA[n] = fmadd(ghA, dt, st.dA[n]);
-    gB = fmadd(gn, bn, gB);
     if (kBFixed) st.dBf[n] = fmadd(gn, dtu, st.dBf[n]);
     else PB[n] = fmadd(gn, dtu, PB[n]);
     if (kCFixed) st.dCf[n] = fmadd(hn, dy, st.dCf[n]);
     else PC[n] = fmadd(hn, dy, PC[n]);
     g[n] = gn * AA[n];  // carried to step t - 1
   }
+  ddt += ddt1;
+  gB += gB1;
 }
 
 // One chunk of one slab, backwards: recompute the chunk's states from the saved one, then the adjoint
@@ -619,7 +629,7 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
   const Slab& s = st.s;
   const V zero = splat<V>(acc_t(0));
   stage_chunk(p, s, t0, T, buf, st.bias_v, true);
-  // Recompute: previous state HP and decay AA of every step, y before the gate.
+  // Recompute: state H (h_t) and decay AA (a_t) of every step, y before the gate.
   V* h = hbuf.data();
   for (int l = 0; l < W; ++l) {
     const acc_t* src = l < s.nl ? chunk_state(p, s.b, s.d0 + l, t0 / p.chunk) : nullptr;
@@ -657,15 +667,15 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
     st.dD = fmadd(dy, u, st.dD);
     const acc_t* Bt = buf.Bs.data() + t * N;
     const acc_t* Ct = buf.Cs.data() + t * N;
-    const V* HP = buf.HP.data() + t * N;
+    const V* H = buf.H.data() + t * N;
     const V* AA = buf.AA.data() + t * N;
     V* PB = buf.PB.data() + t * N;
     V* PC = buf.PC.data() + t * N;
     V gB = zero, ddt = zero;
     if constexpr (kN > 0) {
-      adjoint_one_step<acc_t, kBFixed, kCFixed>(st, kN, dt, dtu, dy, Bt, Ct, HP, AA, PB, PC, local, gB, ddt);
+      adjoint_one_step<acc_t, kBFixed, kCFixed>(st, kN, dt, dtu, dy, Bt, Ct, H, AA, PB, PC, local, gB, ddt);
     } else {
-      adjoint_one_step<acc_t, kBFixed, kCFixed>(st, N, dt, dtu, dy, Bt, Ct, HP, AA, PB, PC, g, gB, ddt);
+      adjoint_one_step<acc_t, kBFixed, kCFixed>(st, N, dt, dtu, dy, Bt, Ct, H, AA, PB, PC, g, gB, ddt);
     }
     if (p.is_start(s.b, tt)) {
       // The state before this step was the segment's start state: its gradient is g (already times
