@@ -39,10 +39,13 @@ namespace {
 
 using at::Tensor;
 
-// softplus with torch's threshold (vec_math.h's vsoftplus)
-inline VF vsoftplus(VF x) { return fastnn::cpu::vsoftplus(x, ssm::kSoftplusThreshold); }
-inline VD vsoftplus(VD x) {
-  for (int i = 0; i < 8; ++i) x[i] = ssm::softplus(x[i]);
+// softplus with torch's threshold (vec_math.h's vsoftplus) and, with `d`, its derivative
+inline VF vsoftplus(VF x, VF* d) { return fastnn::cpu::vsoftplus(x, ssm::kSoftplusThreshold, d); }
+inline VD vsoftplus(VD x, VD* d) {
+  for (int i = 0; i < 8; ++i) {
+    if (d != nullptr) (*d)[i] = ssm::softplus_grad(x[i]);
+    x[i] = ssm::softplus(x[i]);
+  }
   return x;
 }
 inline VF vsigmoid(VF x) { return 1.0f / (1.0f + vexp(-x)); }
@@ -293,14 +296,14 @@ template <typename acc_t>
 struct Buffers {
   static constexpr int W = Lanes<acc_t>::W;
   using V = typename Lanes<acc_t>::V;
-  std::vector<V> U, DT, DTU, Z, Y, DO, H, AA, PB, PC, DU, DDT, DZ, RAW;
+  std::vector<V> U, DT, DTU, Z, Y, DO, H, AA, PB, PC, DU, DDT, DZ, DSP;  // DSP: d softplus / d raw dt
   std::vector<acc_t> Bs, Cs;  // [t][n] per chunk (per-step B / C)
   explicit Buffers(int64_t chunk, int64_t nstate, bool backward) {
     for (auto* v : {&U, &DT, &DTU, &Z, &Y}) v->resize(chunk);
     Bs.resize(chunk * nstate);
     Cs.resize(chunk * nstate);
     if (backward) {
-      for (auto* v : {&DO, &DU, &DDT, &DZ, &RAW}) v->resize(chunk);
+      for (auto* v : {&DO, &DU, &DDT, &DZ, &DSP}) v->resize(chunk);
       for (auto* v : {&H, &AA, &PB, &PC}) v->resize(chunk * nstate);
     }
   }
@@ -337,7 +340,8 @@ void store_state(acc_t* base, int64_t r, const Scan<acc_t>& p, const Slab& s, co
   }
 }
 
-// Stage one chunk [t0, t0 + T) of the slab: u, dt (bias + softplus applied), dt * u, z (and dout, raw dt).
+// Stage one chunk [t0, t0 + T) of the slab: u, dt (bias + softplus applied), dt * u, z (and dout, d softplus /
+// d raw dt).
 template <typename acc_t>
 void stage_chunk(const Scan<acc_t>& p, const Slab& s, int64_t t0, int64_t T, Buffers<acc_t>& buf,
                  VecOf<acc_t> bias_v, bool backward) {
@@ -358,9 +362,8 @@ void stage_chunk(const Scan<acc_t>& p, const Slab& s, int64_t t0, int64_t T, Buf
   if (p.z != nullptr) tile(p.z, Z);
   if (backward) tile(p.dout, DO);
   for (int64_t t = 0; t < T; ++t) {
-    V raw = buf.DT[t] + bias_v;
-    if (backward) buf.RAW[t] = raw;
-    V dt = p.softplus ? vsoftplus(raw) : raw;
+    const V raw = buf.DT[t] + bias_v;
+    const V dt = p.softplus ? vsoftplus(raw, backward ? &buf.DSP[t] : nullptr) : raw;
     buf.DT[t] = dt;
     buf.DTU[t] = dt * buf.U[t];
   }
@@ -692,10 +695,7 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
     }
     ddt = fmadd(gB, u, ddt * (acc_t(1) / a_scale<acc_t>()));
     buf.DU[t] = fmadd(gB, dt, dy * st.D_v);
-    if (p.softplus) {
-      const V raw = buf.RAW[t];
-      ddt = raw > acc_t(ssm::kSoftplusThreshold) ? ddt : ddt * vsigmoid(raw);
-    }
+    if (p.softplus) ddt = ddt * buf.DSP[t];
     st.dbias += ddt;
     buf.DDT[t] = ddt;
   }
@@ -710,6 +710,30 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
   tile(p.du, buf.DU);
   tile(p.ddelta, buf.DDT);
   if (p.z != nullptr) tile(p.dz, buf.DZ);
+}
+
+// dst[n * L + t] = the sum of the lanes of P[t * N + n], for t < T and every n. With AVX-512 and fp32, 16
+// steps at a time: a 16 x 16 transpose turns 16 vectors into 16 rows whose sum holds their 16 lane sums
+// (a scalar sum of 16 lanes is a chain of 15 dependent adds).
+template <typename acc_t>
+void lane_sums(const VecOf<acc_t>* P, int64_t T, int64_t N, int64_t L, acc_t* dst) {
+#ifdef FASTNN_SCAN_TILES
+  if constexpr (std::is_same<acc_t, float>::value) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t t0 = 0; t0 < T; t0 += 16) {
+        const int64_t m = std::min<int64_t>(16, T - t0);
+        __m512 r[16];
+        for (int k = 0; k < 16; ++k) r[k] = k < m ? (__m512)P[(t0 + k) * N + n] : _mm512_setzero_ps();
+        transpose16(r);
+        for (int w = 8; w >= 1; w /= 2)  // pairwise: 4 dependent adds instead of 15
+          for (int k = 0; k < w; ++k) r[k] = _mm512_add_ps(r[k], r[k + w]);
+        _mm512_mask_storeu_ps(dst + n * L + t0, tail_mask(m), r[0]);
+      }
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = 0; n < N; ++n) dst[n * L + t] = hsum(P[t * N + n]);
 }
 
 template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
@@ -740,11 +764,8 @@ void backward_task(const Scan<acc_t>& p, const Slab* slabs, int count, int64_t t
       }
       backward_chunk<acc_t, kBFixed, kCFixed, kN>(p, states[j], t0, T, buf, hbuf, &prefetch);
     }
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t n = 0; n < N; ++n) {
-        if (!kBFixed) dBstep[n * L + t0 + t] = hsum(buf.PB[t * N + n]);
-        if (!kCFixed) dCstep[n * L + t0 + t] = hsum(buf.PC[t * N + n]);
-      }
+    if (!kBFixed) lane_sums(buf.PB.data(), T, N, L, dBstep + t0);
+    if (!kCFixed) lane_sums(buf.PC.data(), T, N, L, dCstep + t0);
   }
   for (int j = 0; j < count; ++j) {  // per-row partials of the batch-summed parameters
     const SlabState<acc_t>& st = states[j];

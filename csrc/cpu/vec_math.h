@@ -119,14 +119,17 @@ inline VF vlog(VF x) {
   return fmadd(ef, splat<VF>(0.693359375f), f + y);
 }
 
-// softplus: x above `threshold` passes through (torch's is 20); else log1p(exp(x)) as
-// max(x, 0) + log1p(exp(-|x|)), log1p(w) = log(1 + w) * w / ((1 + w) - 1) (exact-rounding correction).
-inline VF vsoftplus(VF x, float threshold) {
+// softplus: x above `threshold` passes through (torch's is 20); else max(x, 0) + log1p(e^-|x|), with
+// log1p(w) = log(u) + c / u for u = 1 + w rounded and c = w - (u - 1) its rounding error (exact: u is in
+// [1, 2]; where u rounds to 1, c is all of w), and log(1 + c/u) - c/u is below 1e-14. With `dsoftplus`,
+// also the derivative sigmoid(x) (1 above the threshold) from the same exp: 1 / u for x > 0, w / u
+// otherwise.
+inline VF vsoftplus(VF x, float threshold, VF* dsoftplus = nullptr) {
   const VF w = vexp(-(x > 0 ? x : -x));
-  const VF onep = w + 1.0f;
-  const VF den = onep - 1.0f;
-  const VF l1p = den == 0 ? w : vlog(onep) * (w / (den == 0 ? splat<VF>(1.0f) : den));
+  const VF u = w + 1.0f;
+  const VF l1p = vlog(u) + (w - (u - 1.0f)) / u;
   const VF sp = vmax(x, splat<VF>(0.0f)) + l1p;
+  if (dsoftplus != nullptr) *dsoftplus = x > threshold ? splat<VF>(1.0f) : (x > 0 ? splat<VF>(1.0f) : w) / u;
   return x > threshold ? x : sp;
 }
 
