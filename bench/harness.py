@@ -60,11 +60,11 @@ def time_call(fn: Callable[[], object], device: str) -> float:
 
 
 def time_pair(ours: Callable, peer: Optional[Callable], device: str, quick: bool,
-              budget_s: Optional[float] = None) -> tuple:
-    """Median seconds of ours and peer, alternating calls after one untimed call of each. Repeats adapt to
-    the slower of the two so a case takes about budget_s (default 1 s, 0.3 s quick; at least 3 repeats); a
-    call of over 1 s is timed twice (its first timed call counts)."""
-    fns = [ours] + ([peer] if peer is not None else [])
+              budget_s: Optional[float] = None, floor: Optional[Callable] = None) -> tuple:
+    """Median seconds of ours and peer (and of `floor`, when given, as a third), alternating calls after one
+    untimed call of each. Repeats adapt to the slowest so a case takes about budget_s (default 1 s, 0.3 s
+    quick; at least 3 repeats); a call of over 1 s is timed twice (its first timed call counts)."""
+    fns = [ours] + ([peer] if peer is not None else []) + ([floor] if floor is not None else [])
     # The first call of a torch custom op pays a one-time set-up (~1.5 s on the CPU machine, independent of
     # the input): one untimed call of each (both, so cases that step a state in place stay in step).
     for fn in fns:
@@ -85,7 +85,22 @@ def time_pair(ours: Callable, peer: Optional[Callable], device: str, quick: bool
         for i, fn in enumerate(fns):
             samples[i].append(time_call(fn, device))
     medians = [statistics.median(s) for s in samples]
-    return medians[0], (medians[1] if peer is not None else None)
+    if floor is None:
+        return medians[0], (medians[1] if peer is not None else None)
+    return medians[0], (medians[1] if peer is not None else None), medians[-1]
+
+
+def exp_floor_fn(exps: float) -> Optional[Callable[[], object]]:
+    """A call that evaluates `exps` exponentials with the CPU kernels' vectorised exp2 on L1-resident data
+    (the exp ceiling's own loop), or None without the CPU kernels: timed in step with an exp-bound op, its
+    time is that op's floor measured at the same moment, which this VM's minute-to-minute swings (the
+    exp ceiling itself reads 12-18 G/s between runs) cannot skew the way a ceiling measured once can."""
+    if _C is None or not hasattr(_C, "exp2_throughput_cpu"):
+        return None
+    x = torch.empty(2**13, dtype=torch.float32).uniform_(-6, 0)
+    y = torch.empty_like(x)
+    reps = max(1, round(exps / x.numel()))
+    return lambda: _C.exp2_throughput_cpu(x, y, reps)
 
 
 def measure_ceilings(device: str, quick: bool) -> dict:
@@ -179,7 +194,11 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
     records = []
     for c in cases:
         try:
-            ours_s, peer_s = time_pair(c.ours, c.peer_fn, device, quick, c.budget_s)
+            floor_fn = exp_floor_fn(c.work) if c.metric == "Gexp/s" and device == "cpu" else None
+            if floor_fn is not None:
+                ours_s, peer_s, floor_s = time_pair(c.ours, c.peer_fn, device, quick, c.budget_s, floor_fn)
+            else:
+                (ours_s, peer_s), floor_s = time_pair(c.ours, c.peer_fn, device, quick, c.budget_s), None
         except torch.OutOfMemoryError:
             print(f"{c.suite} {c.case} {c.shape}: out of memory, skipped", flush=True)
             continue
@@ -215,6 +234,8 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
             "metric": c.metric, "value": value, "ceiling_fraction": value / ceiling if ceiling else None,
             "agrees_with_peer": agree,
         }
+        if floor_s is not None:  # ours against its floor timed alongside (see exp_floor_fn)
+            rec["x_floor_paired"] = ours_s / floor_s
         if diff is not None:
             rec["max_abs_diff"] = diff
         if c.peak_memory and device == "cuda":
@@ -237,6 +258,8 @@ def format_row(r: dict) -> str:
     flag = "" if r.get("agrees_with_peer") in (None, True) else "  DISAGREES WITH PEER"
     if r.get("max_abs_diff") is not None:
         flag += f" (max |diff| {r['max_abs_diff']:.3g})"
+    if r.get("x_floor_paired") is not None:
+        flag += f"  {r['x_floor_paired']:.2f}x the exp floor timed alongside"
     if r.get("ours_peak_MB") is not None:
         flag += f"  peak MB {r['ours_peak_MB']:.0f} vs {r['peer_peak_MB'] or 0:.0f}"
     return (f"{r['suite']:<7} {r['case']:<26} {r['shape']:<22} {r['dtype']:<8} {r['device']:<5} "

@@ -4,7 +4,10 @@
       structure: materialise exp(dt A) and dt B u, loop over L), Mamba's configuration (per-step B / C, one
       group, D, z, delta_bias, softplus), N = 16. Two floors:
         CPU  Gexp/s against the machine's exp rate: the forward evaluates exp(dt A) once per state element
-             (B D L N); forward+backward twice (the backward recomputes it: storing it is O(B D L N)).
+             (B D L N); forward+backward twice (the backward recomputes it: storing it is O(B D L N)). The
+             harness also times that many exps alongside each case (bench.harness.exp_floor_fn) and reports
+             ours / that as "x the exp floor timed alongside": on this VM the exp rate itself swings
+             between 8.6 and 18 G/s from one minute to the next.
         CUDA GB/s against the copy bandwidth: u, delta, z, B, C read and out written once (forward); the
              backward also reads dout and writes du, ddelta, dz, dB, dC.
   Mamba block forward+backward (tokens/s): fastnn.nn.Mamba against the same block computed with
