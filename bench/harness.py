@@ -93,8 +93,8 @@ def time_pair(ours: Callable, peer: Optional[Callable], device: str, quick: bool
 def exp_floor_fn(exps: float) -> Optional[Callable[[], object]]:
     """A call that evaluates `exps` exponentials with the CPU kernels' vectorised exp2 on L1-resident data
     (the exp ceiling's own loop), or None without the CPU kernels: timed in step with an exp-bound op, its
-    time is that op's floor measured at the same moment, which this VM's minute-to-minute swings (the
-    exp ceiling itself reads 12-18 G/s between runs) cannot skew the way a ceiling measured once can."""
+    time is that op's floor measured at the same moment, which this VM's swings (the exp loop runs at
+    8.6 G/s for seconds, then at 15-18) cannot skew the way a ceiling measured once can."""
     if _C is None or not hasattr(_C, "exp2_throughput_cpu"):
         return None
     x = torch.empty(2**13, dtype=torch.float32).uniform_(-6, 0)
