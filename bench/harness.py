@@ -61,7 +61,7 @@ def time_call(fn: Callable[[], object], device: str) -> float:
 
 def time_pair(ours: Callable, peer: Optional[Callable], device: str, quick: bool,
               budget_s: Optional[float] = None, floor: Optional[Callable] = None) -> tuple:
-    """Median seconds of ours and peer (and of `floor`, when given, as a third), alternating calls after one
+    """Median seconds of ours, peer and floor (None for an absent one), alternating calls after one
     untimed call of each. Repeats adapt to the slowest so a case takes about budget_s (default 1 s, 0.3 s
     quick; at least 3 repeats); a call of over 1 s is timed twice (its first timed call counts)."""
     fns = [ours] + ([peer] if peer is not None else []) + ([floor] if floor is not None else [])
@@ -85,9 +85,7 @@ def time_pair(ours: Callable, peer: Optional[Callable], device: str, quick: bool
         for i, fn in enumerate(fns):
             samples[i].append(time_call(fn, device))
     medians = [statistics.median(s) for s in samples]
-    if floor is None:
-        return medians[0], (medians[1] if peer is not None else None)
-    return medians[0], (medians[1] if peer is not None else None), medians[-1]
+    return medians[0], (medians[1] if peer is not None else None), (medians[-1] if floor is not None else None)
 
 
 def exp_floor_fn(exps: float) -> Optional[Callable[[], object]]:
@@ -133,14 +131,12 @@ def measure_ceilings(device: str, quick: bool) -> dict:
     # On the CPU torch.exp can be far below what the machine does (1.2 G/s a thread on the AMD EPYC VM, where
     # the scan's own exp evaluates 3-6 G/s): the ceiling is the faster of it and the CPU kernels' vectorised
     # exp2 (vec_math.h) on L1-resident data, which is what the scan's exp(dt * A) runs.
-    if device == "cpu" and _C is not None and hasattr(_C, "exp2_throughput_cpu"):
-        xk = torch.empty(2**13, dtype=torch.float32).uniform_(-6, 0)
-        yk = torch.empty_like(xk)
-        kernel_reps = 256
-        _C.exp2_throughput_cpu(xk, yk, kernel_reps)
-        kernel_s = min(time_call(lambda: _C.exp2_throughput_cpu(xk, yk, kernel_reps), device)
-                       for _ in range(5 if quick else 10))
-        exp_gps = max(exp_gps, xk.numel() * kernel_reps / kernel_s / 1e9)
+    kernel_exps = 2**21
+    kernel = exp_floor_fn(kernel_exps) if device == "cpu" else None
+    if kernel is not None:
+        kernel()
+        kernel_s = min(time_call(kernel, device) for _ in range(5 if quick else 10))
+        exp_gps = max(exp_gps, kernel_exps / kernel_s / 1e9)
     return {"copy_GBps": 2 * n_copy / copy_s / 1e9, "matmul_TFLOPs": 2 * n_mm**3 / mm_s / 1e12,
             "matmul_dtype": str(mm_dtype).replace("torch.", ""), "exp_Gps": exp_gps}
 
@@ -195,10 +191,7 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
     for c in cases:
         try:
             floor_fn = exp_floor_fn(c.work) if c.metric == "Gexp/s" and device == "cpu" else None
-            if floor_fn is not None:
-                ours_s, peer_s, floor_s = time_pair(c.ours, c.peer_fn, device, quick, c.budget_s, floor_fn)
-            else:
-                (ours_s, peer_s), floor_s = time_pair(c.ours, c.peer_fn, device, quick, c.budget_s), None
+            ours_s, peer_s, floor_s = time_pair(c.ours, c.peer_fn, device, quick, c.budget_s, floor_fn)
         except torch.OutOfMemoryError:
             print(f"{c.suite} {c.case} {c.shape}: out of memory, skipped", flush=True)
             continue
