@@ -373,16 +373,20 @@ void stage_chunk(const Scan<acc_t>& p, const Slab& s, int64_t t0, int64_t T, Buf
 template <typename acc_t>
 void stage_bc(const Scan<acc_t>& p, int64_t b, int64_t g, int64_t t0, int64_t T, Buffers<acc_t>& buf) {
   const int64_t N = p.nstate;
-  if (!p.b_fixed) {
-    const acc_t* src = p.Bm + (b * p.ngroups + g) * N * p.len + t0;
+  auto stage = [&](const acc_t* M, std::vector<acc_t>& dst) {
+    const acc_t* src = M + (b * p.ngroups + g) * N * p.len + t0;
+    if (N == Lanes<acc_t>::W) {  // [t][n] is a tile of N-lane rows: transposed in registers (Mamba's N = 16)
+      const char* rows[Lanes<acc_t>::W];
+      for (int64_t n = 0; n < N; ++n) rows[n] = reinterpret_cast<const char*>(src + n * p.len);
+      load_tile<acc_t>(rows, static_cast<int>(N), c10::CppTypeToScalarType<acc_t>::value, sizeof(acc_t), T,
+                       dst.data());
+      return;
+    }
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t t = 0; t < T; ++t) buf.Bs[t * N + n] = src[n * p.len + t];
-  }
-  if (!p.c_fixed) {
-    const acc_t* src = p.Cm + (b * p.ngroups + g) * N * p.len + t0;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t t = 0; t < T; ++t) buf.Cs[t * N + n] = src[n * p.len + t];
-  }
+      for (int64_t t = 0; t < T; ++t) dst[t * N + n] = src[n * p.len + t];
+  };
+  if (!p.b_fixed) stage(p.Bm, buf.Bs);
+  if (!p.c_fixed) stage(p.Cm, buf.Cs);
 }
 
 // Per-state lane vectors of a fixed (D, N) B or C, or of A (times `scale`).
@@ -1023,8 +1027,9 @@ std::vector<Tensor> selective_scan_backward(FASTNN_SCAN_BWD_ARGS) {
   const int W = at_ == at::kDouble ? Lanes<double>::W : Lanes<float>::W;
   const int64_t slabs = ((Dm / G) + W - 1) / W;
   const int64_t tasks_per_group = (slabs + kSlabsPerTask - 1) / kSlabsPerTask;  // as plan()
-  Tensor dB_part = b_fixed ? Tensor() : at::zeros({Bsz, G, tasks_per_group, N, L}, facc);
-  Tensor dC_part = c_fixed ? Tensor() : at::zeros({Bsz, G, tasks_per_group, N, L}, facc);
+  // every element of the per-task partials is written (lane_sums covers each task's N x L)
+  Tensor dB_part = b_fixed ? Tensor() : at::empty({Bsz, G, tasks_per_group, N, L}, facc);
+  Tensor dC_part = c_fixed ? Tensor() : at::empty({Bsz, G, tasks_per_group, N, L}, facc);
   if (u.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(at_, "selective_scan_backward_cpu", [&] {
       auto p = describe<scalar_t>(u, delta, A, Bm, Cm, D_skip, z, delta_bias, delta_softplus, initial_state,
