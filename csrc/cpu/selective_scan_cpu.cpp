@@ -212,6 +212,36 @@ void store_tile(char* const* rows, int nl, at::ScalarType st, size_t esize, int6
   for (int l = 0; l < nl; ++l) store_lane<acc_t, W>(rows[l], st, T, src, l);
 }
 
+// Whether the forward gates its output in the rows' layout (store_tile_gated) instead of staging z as a tile:
+// it saves z's transpose. With AVX-512 and fp32 lanes.
+template <typename acc_t>
+constexpr bool kGateInRows =
+#ifdef FASTNN_SCAN_TILES
+    std::is_same<acc_t, float>::value;
+#else
+    false;
+#endif
+
+#ifdef FASTNN_SCAN_TILES
+// store_tile of the forward's y with the gate applied on the way out: row l gets y * silu(z) with z read from
+// zrows[l] in its own layout (so z is never transposed).
+inline void store_tile_gated(char* const* rows, const char* const* zrows, int nl, at::ScalarType st, size_t esize,
+                             int64_t T, const float* src) {
+  constexpr int W = Lanes<float>::W;
+  for (int64_t t0 = 0; t0 < T; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, T - t0);
+    __m512 r[16];
+    for (int k = 0; k < 16; ++k) r[k] = k < n ? _mm512_loadu_ps(src + (t0 + k) * W) : _mm512_setzero_ps();
+    transpose16(r);
+    const __mmask16 m = tail_mask(n);
+    for (int l = 0; l < nl; ++l) {
+      const VF z = (VF)load16(zrows[l] + t0 * esize, st, m);
+      store16(rows[l] + t0 * esize, st, (__m512)((VF)r[l] * (z * vsigmoid(z))), m);
+    }
+  }
+}
+#endif
+
 // Software prefetch of the next slab-chunk's input rows into L2, spread over the current chunk's steps. A
 // chunk reads 16 rows x (chunk x element size) bytes per tensor, runs of 8 cache lines at fp32 (chunk 128):
 // too short for the hardware prefetchers to ramp up, so without this the staging waited on DRAM.
@@ -359,7 +389,7 @@ void stage_chunk(const Scan<acc_t>& p, const Slab& s, int64_t t0, int64_t T, Buf
   };
   tile(p.u, U);
   tile(p.delta, DT);
-  if (p.z != nullptr) tile(p.z, Z);
+  if (p.z != nullptr && (backward || !kGateInRows<acc_t>)) tile(p.z, Z);
   if (backward) tile(p.dout, DO);
   for (int64_t t = 0; t < T; ++t) {
     const V raw = buf.DT[t] + bias_v;
@@ -548,10 +578,18 @@ void forward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64
   stage_chunk(p, s, t0, T, buf, st.bias_v, false);
   if (prefetch != nullptr) prefetch->plan(T);
   scan_steps<acc_t, kBFixed, kCFixed, kN, false>(p, st, t0, T, buf, h, true, prefetch);
-  if (p.z != nullptr)
-    for (int64_t t = 0; t < T; ++t) buf.Y[t] = buf.Y[t] * (buf.Z[t] * vsigmoid(buf.Z[t]));
   char* rows[W];
   for (int l = 0; l < s.nl; ++l) rows[l] = p.row(p.out, s.b, s.d0 + l, t0);
+  if constexpr (kGateInRows<acc_t>) {
+    if (p.z != nullptr) {
+      const char* zrows[W];
+      for (int l = 0; l < s.nl; ++l) zrows[l] = p.row(p.z, s.b, s.d0 + l, t0);
+      store_tile_gated(rows, zrows, s.nl, p.io, p.io_size, T, reinterpret_cast<const float*>(buf.Y.data()));
+      return;
+    }
+  } else if (p.z != nullptr) {
+    for (int64_t t = 0; t < T; ++t) buf.Y[t] = buf.Y[t] * (buf.Z[t] * vsigmoid(buf.Z[t]));
+  }
   store_tile<acc_t>(rows, s.nl, p.io, p.io_size, T, reinterpret_cast<const acc_t*>(buf.Y.data()));
 }
 
