@@ -93,43 +93,25 @@ inline VD vexp(VD x) {
   return x;
 }
 
-// natural log of 16 positive normal floats (Cephes' logf polynomial on [sqrt(1/2), sqrt(2))).
-inline VF vlog(VF x) {
-  VI bits = (VI)x;
-  VI e = ((bits >> 23) & 0xff) - 127;
-  VF m = (VF)((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
-  const auto big = m > splat<VF>(1.41421356f);
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
-  const VF f = m - 1.0f;
-  VF p = splat<VF>(7.0376836292e-2f);
-  p = fmadd(p, f, splat<VF>(-1.1514610310e-1f));
-  p = fmadd(p, f, splat<VF>(1.1676998740e-1f));
-  p = fmadd(p, f, splat<VF>(-1.2420140846e-1f));
-  p = fmadd(p, f, splat<VF>(1.4249322787e-1f));
-  p = fmadd(p, f, splat<VF>(-1.6668057665e-1f));
-  p = fmadd(p, f, splat<VF>(2.0000714765e-1f));
-  p = fmadd(p, f, splat<VF>(-2.4999993993e-1f));
-  p = fmadd(p, f, splat<VF>(3.3333331174e-1f));
-  const VF f2 = f * f;
-  VF y = f2 * f * p;
-  const VF ef = __builtin_convertvector(e, VF);
-  y = fmadd(ef, splat<VF>(-2.12194440e-4f), y);
-  y = fmadd(f2, splat<VF>(-0.5f), y);
-  return fmadd(ef, splat<VF>(0.693359375f), f + y);
-}
-
-// softplus: x above `threshold` passes through (torch's is 20); else max(x, 0) + log1p(e^-|x|), with
-// log1p(w) = log(u) + c / u for u = 1 + w rounded and c = w - (u - 1) its rounding error (exact: u is in
-// [1, 2]; where u rounds to 1, c is all of w), and log(1 + c/u) - c/u is below 1e-14. With `dsoftplus`,
-// also the derivative sigmoid(x) (1 above the threshold) from the same exp: 1 / u for x > 0, w / u
+// softplus: x above `threshold` passes through (torch's is 20); else max(x, 0) + log1p(w) with w = e^-|x|.
+// log1p(w) = 2 atanh(s) for s = w / (2 + w), which is in [0, 1/3]: atanh's series to s^13 (its next term is
+// below 1.5e-8 of the sum there), so no log, no exponent split and one division. With `dsoftplus`, also the
+// derivative sigmoid(x) (1 above the threshold) from the same exp: 1 / (1 + w) for x > 0, w / (1 + w)
 // otherwise.
 inline VF vsoftplus(VF x, float threshold, VF* dsoftplus = nullptr) {
   const VF w = vexp(-(x > 0 ? x : -x));
-  const VF u = w + 1.0f;
-  const VF l1p = vlog(u) + (w - (u - 1.0f)) / u;
+  const VF s = w / (w + 2.0f);
+  const VF s2 = s * s, s_2 = s + s;
+  VF q = splat<VF>(1.0f / 13);
+  q = fmadd(q, s2, splat<VF>(1.0f / 11));
+  q = fmadd(q, s2, splat<VF>(1.0f / 9));
+  q = fmadd(q, s2, splat<VF>(1.0f / 7));
+  q = fmadd(q, s2, splat<VF>(1.0f / 5));
+  q = fmadd(q, s2, splat<VF>(1.0f / 3));
+  const VF l1p = fmadd(s_2 * s2, q, s_2);
   const VF sp = vmax(x, splat<VF>(0.0f)) + l1p;
-  if (dsoftplus != nullptr) *dsoftplus = x > threshold ? splat<VF>(1.0f) : (x > 0 ? splat<VF>(1.0f) : w) / u;
+  if (dsoftplus != nullptr)
+    *dsoftplus = x > threshold ? splat<VF>(1.0f) : (x > 0 ? splat<VF>(1.0f) : w) / (w + 1.0f);
   return x > threshold ? x : sp;
 }
 
