@@ -59,11 +59,22 @@ def time_call(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t
 
 
+def _minor_faults() -> int:
+    """Page faults of this process so far that needed no I/O: on the CPU, each first touch of a fresh page."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_pair(ours: Callable, peer: Optional[Callable], device: str, quick: bool,
-              budget_s: Optional[float] = None, floor: Optional[Callable] = None) -> tuple:
+              budget_s: Optional[float] = None, floor: Optional[Callable] = None,
+              faults: Optional[list] = None) -> tuple:
     """Median seconds of ours, peer and floor (None for an absent one), alternating calls after one
     untimed call of each. Repeats adapt to the slowest so a case takes about budget_s (default 1 s, 0.3 s
-    quick; at least 3 repeats); a call of over 1 s is timed twice (its first timed call counts)."""
+    quick; at least 3 repeats); a call of over 1 s is timed twice (its first timed call counts). With
+    `faults` (a list), the mean page faults per timed call of each are appended to it in that order."""
     fns = [ours] + ([peer] if peer is not None else []) + ([floor] if floor is not None else [])
     # The first call of a torch custom op pays a one-time set-up (~1.5 s on the CPU machine, independent of
     # the input): one untimed call of each (both, so cases that step a state in place stay in step).
@@ -81,9 +92,14 @@ def time_pair(ours: Callable, peer: Optional[Callable], device: str, quick: bool
     else:
         repeats = int(min(max(budget / max(slowest, 1e-6), 3), 25 if quick and budget_s is None else 100))
         samples = [[] for _ in fns]
+    touched = [0] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            before = _minor_faults()
             samples[i].append(time_call(fn, device))
+            touched[i] += _minor_faults() - before
+    if faults is not None:
+        faults += [n / repeats for n in touched]
     medians = [statistics.median(s) for s in samples]
     return medians[0], (medians[1] if peer is not None else None), (medians[-1] if floor is not None else None)
 
@@ -191,7 +207,8 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
     for c in cases:
         try:
             floor_fn = exp_floor_fn(c.work) if c.metric == "Gexp/s" and device == "cpu" else None
-            ours_s, peer_s, floor_s = time_pair(c.ours, c.peer_fn, device, quick, c.budget_s, floor_fn)
+            faults: list = []
+            ours_s, peer_s, floor_s = time_pair(c.ours, c.peer_fn, device, quick, c.budget_s, floor_fn, faults)
         except torch.OutOfMemoryError:
             print(f"{c.suite} {c.case} {c.shape}: out of memory, skipped", flush=True)
             continue
@@ -229,6 +246,9 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
         }
         if floor_s is not None:  # ours against its floor timed alongside (see exp_floor_fn)
             rec["x_floor_paired"] = ours_s / floor_s
+        if device == "cpu":  # first touches of fresh pages per call: ~1.5 us each on the CPU VM
+            rec["ours_page_faults"] = faults[0]
+            rec["peer_page_faults"] = faults[1] if peer_s is not None else None
         if diff is not None:
             rec["max_abs_diff"] = diff
         if c.peak_memory and device == "cuda":
@@ -253,6 +273,8 @@ def format_row(r: dict) -> str:
         flag += f" (max |diff| {r['max_abs_diff']:.3g})"
     if r.get("x_floor_paired") is not None:
         flag += f"  {r['x_floor_paired']:.2f}x the exp floor timed alongside"
+    if (r.get("ours_page_faults") or 0) >= 100:  # worth a look: ~1.5 us each on the CPU VM
+        flag += f"  {r['ours_page_faults']:.0f} page faults/call"
     if r.get("ours_peak_MB") is not None:
         flag += f"  peak MB {r['ours_peak_MB']:.0f} vs {r['peer_peak_MB'] or 0:.0f}"
     return (f"{r['suite']:<7} {r['case']:<26} {r['shape']:<22} {r['dtype']:<8} {r['device']:<5} "
