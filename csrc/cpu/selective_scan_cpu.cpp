@@ -682,6 +682,19 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
   }
   if (prefetch != nullptr) prefetch->plan(T);
   scan_steps<acc_t, kBFixed, kCFixed, kN, true>(p, st, t0, T, buf, h, false, prefetch);
+  // The gate's backward for the whole chunk (dz; DO becomes dL/dy, dout times silu(z)), and dD: a loop with
+  // independent steps, so that the sigmoid's exp and division are not on each adjoint step's critical path.
+  for (int64_t t = 0; t < T; ++t) {
+    V dy = buf.DO[t];
+    if (p.z != nullptr) {
+      const V z = buf.Z[t];
+      const V sg = vsigmoid(z);
+      buf.DZ[t] = dy * buf.Y[t] * (sg * (1 + z * (1 - sg)));
+      dy = dy * (z * sg);
+      buf.DO[t] = dy;
+    }
+    st.dD = fmadd(dy, buf.U[t], st.dD);
+  }
   // The adjoint g: in `local` (registers) when kN is fixed, as the forward's state in scan_steps.
   V* g = st.h.data();
   V local[kN > 0 ? kN : 1];
@@ -701,15 +714,8 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
         }
       }
     }
-    V dy = buf.DO[t];
-    if (p.z != nullptr) {
-      const V z = buf.Z[t];
-      const V sg = vsigmoid(z);
-      buf.DZ[t] = dy * buf.Y[t] * (sg * (1 + z * (1 - sg)));
-      dy = dy * (z * sg);
-    }
+    const V dy = buf.DO[t];
     const V u = buf.U[t], dt = buf.DT[t], dtu = buf.DTU[t];
-    st.dD = fmadd(dy, u, st.dD);
     const acc_t* Bt = buf.Bs.data() + t * N;
     const acc_t* Ct = buf.Cs.data() + t * N;
     const V* H = buf.H.data() + t * N;
