@@ -191,8 +191,21 @@ void load_tile(const char* const* rows, int nl, at::ScalarType st, size_t esize,
   for (int l = 0; l < nl; ++l) load_lane<acc_t, W>(rows[l], st, T, dst, l);
 }
 
+// Whether the forward gates its output in the rows' layout (store_tile's gate_rows) instead of staging z as a
+// tile: it saves z's transpose. With AVX-512 and fp32 lanes.
 template <typename acc_t>
-void store_tile(char* const* rows, int nl, at::ScalarType st, size_t esize, int64_t T, const acc_t* src) {
+constexpr bool kGateInRows =
+#ifdef FASTNN_SCAN_TILES
+    std::is_same<acc_t, float>::value;
+#else
+    false;
+#endif
+
+// With gate_rows (only where kGateInRows), row l gets src's y times silu(z) read from gate_rows[l] in z's own
+// layout, so z is never transposed.
+template <typename acc_t>
+void store_tile(char* const* rows, int nl, at::ScalarType st, size_t esize, int64_t T, const acc_t* src,
+                const char* const* gate_rows = nullptr) {
   constexpr int W = Lanes<acc_t>::W;
 #ifdef FASTNN_SCAN_TILES
   if constexpr (std::is_same<acc_t, float>::value) {
@@ -203,7 +216,13 @@ void store_tile(char* const* rows, int nl, at::ScalarType st, size_t esize, int6
         for (int k = 0; k < 16; ++k) r[k] = k < n ? _mm512_loadu_ps(src + (t0 + k) * W) : _mm512_setzero_ps();
         transpose16(r);
         const __mmask16 m = tail_mask(n);
-        for (int l = 0; l < nl; ++l) store16(rows[l] + t0 * esize, st, r[l], m);
+        for (int l = 0; l < nl; ++l) {
+          if (gate_rows != nullptr) {
+            const VF z = (VF)load16(gate_rows[l] + t0 * esize, st, m);
+            r[l] = (__m512)((VF)r[l] * (z * vsigmoid(z)));
+          }
+          store16(rows[l] + t0 * esize, st, r[l], m);
+        }
       }
       return;
     }
@@ -211,36 +230,6 @@ void store_tile(char* const* rows, int nl, at::ScalarType st, size_t esize, int6
 #endif
   for (int l = 0; l < nl; ++l) store_lane<acc_t, W>(rows[l], st, T, src, l);
 }
-
-// Whether the forward gates its output in the rows' layout (store_tile_gated) instead of staging z as a tile:
-// it saves z's transpose. With AVX-512 and fp32 lanes.
-template <typename acc_t>
-constexpr bool kGateInRows =
-#ifdef FASTNN_SCAN_TILES
-    std::is_same<acc_t, float>::value;
-#else
-    false;
-#endif
-
-#ifdef FASTNN_SCAN_TILES
-// store_tile of the forward's y with the gate applied on the way out: row l gets y * silu(z) with z read from
-// zrows[l] in its own layout (so z is never transposed).
-inline void store_tile_gated(char* const* rows, const char* const* zrows, int nl, at::ScalarType st, size_t esize,
-                             int64_t T, const float* src) {
-  constexpr int W = Lanes<float>::W;
-  for (int64_t t0 = 0; t0 < T; t0 += 16) {
-    const int64_t n = std::min<int64_t>(16, T - t0);
-    __m512 r[16];
-    for (int k = 0; k < 16; ++k) r[k] = k < n ? _mm512_loadu_ps(src + (t0 + k) * W) : _mm512_setzero_ps();
-    transpose16(r);
-    const __mmask16 m = tail_mask(n);
-    for (int l = 0; l < nl; ++l) {
-      const VF z = (VF)load16(zrows[l] + t0 * esize, st, m);
-      store16(rows[l] + t0 * esize, st, (__m512)((VF)r[l] * (z * vsigmoid(z))), m);
-    }
-  }
-}
-#endif
 
 // Software prefetch of the next slab-chunk's input rows into L2, spread over the current chunk's steps. A
 // chunk reads 16 rows x (chunk x element size) bytes per tensor, runs of 8 cache lines at fp32 (chunk 128):
@@ -580,17 +569,14 @@ void forward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64
   scan_steps<acc_t, kBFixed, kCFixed, kN, false>(p, st, t0, T, buf, h, true, prefetch);
   char* rows[W];
   for (int l = 0; l < s.nl; ++l) rows[l] = p.row(p.out, s.b, s.d0 + l, t0);
+  const char* zrows[W];
   if constexpr (kGateInRows<acc_t>) {
-    if (p.z != nullptr) {
-      const char* zrows[W];
-      for (int l = 0; l < s.nl; ++l) zrows[l] = p.row(p.z, s.b, s.d0 + l, t0);
-      store_tile_gated(rows, zrows, s.nl, p.io, p.io_size, T, reinterpret_cast<const float*>(buf.Y.data()));
-      return;
-    }
+    for (int l = 0; l < s.nl; ++l) zrows[l] = p.z != nullptr ? p.row(p.z, s.b, s.d0 + l, t0) : nullptr;
   } else if (p.z != nullptr) {
     for (int64_t t = 0; t < T; ++t) buf.Y[t] = buf.Y[t] * (buf.Z[t] * vsigmoid(buf.Z[t]));
   }
-  store_tile<acc_t>(rows, s.nl, p.io, p.io_size, T, reinterpret_cast<const acc_t*>(buf.Y.data()));
+  store_tile<acc_t>(rows, s.nl, p.io, p.io_size, T, reinterpret_cast<const acc_t*>(buf.Y.data()),
+                    kGateInRows<acc_t> && p.z != nullptr ? zrows : nullptr);
 }
 
 template <typename acc_t, bool kBFixed, bool kCFixed, int kN>
