@@ -8,9 +8,9 @@
 //
 // Each slab walks its sequence in chunks of `chunk_size` steps, staging u, dt, z (and dout) transposed
 // into [step][lane] buffers. The forward saves the state before every chunk; the backward walks the
-// chunks in reverse, recomputes the chunk's states from that saved state (kept in a per-thread buffer
-// with the decay factors, so exp runs once per state element in the backward too), then runs the
-// adjoint recurrence g_t = a_{t+1} g_{t+1} + C_t dy_t.
+// chunks in reverse, recomputes the chunk's states from that saved state (a_t h_{t-1} and the decay
+// a_t kept in per-thread buffers, so exp runs once per state element in the backward too; dC is summed
+// there, where h_t is in a register), then runs the adjoint recurrence g_t = a_{t+1} g_{t+1} + C_t dy_t.
 //
 // Determinism: dB / dC (per step) are summed over the channels of a group. A task owns a fixed set of
 // slabs (kSlabsPerTask, independent of the thread count) and writes its own partial buffer; the partials
@@ -315,7 +315,7 @@ template <typename acc_t>
 struct Buffers {
   static constexpr int W = Lanes<acc_t>::W;
   using V = typename Lanes<acc_t>::V;
-  std::vector<V> U, DT, DTU, Z, Y, DO, H, AA, PB, PC, DU, DDT, DZ, DSP;  // DSP: d softplus / d raw dt
+  std::vector<V> U, DT, DTU, Z, Y, DO, M, AA, PB, PC, DU, DDT, DZ, DSP;  // DSP: d softplus / d raw dt
   std::vector<acc_t> Bs, Cs;  // [t][n] per chunk (per-step B / C)
   explicit Buffers(int64_t chunk, int64_t nstate, bool backward) {
     for (auto* v : {&U, &DT, &DTU, &Z, &Y}) v->resize(chunk);
@@ -323,7 +323,7 @@ struct Buffers {
     Cs.resize(chunk * nstate);
     if (backward) {
       for (auto* v : {&DO, &DU, &DDT, &DZ, &DSP}) v->resize(chunk);
-      for (auto* v : {&H, &AA, &PB, &PC}) v->resize(chunk * nstate);
+      for (auto* v : {&M, &AA, &PB, &PC}) v->resize(chunk * nstate);
     }
   }
 };
@@ -456,11 +456,14 @@ struct SlabState {
 // One step's update of the N states in `h` and its y before the gate (D u included). Inlined into the
 // step loop, so with a fixed kN the loop over the states unrolls fully and a local `h` lives in
 // registers (GCC unrolls neither a 16-trip loop of this size nor keeps a vector's data in registers).
+// With kRecord (the backward's recompute) it also stores each state's a_t h_{t-1} in M and a_t in AA, and
+// adds h_t dy_t to PC (the step's dC lanes): h_t is in a register here, and the adjoint then needs
+// neither h_t nor a read-modify-write of PC.
 template <typename acc_t, bool kBFixed, bool kCFixed, int kN, bool kRecord>
 inline __attribute__((always_inline)) VecOf<acc_t> scan_one_step(const SlabState<acc_t>& st, int64_t N, VecOf<acc_t> dt,
                                                                   VecOf<acc_t> dtu, VecOf<acc_t> y, const acc_t* Bt,
-                                                                  const acc_t* Ct, VecOf<acc_t>* h, VecOf<acc_t>* H,
-                                                                  VecOf<acc_t>* AA) {
+                                                                  const acc_t* Ct, VecOf<acc_t>* h, VecOf<acc_t>* M,
+                                                                  VecOf<acc_t>* AA, VecOf<acc_t> dy, VecOf<acc_t>* PC) {
   using V = VecOf<acc_t>;
   const V* A = st.A.data();
   V y1 = splat<V>(acc_t(0));  // two partial sums halve the latency chain of y through the states
@@ -469,10 +472,14 @@ inline __attribute__((always_inline)) VecOf<acc_t> scan_one_step(const SlabState
     const V a = decay(dt, A[n]);
     const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
     const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
-    h[n] = fmadd(a, h[n], dtu * bn);
     if (kRecord) {
-      H[n] = h[n];
+      const V m = a * h[n];
+      h[n] = fmadd(dtu, bn, m);
+      M[n] = m;
       AA[n] = a;
+      PC[n] = fmadd(h[n], dy, PC[n]);
+    } else {
+      h[n] = fmadd(a, h[n], dtu * bn);
     }
     if (n & 1) y1 = fmadd(h[n], cn, y1);
     else y = fmadd(h[n], cn, y);
@@ -481,10 +488,11 @@ inline __attribute__((always_inline)) VecOf<acc_t> scan_one_step(const SlabState
 }
 
 // Steps [t0, t0 + T) of one slab from state h (updated in place), the chunk staged in buf: y before the
-// gate into buf.Y; with kRecord, each step's new state h_t and decay a_t into buf.H / buf.AA (the
-// backward's recompute). Per-sequence final states are stored at sequence ends when store_last.
+// gate into buf.Y; with kRecord (the backward's recompute), each step's a_t h_{t-1} and a_t into buf.M /
+// buf.AA, and h_t dL/dy_t (buf.DO) added to the step's dC lanes (buf.PC, or st.dCf for a fixed C).
+// Per-sequence final states are stored at sequence ends when store_last.
 template <typename acc_t, bool kBFixed, bool kCFixed, int kN, bool kRecord>
-void scan_steps(const Scan<acc_t>& p, const SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf,
+void scan_steps(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64_t T, Buffers<acc_t>& buf,
                 VecOf<acc_t>* h, bool store_last, RowPrefetcher* prefetch = nullptr) {
   using V = VecOf<acc_t>;
   const int64_t N = kN > 0 ? kN : p.nstate;
@@ -508,12 +516,14 @@ void scan_steps(const Scan<acc_t>& p, const SlabState<acc_t>& st, int64_t t0, in
     const V dt = buf.DT[t], dtu = buf.DTU[t], y0 = st.D_v * buf.U[t];
     const acc_t* Bt = buf.Bs.data() + t * N;
     const acc_t* Ct = buf.Cs.data() + t * N;
-    V* H = kRecord ? buf.H.data() + t * N : nullptr;
+    V* M = kRecord ? buf.M.data() + t * N : nullptr;
     V* AA = kRecord ? buf.AA.data() + t * N : nullptr;
+    V* PC = !kRecord ? nullptr : kCFixed ? st.dCf.data() : buf.PC.data() + t * N;
+    const V dy = kRecord ? buf.DO[t] : V{};
     if constexpr (kN > 0) {
-      buf.Y[t] = scan_one_step<acc_t, kBFixed, kCFixed, kN, kRecord>(st, kN, dt, dtu, y0, Bt, Ct, local, H, AA);
+      buf.Y[t] = scan_one_step<acc_t, kBFixed, kCFixed, kN, kRecord>(st, kN, dt, dtu, y0, Bt, Ct, local, M, AA, dy, PC);
     } else {
-      buf.Y[t] = scan_one_step<acc_t, kBFixed, kCFixed, kN, kRecord>(st, N, dt, dtu, y0, Bt, Ct, hs, H, AA);
+      buf.Y[t] = scan_one_step<acc_t, kBFixed, kCFixed, kN, kRecord>(st, N, dt, dtu, y0, Bt, Ct, hs, M, AA, dy, PC);
     }
     if (store_last && p.per_seq && p.is_end(s.b, tt)) {
       if constexpr (kN > 0) {
@@ -614,22 +624,20 @@ void forward_task(const Scan<acc_t>& p, const Slab* slabs, int count, Buffers<ac
 template <typename acc_t, bool kBFixed, bool kCFixed>
 inline __attribute__((always_inline)) void adjoint_one_step(SlabState<acc_t>& st, int64_t N, VecOf<acc_t> dt,
                                                             VecOf<acc_t> dtu, VecOf<acc_t> dy, const acc_t* Bt,
-                                                            const acc_t* Ct, const VecOf<acc_t>* H,
+                                                            const acc_t* Ct, const VecOf<acc_t>* M,
                                                             const VecOf<acc_t>* AA, VecOf<acc_t>* PB,
-                                                            VecOf<acc_t>* PC, VecOf<acc_t>* g, VecOf<acc_t>& gB,
+                                                            VecOf<acc_t>* g, VecOf<acc_t>& gB,
                                                             VecOf<acc_t>& ddt) {
   using V = VecOf<acc_t>;
   const V* A = st.A.data();
-  const V neg_dtu = -dtu;
   // two partial sums each for d(dt) and gB: halves their latency chains through the states
   V ddt1 = splat<V>(acc_t(0)), gB1 = splat<V>(acc_t(0));
 #pragma GCC unroll 16
   for (int64_t n = 0; n < N; ++n) {
     const V bn = kBFixed ? st.Bf[n] : splat<V>(Bt[n]);
     const V cn = kCFixed ? st.Cf[n] : splat<V>(Ct[n]);
-    const V hn = H[n];                        // h_t
-    const V gn = fmadd(cn, dy, g[n]);         // dL/dh_t
-    const V ghA = gn * fmadd(neg_dtu, bn, hn);  // gn a_t h_{t-1}, as h_t - dt u B
+    const V gn = fmadd(cn, dy, g[n]);  // dL/dh_t
+    const V ghA = gn * M[n];           // gn a_t h_{t-1}
     if (n & 1) {
       ddt1 = fmadd(ghA, A[n], ddt1);  // times 1 / a_scale below
       gB1 = fmadd(gn, bn, gB1);
@@ -640,8 +648,6 @@ inline __attribute__((always_inline)) void adjoint_one_step(SlabState<acc_t>& st
     st.dA[n] = fmadd(ghA, dt, st.dA[n]);
     if (kBFixed) st.dBf[n] = fmadd(gn, dtu, st.dBf[n]);
     else PB[n] = fmadd(gn, dtu, PB[n]);
-    if (kCFixed) st.dCf[n] = fmadd(hn, dy, st.dCf[n]);
-    else PC[n] = fmadd(hn, dy, PC[n]);
     g[n] = gn * AA[n];  // carried to step t - 1
   }
   ddt += ddt1;
@@ -660,7 +666,21 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
   const Slab& s = st.s;
   const V zero = splat<V>(acc_t(0));
   stage_chunk(p, s, t0, T, buf, st.bias_v, true);
-  // Recompute: state H (h_t) and decay AA (a_t) of every step, y before the gate.
+  // The gate's backward for the whole chunk, and dD: DO becomes dL/dy = dout silu(z) (the recompute needs it
+  // for dC) and DZ dout silu'(z), times y once the recompute has it. A loop of independent steps, so that the
+  // sigmoid's exp and division are on no recurrence's critical path.
+  for (int64_t t = 0; t < T; ++t) {
+    V dy = buf.DO[t];
+    if (p.z != nullptr) {
+      const V z = buf.Z[t];
+      const V sg = vsigmoid(z);
+      buf.DZ[t] = dy * (sg * (1 + z * (1 - sg)));
+      dy = dy * (z * sg);
+      buf.DO[t] = dy;
+    }
+    st.dD = fmadd(dy, buf.U[t], st.dD);
+  }
+  // Recompute: a_t h_{t-1} (M) and a_t (AA) of every step, y before the gate; dC.
   V* h = hbuf.data();
   for (int l = 0; l < W; ++l) {
     const acc_t* src = l < s.nl ? chunk_state(p, s.b, s.d0 + l, t0 / p.chunk) : nullptr;
@@ -668,19 +688,8 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
   }
   if (prefetch != nullptr) prefetch->plan(T);
   scan_steps<acc_t, kBFixed, kCFixed, kN, true>(p, st, t0, T, buf, h, false, prefetch);
-  // The gate's backward for the whole chunk (dz; DO becomes dL/dy, dout times silu(z)), and dD: a loop with
-  // independent steps, so that the sigmoid's exp and division are not on each adjoint step's critical path.
-  for (int64_t t = 0; t < T; ++t) {
-    V dy = buf.DO[t];
-    if (p.z != nullptr) {
-      const V z = buf.Z[t];
-      const V sg = vsigmoid(z);
-      buf.DZ[t] = dy * buf.Y[t] * (sg * (1 + z * (1 - sg)));
-      dy = dy * (z * sg);
-      buf.DO[t] = dy;
-    }
-    st.dD = fmadd(dy, buf.U[t], st.dD);
-  }
+  if (p.z != nullptr)
+    for (int64_t t = 0; t < T; ++t) buf.DZ[t] = buf.DZ[t] * buf.Y[t];
   // The adjoint g: in `local` (registers) when kN is fixed, as the forward's state in scan_steps.
   V* g = st.h.data();
   V local[kN > 0 ? kN : 1];
@@ -704,15 +713,14 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
     const V u = buf.U[t], dt = buf.DT[t], dtu = buf.DTU[t];
     const acc_t* Bt = buf.Bs.data() + t * N;
     const acc_t* Ct = buf.Cs.data() + t * N;
-    const V* H = buf.H.data() + t * N;
+    const V* M = buf.M.data() + t * N;
     const V* AA = buf.AA.data() + t * N;
     V* PB = buf.PB.data() + t * N;
-    V* PC = buf.PC.data() + t * N;
     V gB = zero, ddt = zero;
     if constexpr (kN > 0) {
-      adjoint_one_step<acc_t, kBFixed, kCFixed>(st, kN, dt, dtu, dy, Bt, Ct, H, AA, PB, PC, local, gB, ddt);
+      adjoint_one_step<acc_t, kBFixed, kCFixed>(st, kN, dt, dtu, dy, Bt, Ct, M, AA, PB, local, gB, ddt);
     } else {
-      adjoint_one_step<acc_t, kBFixed, kCFixed>(st, N, dt, dtu, dy, Bt, Ct, H, AA, PB, PC, g, gB, ddt);
+      adjoint_one_step<acc_t, kBFixed, kCFixed>(st, N, dt, dtu, dy, Bt, Ct, M, AA, PB, g, gB, ddt);
     }
     if (p.is_start(s.b, tt)) {
       // The state before this step was the segment's start state: its gradient is g (already times
