@@ -329,7 +329,7 @@ def _pairwise_iou_backward_kernel(
 
 # ---------------------------------------------------------------- launchers
 
-_EXACT = dict(enable_fp_fusion=False)  # no FMA contraction: IoU bit-identical to torch / the CPU kernels
+EXACT_ROUNDING = dict(enable_fp_fusion=False)  # no FMA contraction: IoU bit-identical to torch / the CPU kernels
 
 
 def nms_mask(boxes, block_segment, seg_first_block, seg_num_blocks, seg_mask_offset, max_blocks: int,
@@ -344,7 +344,7 @@ def nms_mask(boxes, block_segment, seg_first_block, seg_num_blocks, seg_mask_off
         _nms_mask_kernel[grid](boxes, block_segment, seg_first_block, seg_num_blocks, seg_mask_offset, mask,
                                threshold_t, COLS=NMS_MASK_COLS, ROWS=NMS_MASK_ROWS[is64], IS_FP64=is64,
                                num_warps=NMS_MASK_WARPS,
-                               **_EXACT)
+                               **EXACT_ROUNDING)
     return mask
 
 
@@ -368,7 +368,7 @@ def pairwise_iou(boxes1, boxes2, generalized: bool):
         block_n = IOU_BLOCK_N_FP64 if is64 else IOU_BLOCK_N
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, IOU_BLOCK_M))
         _pairwise_iou_kernel[grid](boxes1, boxes2, out, n, m, GENERALIZED=generalized, IS_FP64=is64,
-                                   BLOCK_N=block_n, BLOCK_M=IOU_BLOCK_M, num_warps=4, **_EXACT)
+                                   BLOCK_N=block_n, BLOCK_M=IOU_BLOCK_M, num_warps=4, **EXACT_ROUNDING)
     return out
 
 
@@ -385,7 +385,7 @@ def pairwise_iou_backward(grad, boxes1, boxes2, generalized: bool, grad_at_zero:
                     grad, boxes1, boxes2, out, n, m, GENERALIZED=generalized, FOR_BOXES1=for_boxes1,
                     CLAMP_AT_ZERO=grad_at_zero, IS_FP64=boxes1.dtype == torch.float64, BLOCK_R=IOU_BWD_ROWS,
                     BLOCK_C=IOU_BWD_COLS,
-                    num_warps=4, **_EXACT)
+                    num_warps=4, **EXACT_ROUNDING)
             else:
                 out.zero_()
         outs.append(out)

@@ -12,6 +12,8 @@ import triton.language as tl
 
 from fastnn import _alloc
 
+from .boxes import EXACT_ROUNDING
+
 # 1024 pixels per program at 8 warps (4 per thread; at 4 warps the 7 x 7 window spilled 16-32 bytes on
 # sm_80): one read of the window per pixel from L1/L2; bound by reading the map once and writing it once.
 PEAK_BLOCK, PEAK_WARPS = 1024, 8
@@ -176,6 +178,6 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, si
     box_params = torch.tensor([iou_threshold, sigma], dtype=boxes.dtype, device=boxes.device)
     score_thr = torch.tensor([score_threshold], dtype=scores.dtype, device=boxes.device)
     _soft_nms_kernel[(1,)](boxes, scores, keep, kept, count, n, box_params, score_thr,
-                           GAUSSIAN=bool(gaussian), BLOCK=block, num_warps=SOFT_NMS_WARPS[block])
+                           GAUSSIAN=bool(gaussian), BLOCK=block, num_warps=SOFT_NMS_WARPS[block], **EXACT_ROUNDING)
     k = int(count.item())
     return keep[:k], kept[:k]
