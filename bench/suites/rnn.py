@@ -5,8 +5,9 @@
   Floor: the GEMM flops, 2 * rows * G H * (I + H) for the forward (input projection + recurrence), 3x that
   for forward+backward (the backward's dx / dh GEMMs and the weight-gradient GEMMs), against the
   machine's matmul rate. G = 4 (LSTM), 3 (GRU).
-  persistent (CUDA): the same layers with the persistent kernels (forward and the backward's recurrence)
-  switched on (fastnn.ops.rnn.PERSISTENT), where they fit.
+  CUDA: the plain rows take the default dispatch (the persistent kernels for B <= 64 where they fit,
+  fastnn.ops.rnn.PERSISTENT = "auto"); where it differs from the other path, "per-step" rows force the
+  per-step path and "persistent" rows force the persistent kernels (forward and the backward's recurrence).
   bf16 (CPU): the same layers in bf16 against torch.nn's bf16 layers (oneDNN's LSTM).
   packed: a PackedSequence with lengths spread evenly between T / 4 and T, against the same layer on a
   padded batch holding as many tokens (the issue's "no slower than padded of the same total length"; timed
@@ -105,10 +106,13 @@ def cases(device: str, quick: bool):
         out.append(Case("rnn", f"{kind} fwd+bwd", shape, dname, _fwd_bwd(ours, x), peer, _fwd_bwd(theirs, x),
                         metric="TFLOP/s", work=3 * flops, check=tol, peak_memory=True))
         if device == "cuda" and _persistent_fits(kind, H, B):
-            out.append(Case("rnn", f"{kind} fwd persistent", shape, dname, _persistent(_fwd(ours, x)), peer,
+            # the path the default did not take, forced
+            forced = B > _rnn_ops().PERSISTENT_MAX_BATCH
+            label = "persistent" if forced else "per-step"
+            out.append(Case("rnn", f"{kind} fwd {label}", shape, dname, _persistent(_fwd(ours, x), forced), peer,
                             _fwd(theirs, x), metric="TFLOP/s", work=flops, check=tol))
-            out.append(Case("rnn", f"{kind} fwd+bwd persistent", shape, dname, _persistent(_fwd_bwd(ours, x)), peer,
-                            _fwd_bwd(theirs, x), metric="TFLOP/s", work=3 * flops, check=tol))
+            out.append(Case("rnn", f"{kind} fwd+bwd {label}", shape, dname, _persistent(_fwd_bwd(ours, x), forced),
+                            peer, _fwd_bwd(theirs, x), metric="TFLOP/s", work=3 * flops, check=tol))
     if device == "cpu":
         out += _cpu_bf16_cases(quick)
     out += _packed_cases(device, dtype, quick)
@@ -139,13 +143,17 @@ def _persistent_fits(kind, H, B):
             and _C.rnn_persistent_fits(kind.lower(), H, B, torch.cuda.current_device()))
 
 
-def _persistent(call):
-    """The call with the persistent CUDA kernels switched on (fastnn.ops.rnn.PERSISTENT; off by default
-    until they have passed on a GPU)."""
+def _rnn_ops():
     from fastnn.ops import rnn as rnn_ops
+    return rnn_ops
+
+
+def _persistent(call, on: bool):
+    """The call with the persistent CUDA kernels forced on or off (fastnn.ops.rnn.PERSISTENT)."""
+    rnn_ops = _rnn_ops()
 
     def run():
-        before, rnn_ops.PERSISTENT = rnn_ops.PERSISTENT, True
+        before, rnn_ops.PERSISTENT = rnn_ops.PERSISTENT, on
         try:
             return call()
         finally:

@@ -8,10 +8,10 @@ Kernels:
         W_hh and a fused, vectorised gate pass; weight gradients as one GEMM each after the recurrence.
         fp16 / bf16 inputs run in float32 and are rounded back; bf16 layers without projection, on CPUs with
         AVX512-BF16, take bf16 operands in their GEMMs instead (BF16_NATIVE below).
-  CUDA  Triton (kernels/rnn.py) when present: per-step cuBLAS GEMM plus a fused Triton cell. Opt-in
-        (PERSISTENT below): the forward and the backward's recurrence each as one persistent CUDA C++ launch
-        (csrc/cuda/rnn_persistent_*) with W_hh in registers, when they fit (no projection, H up to ~1024);
-        the weight gradients stay one GEMM each.
+  CUDA  Triton (kernels/rnn.py) when present: per-step cuBLAS GEMM plus a fused Triton cell. For batches of
+        at most PERSISTENT_MAX_BATCH rows (PERSISTENT below): the forward and the backward's recurrence each
+        as one persistent CUDA C++ launch (csrc/cuda/rnn_persistent_*) with W_hh in registers, when they fit
+        (no projection, H up to ~1024); the weight gradients stay one GEMM each.
 Packed batches (PackedSequence) run as they are: step t computes only its batch_sizes[t] live rows.
 """
 from __future__ import annotations
@@ -125,15 +125,26 @@ def _fresh_empties(outputs):
     return [t if t.numel() else t.new_empty(0) for t in outputs]
 
 
-# The persistent CUDA kernels, off unless FASTNN_RNN_PERSISTENT=1 (or this set to True): their CPU emulation
-# passes the tests, but they have not yet run on a GPU (tests/test_rnn_persistent_cuda.py and the rnn bench's
-# "persistent" rows are waiting for a GPU session); they become the default once those pass.
-PERSISTENT = os.environ.get("FASTNN_RNN_PERSISTENT", "0") == "1"
+# The persistent CUDA kernels: "auto" (the default) takes them for batches of at most PERSISTENT_MAX_BATCH
+# rows, where they fit; True / False (FASTNN_RNN_PERSISTENT=1 / 0) force them on where they fit, or off.
+# On the H200 (bench/NOTES.md; quick bench, bf16, T 64, H 512 / 1024, LSTM and GRU) they beat the per-step
+# path by 3.7-7.1x (forward) and 3.8-4.6x (forward+backward) at B 1, by 0.67-1.4x and 0.92-1.6x at B 64; at
+# B 256 they are 1.9-3.9x slower (the rows take several passes per step), so larger batches stay per-step.
+PERSISTENT_MAX_BATCH = 64
+_PERSISTENT_ENV = {"auto": "auto", "1": True, "0": False}
+try:
+    PERSISTENT: Union[bool, str] = _PERSISTENT_ENV[os.environ.get("FASTNN_RNN_PERSISTENT", "auto")]
+except KeyError:
+    raise ValueError(f"FASTNN_RNN_PERSISTENT must be one of {sorted(_PERSISTENT_ENV)}, got "
+                     f"{os.environ['FASTNN_RNN_PERSISTENT']!r}") from None
 
 
 def _persistent_takes(mode, x, w_hh, w_hr, h0) -> bool:
-    return (PERSISTENT and w_hr is None and x.is_cuda and _C is not None
-            and hasattr(_C, "rnn_layer_forward_persistent_cuda")
+    if PERSISTENT is False or w_hr is not None or not x.is_cuda or _C is None:
+        return False
+    if PERSISTENT == "auto" and h0.shape[0] > PERSISTENT_MAX_BATCH:
+        return False
+    return (hasattr(_C, "rnn_layer_forward_persistent_cuda")
             and _C.rnn_persistent_fits(mode, w_hh.shape[1], h0.shape[0], x.device.index))
 
 
