@@ -33,6 +33,17 @@ if ! FASTNN_CUDA=1 MAX_JOBS=$(nproc) timeout 240 "$PY" -m pip install -q --no-bu
 fi
 "$PY" -c "import fastnn, json; print(json.dumps(fastnn.build_info(), indent=1))" > "$OUT/build_info.json" 2>&1
 cat "$OUT/build_info.json"
+# for the crash in number formatting inside fastnn._C (bench/NOTES.md, H200 run): the toolchain, and whether
+# the extension carries its own copy of libstdc++'s stream / locale code (it should import it from libstdc++.so)
+so=$(ls fastnn/_C*.so 2>/dev/null | head -1)
+{ echo "== toolchain"; c++ --version | head -1; "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version | tail -2
+  echo "== ldd $so"; ldd "$so" | grep -E "stdc|gcc_s|torch_python|c10"
+  echo "== libstdc++ stream / locale symbols defined in $so (expect 0)"
+  nm -DC --defined-only "$so" | grep -cE "std::(basic_ostream|locale|codecvt|num_put)"
+  nm -DC --defined-only "$so" | grep -E "std::(basic_ostream|locale|codecvt|num_put)" | head -8
+  echo "== the same, undefined (imported)"; nm -DC --undefined-only "$so" | grep -cE "std::(basic_ostream|num_put)"
+} >> "$OUT/build.log" 2>&1
+tail -12 "$OUT/build.log"
 
 # -v: one line per finished test, so a run cut off by the timeout still names what failed; a per-test
 # timeout (pytest-timeout) keeps one hung test from taking the whole budget.
@@ -75,8 +86,8 @@ fi
 if [ "$BENCH" = 0 ]; then stamp "done: pytest rc=$rc_test (no bench)"; exit "$rc_test"; fi
 left=$(( BUDGET - $(elapsed) - 10 ))
 [ "$left" -lt 60 ] && left=60
-suites=()  # rnn first: its persistent rows are the newest unmeasured kernels
-for s in rnn attention ssm roi detect ssm_conv spp fpn rnn_ln nms; do suites+=(--suite "$s"); done
+suites=()  # the open issues' suites first (rnn, ssm, roi, detect); attention's quick run alone takes ~3 min
+for s in rnn ssm roi detect ssm_conv spp fpn rnn_ln nms attention; do suites+=(--suite "$s"); done
 stamp "python -m bench --device cuda --quick (${left}s left)"
 PYTHONUNBUFFERED=1 timeout "$left" "$PY" -m bench --device cuda --quick --no-plot "${suites[@]}" --out "$OUT" 2>&1 \
   | tee "$OUT/bench.log"
