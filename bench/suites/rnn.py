@@ -107,12 +107,13 @@ def cases(device: str, quick: bool):
                         metric="TFLOP/s", work=3 * flops, check=tol, peak_memory=True))
         if device == "cuda" and _persistent_fits(kind, H, B):
             # the path the default did not take, forced
-            forced = B > _rnn_ops().PERSISTENT_MAX_BATCH
-            label = "persistent" if forced else "per-step"
-            out.append(Case("rnn", f"{kind} fwd {label}", shape, dname, _persistent(_fwd(ours, x), forced), peer,
-                            _fwd(theirs, x), metric="TFLOP/s", work=flops, check=tol))
-            out.append(Case("rnn", f"{kind} fwd+bwd {label}", shape, dname, _persistent(_fwd_bwd(ours, x), forced),
-                            peer, _fwd_bwd(theirs, x), metric="TFLOP/s", work=3 * flops, check=tol))
+            persistent = B > _rnn_ops().PERSISTENT_MAX_BATCH
+            label = "persistent" if persistent else "per-step"
+            out.append(Case("rnn", f"{kind} fwd {label}", shape, dname, _with_persistent(_fwd(ours, x), persistent),
+                            peer, _fwd(theirs, x), metric="TFLOP/s", work=flops, check=tol))
+            out.append(Case("rnn", f"{kind} fwd+bwd {label}", shape, dname,
+                            _with_persistent(_fwd_bwd(ours, x), persistent), peer, _fwd_bwd(theirs, x),
+                            metric="TFLOP/s", work=3 * flops, check=tol))
     if device == "cpu":
         out += _cpu_bf16_cases(quick)
     out += _packed_cases(device, dtype, quick)
@@ -148,7 +149,7 @@ def _rnn_ops():
     return rnn_ops
 
 
-def _persistent(call, on: bool):
+def _with_persistent(call, on: bool):
     """The call with the persistent CUDA kernels forced on or off (fastnn.ops.rnn.PERSISTENT)."""
     rnn_ops = _rnn_ops()
 
