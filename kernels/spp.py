@@ -8,10 +8,11 @@ so the backward is deterministic.
 
 SPPF: one program per (n, c) plane walks the plane in chunks of BLOCK pixels. Each pool is separable (row
 maxima into a scratch plane, then column maxima), and the three pools chain through the output slots, so x is
-read once and each output slot written once. The backward replays torch's chain: per level the argmax of every
-k x k window (row pass keeps the column, column pass the row), then each level's input gradient is gathered
-from the outputs whose window covers it and picked it, in torch's summation order. Passes are separated by
-tl.debug_barrier (a program owns its plane, so a CTA barrier orders the scratch accesses).
+read once and each output slot written once. The backward is four launches: one replays torch's chain, keeping
+per level the argmax of every k x k window (row pass keeps the column, column pass the row); then one per
+level, from y3 down, gathers each pixel's gradient from the outputs whose window covers it and picked it, in
+torch's summation order. Passes within a launch are separated by tl.debug_barrier (a program owns its plane,
+so a CTA barrier orders the scratch accesses).
 
 SPP forward: one program per (plane, bin), reducing the bin in BH x BW tiles. SPP backward: one program per
 plane, bins in output order; each bin adds its gradient to its argmax (max) or its rectangle (avg) in an fp32
@@ -135,10 +136,70 @@ def _sppf_fwd_kernel(
 
 
 @triton.jit
-def _route(gout, arg, gdirect, gin, H, W, R: tl.constexpr, BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
-    # gin[s] = sum over outputs q whose window holds s and picked s of gout[q] (q ascending: torch's
-    # max_pool2d backward order), plus gdirect[s] (the input's own slice of the concatenated gradient).
+def _sppf_replay_kernel(
+    x_ptr,      # (N, C, H, W) input
+    val_ptr,    # (N * C, 3, H * W) scratch, input dtype: row maxima, y1 and y2 (recomputed)
+    col_ptr,    # (N * C, H * W) int32 scratch: column of each row maximum
+    arg_ptr,    # (N * C, 3, H * W) int32 out: argmax pixel of each level's windows
+    H, W,
+    R: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Replays the chain: level 1 pools x into y1, level 2 y1 into y2, level 3 y2 (its values are not needed:
+    # they go to the y1 scratch, which is free by then), keeping each level's argmax plane.
+    pid = tl.program_id(0).to(tl.int64)
     HW = H * W
+    xp = x_ptr + pid * HW
+    hm = val_ptr + pid * 3 * HW
+    y1 = hm + HW
+    y2 = hm + 2 * HW
+    cp = col_ptr + pid * HW
+    a1 = arg_ptr + pid * 3 * HW
+    _row_pass(xp, hm, cp, H, W, R, BLOCK, True)
+    tl.debug_barrier()
+    _col_pass(hm, cp, y1, a1, H, W, R, BLOCK, True)
+    tl.debug_barrier()
+    _row_pass(y1, hm, cp, H, W, R, BLOCK, True)
+    tl.debug_barrier()
+    _col_pass(hm, cp, y2, a1 + HW, H, W, R, BLOCK, True)
+    tl.debug_barrier()
+    _row_pass(y2, hm, cp, H, W, R, BLOCK, True)
+    tl.debug_barrier()
+    _col_pass(hm, cp, y1, a1 + 2 * HW, H, W, R, BLOCK, True)
+
+
+@triton.jit
+def _sppf_route_kernel(
+    grad_ptr,   # (N, 4C, H, W) gradient of the output
+    arg_ptr,    # (N * C, 3, H * W) int32: the replay's argmax planes
+    acc_ptr,    # (N * C, 2, H * W) scratch in the accumulation dtype: gradients of y2 and y1
+    gx_ptr,     # (N, C, H, W) out: gradient of x
+    C, H, W,
+    LEVEL: tl.constexpr,  # routes the gradient of y_LEVEL (3, then 2, then 1) to y_(LEVEL - 1) (y_0 = x)
+    R: tl.constexpr,
+    BLOCK: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
+    # gin[s] = sum over outputs q whose window holds s and picked s of gout[q] (q ascending: torch's
+    # max_pool2d backward order), plus gdirect[s] (y_(LEVEL - 1)'s own slice of the concatenated gradient).
+    # One launch per level, the window as runtime loops (LLVM still unrolls the columns): with the nine passes
+    # in one kernel and the (2R + 1)^2 window unrolled, R = 4 took 17-19 s to compile for sm_90; now each
+    # kernel takes 0.2-1.7 s. A static column loop spilled 8 bytes in 4 of the 48 route configurations.
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // C
+    c = pid % C
+    HW = H * W
+    g_level = grad_ptr + (n * 4 * C + c) * HW + LEVEL * C * HW
+    gdirect = g_level - C * HW
+    arg = arg_ptr + pid * 3 * HW + (LEVEL - 1) * HW
+    if LEVEL == 3:
+        gout = g_level
+    else:
+        gout = acc_ptr + pid * 2 * HW + (2 - LEVEL) * HW
+    if LEVEL == 1:
+        gin = gx_ptr + pid * HW
+    else:
+        gin = acc_ptr + pid * 2 * HW + (3 - LEVEL) * HW
     for start in range(0, HW, BLOCK):
         p = start + tl.arange(0, BLOCK)
         valid = p < HW
@@ -148,11 +209,12 @@ def _route(gout, arg, gdirect, gin, H, W, R: tl.constexpr, BLOCK: tl.constexpr, 
             acc = tl.zeros([BLOCK], tl.float64)
         else:
             acc = tl.zeros([BLOCK], tl.float32)
-        for i in tl.static_range(2 * R + 1):
-            for j in tl.static_range(2 * R + 1):
-                qh = h + (i - R)
+        for i in range(0, 2 * R + 1):
+            qh = h + (i - R)
+            row_ok = valid & (qh >= 0) & (qh < H)
+            for j in range(0, 2 * R + 1):
                 qw = w + (j - R)
-                ok = valid & (qh >= 0) & (qh < H) & (qw >= 0) & (qw < W)
+                ok = row_ok & (qw >= 0) & (qw < W)
                 q = p + (i - R) * W + (j - R)
                 a = tl.load(arg + q, mask=ok, other=-1)
                 hit = ok & (a == p)
@@ -160,57 +222,6 @@ def _route(gout, arg, gdirect, gin, H, W, R: tl.constexpr, BLOCK: tl.constexpr, 
                 acc += tl.where(hit, g.to(acc.dtype), 0.0)
         acc = acc + tl.load(gdirect + p, mask=valid, other=0.0).to(acc.dtype)
         tl.store(gin + p, acc.to(gin.dtype.element_ty), mask=valid)
-
-
-@triton.jit
-def _sppf_bwd_kernel(
-    grad_ptr,   # (N, 4C, H, W) gradient of the output
-    x_ptr,      # (N, C, H, W) input
-    gx_ptr,     # (N, C, H, W) out: gradient of x
-    val_ptr,    # (N * C, 3, H * W) scratch, input dtype: row maxima, y1 and y2 (recomputed)
-    col_ptr,    # (N * C, H * W) int32 scratch: column of each row maximum
-    arg_ptr,    # (N * C, 3, H * W) int32 scratch: argmax pixel of each level's windows
-    acc_ptr,    # (N * C, 2, H * W) scratch in the accumulation dtype: gradients of y2 and y1
-    C, H, W,
-    R: tl.constexpr,
-    BLOCK: tl.constexpr,
-    IS_FP64: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    n = pid // C
-    c = pid % C
-    HW = H * W
-    xp = x_ptr + pid * HW
-    hm = val_ptr + pid * 3 * HW
-    y1 = hm + HW
-    y2 = hm + 2 * HW
-    cp = col_ptr + pid * HW
-    a1 = arg_ptr + pid * 3 * HW
-    a2 = a1 + HW
-    a3 = a1 + 2 * HW
-    gA = acc_ptr + pid * 2 * HW
-    gB = gA + HW
-    g0 = grad_ptr + (n * 4 * C + c) * HW
-    slot = C * HW
-    # replay the chain: level 1 pools x into y1, level 2 y1 into y2, level 3 y2 (its values are not needed:
-    # they go to the y1 scratch, which is free by then)
-    _row_pass(xp, hm, cp, H, W, R, BLOCK, True)
-    tl.debug_barrier()
-    _col_pass(hm, cp, y1, a1, H, W, R, BLOCK, True)
-    tl.debug_barrier()
-    _row_pass(y1, hm, cp, H, W, R, BLOCK, True)
-    tl.debug_barrier()
-    _col_pass(hm, cp, y2, a2, H, W, R, BLOCK, True)
-    tl.debug_barrier()
-    _row_pass(y2, hm, cp, H, W, R, BLOCK, True)
-    tl.debug_barrier()
-    _col_pass(hm, cp, y1, a3, H, W, R, BLOCK, True)
-    tl.debug_barrier()
-    _route(g0 + 3 * slot, a3, g0 + 2 * slot, gA, H, W, R, BLOCK, IS_FP64)   # gradient of y2
-    tl.debug_barrier()
-    _route(gA, a2, g0 + slot, gB, H, W, R, BLOCK, IS_FP64)                  # gradient of y1
-    tl.debug_barrier()
-    _route(gB, a1, g0, gx_ptr + pid * HW, H, W, R, BLOCK, IS_FP64)          # gradient of x
 
 
 @triton.jit
@@ -362,9 +373,12 @@ def sppf_pool_backward(grad: torch.Tensor, x: torch.Tensor, k: int) -> torch.Ten
         col = torch.empty((N * C, H * W), dtype=torch.int32, device=dev)
         arg = torch.empty((N * C, 3, H * W), dtype=torch.int32, device=dev)
         acc = torch.empty((N * C, 2, H * W), dtype=_acc_dtype(x.dtype), device=dev)
-        _sppf_bwd_kernel[(N * C,)](grad, x, gx, val, col, arg, acc, C, H, W, R=k // 2,
-                                   BLOCK=sppf_blocks(k // 2, x.dtype == torch.float64)[1],
-                                   IS_FP64=x.dtype == torch.float64, num_warps=SPPF_WARPS)
+        r, is64 = k // 2, x.dtype == torch.float64
+        block = sppf_blocks(r, is64)[1]
+        _sppf_replay_kernel[(N * C,)](x, val, col, arg, H, W, R=r, BLOCK=block, num_warps=SPPF_WARPS)
+        for level in (3, 2, 1):
+            _sppf_route_kernel[(N * C,)](grad, arg, acc, gx, C, H, W, LEVEL=level, R=r, BLOCK=block,
+                                         IS_FP64=is64, num_warps=SPPF_WARPS)
     return gx
 
 
@@ -425,11 +439,17 @@ def aot_specs():
                           {"x_ptr": f"*{fp}", "out_ptr": f"*{fp}", "tmp_ptr": f"*{fp}", "C": "i32", "H": "i32",
                            "W": "i32", "R": "constexpr", "BLOCK": "constexpr"},
                           {"R": r, "BLOCK": sppf_blocks(r, is64)[0]}, SPPF_WARPS, _AOT_OPTIONS))
-            specs.append((_sppf_bwd_kernel,
-                          {"grad_ptr": f"*{fp}", "x_ptr": f"*{fp}", "gx_ptr": f"*{fp}", "val_ptr": f"*{fp}",
-                           "col_ptr": "*i32", "arg_ptr": "*i32", "acc_ptr": f"*{acc}", "C": "i32", "H": "i32",
-                           "W": "i32", "R": "constexpr", "BLOCK": "constexpr", "IS_FP64": "constexpr"},
-                          {"R": r, "BLOCK": sppf_blocks(r, is64)[1], "IS_FP64": is64}, SPPF_WARPS, _AOT_OPTIONS))
+            specs.append((_sppf_replay_kernel,
+                          {"x_ptr": f"*{fp}", "val_ptr": f"*{fp}", "col_ptr": "*i32", "arg_ptr": "*i32",
+                           "H": "i32", "W": "i32", "R": "constexpr", "BLOCK": "constexpr"},
+                          {"R": r, "BLOCK": sppf_blocks(r, is64)[1]}, SPPF_WARPS, _AOT_OPTIONS))
+            for level in (3, 2, 1):
+                specs.append((_sppf_route_kernel,
+                              {"grad_ptr": f"*{fp}", "arg_ptr": "*i32", "acc_ptr": f"*{acc}", "gx_ptr": f"*{fp}",
+                               "C": "i32", "H": "i32", "W": "i32", "LEVEL": "constexpr", "R": "constexpr",
+                               "BLOCK": "constexpr", "IS_FP64": "constexpr"},
+                              {"LEVEL": level, "R": r, "BLOCK": sppf_blocks(r, is64)[1], "IS_FP64": is64},
+                              SPPF_WARPS, _AOT_OPTIONS))
         bh, bw, block = spp_tile(is64)
         for avg in (False, True):
             specs.append((_spp_fwd_kernel,
