@@ -147,7 +147,7 @@ def _extension():
     cxx_flags = ["-O3", f"-march={march}", "-ffp-contract=off", "-fopenmp"]
     nvcc_flags = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"] + CUDA_ARCH_FLAGS
     _write_build_config(with_cuda, cxx_flags, nvcc_flags)
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/common/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     kwargs = dict(
         name="fastnn._C",
         include_dirs=_extra_include_dirs(),

@@ -13,6 +13,7 @@
 
 #include "../common/alloc.h"
 #include "../common/box_math.h"
+#include "../common/check.h"
 #include "nms_kernels.cuh"
 
 namespace fastnn::cuda {
@@ -22,8 +23,8 @@ namespace {
 constexpr int64_t kMaxSharedRemovedBytes = 200 * 1024;
 
 void check_i64(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kLong && t.is_contiguous(), "fastnn nms cuda: ", name,
-              " must be a contiguous int64 CUDA tensor");
+  FASTNN_CHECK(t.is_cuda() && t.scalar_type() == at::kLong && t.is_contiguous(), "fastnn nms cuda: ", name,
+               " must be a contiguous int64 CUDA tensor");
 }
 
 template <typename T>
@@ -43,10 +44,10 @@ void launch_mask(const at::Tensor& laid, const Segments& seg, int64_t max_blocks
                  const at::Tensor& mask, const at::Tensor& summary, cudaStream_t stream) {
   const int64_t total_blocks = laid.size(0) / kNmsBlock;
   if (total_blocks == 0) return;
-  TORCH_CHECK(total_blocks < (int64_t(1) << 31), "fastnn nms: too many boxes");
+  FASTNN_CHECK(total_blocks < (int64_t(1) << 31), "fastnn nms: too many boxes");
   const int64_t grid_y = (max_blocks + kMaskColsPerCta - 1) / kMaskColsPerCta;
-  TORCH_CHECK(grid_y <= 65535, "fastnn nms: a class with more than ", 65535 * kMaskColsPerCta * kNmsBlock,
-              " boxes is not supported");
+  FASTNN_CHECK(grid_y <= 65535, "fastnn nms: a class with more than ", 65535 * kMaskColsPerCta * kNmsBlock,
+               " boxes is not supported");
   nms_mask_kernel<T><<<dim3(static_cast<unsigned>(total_blocks), static_cast<unsigned>(grid_y)), kNmsBlock, 0,
                        stream>>>(laid.data_ptr<T>(), seg, threshold_below<T>(threshold),
                                  reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>()),
@@ -62,7 +63,7 @@ void launch_sweep(const at::Tensor& mask, const at::Tensor& summary, const at::T
   const auto* sm = reinterpret_cast<const unsigned long long*>(summary.data_ptr<int64_t>());
   const auto* v = reinterpret_cast<const uint64_t*>(valid_words.data_ptr<int64_t>());
   auto* k = reinterpret_cast<uint64_t*>(keep_words.data_ptr<int64_t>());
-  TORCH_CHECK(segments < (int64_t(1) << 31), "fastnn nms: too many classes");
+  FASTNN_CHECK(segments < (int64_t(1) << 31), "fastnn nms: too many classes");
   const int64_t shared_bytes = max_blocks * static_cast<int64_t>(sizeof(uint64_t));
   if (shared_bytes <= kMaxSharedRemovedBytes) {
     if (shared_bytes > 48 * 1024) {
@@ -137,7 +138,7 @@ at::Tensor nms_typed(const at::Tensor& boxes, const at::Tensor& scores_ct, const
                  count.data_ptr<int64_t>(), stream);
     return out.narrow(0, 0, count.item<int64_t>());
   }
-  TORCH_CHECK(idxs->is_cuda() && idxs->dim() == 1 && idxs->size(0) == n, "fastnn nms_cuda: idxs must be (N,) on CUDA");
+  FASTNN_CHECK(idxs->is_cuda() && idxs->dim() == 1 && idxs->size(0) == n, "fastnn nms_cuda: idxs must be (N,) on CUDA");
   ClassLayout L = class_layout(idxs->to(at::kLong).contiguous(), order);
   at::Tensor laid = at::empty({L.total_blocks * kNmsBlock, 4}, boxes.options());
   at::Tensor valid = at::empty({L.total_blocks}, lo);
@@ -164,9 +165,10 @@ at::Tensor nms_typed(const at::Tensor& boxes, const at::Tensor& scores_ct, const
 // floating, idxs optional (N,) integer. Returns kept indices (int64) by descending score, ties by index.
 at::Tensor nms(const at::Tensor& boxes_in, const at::Tensor& scores_in, const c10::optional<at::Tensor>& idxs,
                double threshold) {
-  TORCH_CHECK(boxes_in.is_cuda() && boxes_in.dim() == 2 && boxes_in.size(1) == 4, "fastnn nms_cuda: boxes must be (N, 4) on CUDA");
-  TORCH_CHECK(scores_in.is_cuda() && scores_in.dim() == 1 && scores_in.size(0) == boxes_in.size(0),
-              "fastnn nms_cuda: scores must be (N,) on CUDA");
+  FASTNN_CHECK(boxes_in.is_cuda() && boxes_in.dim() == 2 && boxes_in.size(1) == 4,
+               "fastnn nms_cuda: boxes must be (N, 4) on CUDA");
+  FASTNN_CHECK(scores_in.is_cuda() && scores_in.dim() == 1 && scores_in.size(0) == boxes_in.size(0),
+               "fastnn nms_cuda: scores must be (N,) on CUDA");
   const c10::cuda::CUDAGuard guard(boxes_in.device());
   if (boxes_in.size(0) == 0) return at::empty({0}, boxes_in.options().dtype(at::kLong));
   const auto ct = boxes_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -181,9 +183,9 @@ at::Tensor nms(const at::Tensor& boxes_in, const at::Tensor& scores_in, const c1
 at::Tensor nms_mask(const at::Tensor& boxes, const at::Tensor& block_segment, const at::Tensor& seg_first_block,
                     const at::Tensor& seg_num_blocks, const at::Tensor& seg_mask_offset, int64_t max_blocks,
                     int64_t total_words, double threshold) {
-  TORCH_CHECK(boxes.is_cuda() && boxes.dim() == 2 && boxes.size(1) == 4 && boxes.is_contiguous() &&
-                  boxes.size(0) % kNmsBlock == 0,
-              "fastnn nms_mask: boxes must be a contiguous (P, 4) CUDA tensor, P a multiple of 64");
+  FASTNN_CHECK(boxes.is_cuda() && boxes.dim() == 2 && boxes.size(1) == 4 && boxes.is_contiguous() &&
+                   boxes.size(0) % kNmsBlock == 0,
+               "fastnn nms_mask: boxes must be a contiguous (P, 4) CUDA tensor, P a multiple of 64");
   check_i64(block_segment, "block_segment");
   check_i64(seg_first_block, "seg_first_block");
   check_i64(seg_num_blocks, "seg_num_blocks");
@@ -198,7 +200,7 @@ at::Tensor nms_mask(const at::Tensor& boxes, const at::Tensor& block_segment, co
   if (boxes.scalar_type() == at::kDouble) {
     launch_mask<double>(boxes, seg, max_blocks, threshold, mask, summary, stream);
   } else {
-    TORCH_CHECK(boxes.scalar_type() == at::kFloat, "fastnn nms_mask: boxes must be float32 or float64");
+    FASTNN_CHECK(boxes.scalar_type() == at::kFloat, "fastnn nms_mask: boxes must be float32 or float64");
     launch_mask<float>(boxes, seg, max_blocks, threshold, mask, summary, stream);
   }
   return mask;

@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../common/check.h"
 #include "../families/rnn.h"
 #include "rnn_persistent_plan.h"
 
@@ -33,8 +34,8 @@ int64_t resident_blocks(Kernel kernel, const rp::Plan& pl, int sms) {
 
 template <typename Kernel, typename Args>
 void cooperative_launch(const char* fn, Kernel kernel, Args a, rp::Plan pl, int sms, cudaStream_t stream) {
-  TORCH_CHECK(resident_blocks(kernel, pl, sms) >= pl.blocks, fn, ": the grid does not fit on the device at once (",
-              pl.blocks, " blocks)");
+  FASTNN_CHECK(resident_blocks(kernel, pl, sms) >= pl.blocks, fn, ": the grid does not fit on the device at once (",
+               pl.blocks, " blocks)");
   void* args[] = {&a, &pl};
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(pl.blocks), dim3(rp::kThreads),
                                              args, pl.smem, stream));
@@ -59,7 +60,7 @@ void launch_kpt(const char* fn, Buf& b, const rp::Plan& pl, int sms, cudaStream_
     case 32: return launch<T, G, 32>(fn, b, pl, sms, stream);
     case 64: return launch<T, G, 64>(fn, b, pl, sms, stream);
     case 128: return launch<T, G, 128>(fn, b, pl, sms, stream);
-    default: TORCH_CHECK(false, fn, ": no kernel for ", pl.kpt, " weights per thread");
+    default: FASTNN_CHECK(false, fn, ": no kernel for ", pl.kpt, " weights per thread");
   }
 }
 
@@ -78,14 +79,14 @@ void launch_any(const char* fn, at::ScalarType dt, Buf& b, const rp::Plan& pl, i
     case at::kFloat: by_mode(float{}); break;
     case at::kHalf: by_mode(__half{}); break;
     case at::kBFloat16: by_mode(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, fn, ": unsupported dtype ", dt);
+    default: FASTNN_CHECK(false, fn, ": unsupported dtype ", dt);
   }
 }
 
 }  // namespace
 
 bool rnn_persistent_fits(const std::string& mode, int64_t hidden_size, int64_t batch, const at::Device& device) {
-  TORCH_CHECK(device.is_cuda(), "rnn_persistent_fits: a CUDA device expected");
+  FASTNN_CHECK(device.is_cuda(), "rnn_persistent_fits: a CUDA device expected");
   const int G = mode == "lstm" ? 4 : 3, H = static_cast<int>(hidden_size), B = static_cast<int>(batch);
   const int sms = sm_count(device);
   return rp::make_plan(G, H, B, sms).fits && rp::make_plan(G, H, B, sms, /*backward=*/true).fits;
@@ -97,12 +98,12 @@ std::vector<at::Tensor> rnn_layer_forward_persistent(const std::string& mode, co
                                                      const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                      const c10::optional<at::Tensor>& c0, bool reverse, bool train) {
   const char* fn = "rnn_layer_forward_persistent_cuda";
-  TORCH_CHECK(x.is_cuda(), fn, ": x must be a CUDA tensor");
+  FASTNN_CHECK(x.is_cuda(), fn, ": x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   rp::Buffers b = rp::prepare(fn, mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, train);
   const int sms = sm_count(x.device());
   const rp::Plan pl = rp::make_plan(b.G, b.H, b.B, sms);
-  TORCH_CHECK(pl.fits, fn, ": H = ", b.H, " does not fit the persistent kernel (check rnn_persistent_fits)");
+  FASTNN_CHECK(pl.fits, fn, ": H = ", b.H, " does not fit the persistent kernel (check rnn_persistent_fits)");
   launch_any(fn, x.scalar_type(), b, pl, sms);
   return rp::finish(b);
 }
@@ -114,12 +115,12 @@ std::vector<at::Tensor> rnn_layer_backward_persistent(const std::string& mode, c
                                                       const at::Tensor& y, const at::Tensor& gates,
                                                       const at::Tensor& aux, bool reverse) {
   const char* fn = "rnn_layer_backward_persistent_cuda";
-  TORCH_CHECK(w_hh.is_cuda(), fn, ": w_hh must be a CUDA tensor");
+  FASTNN_CHECK(w_hh.is_cuda(), fn, ": w_hh must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(w_hh.device());
   rp::BwdBuffers b = rp::prepare_backward(fn, mode, dy, dh_n, dc_n, batch_sizes, w_hh, h0, c0, y, gates, aux, reverse);
   const int sms = sm_count(w_hh.device());
   const rp::Plan pl = rp::make_plan(b.G, b.H, b.B, sms, /*backward=*/true);
-  TORCH_CHECK(pl.fits, fn, ": H = ", b.H, " does not fit the persistent kernel (check rnn_persistent_fits)");
+  FASTNN_CHECK(pl.fits, fn, ": H = ", b.H, " does not fit the persistent kernel (check rnn_persistent_fits)");
   launch_any(fn, w_hh.scalar_type(), b, pl, sms);
   return rp::finish_backward(b);
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../common/alloc.h"
+#include "../common/check.h"
 #include "rnn_persistent_kernels.cuh"
 
 namespace fastnn::rnn_persistent {
@@ -23,23 +24,23 @@ struct Buffers {
 
 // batch_sizes with the offsets after them (2 T int64), checked as the kernels assume.
 inline std::vector<int64_t> step_meta(const char* fn, const at::Tensor& batch_sizes, int64_t B, int64_t rows) {
-  TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1 &&
-                  batch_sizes.size(0) >= 1,
-              fn, ": batch_sizes must be a non-empty 1-D int64 CPU tensor");
+  FASTNN_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1 &&
+                   batch_sizes.size(0) >= 1,
+               fn, ": batch_sizes must be a non-empty 1-D int64 CPU tensor");
   const at::Tensor bs = batch_sizes.contiguous();
   const int64_t* bsp = bs.data_ptr<int64_t>();
   const int64_t T = bs.size(0);
   std::vector<int64_t> meta(2 * T);
   int64_t acc = 0;
   for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(bsp[t] >= 1 && bsp[t] <= B && (t == 0 || bsp[t] <= bsp[t - 1]), fn,
-                ": batch_sizes must be non-increasing, within [1, B]");
+    FASTNN_CHECK(bsp[t] >= 1 && bsp[t] <= B && (t == 0 || bsp[t] <= bsp[t - 1]), fn,
+                 ": batch_sizes must be non-increasing, within [1, B]");
     meta[t] = bsp[t];
     meta[T + t] = acc;
     acc += bsp[t];
   }
-  TORCH_CHECK(acc == rows, fn, ": batch_sizes sum to ", acc, " but there are ", rows, " rows");
-  TORCH_CHECK(bsp[0] == B, fn, ": batch_sizes[0] must equal the batch size ", B);
+  FASTNN_CHECK(acc == rows, fn, ": batch_sizes sum to ", acc, " but there are ", rows, " rows");
+  FASTNN_CHECK(bsp[0] == B, fn, ": batch_sizes[0] must equal the batch size ", B);
   return meta;
 }
 
@@ -58,38 +59,38 @@ inline Buffers prepare(const char* fn, const std::string& mode, const at::Tensor
                        const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
                        const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                        const c10::optional<at::Tensor>& c0, bool reverse, bool train) {
-  TORCH_CHECK(mode == "lstm" || mode == "gru", fn, ": mode must be 'lstm' or 'gru', got '", mode, "'");
+  FASTNN_CHECK(mode == "lstm" || mode == "gru", fn, ": mode must be 'lstm' or 'gru', got '", mode, "'");
   Buffers b;
   b.lstm = mode == "lstm";
   b.G = b.lstm ? 4 : 3;
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, fn,
-              ": x must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), fn, ": x must be a contiguous (rows, I) tensor");
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % b.G == 0 && w_hh.size(1) == w_hh.size(0) / b.G, fn,
-              ": w_hh must be (", b.G, " H, H) (no projection), got ", w_hh.sizes());
+  FASTNN_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, fn,
+               ": x must be float32, float16 or bfloat16, got ", dt);
+  FASTNN_CHECK(x.dim() == 2 && x.is_contiguous(), fn, ": x must be a contiguous (rows, I) tensor");
+  FASTNN_CHECK(w_hh.dim() == 2 && w_hh.size(0) % b.G == 0 && w_hh.size(1) == w_hh.size(0) / b.G, fn,
+               ": w_hh must be (", b.G, " H, H) (no projection), got ", w_hh.sizes());
   b.H = static_cast<int>(w_hh.size(1));
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == b.G * b.H && w_ih.size(1) == x.size(1), fn, ": w_ih must be (",
-              b.G * b.H, ", ", x.size(1), "), got ", w_ih.sizes());
-  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == b.H && h0.size(0) >= 1, fn, ": h0 must be (B, ", b.H, ")");
+  FASTNN_CHECK(w_ih.dim() == 2 && w_ih.size(0) == b.G * b.H && w_ih.size(1) == x.size(1), fn, ": w_ih must be (",
+               b.G * b.H, ", ", x.size(1), "), got ", w_ih.sizes());
+  FASTNN_CHECK(h0.dim() == 2 && h0.size(1) == b.H && h0.size(0) >= 1, fn, ": h0 must be (B, ", b.H, ")");
   b.B = static_cast<int>(h0.size(0));
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), fn, ": b_ih and b_hh must be both given or both absent");
-  TORCH_CHECK(!b.lstm || c0.has_value(), fn, ": the LSTM needs c0");
+  FASTNN_CHECK(b_ih.has_value() == b_hh.has_value(), fn, ": b_ih and b_hh must be both given or both absent");
+  FASTNN_CHECK(!b.lstm || c0.has_value(), fn, ": the LSTM needs c0");
   for (const at::Tensor* t : {&w_ih, &w_hh, &h0}) {
-    TORCH_CHECK(t->scalar_type() == dt && t->device() == x.device() && t->is_contiguous(), fn,
-                ": weights and states must be contiguous, on x's device, with x's dtype");
+    FASTNN_CHECK(t->scalar_type() == dt && t->device() == x.device() && t->is_contiguous(), fn,
+                 ": weights and states must be contiguous, on x's device, with x's dtype");
   }
   b.has_bias = b_ih.has_value();
   if (b.has_bias) {
     for (const at::Tensor* t : {&*b_ih, &*b_hh}) {
-      TORCH_CHECK(t->scalar_type() == dt && t->device() == x.device() && t->is_contiguous() && t->dim() == 1 &&
-                      t->size(0) == b.G * b.H,
-                  fn, ": b_ih / b_hh must be contiguous (", b.G * b.H, ",) with x's dtype on x's device");
+      FASTNN_CHECK(t->scalar_type() == dt && t->device() == x.device() && t->is_contiguous() && t->dim() == 1 &&
+                       t->size(0) == b.G * b.H,
+                   fn, ": b_ih / b_hh must be contiguous (", b.G * b.H, ",) with x's dtype on x's device");
     }
   }
   if (b.lstm) {
-    TORCH_CHECK(c0->scalar_type() == dt && c0->device() == x.device() && c0->sizes() == h0.sizes(), fn,
-                ": c0 must be (", b.B, ", ", b.H, ") with x's dtype on x's device");
+    FASTNN_CHECK(c0->scalar_type() == dt && c0->device() == x.device() && c0->sizes() == h0.sizes(), fn,
+                 ": c0 must be (", b.B, ", ", b.H, ") with x's dtype on x's device");
   }
   std::vector<int64_t> meta = step_meta(fn, batch_sizes, b.B, x.size(0));
   b.T = static_cast<int>(batch_sizes.size(0));
@@ -164,25 +165,25 @@ inline BwdBuffers prepare_backward(const char* fn, const std::string& mode, cons
                                    const at::Tensor& batch_sizes, const at::Tensor& w_hh, const at::Tensor& h0,
                                    const c10::optional<at::Tensor>& c0, const at::Tensor& y, const at::Tensor& gates,
                                    const at::Tensor& aux, bool reverse) {
-  TORCH_CHECK(mode == "lstm" || mode == "gru", fn, ": mode must be 'lstm' or 'gru', got '", mode, "'");
+  FASTNN_CHECK(mode == "lstm" || mode == "gru", fn, ": mode must be 'lstm' or 'gru', got '", mode, "'");
   BwdBuffers b;
   b.lstm = mode == "lstm";
   b.G = b.lstm ? 4 : 3;
   b.reverse = reverse;
   const auto dt = w_hh.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, fn,
-              ": float32, float16 or bfloat16 expected, got ", dt);
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % b.G == 0 && w_hh.size(1) == w_hh.size(0) / b.G, fn,
-              ": w_hh must be (", b.G, " H, H) (no projection), got ", w_hh.sizes());
+  FASTNN_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, fn,
+               ": float32, float16 or bfloat16 expected, got ", dt);
+  FASTNN_CHECK(w_hh.dim() == 2 && w_hh.size(0) % b.G == 0 && w_hh.size(1) == w_hh.size(0) / b.G, fn,
+               ": w_hh must be (", b.G, " H, H) (no projection), got ", w_hh.sizes());
   b.H = static_cast<int>(w_hh.size(1));
-  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == b.H && h0.size(0) >= 1, fn, ": h0 must be (B, ", b.H, ")");
+  FASTNN_CHECK(h0.dim() == 2 && h0.size(1) == b.H && h0.size(0) >= 1, fn, ": h0 must be (B, ", b.H, ")");
   b.B = static_cast<int>(h0.size(0));
-  TORCH_CHECK(!b.lstm || (c0.has_value() && dc_n.has_value()), fn, ": the LSTM needs c0 and dc_n");
+  FASTNN_CHECK(!b.lstm || (c0.has_value() && dc_n.has_value()), fn, ": the LSTM needs c0 and dc_n");
   const int64_t rows = y.dim() == 2 ? y.size(0) : -1;
   auto check = [&](const at::Tensor& t, const char* name, at::ScalarType want, at::IntArrayRef shape) {
-    TORCH_CHECK(t.scalar_type() == want && t.device() == w_hh.device() && t.is_contiguous() && t.sizes() == shape, fn,
-                ": ", name, " must be a contiguous ", want, " tensor of shape ", shape, " on ", w_hh.device(), " (got ",
-                t.scalar_type(), " ", t.sizes(), ")");
+    FASTNN_CHECK(t.scalar_type() == want && t.device() == w_hh.device() && t.is_contiguous() && t.sizes() == shape,
+                 fn, ": ", name, " must be a contiguous ", want, " tensor of shape ", shape, " on ", w_hh.device(),
+                 " (got ", t.scalar_type(), " ", t.sizes(), ")");
   };
   check(w_hh, "w_hh", dt, w_hh.sizes());
   check(h0, "h0", dt, {b.B, b.H});

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../common/alloc.h"
+#include "../common/check.h"
 #include "../families/roi.h"
 #include "roi_align_plan.h"
 
@@ -83,7 +84,7 @@ at::Tensor roi_align_forward(const std::vector<at::Tensor>& features, const at::
                              const c10::optional<at::Tensor>& levels, const std::vector<double>& scales,
                              int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
                              bool channels_last) {
-  TORCH_CHECK(!features.empty() && features.size() == scales.size(), "fastnn roi_align cuda: one scale per level");
+  FASTNN_CHECK(!features.empty() && features.size() == scales.size(), "fastnn roi_align cuda: one scale per level");
   c10::cuda::CUDAGuard guard(rois.device());
   const RoiAlignInputs in = roi_align_inputs(features, rois, levels, pooled_h, pooled_w, channels_last);
   if (in.out.numel() == 0) return in.out.to(in.dtype);
@@ -114,7 +115,7 @@ std::vector<at::Tensor> roi_align_backward(const at::Tensor& grad, const at::Ten
   const auto dtype = grad.scalar_type();
   const auto ct = roi_compute_type(dtype);
   const size_t n_levels = scales.size();
-  TORCH_CHECK(feature_shapes.size() == 4 * n_levels, "fastnn roi_align cuda backward: 4 sizes per level");
+  FASTNN_CHECK(feature_shapes.size() == 4 * n_levels, "fastnn roi_align cuda backward: 4 sizes per level");
   // Channels-last whatever the features' layout: the reduce runs a thread per (pixel, channel), channels
   // fastest, so its stores coalesce. An NCHW result costs one transposing copy at the end instead of one
   // 32-byte sector written per gradient element.

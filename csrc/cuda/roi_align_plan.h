@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../common/alloc.h"
+#include "../common/check.h"
 #include "roi_align_kernels.cuh"
 
 namespace fastnn {
@@ -32,15 +33,15 @@ struct RoiAlignInputs {
 inline RoiAlignInputs roi_align_inputs(const std::vector<at::Tensor>& features, const at::Tensor& rois,
                                        const c10::optional<at::Tensor>& levels, int64_t pooled_h, int64_t pooled_w,
                                        bool channels_last) {
-  TORCH_CHECK(!features.empty(), "fastnn roi_align: at least one feature level expected");
+  FASTNN_CHECK(!features.empty(), "fastnn roi_align: at least one feature level expected");
   RoiAlignInputs in;
   in.dtype = features[0].scalar_type();
   const auto ct = roi_compute_type(in.dtype);
   const auto fmt = roi_format(channels_last);
   for (const auto& f : features) {
-    TORCH_CHECK(f.dim() == 4 && f.size(0) == features[0].size(0) && f.size(1) == features[0].size(1) &&
-                    f.scalar_type() == in.dtype,
-                "fastnn roi_align: every level must be (N, C, H, W) with the same N, C and dtype");
+    FASTNN_CHECK(f.dim() == 4 && f.size(0) == features[0].size(0) && f.size(1) == features[0].size(1) &&
+                     f.scalar_type() == in.dtype,
+                 "fastnn roi_align: every level must be (N, C, H, W) with the same N, C and dtype");
     in.feats.push_back(f.to(ct).contiguous(fmt));
     for (int d = 0; d < 4; ++d) in.shapes.push_back(f.size(d));
   }
@@ -68,8 +69,8 @@ inline RoiAlignParams roi_align_params(const std::vector<int64_t>& shapes, const
                                        const at::Tensor& rois, const at::Tensor& levels, int64_t pooled_h,
                                        int64_t pooled_w, int64_t sampling_ratio, bool aligned, bool channels_last) {
   const int n_levels = static_cast<int>(scales.size());
-  TORCH_CHECK(n_levels >= 1 && n_levels <= kRoiMaxLevels && shapes.size() == 4 * scales.size(),
-              "fastnn roi_align: 1 to ", kRoiMaxLevels, " levels supported, got ", n_levels);
+  FASTNN_CHECK(n_levels >= 1 && n_levels <= kRoiMaxLevels && shapes.size() == 4 * scales.size(),
+               "fastnn roi_align: 1 to ", kRoiMaxLevels, " levels supported, got ", n_levels);
   RoiAlignParams p{};
   int64_t base = 0;
   for (int l = 0; l < n_levels; ++l) {
@@ -97,15 +98,15 @@ inline void roi_check_indices(const at::Tensor& rois, const at::Tensor& levels, 
   const at::Tensor bad_batch = ((b <= -1) | (b >= n_batch) | b.isnan()).nonzero();
   if (bad_batch.numel() > 0) {
     const int64_t k = bad_batch[0][0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "boxes[", k, ", 0] (batch index) is ", b[k].item<double>(),
-                      ", expected an integer in [0, ", n_batch, ")");
+    FASTNN_CHECK_VALUE(false, "boxes[", k, ", 0] (batch index) is ", b[k].item<double>(),
+                       ", expected an integer in [0, ", n_batch, ")");
   }
   if (levels.defined()) {
     const at::Tensor bad_level = ((levels < 0) | (levels >= n_levels)).nonzero();
     if (bad_level.numel() > 0) {
       const int64_t k = bad_level[0][0].item<int64_t>();
-      TORCH_CHECK_VALUE(false, "levels[", k, "] is ", levels[k].item<int64_t>(), ", expected a level in [0, ",
-                        n_levels, ")");
+      FASTNN_CHECK_VALUE(false, "levels[", k, "] is ", levels[k].item<int64_t>(), ", expected a level in [0, ",
+                         n_levels, ")");
     }
   }
 }

@@ -15,6 +15,7 @@
 #include <algorithm>
 
 #include "../common/alloc.h"
+#include "../common/check.h"
 #include "../families/ssm.h"
 #include "selective_scan_common.h"
 #include "selective_scan_kernels.cuh"
@@ -64,15 +65,15 @@ std::vector<at::Tensor> selective_scan_backward(FASTNN_SCAN_BWD_ARGS) {
                                          per_sequence_states, chunk_size);
   check_like_u(dout, fn, "dout", u);
   check_float_cuda(chunk_states, fn, "chunk_states", u);
-  TORCH_CHECK(chunk_states.dim() == 4 && chunk_states.size(0) == s.batch && chunk_states.size(1) == s.dim &&
-                  chunk_states.size(2) == s.nchunks && chunk_states.size(3) == s.dstate,
-              fn, ": chunk_states must be (", s.batch, ", ", s.dim, ", ", s.nchunks, ", ", s.dstate,
-              ") (the forward's, chunk ", kScanChunk, ")");
+  FASTNN_CHECK(chunk_states.dim() == 4 && chunk_states.size(0) == s.batch && chunk_states.size(1) == s.dim &&
+                   chunk_states.size(2) == s.nchunks && chunk_states.size(3) == s.dstate,
+               fn, ": chunk_states must be (", s.batch, ", ", s.dim, ", ", s.nchunks, ", ", s.dstate,
+               ") (the forward's, chunk ", kScanChunk, ")");
   if (dlast_state.has_value()) {
     check_float_cuda(*dlast_state, fn, "dlast_state", u);
-    TORCH_CHECK(dlast_state->dim() == 3 && dlast_state->size(0) == s.state_rows && dlast_state->size(1) == s.dim &&
-                    dlast_state->size(2) == s.dstate,
-                fn, ": dlast_state must be (", s.state_rows, ", ", s.dim, ", ", s.dstate, ")");
+    FASTNN_CHECK(dlast_state->dim() == 3 && dlast_state->size(0) == s.state_rows && dlast_state->size(1) == s.dim &&
+                     dlast_state->size(2) == s.dstate,
+                 fn, ": dlast_state must be (", s.state_rows, ", ", s.dim, ", ", s.dstate, ")");
   }
   const c10::cuda::CUDAGuard guard(u.device());
   const auto f32 = u.options().dtype(at::kFloat);
@@ -125,7 +126,7 @@ std::vector<at::Tensor> selective_scan_backward(FASTNN_SCAN_BWD_ARGS) {
       case at::kFloat: launch_bwd<float>(q, z.has_value(), rows, stream); break;
       case at::kHalf: launch_bwd<__half>(q, z.has_value(), rows, stream); break;
       case at::kBFloat16: launch_bwd<__nv_bfloat16>(q, z.has_value(), rows, stream); break;
-      default: TORCH_CHECK(false, fn, ": unsupported dtype ", u.scalar_type());
+      default: FASTNN_CHECK(false, fn, ": unsupported dtype ", u.scalar_type());
     }
   };
 

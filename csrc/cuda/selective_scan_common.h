@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "../common/check.h"
 #include "selective_scan_kernels.cuh"
 
 namespace fastnn::cuda {
@@ -14,16 +15,16 @@ struct ScanShapes {
 };
 
 inline void check_float_cuda(const at::Tensor& t, const char* fn, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), fn, ": ", name, " must be on ", like.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, fn, ": ", name, " must be float32 (got ", t.scalar_type(), ")");
-  TORCH_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous");
+  FASTNN_CHECK(t.is_cuda() && t.device() == like.device(), fn, ": ", name, " must be on ", like.device());
+  FASTNN_CHECK(t.scalar_type() == at::kFloat, fn, ": ", name, " must be float32 (got ", t.scalar_type(), ")");
+  FASTNN_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous");
 }
 
 inline void check_like_u(const at::Tensor& t, const char* fn, const char* name, const at::Tensor& u) {
-  TORCH_CHECK(t.is_cuda() && t.device() == u.device(), fn, ": ", name, " must be on ", u.device());
-  TORCH_CHECK(t.scalar_type() == u.scalar_type(), fn, ": ", name, " must have u's dtype ", u.scalar_type());
-  TORCH_CHECK(t.sizes() == u.sizes(), fn, ": ", name, " must have u's shape ", u.sizes(), " (got ", t.sizes(), ")");
-  TORCH_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous");
+  FASTNN_CHECK(t.is_cuda() && t.device() == u.device(), fn, ": ", name, " must be on ", u.device());
+  FASTNN_CHECK(t.scalar_type() == u.scalar_type(), fn, ": ", name, " must have u's dtype ", u.scalar_type());
+  FASTNN_CHECK(t.sizes() == u.sizes(), fn, ": ", name, " must have u's shape ", u.sizes(), " (got ", t.sizes(), ")");
+  FASTNN_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous");
 }
 
 // B or C: (D, N) fixed, or per step (B, G, N, L) / (B, N, L) (one group). Returns the group count (0: fixed).
@@ -31,18 +32,18 @@ inline int64_t check_coef(const at::Tensor& X, const char* fn, const char* name,
   check_float_cuda(X, fn, name, u);
   const int64_t B = u.size(0), D = u.size(1), L = u.size(2);
   if (X.dim() == 2) {
-    TORCH_CHECK(X.size(0) == D && X.size(1) == N, fn, ": ", name, " (D, N) must be (", D, ", ", N, ")");
+    FASTNN_CHECK(X.size(0) == D && X.size(1) == N, fn, ": ", name, " (D, N) must be (", D, ", ", N, ")");
     return 0;
   }
   if (X.dim() == 3) {
-    TORCH_CHECK(X.size(0) == B && X.size(1) == N && X.size(2) == L, fn, ": ", name, " (B, N, L) must be (", B, ", ",
-                N, ", ", L, ")");
+    FASTNN_CHECK(X.size(0) == B && X.size(1) == N && X.size(2) == L, fn, ": ", name, " (B, N, L) must be (", B, ", ",
+                 N, ", ", L, ")");
     return 1;
   }
-  TORCH_CHECK(X.dim() == 4 && X.size(0) == B && X.size(2) == N && X.size(3) == L, fn, ": ", name,
-              " must be (D, N) or (B, G, N, L) = (", B, ", G, ", N, ", ", L, ")");
+  FASTNN_CHECK(X.dim() == 4 && X.size(0) == B && X.size(2) == N && X.size(3) == L, fn, ": ", name,
+               " must be (D, N) or (B, G, N, L) = (", B, ", G, ", N, ", ", L, ")");
   const int64_t G = X.size(1);
-  TORCH_CHECK(G >= 1 && D % G == 0, fn, ": ", name, " groups (", G, ") must divide D (", D, ")");
+  FASTNN_CHECK(G >= 1 && D % G == 0, fn, ": ", name, " groups (", G, ") must divide D (", D, ")");
   return G;
 }
 
@@ -52,14 +53,14 @@ inline ScanShapes check_scan_inputs(const char* fn, const at::Tensor& u, const a
                                     const c10::optional<at::Tensor>& initial_state,
                                     const c10::optional<at::Tensor>& seq_idx, bool per_sequence_states,
                                     int64_t chunk_size) {
-  TORCH_CHECK(u.is_cuda() && u.dim() == 3, fn, ": u must be a (B, D, L) CUDA tensor");
-  TORCH_CHECK(u.scalar_type() != at::kDouble, fn,
-              ": float64 is not supported on CUDA (the reference runs float64 inputs)");
-  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kHalf || u.scalar_type() == at::kBFloat16, fn,
-              ": u must be float32, float16 or bfloat16 (got ", u.scalar_type(), ")");
-  TORCH_CHECK(u.is_contiguous(), fn, ": u must be contiguous");
-  TORCH_CHECK(chunk_size == kScanChunk, fn, ": chunk_size must be ", kScanChunk, " (the kernel's chunk), got ",
-              chunk_size);
+  FASTNN_CHECK(u.is_cuda() && u.dim() == 3, fn, ": u must be a (B, D, L) CUDA tensor");
+  FASTNN_CHECK(u.scalar_type() != at::kDouble, fn,
+               ": float64 is not supported on CUDA (the reference runs float64 inputs)");
+  FASTNN_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kHalf || u.scalar_type() == at::kBFloat16, fn,
+               ": u must be float32, float16 or bfloat16 (got ", u.scalar_type(), ")");
+  FASTNN_CHECK(u.is_contiguous(), fn, ": u must be contiguous");
+  FASTNN_CHECK(chunk_size == kScanChunk, fn, ": chunk_size must be ", kScanChunk, " (the kernel's chunk), got ",
+               chunk_size);
   check_like_u(delta, fn, "delta", u);
   if (z.has_value()) check_like_u(*z, fn, "z", u);
   ScanShapes s;
@@ -67,38 +68,38 @@ inline ScanShapes check_scan_inputs(const char* fn, const at::Tensor& u, const a
   s.dim = u.size(1);
   s.seqlen = u.size(2);
   check_float_cuda(A, fn, "A", u);
-  TORCH_CHECK(A.dim() == 2 && A.size(0) == s.dim, fn, ": A must be (D, N) with D = ", s.dim);
+  FASTNN_CHECK(A.dim() == 2 && A.size(0) == s.dim, fn, ": A must be (D, N) with D = ", s.dim);
   s.dstate = A.size(1);
-  TORCH_CHECK(s.dstate >= 1 && s.dstate <= kMaxScanState, fn, ": N must be in [1, ", kMaxScanState, "], got ",
-              s.dstate);
+  FASTNN_CHECK(s.dstate >= 1 && s.dstate <= kMaxScanState, fn, ": N must be in [1, ", kMaxScanState, "], got ",
+               s.dstate);
   const int64_t gB = check_coef(Bm, fn, "B", u, s.dstate), gC = check_coef(Cm, fn, "C", u, s.dstate);
-  TORCH_CHECK(gB == 0 || gC == 0 || gB == gC, fn, ": per-step B and C must have the same number of groups");
+  FASTNN_CHECK(gB == 0 || gC == 0 || gB == gC, fn, ": per-step B and C must have the same number of groups");
   s.B_var = gB > 0;
   s.C_var = gC > 0;
   s.groups = gB > 0 ? gB : (gC > 0 ? gC : 1);
   if (D_skip.has_value()) {
     check_float_cuda(*D_skip, fn, "D", u);
-    TORCH_CHECK(D_skip->dim() == 1 && D_skip->size(0) == s.dim, fn, ": D must be (", s.dim, ",)");
+    FASTNN_CHECK(D_skip->dim() == 1 && D_skip->size(0) == s.dim, fn, ": D must be (", s.dim, ",)");
   }
   if (delta_bias.has_value()) {
     check_float_cuda(*delta_bias, fn, "delta_bias", u);
-    TORCH_CHECK(delta_bias->dim() == 1 && delta_bias->size(0) == s.dim, fn, ": delta_bias must be (", s.dim, ",)");
+    FASTNN_CHECK(delta_bias->dim() == 1 && delta_bias->size(0) == s.dim, fn, ": delta_bias must be (", s.dim, ",)");
   }
   if (seq_idx.has_value()) {
-    TORCH_CHECK(seq_idx->is_cuda() && seq_idx->device() == u.device() && seq_idx->scalar_type() == at::kInt &&
-                    seq_idx->is_contiguous(),
-                fn, ": seq_idx must be a contiguous int32 tensor on ", u.device());
-    TORCH_CHECK(seq_idx->dim() == 2 && seq_idx->size(0) == s.batch && seq_idx->size(1) == s.seqlen, fn,
-                ": seq_idx must be (B, L) = (", s.batch, ", ", s.seqlen, ")");
+    FASTNN_CHECK(seq_idx->is_cuda() && seq_idx->device() == u.device() && seq_idx->scalar_type() == at::kInt &&
+                     seq_idx->is_contiguous(),
+                 fn, ": seq_idx must be a contiguous int32 tensor on ", u.device());
+    FASTNN_CHECK(seq_idx->dim() == 2 && seq_idx->size(0) == s.batch && seq_idx->size(1) == s.seqlen, fn,
+                 ": seq_idx must be (B, L) = (", s.batch, ", ", s.seqlen, ")");
   }
   s.per_seq = per_sequence_states && seq_idx.has_value();
-  TORCH_CHECK(!s.per_seq || s.batch == 1, fn, ": per-sequence states need B == 1 (packed sequences)");
+  FASTNN_CHECK(!s.per_seq || s.batch == 1, fn, ": per-sequence states need B == 1 (packed sequences)");
   if (initial_state.has_value()) {
     check_float_cuda(*initial_state, fn, "initial_state", u);
-    TORCH_CHECK(initial_state->dim() == 3 && initial_state->size(1) == s.dim && initial_state->size(2) == s.dstate &&
-                    (s.per_seq || initial_state->size(0) == s.batch),
-                fn, ": initial_state must be (", s.per_seq ? "S" : std::to_string(s.batch), ", ", s.dim, ", ",
-                s.dstate, ")");
+    FASTNN_CHECK(initial_state->dim() == 3 && initial_state->size(1) == s.dim && initial_state->size(2) == s.dstate &&
+                     (s.per_seq || initial_state->size(0) == s.batch),
+                 fn, ": initial_state must be (", s.per_seq ? "S" : std::to_string(s.batch), ", ", s.dim, ", ",
+                 s.dstate, ")");
   }
   if (!s.per_seq) {
     s.state_rows = s.batch;
@@ -108,9 +109,9 @@ inline ScanShapes check_scan_inputs(const char* fn, const at::Tensor& u, const a
     s.state_rows = s.seqlen > 0 ? seq_idx->max().item<int>() + 1 : 0;
   }
   s.nchunks = (s.seqlen + kScanChunk - 1) / kScanChunk;
-  TORCH_CHECK(s.batch <= 65535, fn, ": B must be at most 65535");
-  TORCH_CHECK(s.dim <= INT32_MAX && s.seqlen <= INT32_MAX - kScanChunk && s.state_rows <= INT32_MAX, fn,
-              ": sizes too large");
+  FASTNN_CHECK(s.batch <= 65535, fn, ": B must be at most 65535");
+  FASTNN_CHECK(s.dim <= INT32_MAX && s.seqlen <= INT32_MAX - kScanChunk && s.state_rows <= INT32_MAX, fn,
+               ": sizes too large");
   return s;
 }
 

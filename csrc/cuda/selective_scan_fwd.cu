@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../common/alloc.h"
+#include "../common/check.h"
 #include "../families/ssm.h"
 #include "selective_scan_common.h"
 #include "selective_scan_kernels.cuh"
@@ -54,7 +55,7 @@ std::vector<at::Tensor> selective_scan_forward(FASTNN_SCAN_FWD_ARGS) {
     case at::kFloat: launch_fwd<float>(p, z.has_value(), stream); break;
     case at::kHalf: launch_fwd<__half>(p, z.has_value(), stream); break;
     case at::kBFloat16: launch_fwd<__nv_bfloat16>(p, z.has_value(), stream); break;
-    default: TORCH_CHECK(false, "selective_scan_forward_cuda: unsupported dtype ", u.scalar_type());
+    default: FASTNN_CHECK(false, "selective_scan_forward_cuda: unsupported dtype ", u.scalar_type());
   }
   return {out, last, chunks};
 }
