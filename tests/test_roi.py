@@ -207,6 +207,73 @@ def test_nan_and_out_of_map_boxes():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0), (0, 0)])
+def test_map_without_rows_or_columns(shape, channels_last):
+    """Samples in [-1, 0] on an empty axis once clamped to pixel -1 and read out of bounds (a segfault): they
+    read nothing, so every bin is 0 and the (empty) gradient is defined; CPU kernels, emulated CUDA kernels
+    and the reference agree."""
+    from fastnn._backend import _C
+
+    x = features(1, 3, *shape, channels_last=channels_last).requires_grad_()
+    rois = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0], [0.0, 0.0, -1.0, 1.0, 0.0], [0.0, -0.5, -0.5, 0.5, 0.5]])
+    for aligned in (False, True):
+        want = ref.roi_align(x.detach(), rois, 2, 2, 1.0, -1, aligned)
+        assert torch.equal(want, torch.zeros(3, 3, 2, 2))
+        for backend in ALIGN_BACKENDS:
+            out = run(backend, ops.roi_align, x, rois, 2, 1.0, -1, aligned)
+            assert torch.equal(out, want), backend
+            (g,) = torch.autograd.grad(out.sum(), x)
+            assert g.shape == x.shape
+        args = ([x.detach()], rois, None, [1.0], 2, 2, 2, aligned, channels_last)
+        assert torch.equal(_C.roi_align_forward_emulated(*args), want)
+        grad = torch.randn(3, 3, 2, 2)
+        gargs = (grad, rois, None, [1.0], list(x.shape), channels_last, 2, aligned)
+        assert _C.roi_align_backward_emulated(*gargs)[0].shape == x.shape
+
+
+def _one_bin_by_axes(x, roi, grid):
+    """roi_align to 1 x 1 (scale 1, not aligned) with a grid x grid sampling, summed separably: the per-axis
+    tap weights (reference._axis_taps), then rows^T plane cols / grid^2. Fast for grids the reference's
+    sample loop would walk for hours."""
+    start_h, start_w, bin_h, bin_w, _, _ = ref._align_geometry(roi, 1.0, 1, 1, grid, False)
+    plane = x[int(roi[0])]
+
+    def axis(start, size, extent):
+        valid, low, high, w_low, w_high = ref._axis_taps(ref._sample_coords(start, size, 1, grid)[0], extent)
+        m = torch.zeros(extent, dtype=x.dtype)
+        m.index_add_(0, low[valid], w_low[valid])
+        m.index_add_(0, high[valid], w_high[valid])
+        return m
+
+    rows, cols = axis(start_h, bin_h, x.shape[2]), axis(start_w, bin_w, x.shape[3])
+    return torch.einsum("h,chw,w->c", rows, plane, cols) / float(grid) ** 2
+
+
+def test_adaptive_grid_count_does_not_wrap():
+    """Huge sample grids whose count (grid_h * grid_w) passed 2^31 wrapped in 32 bits, and the kernels divided
+    the sum of the samples by 1: a 1e6-pixel box pooled to 1 x 1 (adaptive: 10^6 x 10^6 samples, ~9 x 9 of
+    them on the map) and a 1e5-pixel box with sampling_ratio 46341 (46341^2 > 2^31)."""
+    x = features(1, 2, 8, 8, torch.float64)
+    for side, sr in ((1e6, -1), (1e5, 46341)):
+        roi = torch.tensor([0.0, 0.0, 0.0, side, side], dtype=torch.float64)
+        want = _one_bin_by_axes(x, roi, int(side) if sr <= 0 else sr)
+        assert 0 < want.abs().max() < 1e-6
+        for backend in ALIGN_BACKENDS:
+            got = run(backend, ops.roi_align, x, roi[None], 1, 1.0, sr)
+            torch.testing.assert_close(got[:, :, 0, 0], want[None], rtol=1e-10, atol=0, msg=backend)
+
+
+def test_roi_pool_non_finite_corners_pool_nothing():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    rois = torch.tensor([[0, 0, 0, float("inf"), 3], [0, float("-inf"), 0, 3, 3], [0, 0, 0, 1e30, 3],
+                         [0, 0, float("nan"), 3, 3]])
+    want = ref.roi_pool(x, rois, 1, 1, 1.0)
+    assert torch.equal(want[:, 0, 0, 0], torch.tensor([0.0, 0.0, 15.0, 0.0]))
+    for backend in POOL_BACKENDS:
+        assert torch.equal(run(backend, ops.roi_pool, x, rois, 1, 1.0), want), backend
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
 def test_sample_tables_built_in_chunks(channels_last):
     """With a tiny budget every RoI gets its own chunk of sample tables, and one image's RoIs span chunks:
     same bits, forward and backward (the backward continues each plane's sums across chunks)."""

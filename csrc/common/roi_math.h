@@ -9,6 +9,7 @@
 
 #if !defined(__CUDACC_RTC__)
 #include <cmath>
+#include <cstdint>
 #endif
 
 namespace fastnn {
@@ -54,7 +55,8 @@ FASTNN_HD RoiAlignGeometry<T> roi_align_geometry(const T* roi, T spatial_scale, 
   if (g.start_h != g.start_h || g.start_w != g.start_w || g.bin_h != g.bin_h || g.bin_w != g.bin_w) {
     g.grid_h = g.grid_w = 0;
   }
-  const int n = g.grid_h * g.grid_w;
+  // in 64 bits: adaptive grids of up to 2^20 a side would wrap an int product (and divide by 1)
+  const int64_t n = static_cast<int64_t>(g.grid_h) * g.grid_w;
   g.count = static_cast<T>(n > 1 ? n : 1);
   return g;
 }
@@ -66,8 +68,8 @@ FASTNN_HD T roi_sample_coord(T start, T bin, int p, int i, int grid) {
 }
 
 // Bilinear taps of one sample along one axis: pixels `low` and `high` with weights `w_low` (h) and
-// `w_high` (l). `valid` is false when the coordinate lies outside [-1, size] (or is NaN): the sample then
-// reads nothing and receives no gradient.
+// `w_high` (l). `valid` is false when the coordinate lies outside [-1, size] (or is NaN), or the axis is
+// empty (size 0: no pixel to clamp to): the sample then reads nothing and receives no gradient.
 template <typename T>
 struct AxisTaps {
   int low, high;
@@ -78,7 +80,7 @@ struct AxisTaps {
 template <typename T>
 FASTNN_HD AxisTaps<T> axis_taps(T v, int size) {
   AxisTaps<T> t;
-  t.valid = v >= T(-1) && v <= static_cast<T>(size);
+  t.valid = size > 0 && v >= T(-1) && v <= static_cast<T>(size);
   if (!t.valid) {
     t.low = t.high = 0;
     t.w_low = t.w_high = T(0);
@@ -135,16 +137,17 @@ FASTNN_HD int round_half_away(T v) {
 FASTNN_HD int clip_int(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 // roi_pool's window for bin (ph, pw): the RoI is rounded to whole pixels, at least 1x1, and split into
-// bins of floor / ceil edges. A NaN coordinate gives an empty window.
+// bins of floor / ceil edges. A non-finite coordinate gives an empty window.
 template <typename T>
 FASTNN_HD RoiPoolWindow roi_pool_window(const T* roi, T spatial_scale, int pooled_h, int pooled_w, int ph, int pw,
                                         int height, int width) {
   RoiPoolWindow w{0, 0, 0, 0};
   const T x1 = roi[1] * spatial_scale, y1 = roi[2] * spatial_scale;
   const T x2 = roi[3] * spatial_scale, y2 = roi[4] * spatial_scale;
-  // Coordinates beyond +-2^29 saturate (no int overflow below): such windows are clipped to the map anyway.
+  // A non-finite corner (NaN or +-inf; v - v is then NaN) gives an empty window, as in the reference. Finite
+  // coordinates beyond +-2^29 saturate (no int overflow below): such windows are clipped to the map anyway.
   const T lim = T(1 << 29);
-  if (!(x1 == x1 && y1 == y1 && x2 == x2 && y2 == y2)) return w;
+  if (!(x1 - x1 == T(0) && y1 - y1 == T(0) && x2 - x2 == T(0) && y2 - y2 == T(0))) return w;
   auto clamp_coord = [lim](T v) { return v < -lim ? -lim : (v > lim ? lim : v); };
   const int start_w = round_half_away(clamp_coord(x1)), start_h = round_half_away(clamp_coord(y1));
   const int end_w = round_half_away(clamp_coord(x2)), end_h = round_half_away(clamp_coord(y2));

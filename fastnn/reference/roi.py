@@ -8,9 +8,11 @@ equal torchvision's CPU kernel.
 Conventions (documented here once, used by the kernels):
 - ``rois`` is (K, 5): (batch index, x1, y1, x2, y2). The batch index is truncated toward zero as torchvision
   casts it; an index outside [0, N) is an error.
-- A sample whose coordinate lies outside [-1, size] along either axis, or is NaN, reads nothing.
+- A sample whose coordinate lies outside [-1, size] along either axis, or is NaN, reads nothing; so does
+  every sample of a map with no rows or no columns. The average divides by grid_h * grid_w, exactly.
 - roi_pool ignores NaN inputs (torchvision compares with ``>``); an empty bin gives 0 and sends no
-  gradient; ties send the gradient to the first maximum in row-major order.
+  gradient; ties send the gradient to the first maximum in row-major order. A RoI with a non-finite corner
+  (NaN, +-inf) pools nothing; finite corners beyond +-2^29 saturate there.
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def roi_align(input: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, spatial
         start_h, start_w, bin_h, bin_w, gh, gw = _align_geometry(rois[k], spatial_scale, pooled_h, pooled_w,
                                                                  sampling_ratio, aligned)
         acc = input.new_zeros((c, pooled_h, pooled_w))
-        if gh > 0 and gw > 0:
+        if gh > 0 and gw > 0 and height > 0 and width > 0:
             vy, y0, y1, hy, ly = _axis_taps(_sample_coords(start_h, bin_h, pooled_h, gh), height)  # (PH, gh)
             vx, x0, x1, hx, lx = _axis_taps(_sample_coords(start_w, bin_w, pooled_w, gw), width)   # (PW, gw)
             plane = input[batch[k]]
