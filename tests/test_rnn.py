@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import fastnn
 from fastnn.ops import rnn as rnn_ops
@@ -767,6 +767,11 @@ def test_bad_inputs_name_the_argument():
     expect_error(m, (torch.randn(3, 2, 2, 5),), ValueError, r"input must be")
     g = fastnn.nn.GRU(5, 6)
     expect_error(g, (torch.randn(3, 2, 5), torch.randn(1, 3, 6)), ValueError, r"hx must have shape \(1, 2, 6\)")
+    # a sequence of no step (sorted_indices longer than batch_sizes[0]): its h_n was read from another row
+    idx = torch.tensor([0, 1, 2])
+    no_step = PackedSequence(torch.randn(3, 5), torch.tensor([2, 1]), idx, idx)
+    for module in (g, fastnn.nn.LSTM(5, 6), fastnn.nn.LayerNormLSTM(5, 6)):
+        expect_error(module, (no_step,), ValueError, r"3 sequences \(input.sorted_indices\).*got 2")
     cell = fastnn.nn.LSTMCell(5, 6)
     expect_error(cell, (torch.randn(2, 7),), ValueError, r"input must be .*input_size = 5.*\(2, 7\)")
     expect_error(cell, (torch.randn(2, 5), (torch.randn(3, 6), torch.randn(2, 6))), ValueError, r"hx\[0\]")

@@ -543,6 +543,10 @@ def pack_input(input: Union[Tensor, PackedSequence], input_size: int, batch_firs
         batch_sizes = _check_batch_sizes(input.batch_sizes, x.shape[0])
         if input.sorted_indices is not None:  # B without reading data (traceable under torch.compile)
             B = input.sorted_indices.shape[0]
+            first = int(batch_sizes[0]) if batch_sizes.numel() and not torch.compiler.is_compiling() else B
+            if first != B:  # B > first: sequences of no step, whose h_n would be read from another row
+                raise ValueError(f"input: a PackedSequence of {B} sequences (input.sorted_indices) must have "
+                                 f"batch_sizes[0] == {B} (every sequence at least one step long); got {first}")
         elif torch.compiler.is_compiling():
             B = int(batch_sizes[0])  # data-dependent there: a PackedSequence holds at least one sequence
             torch._check(B > 0)
