@@ -567,6 +567,28 @@ def test_matrix_nms_duplicate_boxes(kernel):
     torch.testing.assert_close(got, torch.tensor([0.9, *copies, 0.6 * first], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("kernel", ["linear", "gaussian"])
+def test_matrix_nms_undefined_iou_is_no_overlap(kernel):
+    """Two empty boxes (padding) have IoU 0 / 0, and a box with a NaN coordinate NaN IoUs: such pairs
+    overlap nothing, as in the reference, instead of spreading NaN through comp's max to every score. The
+    gradients of the other boxes and of every score stay finite (the linear kernel's untaken branch divided
+    by 1 - comp = 0)."""
+    boxes = torch.tensor([[0, 0, 10, 10.0], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 0, 0], [0, 0, 0, 0]],
+                         dtype=torch.float64)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.05, 0.05], dtype=torch.float64)
+    with_nan = boxes.clone()
+    with_nan[2, 0] = float("nan")
+    for b in (boxes, with_nan):
+        got = ops.matrix_nms(b, scores, None, kernel)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, ref.matrix_nms(b, scores, None, kernel), rtol=1e-12, atol=1e-12)
+    dup = torch.tensor([[0, 0, 10, 10.0], [0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 0, 0], [0, 0, 0, 0]],
+                       dtype=torch.float64, requires_grad=True)
+    s = scores.clone().requires_grad_()
+    ops.matrix_nms(dup, s, None, kernel).sum().backward()
+    assert torch.isfinite(dup.grad[:3]).all() and torch.isfinite(s.grad).all()  # the empty boxes' own: 0 / 0
+
+
 def test_matrix_nms_gradcheck():
     boxes = make_boxes((6,), image=30.0, dtype=torch.float64).requires_grad_()
     scores = make_scores((6,), dtype=torch.float64).requires_grad_()

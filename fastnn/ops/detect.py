@@ -470,7 +470,9 @@ def matrix_nms(boxes: Tensor, scores: Tensor, labels: Optional[Tensor] = None, k
     if n == 0:
         return scores.clone()
     order = torch.sort(scores.detach(), descending=True, stable=True).indices
-    iou = box_iou(boxes[order], boxes[order]).to(ct).triu(diagonal=1)
+    # a pair with no defined IoU (0 / 0 of two empty boxes, a NaN coordinate) overlaps nothing, as in the
+    # reference: left NaN, the max / min below would spread it to every score
+    iou = torch.nan_to_num(box_iou(boxes[order], boxes[order]).to(ct), nan=0.0).triu(diagonal=1)
     if labels is not None:
         lab = labels[order]
         iou = iou * (lab[:, None] == lab[None, :])
@@ -480,7 +482,9 @@ def matrix_nms(boxes: Tensor, scores: Tensor, labels: Optional[Tensor] = None, k
     else:
         # a box i wholly covered by a higher one (comp 1) decays nothing: its row would read 0 / 0 (NaN) for
         # a duplicate j of it, which the duplicate's first copy decays to 0 anyway
-        decay = torch.where(comp < 1, (1 - iou) / (1 - comp), float("inf")).min(0).values
+        # (the denominator kept nonzero where the branch is not taken, so its gradient is 0 there, not NaN)
+        covered = comp >= 1
+        decay = torch.where(covered, float("inf"), (1 - iou) / torch.where(covered, 1.0, 1 - comp)).min(0).values
     decayed = scores[order].to(ct) * decay
     out = torch.empty_like(decayed).scatter(0, order, decayed)
     return out.to(scores.dtype)
