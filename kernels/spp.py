@@ -422,7 +422,7 @@ def spp_pool_backward(grad: torch.Tensor, x: torch.Tensor, levels, avg: bool) ->
     return gx
 
 
-# Launched on sm_90 only: on sm_80 several configurations (most SPPF backward ones, SPP backward fp16 max,
+# Launched on sm_90 only: on sm_80 three configurations (SPPF backward route fp32 k=9, SPP backward fp16 max,
 # SPPF forward bf16 k=5) compile with an 8-16 byte stack, so fastnn.ops.spp runs the reference there.
 _AOT_OPTIONS = {"archs": (90,)}
 
