@@ -154,6 +154,26 @@ def test_sppf_every_radius_signed_zeros_and_nan_blocks(device, layout):
 
 
 @pytest.mark.parametrize("device", device_params())
+def test_sppf_k_beyond_the_plane(device):
+    """k larger than the plane (2 max(H, W) - 1 already reaches every pixel from every pixel) pools and
+    routes exactly as torch's chain does; the op then runs the smallest such k, so an absurd k (2^40 + 1,
+    beyond int64's range too) costs no scratch memory and needs no int64."""
+    torch.manual_seed(5)
+    shape = (2, 5, 4, 7)
+    x = torch.randint(0, 3, shape).to(torch.float64).to(device)   # ties everywhere
+    x[1, 2, 3, 1] = float("nan")
+    grad = torch.randn(2, 20, 4, 7, dtype=torch.float64, device=device)
+    want = ref.sppf_pool(x, 21)
+    gwant = grads(lambda t: ref.sppf_pool(t, 21), x, grad)
+    for backend in kernel_backends(device):
+        for k in (13, 19, 21, 2 ** 40 + 1, 2 ** 64 + 1):
+            got = run(backend, ops.sppf_pool, x, k)
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{backend} k={k}: {m}")
+            g = run(backend, lambda t: grads(lambda u: ops.sppf_pool(u, k), t, grad), x)
+            torch.testing.assert_close(g, gwant, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{backend} k={k}: {m}")
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_sppf_nan_and_inf(device):
     x = torch.randn(2, 3, 9, 8, device=device)
     x[0, 0, 4, 4] = float("nan")

@@ -269,4 +269,9 @@ def sppf_pool(x: Tensor, k: int = 5) -> Tensor:
     """
     _check_x(x)
     k = check_kernel_size(k)
+    # From every pixel a window of radius max(H, W) - 1 already covers the whole plane: a larger k pools the
+    # same values with the same argmax (so the same gradients), while the kernels' scratch grows with k.
+    reach = max(x.shape[2], x.shape[3]) - 1
+    if reach >= 0 and k // 2 > reach:
+        k = 2 * reach + 1
     return torch.ops.fastnn.sppf_pool(x, k)
