@@ -123,6 +123,25 @@ def test_bad_arguments():
     for bad in ([0, 5, 3, 8], [1, 8], [2, 4, 8], [0, 4, 7]):
         with pytest.raises(ValueError, match="cu_seqlens must start at 0, increase strictly"):
             m(torch.randn(1, 8, 16), cu_seqlens=torch.tensor(bad, dtype=torch.int32))
+    for kwargs, what in ((dict(dt_rank=0), "dt_rank"), (dict(dt_rank=-2), "dt_rank"), (dict(expand=0), "expand"),
+                         (dict(expand=-1), "expand"), (dict(dt_min=-0.1), "dt_min"), (dict(dt_min=0.2), "dt_min")):
+        with pytest.raises(ValueError, match=what):
+            Mamba(16, **kwargs)
+    # decoding: a cache filled for one batch refuses another (a prefill broadcast into every row before);
+    # step names the state of the wrong shape
+    layer = Mamba(16, layer_idx=0)
+    params = InferenceParams(max_seqlen=8, max_batch_size=2)
+    with torch.no_grad():
+        layer(torch.randn(2, 3, 16), inference_params=params)
+        for batch in (1, 3):
+            with pytest.raises(ValueError, match=rf"inference_params: layer 0's cache holds 2 sequences but "
+                                                 rf"hidden_states has batch {batch}"):
+                layer(torch.randn(batch, 3, 16), inference_params=params)
+        conv, ssm = layer.allocate_inference_cache(2, 8)
+        with pytest.raises(ValueError, match=r"ssm_state must be \(B, d_inner, d_state\) = \(2, 32, 16\); got \(2, 32, 5\)"):
+            layer.step(torch.randn(2, 1, 16), conv, ssm[..., :5])
+        with pytest.raises(ValueError, match=r"conv_state must be"):
+            layer.step(torch.randn(1, 1, 16), conv, ssm)
 
 
 def test_compiles_fullgraph():

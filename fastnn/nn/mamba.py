@@ -64,6 +64,13 @@ class Mamba(nn.Module):
             raise ValueError(f"d_conv must be 2, 3 or 4 (the causal conv kernels' widths); got {d_conv!r}")
         if dt_init not in ("random", "constant"):
             raise ValueError(f"dt_init must be 'random' or 'constant'; got {dt_init!r}")
+        if isinstance(expand, bool) or not isinstance(expand, (int, float)) or not int(expand * d_model) >= 1:
+            raise ValueError(f"expand must be a positive number with expand * d_model >= 1; got {expand!r}")
+        if dt_rank != "auto" and (isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank <= 0):
+            raise ValueError(f"dt_rank must be 'auto' or a positive int; got {dt_rank!r}")
+        if not (isinstance(dt_min, (int, float)) and isinstance(dt_max, (int, float)) and 0 < dt_min <= dt_max
+                and math.isfinite(dt_max)):
+            raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max < inf; got {dt_min!r}, {dt_max!r}")
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
@@ -158,6 +165,12 @@ class Mamba(nn.Module):
         if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
             raise ValueError(f"step decodes one token at a time: hidden_states must be (B, 1, d_model); got "
                              f"{tuple(hidden_states.shape)}")
+        batch = hidden_states.shape[0]
+        for name, state, width in (("conv_state", conv_state, self.d_conv), ("ssm_state", ssm_state, self.d_state)):
+            if not isinstance(state, Tensor) or tuple(state.shape) != (batch, self.d_inner, width):
+                got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+                raise ValueError(f"{name} must be (B, d_inner, {'d_conv' if width == self.d_conv else 'd_state'}) = "
+                                 f"({batch}, {self.d_inner}, {width}); got {got}")
         xz = self.in_proj(hidden_states.squeeze(1))
         x, z = xz.chunk(2, dim=-1)
         x = ops.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
@@ -192,6 +205,10 @@ class Mamba(nn.Module):
             cache[self.layer_idx] = (conv_state, ssm_state)
         else:
             conv_state, ssm_state = cache[self.layer_idx]
+            if conv_state.shape[0] != batch_size:  # a prefill would broadcast into every row of the cache
+                raise ValueError(f"inference_params: layer {self.layer_idx}'s cache holds {conv_state.shape[0]} "
+                                 f"sequences but hidden_states has batch {batch_size} (a new batch needs a new "
+                                 f"InferenceParams)")
             if initialize_states:
                 conv_state.zero_()
                 ssm_state.zero_()
