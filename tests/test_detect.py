@@ -610,6 +610,9 @@ BAD_INPUTS = [
      r"boxes must have shape \(B, N, 4\)"),
     (ops.detection_postprocess, (torch.zeros(2, 5, 4), torch.zeros(2, 5, 3), 0.1, 0.5, -1), ValueError,
      "max_detections must be >= 0"),
+    (ops.detection_postprocess, (torch.rand(2, 5, 4), torch.rand(2, 5, 3), 0.1, 0.5, 2 ** 61), ValueError,
+     r"max_detections must be at most 2147483647"),
+    (ops.heatmap_peaks, (torch.rand(1, 2, 5, 5), 3, 2 ** 63 + 1), ValueError, r"kernel must be at most"),
     (ops.detection_postprocess, (torch.zeros(2, 5, 4), torch.zeros(2, 5, 3), math.nan, 0.5, 3), ValueError,
      "score_threshold must not be NaN"),
     (ops.detection_postprocess, (torch.zeros(2, 5, 4), torch.zeros(2, 5, 3), 0.1, 0.5, 3, 1), TypeError,
@@ -627,6 +630,7 @@ BAD_INPUTS = [
     (ops.decode_yolo, (torch.zeros(1, 3, 2, 2, 5), None, 8.0, 5), ValueError, "anchors .* are required"),
     (ops.decode_yolo, (torch.zeros(1, 3, 2, 2, 5), torch.ones(2, 2), 8.0, 5), ValueError, "anchors must have shape"),
     (ops.decode_yolo, (torch.zeros(1, 3, 2, 2, 5), None, 8.0, 6), ValueError, "version must be one of"),
+    (ops.decode_yolo, (torch.zeros(1, 3, 2, 2, 5), torch.rand(3, 2), 8.0, 5.0), ValueError, "version must be one of"),
     (ops.decode_yolo, (torch.zeros(1, 60, 2, 2), None, 8.0, 8), ValueError, r"pred must have shape \(B, 4 \* reg_max"),
     (ops.decode_fcos, (torch.zeros(3, 3), torch.zeros(3, 4)), ValueError, r"points must have shape \(\.\.\., 2\)"),
 ]

@@ -785,6 +785,8 @@ def test_bad_inputs_name_the_argument():
                  ValueError, r"b_ih and b_hh")
     expect_error(lambda: rnn_ops.lstm(torch.randn(2, 2, 3), None, [(a["w_ih"], a["w_hh"], None, None, None)],
                                       num_layers=1, dropout=1.5), (), ValueError, r"dropout must be in \[0, 1\]")
+    expect_error(lambda: rnn_ops.lstm(torch.randn(2, 2, 3), None, [], num_layers=0), (), ValueError,
+                 r"num_layers must be a positive int, got 0")
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ backend is not under test")

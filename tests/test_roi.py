@@ -530,6 +530,12 @@ def test_bad_inputs():
     bad_level = torch.tensor([0, 1, 2, 0])
     expect_error(run, ("cpp", ops.multi_scale_roi_align, feats, rois, bad_level, [1.0, 0.5], 2), ValueError,
                  r"levels\[2\] is 2")
+    # MultiScaleRoIAlign infers its scales from image_shapes and the maps' heights: log2 of 0 or of a negative
+    box = [torch.tensor([[0.0, 0.0, 4.0, 4.0]])]
+    for shapes, height in (([(0, 0)], 8), ([(-4, 8)], 8), ([(32, 32)], 0)):
+        m = fnn.MultiScaleRoIAlign(["p2"], 2, 2)
+        expect_error(m, (OrderedDict(p2=features(1, 3, height, 8)), box, shapes), ValueError,
+                     r"image_shapes must hold positive|at least one row")
 
 
 # ---------------------------------------------------------------- tier 5: CUDA (make gpu-check)

@@ -36,12 +36,17 @@ _log = logging.getLogger("fastnn")
 _warned_soft = set()
 
 
+_INT_MAX = 2 ** 31 - 1
+
+
 def _int(x, name: str, minimum: int) -> int:
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
     x = int(x)
     if x < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {x}")
+    if x > _INT_MAX:  # sizes past int32 would reach the kernels and the op schema (int64) as overflows
+        raise ValueError(f"{name} must be at most {_INT_MAX}, got {x}")
     return x
 
 
@@ -171,7 +176,7 @@ def decode_yolo(pred: Tensor, anchors: Optional[Tensor] = None, stride: float = 
         (B, H, W, 4) for v8; dtype of pred. Differentiable (torch ops).
     """
     _checks.tensor(pred, "pred", dtypes=_checks.FLOAT_DTYPES)
-    if isinstance(version, bool) or version not in _YOLO_VERSIONS:
+    if isinstance(version, bool) or not isinstance(version, numbers.Integral) or version not in _YOLO_VERSIONS:
         raise ValueError(f"version must be one of {_YOLO_VERSIONS}, got {version!r}")
     stride = _checks.real_number(stride, "stride")
     if version == 8:

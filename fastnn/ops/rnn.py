@@ -497,6 +497,8 @@ def check_stacked_weights(weights: Sequence, num_layers: int, directions: int,
                           check_layer: Callable) -> Tuple[int, int, int]:
     """Checks one weight tuple per layer and direction, each with check_layer(w, where) -> (input_size,
     hidden_size, P), and that the layers chain (layer l > 0 reads directions * P features) -> layer 0's sizes."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
     if len(weights) != num_layers * directions:
         raise ValueError(f"weights must hold num_layers * directions = {num_layers * directions} layer tuples, "
                          f"got {len(weights)}")

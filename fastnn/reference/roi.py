@@ -180,6 +180,11 @@ def setup_scales(feature_sizes: Sequence[Sequence[int]], image_shapes: Sequence[
     """(scales, k_min, k_max) as torchvision's MultiScaleRoIAlign derives them from the first forward."""
     if not image_shapes:
         raise ValueError("image_shapes must not be empty")
+    if any(len(s) != 2 or min(int(s[0]), int(s[1])) <= 0 for s in image_shapes):
+        raise ValueError(f"image_shapes must hold positive (height, width) pairs, got {list(image_shapes)}")
+    if any(int(sz[0]) <= 0 for sz in feature_sizes):  # its scale would be log2(0)
+        raise ValueError(f"the feature maps must have at least one row to infer their scales, got sizes "
+                         f"{[tuple(int(v) for v in sz) for sz in feature_sizes]}")
     original = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
     scales = [infer_scale(sz, original) for sz in feature_sizes]
     k_min = int(-math.log2(scales[0]))
