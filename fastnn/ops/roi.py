@@ -289,6 +289,8 @@ def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, sp
         (K, C, output_size[0], output_size[1]) in ``input``'s dtype. float32/float64 values equal
         torchvision's CPU kernel; float16/bfloat16 are computed in float32. Differentiable with respect to
         ``input``; the backward is deterministic (no order-dependent atomics: two runs are bitwise equal).
+        Samples outside the map read nothing, so a map with no rows or no columns gives zeros (torchvision
+        reads out of bounds there).
     """
     _features(input, "input")
     pooled_h, pooled_w = _output_size(output_size)
@@ -302,6 +304,7 @@ def roi_pool(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, spa
 
     Same arguments as :func:`roi_align` (no sampling). Each RoI is rounded to whole pixels and split into
     bins; each bin takes the maximum (NaN ignored, as torchvision compares with ``>``; an empty bin gives 0).
+    A box with a NaN or infinite coordinate pools nothing (zeros; torchvision's integer cast is undefined).
     The gradient goes to the first maximum of each bin, accumulated in RoI order (deterministic).
     """
     _features(input, "input")

@@ -260,7 +260,8 @@ def sppf_pool(x: Tensor, k: int = 5) -> Tensor:
     Args:
         x: (N, C, H, W); float16, bfloat16, float32 or float64; CPU or CUDA; NCHW or channels_last (on the CPU
             read in place, and the result is channels_last too).
-        k: pool size, a positive odd int (default 5, YOLOv5's).
+        k: pool size, a positive odd int (default 5, YOLOv5's). A k past 2 max(H, W) - 1 pools the same as that
+            size (every window already covers the plane) and is run as it.
 
     Returns:
         (N, 4C, H, W) in x's dtype. Differentiable: the gradient of each pooled slice goes back through the
