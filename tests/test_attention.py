@@ -277,6 +277,55 @@ def test_fully_masked_rows_are_zero_not_nan(backend):
         assert torch.equal(out[0, 0], torch.zeros(2, 32))
 
 
+def _torch_math_sdpa(q, k, v, **kw):
+    """torch's SDPA on its math backend in the inputs' dtype, with gradients (its CPU flash backward
+    recomputes p from the float32 logsumexp and is wrong for the huge-score rows below). Not float64: a score
+    plus a mask of -1e10 keeps the score in float64 but not in float32."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(q, k, v, **kw)
+    return out, torch.autograd.grad(out.sum(), (q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in CPU_BACKENDS if b != "triton"])
+def test_huge_finite_scores_stay_exact(backend):
+    """Rows whose scores are huge but finite: a padding mask of finfo.min over a whole row (Hugging Face's
+    value: torch averages v there), masks of -1e10 / -1e12 and +3e38, and scale 1e10. exp(s * sc - m) in
+    one FMA lost the max there (NaN or zeros); the reference's exp(s - lse) made every weight 1; the
+    backward's p from the float32 lse was wrong (such calls now run the reference's backward)."""
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 5, 16) for _ in range(3))
+    cases = []
+    for value in (torch.finfo(torch.float32).min, -1e10, -1e12):
+        m = torch.zeros(1, 2, 5, 5)
+        m[..., 3, :] = value
+        m[..., 1, 2:] = value  # a partly masked row beside it
+        cases.append(dict(attn_mask=m))
+    cases += [dict(attn_mask=torch.full((5, 5), 3e38)), dict(scale=1e10)]
+    for kw in cases:
+        want, gwant = _torch_math_sdpa(q, k, v, **kw)
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        with fastnn.use_backend(backend):
+            out = ops.scaled_dot_product_attention(qq, kk, vv, **kw)
+            grads = torch.autograd.grad(out.sum(), (qq, kk, vv))
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=lambda s: f"{kw.keys()}: {s}")
+        for g, gw in zip(grads, gwant):
+            torch.testing.assert_close(g, gw, rtol=1e-4, atol=1e-4, msg=lambda s: f"{kw.keys()}: {s}")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_head_dim_zero_averages_v(backend):
+    q, k = torch.randn(2, 3, 5, 0), torch.randn(2, 3, 7, 0)
+    v = torch.randn(2, 3, 7, 8, requires_grad=True)
+    want, (_, _, gv) = _torch_math_sdpa(q, k, v)
+    with fastnn.use_backend(backend):
+        out = ops.scaled_dot_product_attention(q, k, v)
+        (g,) = torch.autograd.grad(out.sum(), v)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g, gv, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b == "cpp"])
 def test_nan_inputs_propagate_like_the_reference(backend):
     q, k, v = (torch.randn(1, 6, 2, 32) for _ in range(3))
@@ -679,6 +728,7 @@ def test_bad_inputs_name_the_argument():
     expect_error(lambda: fa(qf, qf, qf, window=(2,)), (), TypeError, "window")
     expect_error(lambda: fa(qf, qf, qf, window=(-3, 0)), (), ValueError, "window")
     expect_error(lambda: fa(qf, qf, qf, softcap=-1.0), (), ValueError, "softcap")
+    expect_error(lambda: fa(qf, qf, qf, scale=math.inf), (), ValueError, "scale must be finite")
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
     expect_error(lambda: fa(qf[0], qf[0], qf[0], cu_seqlens_q=cu), (), ValueError, "together")
     expect_error(lambda: fa(qf[0], qf[0], qf[0], cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 9, 3],
@@ -687,6 +737,11 @@ def test_bad_inputs_name_the_argument():
     expect_error(lambda: fa(qf[0], qf[0], qf[0], cu_seqlens_q=cu, cu_seqlens_k=cu, bias=torch.zeros(8, 8)), (),
                  ValueError, "bias")
     expect_error(lambda: fa(qf, qf, qf, seqused_k=torch.tensor([1])), (), ValueError, "seqused_k")
+    # int64 offsets past int32 wrapped silently in the cast ([0, 2^32 + 3, 8] ran as [0, 3, 8])
+    expect_error(lambda: fa(qf[0], qf[0], qf[0], cu_seqlens_q=torch.tensor([0, 2 ** 32 + 3, 8]),
+                            cu_seqlens_k=cu.long()), (), ValueError, r"cu_seqlens_q must fit in int32")
+    expect_error(lambda: fa(qf, qf, qf, seqused_k=torch.tensor([2 ** 32 + 2] * qf.shape[0])), (), ValueError,
+                 r"seqused_k must fit in int32")
     dec = ops.attention_decode
     kc = torch.randn(2, 10, 2, 16)
     expect_error(dec, (qf[:, :1], kc, kc, torch.tensor([3, 11])), ValueError, "cache_seqlens")

@@ -265,6 +265,10 @@ template <typename T> inline std::unique_ptr<T[]> raw_buffer(int64_t n) {
 // ---------------------------------------------------------------------------------------------------
 // Vector row kernels (fp32 with AVX-512 when available; scalar otherwise and for fp64)
 
+// |row max| past which the forward forms the exp's argument as (s * sc - m) * log2e, not one FMA: below it
+// the fused form's error in the exponent is under 2^-15 (m * log2e rounded, and sc * log2e)
+constexpr float kExactExpLimit = 256.0f;
+
 #ifdef FASTNN_ATTN_AVX512
 // 2^t for t <= 127: f = t - floor(t) in [0, 1) by one vreduceps, 2^f by a polynomial fitted for relative
 // error on [0, 1), and scalef(p, t) multiplies by 2^floor(t) itself, so no integer part is formed.
@@ -570,6 +574,20 @@ inline void softmax_rows16(int64_t R, const float* S, int64_t lds, const int64_t
       ct* prow = P + r * ldp;
       if (c0[r] >= c1[r] || mn[r] == ninf) {
         zero_row(prow + cl, ch - cl);
+      } else if (std::abs(mn[r]) > kExactExpLimit) {
+        // a huge max (an absurd scale or inputs): m * log2e's rounding alone would pass exp's range, so
+        // s * sc - m first, rounded like m (exp_row's exact segments likewise), then a clamped exp
+        const float* x = S + r * lds;
+        const __m512 vs = _mm512_set1_ps(sc), vm = _mm512_set1_ps(mn[r]), vl = _mm512_set1_ps(kLog2e);
+        for (int64_t j = c0[r]; j < c1[r]; j += 16) {
+          const __mmask16 tm = tail_mask(c1[r] - j);
+          const __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(tm, x + j), vs), vm), vl);
+          const __m512 e = _mm512_maskz_mov_ps(tm, exp2_512<kDeg, true>(t));
+          acc = _mm512_add_ps(acc, e);
+          store16<ct>(prow + j, e, tm);
+        }
+        zero_row(prow + cl, c0[r] - cl);
+        zero_row(prow + c1[r], ch - c1[r]);
       } else {
         const float* x = S + r * lds;
         const __m512 vsh = _mm512_set1_ps(-mn[r] * kLog2e);

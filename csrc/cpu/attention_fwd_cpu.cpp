@@ -411,9 +411,22 @@ void forward_impl(const Problem& P, const scalar_t* q, const scalar_t* k, const 
                 dr.row_hash = fastnn::attn::dropout_row_hash(static_cast<uint32_t>(row), P.seed_lo);
                 dr.col_hash = colh.data() + c0;
               }
-              // without a transform the scores are finite (no masked -inf): no clamp in the exp
-              const acc_t sum = transform ? exp_row<acc_t, ct>(srow + c0, c1 - c0, sc, -mnew, prow + c0, dr)
-                                          : exp_row<acc_t, ct, true>(srow + c0, c1 - c0, sc, -mnew, prow + c0, dr);
+              // exp_row forms s * sc * log2e - m * log2e in one FMA. Where |m| is huge (a row under a finite
+              // mask of finfo.min, an absurd scale) the rounding of m * log2e alone exceeds exp's range: the
+              // row's max then overflows or vanishes (NaN / 0). Such segments first take s * sc - m, rounded
+              // like m itself (0 for the max), and run the exp on that.
+              acc_t row_sc = sc, row_sh = -mnew;
+              const bool exact = std::abs(mnew) > kExactExpLimit;
+              if (exact) {
+                for (int64_t j = c0; j < c1; ++j) srow[j] = srow[j] * sc - mnew;
+                row_sc = 1;
+                row_sh = 0;
+              }
+              // without a transform the scores are finite (no masked -inf) and, unless exact, their exps within
+              // range: no clamp in the exp
+              const acc_t sum = transform || exact
+                                    ? exp_row<acc_t, ct>(srow + c0, c1 - c0, row_sc, row_sh, prow + c0, dr)
+                                    : exp_row<acc_t, ct, true>(srow + c0, c1 - c0, row_sc, row_sh, prow + c0, dr);
               zero_row(prow + cl, c0 - cl);
               zero_row(prow + c1, ch - c1);
               l[r] = l[r] * alpha + sum;

@@ -75,7 +75,10 @@ def _nonfinite(*tensors: Optional[Tensor], bias: Optional[Tensor] = None) -> boo
         # an expanded (broadcast) bias: each stored element once
         stored = bias.as_strided([1 if st == 0 else n for n, st in zip(bias.shape, bias.stride())], bias.stride())
         total = stored.sum()
-        return bool(torch.isnan(total) or total == math.inf)
+        if not (torch.isnan(total) or total == math.inf):
+            return False
+        # NaN / +inf in the sum: a NaN or +inf element, or large finite ones overflowing it (look once)
+        return bool(torch.isnan(stored).any() or (stored == math.inf).any())
     return False
 
 
@@ -105,9 +108,27 @@ def _backward_reference(dout, q, k, v, out, lse, *rest):
     return ref.attention_backward(dout, q, k, v, out, lse, *rest)
 
 
+# The backward recomputes p = exp(s - lse) from the saved float32 lse. A row whose scores are huge (under a
+# finite mask of finfo.min, or an absurd scale) has an lse that cannot hold log(sum) beside them: float32's
+# spacing at |lse| = 2^8 is 2^-15, so past that p's error would pass float32 accuracy. Such calls run the
+# reference, which forms p from the row max. (torch's CPU flash backward has the same limit and returns
+# wrong gradients there.)
+_LSE_EXACT_LIMIT = 2.0 ** 8
+
+
+def _huge_lse(lse: Tensor) -> bool:
+    finite = lse[torch.isfinite(lse)]
+    return finite.numel() > 0 and float(finite.abs().max()) > _LSE_EXACT_LIMIT
+
+
 def _backward_cpp(*args):
-    dout, q, k, v, bias = args[0], args[1], args[2], args[3], args[11]
+    dout, q, k, v, lse, bias = args[0], args[1], args[2], args[3], args[5], args[11]
     if _cpu_nonfinite_fallback("attention_backward", dout, q, k, v, bias=bias):
+        return ref.attention_backward(*args)
+    if _huge_lse(lse):
+        if ("attention_backward", "huge") not in _fallback_logged:
+            _fallback_logged.add(("attention_backward", "huge"))
+            _log.warning("fastnn.attention_backward: rows with |logsumexp| > %g run the reference", _LSE_EXACT_LIMIT)
         return ref.attention_backward(*args)
     return tuple(_C.attention_backward_cpu(*args))
 
@@ -158,6 +179,15 @@ def _seed_int(seed: Optional[Tensor], dropout_p: float) -> int:
     return int(seed.item()) if dropout_p > 0 and seed is not None else 0
 
 
+def _fits_int32(t: Tensor, name: str) -> None:
+    """The kernels take int32 offsets: wider values would wrap in the cast (checked eagerly on CPU tensors
+    only, where it reads no device memory)."""
+    if t.dtype != torch.int32 and t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < -2 ** 31 or hi >= 2 ** 31:
+            raise ValueError(f"{name} must fit in int32 (the kernels' offsets); got values in [{lo}, {hi}]")
+
+
 def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int) -> None:
     """Data checks of cu_seqlens; run in the op body on CPU tensors (on CUDA they would cost a sync)."""
     for name, cu, total in (("cu_seqlens_q", cu_q, total_q), ("cu_seqlens_k", cu_k, total_k)):
@@ -177,10 +207,12 @@ def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optiona
     B, Lq, H, _ = q.shape
     if cu_seqlens_q is not None:
         _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, Lq, k.shape[1])
-    if q.numel() == 0 or k.shape[1] == 0 or v.shape[-1] == 0:  # nothing to attend to: zeros, lse -inf
+    if B * Lq * H == 0 or k.shape[1] == 0 or v.shape[-1] == 0:  # nothing to attend to: zeros, lse -inf
         return (q.new_zeros(B, Lq, H, v.shape[-1]),
                 torch.full((B, H, Lq), -math.inf, dtype=_lse_dtype(q), device=q.device))
-    impl = _pick("attention", q, v, _FORWARD_IMPLS, bias is not None or dropout_p > 0 or softcap > 0)
+    # head_dim 0: every score is 0 (plus the bias), so rows still average v; only the reference handles it
+    impl = (ref.attention_forward if q.shape[-1] == 0 else
+            _pick("attention", q, v, _FORWARD_IMPLS, bias is not None or dropout_p > 0 or softcap > 0))
     out, lse = impl(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), cu_seqlens_q,
                     cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bias, scale, softcap, window_left,
                     window_right, bottom_right, dropout_p, _seed_int(seed, dropout_p))
@@ -204,10 +236,11 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     """(dq, dk, dv, dbias); dbias is the full (B, H, Lq, Lk) gradient in the bias dtype, or an empty
     tensor when bias_requires_grad is False."""
     want_dbias = bias_requires_grad and bias is not None and bias.dtype != torch.bool
-    if q.numel() == 0 or k.shape[1] == 0 or v.shape[-1] == 0:
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[1] == 0 or v.shape[-1] == 0:
         dbias = torch.zeros_like(bias) if want_dbias else q.new_empty(0)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
-    impl = _pick("attention_backward", q, v, _BACKWARD_IMPLS, bias is not None or dropout_p > 0 or softcap > 0)
+    impl = (_backward_reference if q.shape[-1] == 0 else
+            _pick("attention_backward", q, v, _BACKWARD_IMPLS, bias is not None or dropout_p > 0 or softcap > 0))
     dq, dk, dv, dbias = impl(_last_dim_contiguous(dout), _last_dim_contiguous(q), _last_dim_contiguous(k),
                              _last_dim_contiguous(v), out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
                              max_seqlen_k, bias, want_dbias, scale, softcap, window_left, window_right,
@@ -318,7 +351,10 @@ def _window_pair(window, causal: bool) -> Tuple[int, int]:
 def _scale_value(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    return _checks.real_number(scale, "scale")
+    value = _checks.real_number(scale, "scale")
+    if not math.isfinite(value):  # inf * 0 scores would be NaN, and every other score infinite
+        raise ValueError(f"scale must be finite; got {value}")
+    return value
 
 
 def _dropout_value(dropout_p) -> float:
@@ -422,6 +458,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, wi
             _checks.same_device("q", q, **{name: cu})
             if cu.dim() != 1 or cu.numel() < 1:
                 raise ValueError(f"{name} must be 1-D with nseq + 1 entries; got shape {tuple(cu.shape)}")
+            _fits_int32(cu, name)
         if cu_seqlens_q.numel() != cu_seqlens_k.numel():
             raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length (nseq + 1); got "
                              f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
@@ -441,6 +478,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, wi
     if seqused_k is not None:
         _checks.tensor(seqused_k, "seqused_k", integer=True, shape=(nseq,))
         _checks.same_device("q", q, seqused_k=seqused_k)
+        _fits_int32(seqused_k, "seqused_k")
         used = seqused_k.to(torch.int32).contiguous()
     b4 = None if bias is None else _bias_for(bias, q, (q.shape[0], H, q.shape[1], k.shape[1]), "bias")
     out, lse = torch.ops.fastnn.attention_forward(q4, k4, v4, cu_q, cu_k, used, int(max_seqlen_q),

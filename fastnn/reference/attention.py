@@ -145,8 +145,13 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Te
         s = s.masked_fill(~ok, -math.inf)
         row_lse = torch.logsumexp(s.to(lse_dtype), dim=-1) if lk > 0 else torch.full(
             (H, lq), -math.inf, dtype=lse_dtype, device=q.device)
-        p = torch.exp(s - row_lse.to(s.dtype)[..., None])
-        p = torch.where((row_lse == -math.inf)[..., None], torch.zeros((), dtype=p.dtype, device=p.device), p)
+        # p from the row max, not exp(s - lse): where |s| is huge (a row under a finite mask of
+        # finfo.min) lse cannot hold log(sum) beside it, and exp(s - lse) would be 1 for every equal score
+        m = s.amax(-1, keepdim=True) if lk > 0 else torch.zeros((H, lq, 1), dtype=s.dtype, device=q.device)
+        empty = m == -math.inf
+        e = torch.exp(s - torch.where(empty, torch.zeros_like(m), m))
+        p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+        p = torch.where(empty, torch.zeros((), dtype=p.dtype, device=p.device), p)
         if dropout_p > 0:
             rows = (torch.arange(H, device=q.device)[:, None, None] * total_q + tq
                     + torch.arange(lq, device=q.device)[None, :, None])
