@@ -48,6 +48,7 @@ _UNBOUNDED = 1 << 29
 _NUM_SMS = 132  # H100 SXM
 
 _LOG2E = tl.constexpr(1.4426950408889634)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _LN2 = tl.constexpr(0.6931471805599453)
 _TWO_LOG2E = tl.constexpr(2.8853900817779268)
 
@@ -188,11 +189,15 @@ def _query_ranges(n0, n_last, lq, lk_full, off, wl, wr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _scores(qk, ri, ci, lq, lk, off, wl, wr, scale, softcap, bofs_r, bofs_c, Bias,
-            MASKED: tl.constexpr, BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+            MASKED: tl.constexpr, BIAS: tl.constexpr, SOFTCAP: tl.constexpr, KEEP_HUGE_BIAS: tl.constexpr = False):
     """Base-2 scores log2(e) * (softcap(scale * qk) + bias) of a tile, -inf where hidden. ri / ci: query
     row and key column indices shaped to broadcast against the tile ([M, 1] and [1, N], or transposed for
     the keys x queries tiles of the dK/dV kernel); bofs_r / bofs_c: int64 bias offsets shaped likewise.
-    BIAS: 0 none, 1 float bias (Bias: fp32 or q dtype), 2 bool mask (Bias: uint8)."""
+    BIAS: 0 none, 1 float bias (Bias: fp32 or q dtype), 2 bool mask (Bias: uint8). KEEP_HUGE_BIAS (the
+    forward): a finite bias past FLT_MAX / log2(e), such as torch.finfo.min padding, would overflow to -inf
+    (read as masked: zeros) or +inf (NaN); it is kept finite, as torch's softmax sees it. Not in the backward
+    kernels: there it spilled on sm_80, and p = exp2(s - lse) of such a row is not exact anyway (fastnn/ops/
+    attention.py, _LSE_EXACT_LIMIT)."""
     if SOFTCAP:
         s = _tanh(qk * (scale / softcap)) * (softcap * _LOG2E)
     else:
@@ -201,7 +206,12 @@ def _scores(qk, ri, ci, lq, lk, off, wl, wr, scale, softcap, bofs_r, bofs_c, Bia
         bofs = bofs_r + bofs_c
         bmask = (ri < lq) & (ci < lk)
         if BIAS == 1:
-            s += tl.load(Bias + bofs, mask=bmask, other=0.0).to(tl.float32) * _LOG2E
+            b = tl.load(Bias + bofs, mask=bmask, other=0.0).to(tl.float32)
+            bl = b * _LOG2E
+            if KEEP_HUGE_BIAS:
+                bl = tl.where((bl == float("-inf")) & (b > float("-inf")), -_FLT_MAX, bl)
+                bl = tl.where((bl == float("inf")) & (b < float("inf")), _FLT_MAX, bl)
+            s += bl
         else:
             s = tl.where(tl.load(Bias + bofs, mask=bmask, other=0) != 0, s, float("-inf"))
     if MASKED:
@@ -233,7 +243,7 @@ def _fwd_block(acc, m_i, l_i, q, K_base, V_base, n0, rows, offs_n, offs_d, lq, l
                    MASKED, BLOCK_D != HEAD_DIM)
     qk = _dot(q, tl.trans(k), F32)
     s = _scores(qk, rows[:, None], cols[None, :], lq, lk, off, wl, wr, scale, softcap,
-                bias_rows[:, None], (cols.to(tl.int64) * stride_bn)[None, :], Bias, MASKED, BIAS, SOFTCAP)
+                bias_rows[:, None], (cols.to(tl.int64) * stride_bn)[None, :], Bias, MASKED, BIAS, SOFTCAP, True)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: p = 0, no NaN
     p = tl.exp2(s - m_use[:, None])
