@@ -48,6 +48,13 @@ def _triton_can_run(q: Tensor, v: Tensor, general: bool) -> Optional[str]:
         return f"triton is not importable ({exc})"
 
 
+def _log_once(op: str, why: str, message: str, *args) -> None:
+    """Logs a fallback to the reference once per (op, reason)."""
+    if (op, why) not in _fallback_logged:
+        _fallback_logged.add((op, why))
+        _log.warning(message, *args)
+
+
 def _pick(op: str, q: Tensor, v: Tensor, impls: dict, general: bool = False):
     """pick(), except that CUDA inputs the Triton kernels do not cover (kernels.attention.unsupported) run the
     reference, logged once, unless a backend is forced (then the forced kernel raises its own error).
@@ -55,9 +62,7 @@ def _pick(op: str, q: Tensor, v: Tensor, impls: dict, general: bool = False):
     if q.device.type == "cuda" and forced_backend() is None:
         why = _triton_can_run(q, v, general)
         if why is not None:
-            if (op, why) not in _fallback_logged:
-                _fallback_logged.add((op, why))
-                _log.warning("fastnn.%s on cuda runs the slow reference implementation for %s", op, why)
+            _log_once(op, why, "fastnn.%s on cuda runs the slow reference implementation for %s", op, why)
             return impls["reference"]
     return pick(op, q.device, impls, _PREFERENCE.get(q.device.type, ()))
 
@@ -87,9 +92,7 @@ def _cpu_nonfinite_fallback(op: str, *tensors: Optional[Tensor], bias: Optional[
     of one pass, free of syncs on the CPU) run the reference, which propagates them like torch's math."""
     if not _nonfinite(*tensors, bias=bias):
         return False
-    if (op, "nonfinite") not in _fallback_logged:
-        _fallback_logged.add((op, "nonfinite"))
-        _log.warning("fastnn.%s: non-finite inputs run the reference implementation", op)
+    _log_once(op, "nonfinite", "fastnn.%s: non-finite inputs run the reference implementation", op)
     return True
 
 
@@ -116,19 +119,20 @@ def _backward_reference(dout, q, k, v, out, lse, *rest):
 _LSE_EXACT_LIMIT = 2.0 ** 8
 
 
-def _huge_lse(lse: Tensor) -> bool:
+def _huge_lse_fallback(op: str, lse: Tensor) -> bool:
+    """Whether a finite |lse| passes _LSE_EXACT_LIMIT (CPU tensors: no sync), logged once."""
     finite = lse[torch.isfinite(lse)]
-    return finite.numel() > 0 and float(finite.abs().max()) > _LSE_EXACT_LIMIT
+    if finite.numel() == 0 or float(finite.abs().max()) <= _LSE_EXACT_LIMIT:
+        return False
+    _log_once(op, "huge", "fastnn.%s: rows with |logsumexp| > %g run the reference", op, _LSE_EXACT_LIMIT)
+    return True
 
 
 def _backward_cpp(*args):
     dout, q, k, v, lse, bias = args[0], args[1], args[2], args[3], args[5], args[11]
     if _cpu_nonfinite_fallback("attention_backward", dout, q, k, v, bias=bias):
         return ref.attention_backward(*args)
-    if _huge_lse(lse):
-        if ("attention_backward", "huge") not in _fallback_logged:
-            _fallback_logged.add(("attention_backward", "huge"))
-            _log.warning("fastnn.attention_backward: rows with |logsumexp| > %g run the reference", _LSE_EXACT_LIMIT)
+    if _huge_lse_fallback("attention_backward", lse):
         return ref.attention_backward(*args)
     return tuple(_C.attention_backward_cpu(*args))
 
@@ -136,7 +140,7 @@ def _backward_cpp(*args):
 def _backward_triton(*args):
     # On CUDA the |lse| check would cost a sync per call: there such rows keep the limit of torch's flash
     # backward (bench/NOTES.md); the interpreter's CPU tensors take the reference like the C++ path.
-    if args[5].device.type == "cpu" and _huge_lse(args[5]):
+    if args[5].device.type == "cpu" and _huge_lse_fallback("attention_backward", args[5]):
         return ref.attention_backward(*args)
     return tuple(_triton_attention().backward(*args))
 
