@@ -38,6 +38,10 @@ class Case:
     # seconds of timed calls for this case instead of the default (1 s, 0.3 quick): for comparisons near
     # parity, where the 3 repeats a 0.3 s call gets cannot tell a few per cent from this machine's noise
     budget_s: Optional[float] = None
+    # the same computation in float64 from the same (rounded) inputs: run only when ours and the peer
+    # disagree, to tell which side is off. A peer that fails `check` against it while ours passes is
+    # recorded as off the reference (peer_off_reference) and does not fail the run.
+    reference: Optional[Callable[[], object]] = None
 
 
 def _sync(device: str) -> None:
@@ -192,6 +196,14 @@ def _max_abs_diff(a, b) -> Optional[float]:
     return worst
 
 
+def _against_reference(c: Case, ours, theirs) -> dict:
+    """Ours and the peer each checked against the case's float64 reference (same check as ours vs peer)."""
+    ref = c.reference()
+    ours_ok, peer_ok = bool(c.check(ours, ref)), bool(c.check(theirs, ref))
+    return {"ours_vs_reference": _max_abs_diff(ours, ref), "peer_vs_reference": _max_abs_diff(theirs, ref),
+            "ours_agrees_with_reference": ours_ok, "peer_off_reference": ours_ok and not peer_ok}
+
+
 # Cases (or whole suites) that raised: reported by python -m bench, which then exits non-zero.
 FAILURES: List[dict] = []
 
@@ -215,7 +227,7 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
         except Exception as e:  # one broken case must not cost the rest of a (GPU-time-limited) run
             _failed(c, "", e)
             continue
-        agree, diff = None, None
+        agree, diff, arbiter = None, None, {}
         if c.check is not None and c.peer_fn is not None:
             try:
                 ours, theirs = c.ours(), c.peer_fn()
@@ -225,6 +237,12 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
                 continue
             if not agree:  # how far off, so a failed check on a lent GPU can be diagnosed from the log
                 diff = _max_abs_diff(ours, theirs)
+                if c.reference is not None:
+                    try:
+                        arbiter = _against_reference(c, ours, theirs)
+                    except Exception as e:
+                        _failed(c, "reference: ", e)
+                        continue
         if c.metric == "TFLOP/s":
             value = c.work / ours_s / 1e12
             ceiling = ceilings["matmul_TFLOPs"]
@@ -251,6 +269,7 @@ def run_cases(cases: List[Case], device: str, ceilings: dict, quick: bool) -> Li
             rec["peer_page_faults"] = faults[1] if peer_s is not None else None
         if diff is not None:
             rec["max_abs_diff"] = diff
+        rec.update(arbiter)
         if c.peak_memory and device == "cuda":
             rec["ours_peak_MB"] = peak_memory_mb(c.ours, device)
             rec["peer_peak_MB"] = None if c.peer_fn is None else peak_memory_mb(c.peer_fn, device)
@@ -271,6 +290,9 @@ def format_row(r: dict) -> str:
     flag = "" if r.get("agrees_with_peer") in (None, True) else "  DISAGREES WITH PEER"
     if r.get("max_abs_diff") is not None:
         flag += f" (max |diff| {r['max_abs_diff']:.3g})"
+    if r.get("ours_vs_reference") is not None:
+        flag += (f"; vs float64 reference: ours {r['ours_vs_reference']:.3g}, peer {r['peer_vs_reference']:.3g}"
+                 + (" (PEER OFF THE REFERENCE)" if r.get("peer_off_reference") else ""))
     if r.get("x_floor_paired") is not None:
         flag += f"  {r['x_floor_paired']:.2f}x the exp floor timed alongside"
     if (r.get("ours_page_faults") or 0) >= 100:  # worth a look: ~1.5 us each on the CPU VM
