@@ -292,6 +292,7 @@ def _conv_update_kernel(
     seqlens_ptr,               # (B,) int32 >= 0, next circular-buffer position (read when CIRCULAR)
     out_ptr,                   # out (B, D, T), x's dtype
     D, T, S,                   # channels, new steps, state length (S >= W - 1)
+    n_cache,                   # conv_state's rows: an index outside [0, n_cache) touches no state, out NaN
     W: tl.constexpr,
     SILU: tl.constexpr,
     HAS_IDX: tl.constexpr,     # conv_state_indices given (else row b)
@@ -303,19 +304,32 @@ def _conv_update_kernel(
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
-    if HAS_IDX:
-        srow_b = tl.load(idx_ptr + b).to(tl.int64)
-    else:
-        srow_b = b
-    state_row = state_ptr + (srow_b * D + d.to(tl.int64))[:, None] * S
     x_row = x_ptr + (b * D + d.to(tl.int64))[:, None] * T
     out_row = out_ptr + (b * D + d.to(tl.int64))[:, None] * T
+    if HAS_IDX:
+        # indices are not checked on the host for CUDA tensors (a sync per decode step): a row whose index
+        # names no cache row reads and writes no state and returns NaN, rather than touching foreign memory.
+        # Its loops below run no iteration (runtime bounds: masks would cost registers in every iteration).
+        srow_b = tl.load(idx_ptr + b).to(tl.int64)
+        valid = (srow_b >= 0) & (srow_b < n_cache)
+        srow_b = tl.where(valid, srow_b, 0)
+        t_end = tl.where(valid, T, 0)
+        s_end = tl.where(valid, S, 0)
+        for t0 in range(0, T - t_end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            nan = tl.full([BLOCK_D, BLOCK_T], float("nan"), tl.float32)
+            tl.store(out_row + t[None, :], nan.to(out_ptr.dtype.element_ty), mask=dmask[:, None] & (t < T)[None, :])
+    else:
+        srow_b = b
+        t_end = T
+        s_end = S
+    state_row = state_ptr + (srow_b * D + d.to(tl.int64))[:, None] * S
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0)
     if CIRCULAR:
         pos = tl.load(seqlens_ptr + b) % S
         pos = tl.where(pos < 0, pos + S, pos)  # a negative length (unchecked on the GPU) wraps, never escapes
     # 1. outputs: out[t] = bias + sum_k w[k] * cat[S - (W - 1) + t + k]
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(0, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=bias.dtype) + bias[:, None]
         for k in tl.static_range(W):
@@ -334,7 +348,7 @@ def _conv_update_kernel(
         # 2'. the new steps go to positions pos + t (mod S); of more than S only the last S (distinct positions)
         first = tl.maximum(T - S, 0)
         base = (pos + first) % S  # position of step `first`; steps first.. are < S apart: one wrap at most
-        for t0 in range(first, T, BLOCK_S):
+        for t0 in range(first, t_end, BLOCK_S):
             t = t0 + tl.arange(0, BLOCK_S)
             ok = dmask[:, None] & (t < T)[None, :]
             v = tl.load(x_row + t[None, :], mask=ok, other=0.0)
@@ -344,7 +358,7 @@ def _conv_update_kernel(
     else:
         # 2. shift: state[s] = cat[s + T], in increasing s: a block reads entries >= its start + T, which no
         # earlier block wrote; within a block the barrier orders the reads before the writes
-        for s0 in range(0, S, BLOCK_S):
+        for s0 in range(0, s_end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             v = _load_window(state_row, x_row, s + T, S, T, dmask)
             tl.debug_barrier()
@@ -367,6 +381,7 @@ def _ssu_kernel(
     idx_ptr,                    # (B,) int32 state row per batch row (read when HAS_IDX)
     out_ptr,                    # out (B, H, P), x's dtype
     H, P, N, G,                 # heads, head dim, state size, groups (H % G == 0)
+    n_cache,                    # state's rows: an index outside [0, n_cache) touches no state, out NaN
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr,
@@ -380,11 +395,14 @@ def _ssu_kernel(
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
     pm, nm = p < P, n < N
-    m2 = pm[:, None] & nm[None, :]
-    if HAS_IDX:
+    if HAS_IDX:  # unchecked on the host for CUDA tensors: see _conv_update_kernel
         srow = tl.load(idx_ptr + b).to(tl.int64)
+        valid = (srow >= 0) & (srow < n_cache)
+        srow = tl.where(valid, srow, 0)
+        pm = pm & valid  # an invalid row loads and stores nothing but its NaN output (below)
     else:
         srow = b
+    m2 = pm[:, None] & nm[None, :]
     g = h // (H // G)
     hp = h * P + p.to(tl.int64)                       # (h, p) in (H, P)
     bhp = b * H * P + hp                              # (b, h, p) in (B, H, P)
@@ -410,7 +428,9 @@ def _ssu_kernel(
     if HAS_Z:
         zv = tl.load(z_ptr + bhp, mask=pm, other=0.0).to(ct)
         out = out * (zv * _sigmoid(zv))
-    tl.store(out_ptr + bhp, out.to(out_ptr.dtype.element_ty), mask=pm)
+    if HAS_IDX:
+        out = tl.where(valid, out, float("nan"))
+    tl.store(out_ptr + bhp, out.to(out_ptr.dtype.element_ty), mask=p < P)
 
 
 # ---------------------------------------------------------------- launchers
@@ -477,7 +497,8 @@ def causal_conv1d_update(x, conv_state, weight, bias, silu: bool, conv_state_ind
     grid = (Bsz, triton.cdiv(D, UPD_BLOCK_D))
     _conv_update_kernel[grid](x, conv_state, weight, _zeros_bias(bias, weight),
                               conv_state_indices if conv_state_indices is not None else _no_index(x.device),
-                              cache_seqlens if cache_seqlens is not None else _no_index(x.device), out, D, T, S, W=W,
+                              cache_seqlens if cache_seqlens is not None else _no_index(x.device), out, D, T, S,
+                              conv_state.shape[0], W=W,
                               SILU=silu, HAS_IDX=conv_state_indices is not None,
                               CIRCULAR=cache_seqlens is not None, BLOCK_D=UPD_BLOCK_D,
                               BLOCK_T=UPD_BLOCK_T, BLOCK_S=UPD_BLOCK_S, num_warps=UPD_WARPS)
@@ -495,6 +516,7 @@ def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bo
     _ssu_kernel[grid](state, x, dt, A, B, C, D if D is not None else A, z if z is not None else x,
                       dt_bias if dt_bias is not None else A,
                       state_batch_indices if state_batch_indices is not None else _no_index(x.device), out, H, P, N, G,
+                      state.shape[0],
                       HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
                       DT_SOFTPLUS=dt_softplus, HAS_IDX=state_batch_indices is not None, BLOCK_P=block_p,
                       BLOCK_N=block_n, num_warps=SSU_WARPS)
@@ -537,7 +559,7 @@ def aot_specs():
                 specs.extend((_conv_update_kernel,
                               {"x_ptr": f"*{dt}", "state_ptr": f"*{dt}", "w_ptr": f"*{ct}", "bias_ptr": f"*{ct}",
                                "idx_ptr": "*i32", "seqlens_ptr": "*i32", "out_ptr": f"*{dt}", "D": "i32",
-                               "T": "i32", "S": "i32", "W": "constexpr", "SILU": "constexpr",
+                               "T": "i32", "S": "i32", "n_cache": "i32", "W": "constexpr", "SILU": "constexpr",
                                "HAS_IDX": "constexpr", "CIRCULAR": "constexpr", "BLOCK_D": "constexpr",
                                "BLOCK_T": "constexpr", "BLOCK_S": "constexpr"},
                               {"W": W, "SILU": on, "HAS_IDX": on, "CIRCULAR": circ, "BLOCK_D": UPD_BLOCK_D,
@@ -554,7 +576,7 @@ def aot_specs():
                               {"state_ptr": f"*{sdt}", "x_ptr": f"*{xdt}", "dt_ptr": f"*{xdt}", "A_ptr": f"*{ct}",
                                "B_ptr": f"*{xdt}", "C_ptr": f"*{xdt}", "D_ptr": f"*{ct}", "z_ptr": f"*{xdt}",
                                "dt_bias_ptr": f"*{ct}", "idx_ptr": "*i32", "out_ptr": f"*{xdt}", "H": "i32",
-                               "P": "i32", "N": "i32", "G": "i32", "HAS_D": "constexpr", "HAS_Z": "constexpr",
+                               "P": "i32", "N": "i32", "G": "i32", "n_cache": "i32", "HAS_D": "constexpr", "HAS_Z": "constexpr",
                                "HAS_DT_BIAS": "constexpr", "DT_SOFTPLUS": "constexpr", "HAS_IDX": "constexpr",
                                "BLOCK_P": "constexpr", "BLOCK_N": "constexpr"},
                               {"HAS_D": on, "HAS_Z": on, "HAS_DT_BIAS": on, "DT_SOFTPLUS": on, "HAS_IDX": on,

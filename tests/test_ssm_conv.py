@@ -736,3 +736,61 @@ def test_cuda_decode_matches_reference(dtype):
 def test_devices_agree_with_reference_small(device):
     """The default backend of each device (cpp on CPU, Triton on CUDA) on one small case with every feature."""
     check_conv(None, CONV_CASES["w3_l7_seq_states"], torch.float32, device=device)
+
+
+# ---------------------------------------------------------------- raw ops: indices and sizes the kernels trust
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_raw_decode_ops_refuse_or_mask_out_of_range_indices(backend):
+    """torch.ops.fastnn.* skip the public functions' checks. The C++ kernels refuse an index that names no
+    cache row; the Triton kernels (whose CUDA callers are not checked on the host) touch no state for it and
+    return NaN. Either way no foreign memory is read or written."""
+    g = torch.Generator().manual_seed(11)
+    state = torch.randn(2, 3, 4, 5, generator=g)
+    x, dt = torch.randn(2, 3, 4, generator=g), torch.rand(2, 3, 4, generator=g)
+    A, Bm = -torch.rand(3, 4, 5, generator=g), torch.randn(2, 1, 5, generator=g)
+    conv_state, cx, w = torch.randn(2, 3, 3, generator=g), torch.randn(2, 3, 1, generator=g), torch.randn(3, 4, generator=g)
+    for bad in (2, -1, 100000):
+        idx = torch.tensor([1, bad], dtype=torch.int32)
+        mine, conv_mine = state.clone(), conv_state.clone()
+        with fastnn.use_backend(backend):
+            if backend == "cpp":
+                with pytest.raises(RuntimeError, match=r"state_batch_indices must be in \[0, 2\)"):
+                    torch.ops.fastnn.selective_state_update(mine, x, dt, A, Bm, Bm, None, None, None, False, idx)
+                with pytest.raises(RuntimeError, match=r"conv_state_indices must be in \[0, 2\)"):
+                    torch.ops.fastnn.causal_conv1d_update(cx, conv_mine, w, None, False, idx)
+                torch.testing.assert_close(mine, state, rtol=0, atol=0)
+                torch.testing.assert_close(conv_mine, conv_state, rtol=0, atol=0)
+                continue
+            out = torch.ops.fastnn.selective_state_update(mine, x, dt, A, Bm, Bm, None, None, None, False, idx)
+            conv_out = torch.ops.fastnn.causal_conv1d_update(cx, conv_mine, w, None, False, idx)
+        # row 0 updates cache row 1 as the reference does; row 1 touches nothing and returns NaN
+        want_state, want_conv = state.clone(), conv_state.clone()
+        want = ref.selective_state_update(want_state[1:], x[:1], dt[:1], A, Bm[:1], Bm[:1])
+        want_c = ref.causal_conv1d_update(cx[:1], want_conv[1:], w, None, None)
+        torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(conv_out[0], want_c[0], rtol=1e-5, atol=1e-5)
+        assert out[1].isnan().all() and conv_out[1].isnan().all()
+        torch.testing.assert_close(mine, want_state, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(conv_mine, want_conv, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_raw_ops_refuse_sizes_the_kernels_would_overrun(backend):
+    g = torch.Generator().manual_seed(12)
+    x, w = torch.randn(2, 3, 6, generator=g), torch.randn(3, 4, generator=g)
+    state, xs = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, generator=g)
+    A, Bm = -torch.rand(3, 4, 5, generator=g), torch.randn(2, 1, 5, generator=g)
+    with fastnn.use_backend(backend):
+        with pytest.raises(RuntimeError, match="initial_states must be"):
+            torch.ops.fastnn.causal_conv1d_forward(x, w, None, None, torch.randn(1, 3, 1), True, False)
+        with pytest.raises(RuntimeError, match="seq_idx must be"):
+            torch.ops.fastnn.causal_conv1d_forward(x, w, None, torch.zeros(2, 3, dtype=torch.int32), None, True, False)
+        with pytest.raises(RuntimeError, match="bias must be"):
+            torch.ops.fastnn.causal_conv1d_update(x[:, :, :1], torch.randn(2, 3, 3), w, torch.randn(1), False, None)
+        with pytest.raises(RuntimeError, match="the cache must have 2 rows"):
+            torch.ops.fastnn.causal_conv1d_update(x[:, :, :1], torch.randn(1, 3, 3), w, None, False, None)
+        with pytest.raises(RuntimeError, match="D must be"):
+            torch.ops.fastnn.selective_state_update(state, xs, xs, A, Bm, Bm, torch.randn(1), None, None, False, None)
+        with pytest.raises(RuntimeError, match="A must be"):
+            torch.ops.fastnn.selective_state_update(state, xs, xs, A[:, :, :2], Bm, Bm, None, None, None, False, None)

@@ -403,3 +403,32 @@ def test_bad_inputs_name_the_argument():
     expect_error(lambda: f(u, delta, A, Bm, Cm, seq_idx=wide), (), ValueError, r"seq_idx must fit in int32")
     torch.testing.assert_close(f(u, delta, A, Bm, Cm, seq_idx=(wide > 0).long()),
                                f(u, delta, A, Bm, Cm, seq_idx=(wide > 0).int()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_raw_scan_op_refuses_sizes_and_sequence_ids_the_kernel_would_overrun(backend):
+    """torch.ops.fastnn.selective_scan_forward / _backward skip the public function's checks: a short D,
+    delta_bias or initial state, or a sequence id naming no state, must fail rather than read or write past
+    a tensor's end."""
+    g = torch.Generator().manual_seed(13)
+    u, A, Bm = torch.randn(2, 4, 6, generator=g), -torch.rand(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    fwd = torch.ops.fastnn.selective_scan_forward
+    with fastnn.use_backend(backend):
+        with pytest.raises(RuntimeError, match=r"D must be a contiguous \(4,\) tensor"):
+            fwd(u, u, A, Bm, Bm, torch.randn(1), None, None, False, None, None, False, 2, 8)
+        with pytest.raises(RuntimeError, match=r"delta_bias must be"):
+            fwd(u, u, A, Bm, Bm, None, None, torch.randn(5), False, None, None, False, 2, 8)
+        with pytest.raises(RuntimeError, match=r"initial_state must be"):
+            fwd(u, u, A, Bm, Bm, None, None, None, False, torch.randn(1, 4, 3), None, False, 2, 8)
+        one = u[:1]
+        for ids in ([[-3, -3, -1, -1, 0, 0]], [[0, 0, 1, 1, 2, 2]]):  # negative; 2 past the 2 states given
+            with pytest.raises(RuntimeError, match=r"seq_idx must be in \[0, 2\)"):
+                fwd(one, one, A, Bm, Bm, None, None, None, False, torch.randn(2, 4, 3),
+                    torch.tensor(ids, dtype=torch.int32), True, 2, 8)
+        out, last, chunks = fwd(u, u, A, Bm, Bm, None, None, None, False, None, None, False, 2, 8)
+        with pytest.raises(RuntimeError, match=r"chunk_states must be"):
+            torch.ops.fastnn.selective_scan_backward(torch.randn_like(u), None, chunks[:1], u, u, A, Bm, Bm, None, None,
+                                                     None, False, None, None, False, 8, True)
+        with pytest.raises(RuntimeError, match=r"dlast_state must be"):
+            torch.ops.fastnn.selective_scan_backward(torch.randn_like(u), torch.randn(1, 4, 3), chunks, u, u, A, Bm, Bm,
+                                                     None, None, None, False, torch.randn(2, 4, 3), None, False, 8, True)

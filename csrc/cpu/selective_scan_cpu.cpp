@@ -22,6 +22,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -959,6 +961,36 @@ void check_inputs(const Tensor& u, const Tensor& delta, const Tensor& A, const T
   TORCH_CHECK(!per_seq || (seq_idx.has_value() && seq_idx->defined() && u.size(0) == 1),
               "selective_scan (cpu): per-sequence states need seq_idx and B == 1");
   TORCH_CHECK(chunk_size >= 1, "selective_scan (cpu): chunk_size must be positive");
+  TORCH_CHECK(A.is_contiguous() && Bm.is_contiguous() && Cm.is_contiguous(),
+              "selective_scan (cpu): A, B and C must be contiguous");
+}
+
+// The optional per-channel and state inputs, which the kernels index without bounds: a raw call of the op
+// (torch.ops.fastnn.*) with a short one would read past its end. Returns the number of state rows.
+int64_t check_state_inputs(const Tensor& u, const Tensor& A, const c10::optional<Tensor>& D_skip,
+                           const c10::optional<Tensor>& delta_bias, const c10::optional<Tensor>& initial_state,
+                           const c10::optional<Tensor>& seq_idx, bool per_seq) {
+  const int64_t Dm = u.size(1), N = A.size(1);
+  for (const auto& [name, t] : {std::pair<const char*, const c10::optional<Tensor>*>{"D", &D_skip},
+                                {"delta_bias", &delta_bias}})
+    if (t->has_value() && (*t)->defined())
+      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == Dm && (*t)->is_contiguous(), "selective_scan (cpu): ", name,
+                  " must be a contiguous (", Dm, ",) tensor, got ", (*t)->sizes());
+  const bool has_init = initial_state.has_value() && initial_state->defined();
+  if (has_init)
+    TORCH_CHECK(initial_state->dim() == 3 && (per_seq || initial_state->size(0) == u.size(0)) &&
+                    initial_state->size(1) == Dm && initial_state->size(2) == N && initial_state->is_contiguous(),
+                "selective_scan (cpu): initial_state must be a contiguous (", per_seq ? "S" : std::to_string(u.size(0)),
+                ", ", Dm, ", ", N, ") tensor, got ", initial_state->sizes());
+  if (!per_seq) return u.size(0);
+  if (u.size(2) == 0) return has_init ? initial_state->size(0) : 0;
+  // per-sequence states are indexed by the sequence id: every id must name a state row
+  const auto [lo, hi] = at::aminmax(*seq_idx);
+  const int64_t low = lo.item<int32_t>(), high = hi.item<int32_t>();
+  const int64_t rows = has_init ? initial_state->size(0) : high + 1;
+  TORCH_CHECK(low >= 0 && high < rows, "selective_scan (cpu): with per-sequence states seq_idx must be in [0, ", rows,
+              ") (the number of states), got [", low, ", ", high, "]");
+  return rows;
 }
 
 template <typename acc_t>
@@ -1029,13 +1061,6 @@ Tensor ordered_sum(const Tensor& part, int64_t dim) {
 
 at::ScalarType acc_type(const Tensor& u) { return u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-int64_t state_rows(const Tensor& u, const c10::optional<Tensor>& initial_state,
-                   const c10::optional<Tensor>& seq_idx, bool per_seq) {
-  if (!per_seq) return u.size(0);
-  if (initial_state.has_value() && initial_state->defined()) return initial_state->size(0);
-  return u.size(2) == 0 ? 0 : int64_t(seq_idx->max().item<int32_t>()) + 1;
-}
-
 }  // namespace
 
 std::vector<Tensor> selective_scan_forward(FASTNN_SCAN_FWD_ARGS) {
@@ -1043,7 +1068,7 @@ std::vector<Tensor> selective_scan_forward(FASTNN_SCAN_FWD_ARGS) {
   const auto at_ = acc_type(u);
   const int64_t Bsz = u.size(0), Dm = u.size(1), L = u.size(2), N = A.size(1);
   const int64_t nchunks = (L + chunk_size - 1) / chunk_size;
-  const int64_t R = state_rows(u, initial_state, seq_idx, per_sequence_states);
+  const int64_t R = check_state_inputs(u, A, D_skip, delta_bias, initial_state, seq_idx, per_sequence_states);
   Tensor out = new_output(u.sizes(), u.options());
   Tensor last = new_output({R, Dm, N}, u.options().dtype(at_));
   Tensor chunks = new_output({Bsz, Dm, nchunks, N}, u.options().dtype(at_));
@@ -1068,11 +1093,19 @@ std::vector<Tensor> selective_scan_backward(FASTNN_SCAN_BWD_ARGS) {
   check_inputs(u, delta, A, Bm, Cm, z, seq_idx, per_sequence_states, chunk_size);
   TORCH_CHECK(dout.sizes() == u.sizes() && dout.is_contiguous() && dout.scalar_type() == u.scalar_type(),
               "selective_scan_backward (cpu): dout must be a contiguous (B, D, L) tensor of u's dtype");
+  const int64_t R = check_state_inputs(u, A, D_skip, delta_bias, initial_state, seq_idx, per_sequence_states);
   const auto at_ = acc_type(u);
   const int64_t Bsz = u.size(0), Dm = u.size(1), L = u.size(2), N = A.size(1);
   const int64_t nchunks = (L + chunk_size - 1) / chunk_size;
-  TORCH_CHECK(chunk_states.dim() == 4 && chunk_states.size(2) == nchunks && chunk_states.is_contiguous(),
-              "selective_scan_backward (cpu): chunk_states do not match chunk_size");
+  TORCH_CHECK(chunk_states.dim() == 4 && chunk_states.size(0) == Bsz && chunk_states.size(1) == Dm &&
+                  chunk_states.size(2) == nchunks && chunk_states.size(3) == N && chunk_states.is_contiguous(),
+              "selective_scan_backward (cpu): chunk_states must be a contiguous (", Bsz, ", ", Dm, ", ", nchunks, ", ",
+              N, ") tensor (chunk_size ", chunk_size, "), got ", chunk_states.sizes());
+  if (dlast_state.has_value() && dlast_state->defined())
+    TORCH_CHECK(dlast_state->dim() == 3 && dlast_state->size(0) == R && dlast_state->size(1) == Dm &&
+                    dlast_state->size(2) == N && dlast_state->is_contiguous(),
+                "selective_scan_backward (cpu): dlast_state must be a contiguous (", R, ", ", Dm, ", ", N,
+                ") tensor, got ", dlast_state->sizes());
   const bool has_z = z.has_value() && z->defined();
   const bool has_init = initial_state.has_value() && initial_state->defined();
   Tensor du = new_output(u.sizes(), u.options());

@@ -429,6 +429,31 @@ void with_width(int64_t W, F&& f) {
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The kernels index their inputs without bounds: a raw call of an op (torch.ops.fastnn.*) with a wrong size
+// or index must fail here, not read or write past a tensor's end.
+void check_sizes(const at::Tensor& t, at::IntArrayRef want, const char* fn, const char* name) {
+  TORCH_CHECK(t.sizes() == want, "fastnn ", fn, ": ", name, " must be ", want, ", got ", t.sizes());
+}
+
+void check_optional_sizes(const c10::optional<at::Tensor>& t, at::IntArrayRef want, const char* fn, const char* name) {
+  if (t && t->defined()) check_sizes(*t, want, fn, name);
+}
+
+// Cache rows named by `indices` (int32, one per batch row): each in [0, rows).
+void check_cache_indices(const c10::optional<at::Tensor>& indices, int64_t batch, int64_t rows, const char* fn,
+                         const char* name) {
+  if (!indices) {
+    TORCH_CHECK(rows == batch, "fastnn ", fn, ": without ", name, " the cache must have ", batch,
+                " rows (the batch), got ", rows);
+    return;
+  }
+  check_sizes(*indices, {batch}, fn, name);
+  const int32_t* idx = indices->data_ptr<int32_t>();
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(idx[b] >= 0 && idx[b] < rows, "fastnn ", fn, ": ", name, " must be in [0, ", rows, ") (the cache's rows), got ",
+                idx[b], " at ", b);
+}
+
 void check_conv_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        const c10::optional<at::Tensor>& seq_idx, const c10::optional<at::Tensor>& init) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.is_contiguous(), "fastnn causal_conv1d: contiguous CPU (B, D, L) x expected");
@@ -442,6 +467,8 @@ void check_conv_inputs(const at::Tensor& x, const at::Tensor& weight, const c10:
   TORCH_CHECK(!init || (init->scalar_type() == x.scalar_type() && init->is_contiguous()),
               "fastnn causal_conv1d: initial_states must be contiguous in x's dtype");
   TORCH_CHECK(x.size(2) >= 1, "fastnn causal_conv1d: L >= 1 expected (the op layer answers empty inputs)");
+  check_optional_sizes(seq_idx, {x.size(0), x.size(2)}, "causal_conv1d", "seq_idx");
+  check_optional_sizes(init, {x.size(0), x.size(1), weight.size(1) - 1}, "causal_conv1d", "initial_states");
 }
 
 }  // namespace
@@ -482,6 +509,7 @@ std::vector<at::Tensor> causal_conv1d_backward(const at::Tensor& dout, const c10
   TORCH_CHECK(!dfinal_states || (dfinal_states->scalar_type() == x.scalar_type() && dfinal_states->is_contiguous()),
               "fastnn causal_conv1d backward: dfinal_states must be contiguous in x's dtype");
   const int64_t B = x.size(0), D = x.size(1), L = x.size(2), W = weight.size(1);
+  check_optional_sizes(dfinal_states, {B, D, W - 1}, "causal_conv1d backward", "dfinal_states");
   at::Tensor dx = new_output({B, D, L}, x.options());
   at::Tensor dinit = want_dinitial_states ? new_output({B, D, W - 1}, x.options()) : at::empty({0}, x.options());
   at::Tensor dw = new_output({D, W}, weight.options());
@@ -548,7 +576,11 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
                                  cache_seqlens->numel() == x.size(0)),
               "fastnn causal_conv1d_update: cache_seqlens must be contiguous int32 of size B");
   const int64_t B = x.size(0), D = x.size(1), T = x.size(2), S = conv_state.size(2), W = weight.size(1);
+  TORCH_CHECK(weight.size(0) == D && W >= 2 && W <= 4, "fastnn causal_conv1d_update: weight must be (", D,
+              ", W) with W in 2..4, got ", weight.sizes());
+  check_optional_sizes(bias, {D}, "causal_conv1d_update", "bias");
   TORCH_CHECK(S >= W - 1, "fastnn causal_conv1d_update: state length must be >= W - 1");
+  check_cache_indices(conv_state_indices, B, conv_state.size(0), "causal_conv1d_update", "conv_state_indices");
   at::Tensor out = new_output({B, D, T}, x.options());
   const int32_t* idx = conv_state_indices ? conv_state_indices->data_ptr<int32_t>() : nullptr;
   const int32_t* seqlens = cache_seqlens ? cache_seqlens->data_ptr<int32_t>() : nullptr;
@@ -762,6 +794,18 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
               "fastnn selective_state_update: state_batch_indices must be int32");
   const int64_t Bsz = x.size(0), H = x.size(1), P = x.size(2), N = state.size(3), G = B.size(1);
   TORCH_CHECK(G > 0 && H % G == 0, "fastnn selective_state_update: heads must be a multiple of groups");
+  const char* fn = "selective_state_update";
+  check_sizes(state, {state.size(0), H, P, N}, fn, "state");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"dt", &dt}, {"z", z ? &*z : nullptr}})
+    if (t != nullptr) check_sizes(*t, {Bsz, H, P}, fn, name);
+  check_sizes(A, {H, P, N}, fn, "A");
+  check_sizes(B, {Bsz, G, N}, fn, "B");
+  check_sizes(C, {Bsz, G, N}, fn, "C");
+  check_optional_sizes(D, {H, P}, fn, "D");
+  check_optional_sizes(dt_bias, {H, P}, fn, "dt_bias");
+  for (const auto* t : {&D, &z, &dt_bias})
+    TORCH_CHECK(!*t || (*t)->is_contiguous(), "fastnn selective_state_update: contiguous inputs expected");
+  check_cache_indices(state_batch_indices, Bsz, state.size(0), fn, "state_batch_indices");
   at::Tensor out = new_output({Bsz, H, P}, x.options());
   const int32_t* idx = state_batch_indices ? state_batch_indices->data_ptr<int32_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xt, "selective_state_update_cpu", [&] {

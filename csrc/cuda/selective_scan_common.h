@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 #include "../common/check.h"
 #include "selective_scan_kernels.cuh"
 
@@ -103,10 +105,16 @@ inline ScanShapes check_scan_inputs(const char* fn, const at::Tensor& u, const a
   }
   if (!s.per_seq) {
     s.state_rows = s.batch;
-  } else if (initial_state.has_value()) {
-    s.state_rows = initial_state->size(0);
-  } else {  // the number of sequences: one host read (only for per-sequence states without initial states)
-    s.state_rows = s.seqlen > 0 ? seq_idx->max().item<int>() + 1 : 0;
+  } else if (s.seqlen == 0) {
+    s.state_rows = initial_state.has_value() ? initial_state->size(0) : 0;
+  } else {
+    // Per-sequence states are indexed by the sequence id, so every id must name a state row. One host read
+    // (per-sequence states are the packed-prefill path, not a decode step's).
+    const auto range = at::aminmax(*seq_idx);
+    const int64_t low = std::get<0>(range).item<int>(), high = std::get<1>(range).item<int>();
+    s.state_rows = initial_state.has_value() ? initial_state->size(0) : high + 1;
+    FASTNN_CHECK(low >= 0 && high < s.state_rows, fn, ": with per-sequence states seq_idx must be in [0, ",
+                 s.state_rows, ") (the number of states), got [", low, ", ", high, "]");
   }
   s.nchunks = (s.seqlen + kScanChunk - 1) / kScanChunk;
   FASTNN_CHECK(s.batch <= 65535, fn, ": B must be at most 65535");

@@ -110,6 +110,29 @@ def _bwd_triton(*args):
 _BACKWARD_IMPLS = {"reference": _bwd_reference, "cpp": _bwd_cpp, "triton": _bwd_triton}
 
 
+# ---------------------------------------------------------------- custom ops' own size checks
+
+def _raw_shapes(op: str, **named) -> None:
+    """Sizes a kernel indexes without bounds: a raw call of the op (torch.ops.fastnn.*, which skips the
+    public function's checks) with another size must fail here, before any backend reads past a tensor's
+    end. named: name=(tensor or None, expected shape)."""
+    for name, (t, shape) in named.items():
+        if t is not None and tuple(t.shape) != tuple(shape):
+            raise RuntimeError(f"fastnn {op}: {name} must be {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _raw_weight(op: str, weight: Tensor, D: int) -> int:
+    if weight.dim() != 2 or weight.shape[0] != D or not 2 <= weight.shape[1] <= 4:
+        raise RuntimeError(f"fastnn {op}: weight must be ({D}, W) with W in 2..4, got {tuple(weight.shape)}")
+    return weight.shape[1]
+
+
+def _raw_cache_rows(op: str, name: str, indices: Optional[Tensor], batch: int, rows: int) -> None:
+    if indices is None and rows != batch:
+        raise RuntimeError(f"fastnn {op}: without {name} the cache must have {batch} rows (the batch), got {rows}")
+    _raw_shapes(op, **{name: (indices, (batch,))})
+
+
 # ---------------------------------------------------------------- causal conv1d: custom ops
 
 @torch.library.custom_op("fastnn::causal_conv1d_forward", mutates_args=())
@@ -119,7 +142,9 @@ def _conv_forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx:
     """(out (B, D, L) in x's dtype, final_states (B, D, W - 1) in x's dtype, or an empty tensor when not
     return_final_states)."""
     Bsz, D, L = x.shape
-    W = weight.shape[1]
+    W = _raw_weight("causal_conv1d", weight, D)
+    _raw_shapes("causal_conv1d", bias=(bias, (D,)), seq_idx=(seq_idx, (Bsz, L)),
+                initial_states=(initial_states, (Bsz, D, W - 1)))
     ct = ref.compute_dtype(x.dtype)
     if x.numel() == 0:
         # no steps: the final states are the initial ones (zeros without them)
@@ -146,7 +171,9 @@ def _conv_backward_op(dout: Tensor, dfinal_states: Optional[Tensor], x: Tensor, 
     """(dx in x's dtype, dweight in weight's dtype, dbias in bias's dtype (weight's without a bias),
     dinitial_states in x's dtype, or an empty tensor without initial_states)."""
     Bsz, D, L = x.shape
-    W = weight.shape[1]
+    W = _raw_weight("causal_conv1d_backward", weight, D)
+    _raw_shapes("causal_conv1d_backward", dout=(dout, (Bsz, D, L)), dfinal_states=(dfinal_states, (Bsz, D, W - 1)),
+                bias=(bias, (D,)), seq_idx=(seq_idx, (Bsz, L)), initial_states=(initial_states, (Bsz, D, W - 1)))
     ct = ref.compute_dtype(x.dtype)
     want_dinit = initial_states is not None
     bias_dtype = bias.dtype if bias is not None else weight.dtype
@@ -216,6 +243,13 @@ def _conv_update_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optiona
                     conv_state_indices: Optional[Tensor], cache_seqlens: Optional[Tensor] = None) -> Tensor:
     """x (B, D, T); conv_state (B_cache, D, S) updated in place (a circular buffer with cache_seqlens).
     Returns out (B, D, T) in x's dtype."""
+    Bsz, D, _ = x.shape
+    W = _raw_weight("causal_conv1d_update", weight, D)
+    if conv_state.dim() != 3 or conv_state.shape[1] != D or conv_state.shape[2] < W - 1:
+        raise RuntimeError(f"fastnn causal_conv1d_update: conv_state must be (B_cache, {D}, S >= {W - 1}), got "
+                           f"{tuple(conv_state.shape)}")
+    _raw_shapes("causal_conv1d_update", bias=(bias, (D,)), cache_seqlens=(cache_seqlens, (Bsz,)))
+    _raw_cache_rows("causal_conv1d_update", "conv_state_indices", conv_state_indices, Bsz, conv_state.shape[0])
     if x.numel() == 0:
         return x.new_empty(x.shape)
     ct = ref.compute_dtype(x.dtype)
@@ -245,6 +279,17 @@ def _ssu_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
             state_batch_indices: Optional[Tensor]) -> Tensor:
     """Head form: state (B_cache, H, P, N) updated in place; x, dt, z (B, H, P); A (H, P, N); B, C (B, G, N);
     D, dt_bias (H, P). Returns out (B, H, P) in x's dtype."""
+    op = "selective_state_update"
+    if state.dim() != 4 or x.dim() != 3 or B.dim() != 3:
+        raise RuntimeError(f"fastnn {op}: the head form takes state (B_cache, H, P, N), x (B, H, P) and B, C "
+                           f"(B, G, N); got {tuple(state.shape)}, {tuple(x.shape)}, {tuple(B.shape)}")
+    Bsz, H, P = x.shape
+    N, G = state.shape[3], B.shape[1]
+    if G == 0 or H % G:
+        raise RuntimeError(f"fastnn {op}: B's groups ({G}) must divide the heads ({H})")
+    _raw_shapes(op, state=(state, (state.shape[0], H, P, N)), dt=(dt, (Bsz, H, P)), z=(z, (Bsz, H, P)),
+                A=(A, (H, P, N)), B=(B, (Bsz, G, N)), C=(C, (Bsz, G, N)), D=(D, (H, P)), dt_bias=(dt_bias, (H, P)))
+    _raw_cache_rows(op, "state_batch_indices", state_batch_indices, Bsz, state.shape[0])
     if x.numel() == 0:
         return x.new_empty(x.shape)
     ct = ref.compute_dtype(state.dtype)
@@ -380,6 +425,8 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
             rest of the buffer untouched. The caller advances cache_seqlens. Values are checked for CPU tensors.
         conv_state_indices: optional (B,) integer tensor: row b uses conv_state[conv_state_indices[b]]
             (continuous batching). Rows must be distinct; range and distinctness are checked for CPU tensors.
+            On CUDA (no host sync per step) a row whose index is outside [0, B_cache) touches no cache row and
+            returns NaN.
 
     Returns:
         out shaped like x, in x's dtype. A decode step has no backward (it updates conv_state in place), as
@@ -436,7 +483,8 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
         dt_softplus: apply softplus (threshold 20) to dt + dt_bias.
         state_batch_indices: optional (B,) integer tensor: row b updates state[state_batch_indices[b]]
             (continuous batching). Rows must be distinct; range and distinctness are checked for CPU tensors.
-            Without it, B_cache must equal B.
+            On CUDA (no host sync per step) a row whose index is outside [0, B_cache) touches no state row
+            and returns NaN. Without it, B_cache must equal B.
 
     Returns:
         out shaped like x, in x's dtype. Math in float32 (float64 for a float64 state); the state keeps its
