@@ -432,3 +432,22 @@ def test_raw_scan_op_refuses_sizes_and_sequence_ids_the_kernel_would_overrun(bac
         with pytest.raises(RuntimeError, match=r"dlast_state must be"):
             torch.ops.fastnn.selective_scan_backward(torch.randn_like(u), torch.randn(1, 4, 3), chunks, u, u, A, Bm, Bm,
                                                      None, None, None, False, torch.randn(2, 4, 3), None, False, 8, True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_D_means_no_D_u_term(backend):
+    """Without D the output has no D u term at all (mamba's reference adds none): an infinite u must give
+    the reference's inf, not 0 * inf = NaN."""
+    g = torch.Generator().manual_seed(14)
+    u, delta = torch.randn(2, 20, 9, generator=g), torch.rand(2, 20, 9, generator=g)
+    A, Bm, C = -torch.rand(20, 16, generator=g), torch.rand(20, 16, generator=g), torch.rand(20, 16, generator=g)
+    z = torch.randn(2, 20, 9, generator=g)
+    u[0, 3, 4] = float("inf")
+    u[1, 7, 2] = float("-inf")
+    for gate in (None, z):
+        with fastnn.use_backend(backend):
+            out = ops.selective_scan_fn(u, delta, A, Bm, C, z=gate)
+        want = ref.selective_scan(u, delta, A, Bm, C, z=gate)[0]
+        assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+        finite = want.isfinite()
+        torch.testing.assert_close(out[finite], want[finite], rtol=1e-5, atol=1e-5)

@@ -515,7 +515,8 @@ void scan_steps(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int64_t 
         for (int n = 0; n < kN; ++n) local[n] = h[n];
       }
     }
-    const V dt = buf.DT[t], dtu = buf.DTU[t], y0 = st.D_v * buf.U[t];
+    // without D no D u term at all: 0 * inf would turn an infinite u's output NaN
+    const V dt = buf.DT[t], dtu = buf.DTU[t], y0 = p.Dskip != nullptr ? st.D_v * buf.U[t] : V{};
     const acc_t* Bt = buf.Bs.data() + t * N;
     const acc_t* Ct = buf.Cs.data() + t * N;
     V* M = kRecord ? buf.M.data() + t * N : nullptr;
@@ -738,7 +739,7 @@ void backward_chunk(const Scan<acc_t>& p, SlabState<acc_t>& st, int64_t t0, int6
       }
     }
     ddt = fmadd(gB, u, ddt * (acc_t(1) / a_scale<acc_t>()));
-    buf.DU[t] = fmadd(gB, dt, dy * st.D_v);
+    buf.DU[t] = p.Dskip != nullptr ? fmadd(gB, dt, dy * st.D_v) : gB * dt;
     if (p.softplus) ddt = ddt * buf.DSP[t];
     st.dbias += ddt;
     buf.DDT[t] = ddt;

@@ -319,7 +319,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) selective_scan_
     for (int i = 0; i < K; ++i) {
       dt[i] += bias;
       if (p.softplus) dt[i] = ssm::softplus(dt[i]);
-      acc[i] = Dd * dtu[i];
+      acc[i] = p.D_skip ? Dd * dtu[i] : 0.0f;  // no D u term without D: 0 * inf would be NaN
       dtu[i] *= dt[i];
     }
     uint32_t resets = 0, ends = 0;
@@ -595,7 +595,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) selective_scan_
       load_items<K>(static_cast<const T*>(p.z) + row, pos, L, zv);
       load_items<K>(dout_row, pos, L, dout);
 #pragma unroll
-      for (int i = 0; i < K; ++i) dz[i] = dout[i] * (y[i] + Dd * u[i]) * ssm::silu_grad(zv[i]);
+      for (int i = 0; i < K; ++i) dz[i] = dout[i] * (p.D_skip ? y[i] + Dd * u[i] : y[i]) * ssm::silu_grad(zv[i]);
     }
     if (p.softplus) {  // delta again (an L1 / L2 hit) rather than 8 more live registers
       float x[K];
@@ -606,7 +606,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) selective_scan_
     float dD_acc = 0.0f, dbias_acc = 0.0f;  // this chunk's; per-warp running sums in shared memory
 #pragma unroll
     for (int i = 0; i < K; ++i) {
-      du[i] += Dd * dy[i];
+      if (p.D_skip) du[i] += Dd * dy[i];
       if (pos + i < L) {
         dD_acc += dy[i] * u[i];
         dbias_acc += ddt[i];
