@@ -457,6 +457,26 @@ def test_autocast_cpu_follows_torch(x_dtype):
         torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.02)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("h_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_autocast_cpu_promotes_with_the_state_as_torch(x_dtype, h_dtype):
+    """Under CPU autocast torch's GRU and cells run autocast GEMMs, then pointwise ops that promote the gates
+    with the initial state: a bf16 input with a float32 state comes out in float32, a float32 input with a
+    bf16 state in bf16. fastnn's layers give the same dtypes (and numbers within bf16 accuracy)."""
+    x = torch.randn(4, 2, 5).to(x_dtype)
+    for mode in ("gru", "lstm_cell", "gru_cell"):
+        theirs, ours = pair(mode, torch.float32, input_size=5, hidden_size=6)
+        cell = mode != "gru"
+        xi = x[0] if cell else x
+        h = torch.randn((2, 6) if cell else (1, 2, 6)).to(h_dtype)
+        hx = (h, torch.randn_like(h)) if mode == "lstm_cell" else h
+        first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = first(theirs(xi, hx)), first(ours(xi, hx))
+        assert got.dtype == want.dtype, (mode, got.dtype, want.dtype)
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.02)
+
+
 # ---------------------------------------------------------------- bf16 layers with bf16 operands (CPU)
 
 def _bf16_native_here() -> bool:
@@ -866,3 +886,19 @@ def test_nonfinite_input_propagates():
     x[1, 0, 0] = float("nan")
     out = m(x)[0]
     assert torch.isnan(out[1:, 0]).all() and torch.isfinite(out[:, 1]).all() and torch.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize("mode", ["lstm_cell", "gru_cell"])
+def test_cells_of_no_hidden_units_are_empty_and_quiet(mode, capfd):
+    """torch.nn's cells accept hidden_size 0: (B, 0) states, a backward that reaches the input. fastnn's give
+    the same without calling a GEMM on empty weights (MKL printed an error for it)."""
+    theirs, ours = pair(mode, torch.float32, input_size=5, hidden_size=0)
+    for shape in ((3, 5), (5,)):
+        x = torch.randn(shape, requires_grad=True)
+        want, got = theirs(x), ours(x)
+        for w, g in zip(*(o if isinstance(o, tuple) else (o,) for o in (want, got))):
+            assert g.shape == w.shape and g.dtype == w.dtype
+        (got[0] if isinstance(got, tuple) else got).sum().backward()
+        torch.testing.assert_close(x.grad, torch.zeros_like(x), rtol=0, atol=0)
+    out, err = capfd.readouterr()
+    assert "ERROR" not in out + err

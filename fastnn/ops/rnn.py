@@ -399,15 +399,19 @@ def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
         if tuple(s.shape) != ((B, H) if batched else (H,)):
             raise ValueError(f"{name} must have shape {(B, H) if batched else (H,)} for input {tuple(input.shape)} and "
                              f"hidden_size {H}; got {tuple(s.shape)}")
-    dtype = _compute_dtype(x, w_ih, cell=True)
+    dtype = _compute_dtype(x, w_ih, cell=True, states=states or [None])
     x = x.to(dtype)
     w_ih, w_hh, b_ih, b_hh = [None if w is None else w.to(dtype) for w in (w_ih, w_hh, b_ih, b_hh)]
     states = [(s if batched else s.unsqueeze(0)).to(dtype) for s in states]
     if not states:
         states = [x.new_zeros(B, H, dtype=dtype) for _ in range(2 if mode == "lstm" else 1)]
-    with autocast_off(x.device.type):
-        y, h, c = _layer(mode, x, torch.tensor([B], dtype=torch.int64), w_ih, w_hh, b_ih, b_hh, None, states[0],
-                         states[1] if mode == "lstm" else None, False)
+    if H == 0:  # nothing to compute (ATen's GEMM would have MKL print an error about the empty weights);
+        # (B, 0) slices of x, so that a backward through them reaches x as torch.nn's does
+        h, c = x[:, :0].clone(), (x[:, :0].clone() if mode == "lstm" else None)
+    else:
+        with autocast_off(x.device.type):
+            y, h, c = _layer(mode, x, torch.tensor([B], dtype=torch.int64), w_ih, w_hh, b_ih, b_hh, None, states[0],
+                             states[1] if mode == "lstm" else None, False)
     if not batched:
         h = h.squeeze(0)
         c = None if c is None else c.squeeze(0)
@@ -426,21 +430,25 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def _compute_dtype(x: Tensor, w: Tensor, cell: bool = False, mode: str = "lstm") -> torch.dtype:
+def _compute_dtype(x: Tensor, w: Tensor, cell: bool = False, mode: str = "lstm", states=()) -> torch.dtype:
     """The dtype a layer runs in: autocast's, as torch applies it to its RNNs (CUDA: every RNN and cell; CPU:
     the LSTM layer only), else the weights' (which the input must match). Under CPU autocast torch's GRU and
     cells are not on autocast's list but decompose into autocast GEMMs and promoting pointwise ops: with
-    float32 weights, an input in the autocast dtype comes out in it, another low-precision one in float32."""
+    float32 weights the gates come out in the autocast dtype, and the pointwise ops promote them with the
+    initial `states`' dtypes (absent states are zeros in the input's dtype)."""
     dev = x.device.type
     autocast = autocast_on(dev)
     low = torch.get_autocast_dtype(dev) if autocast else None
     # (CPU autocast casts float32 tensors only: another low-precision input falls to the rules below)
     if autocast and (dev == "cuda" or (not cell and mode == "lstm" and x.dtype in (torch.float32, low))):
         return torch.get_autocast_dtype(dev)
+    if autocast and w.dtype == torch.float32 and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = low
+        for s in states:  # absent states are zeros in x's dtype, as torch.nn makes them
+            dtype = torch.promote_types(dtype, x.dtype if s is None else s.dtype)
+        return dtype
     if x.dtype == w.dtype:
         return w.dtype
-    if autocast and x.dtype in (torch.float16, torch.bfloat16) and w.dtype == torch.float32:
-        return x.dtype if x.dtype == low else torch.float32
     raise TypeError(f"input has dtype {x.dtype} but the weights have {w.dtype}; expected the same dtype "
                     "(or run under torch.autocast)")
 
@@ -476,7 +484,7 @@ def rnn(mode: str, input: Union[Tensor, PackedSequence], hx: Union[None, Tensor,
     seq = pack_input(input, I, batch_first)
     _checks.same_device("weights[0].w_ih", w0, input=seq.x)
     h0, c0 = initial_states(hx, num_layers * directions, seq, H, P, with_cell=mode == "lstm")
-    dtype = _compute_dtype(seq.x, w0, mode=mode)
+    dtype = _compute_dtype(seq.x, w0, mode=mode, states=(h0, c0) if mode == "lstm" else (h0,))
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     h0, c0 = cast(h0), cast(c0)
 

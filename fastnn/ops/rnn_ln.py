@@ -299,7 +299,7 @@ def layer_norm_lstm(input: Union[Tensor, PackedSequence], hx: Optional[Tuple[Ten
     seq = pack_input(input, I, batch_first)
     _checks.same_device("weights[0].w_ih", w0, input=seq.x)
     h0, c0 = initial_states(hx, num_layers * directions, seq, H, H, with_cell=True)
-    dtype = _compute_dtype(seq.x, w0, mode="lstm")  # autocast as torch applies it to its LSTM
+    dtype = _compute_dtype(seq.x, w0, mode="lstm", states=(h0, c0))  # autocast as torch applies it to its LSTM
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     h0, c0 = cast(h0), cast(c0)
     rows = seq.x.shape[0]
