@@ -794,3 +794,13 @@ def test_raw_ops_refuse_sizes_the_kernels_would_overrun(backend):
             torch.ops.fastnn.selective_state_update(state, xs, xs, A, Bm, Bm, torch.randn(1), None, None, False, None)
         with pytest.raises(RuntimeError, match="A must be"):
             torch.ops.fastnn.selective_state_update(state, xs, xs, A[:, :, :2], Bm, Bm, None, None, None, False, None)
+
+
+def test_decode_steps_refuse_an_expanded_state():
+    state = torch.zeros(1, 4, 3).expand(2, 4, 3)  # both batch rows one memory location
+    x, A, B = torch.randn(2, 4), -torch.rand(4, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"state is updated in place, so it must not be an expanded"):
+        ops.selective_state_update(state, x, x, A, B, B)
+    conv_state = torch.zeros(1, 4, 3).expand(2, 4, 3)
+    with pytest.raises(ValueError, match=r"conv_state is updated in place"):
+        ops.causal_conv1d_update(x, conv_state, torch.randn(4, 3))

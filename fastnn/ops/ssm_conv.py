@@ -329,6 +329,13 @@ def _check_weight(weight, bias, D: int, device_ref: Tensor) -> int:
     return W
 
 
+def _writable_in_place(t: Tensor, name: str) -> None:
+    """A state updated in place must not be an expanded view (several of its elements one memory location)."""
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        raise ValueError(f"{name} is updated in place, so it must not be an expanded (stride 0) view; got shape "
+                         f"{tuple(t.shape)} with strides {t.stride()} (pass a .clone())")
+
+
 def _check_indices(idx, name: str, batch: int, cache_rows: int, x: Tensor) -> None:
     _checks.tensor(idx, name, integer=True, shape=(batch,))
     _checks.same_device("x", x, **{name: idx})
@@ -443,6 +450,7 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
     _checks.tensor(conv_state, "conv_state", dtypes=_checks.FLOAT_DTYPES, shape=(None, D, None))
     _dtype_is(conv_state, "conv_state", x.dtype, "x's dtype")
     _checks.same_device("x", x, conv_state=conv_state)
+    _writable_in_place(conv_state, "conv_state")
     if conv_state.shape[2] < W - 1:
         raise ValueError(f"conv_state must hold at least W - 1 = {W - 1} steps (shape (B_cache, D, S >= W - 1)); "
                          f"got S = {conv_state.shape[2]}")
@@ -520,6 +528,7 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     if (x.dtype == torch.float64) != (state.dtype == torch.float64):
         raise TypeError(f"float64 x needs a float64 state (and the reverse); got x {x.dtype}, state {state.dtype}")
     _checks.same_device("x", x, state=state)
+    _writable_in_place(state, "state")
     _checks.tensor(dt, "dt", dtypes=_checks.FLOAT_DTYPES, shape=xs)
     _dtype_is(dt, "dt", x.dtype, "x's dtype")
     _checks.tensor(A, "A", dtypes=_checks.FLOAT_DTYPES, shape=chan + (N,))
