@@ -541,6 +541,33 @@ def test_cpp_decode_shaped_float32_matches_reference(lq, hkv, causal, window):
     torch.testing.assert_close(lse.double(), want_lse, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_decode_carries_non_finite_cache_entries_as_torch(backend, bad):
+    """A NaN or infinite key inside the valid cache gives torch's math (NaN where a score is NaN or +inf), not
+    a row of zeros; one past cache_seqlens is never read. Positions in the first, a middle and the last key
+    block, over caches of several blocks."""
+    g = torch.Generator().manual_seed(12)
+    B, H, D, cache = 3, 4, 32, 300
+    q = torch.randn(B, 2, H, D, generator=g)
+    kc, vc = torch.randn(B, cache, 2, D, generator=g), torch.randn(B, cache, 2, D, generator=g)
+    lens = torch.tensor([cache, 150, 40], dtype=torch.int32)
+    kc[0, 5, 0, 3] = bad
+    kc[1, 149, 1, 0] = bad
+    kc[2, 200, 0, 1] = bad  # past cache_seqlens: never read
+    with fastnn.use_backend("reference"):
+        want, want_lse = ops.attention_decode(q.double(), kc.double(), vc.double(), lens, causal=True, return_lse=True)
+    with fastnn.use_backend(backend):
+        out, lse = ops.attention_decode(q, kc, vc, lens, causal=True, return_lse=True)
+    assert want[:2].isnan().any() or bad == -math.inf or bad == math.inf
+    assert torch.equal(out.isnan(), want.isnan())
+    # a row with a +inf score: torch's logsumexp gives +inf, the Triton kernel's m + log(l) NaN
+    assert torch.equal(lse.isfinite(), want_lse.isfinite())
+    finite = want.isfinite()
+    torch.testing.assert_close(out.double()[finite], want[finite], rtol=2e-5, atol=2e-5)
+    assert not want[2].isnan().any()
+
+
 # ---------------------------------------------------------------- MultiheadAttention
 
 MHA_COMBOS = [

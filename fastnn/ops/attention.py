@@ -156,12 +156,22 @@ def _decode_reference(q, k_cache, v_cache, cache_seqlens, scale, softcap, window
 
 def _decode_cpp(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, window_right, num_splits):
     # On the CPU, decoding is the forward kernel with per-sequence key counts.
-    # only q is checked: cache entries past cache_seqlens are never read and may hold anything
+    # Only q is checked up front: cache entries past cache_seqlens are never read and may hold anything, and
+    # a pass over the valid cache would cost as much as the decode itself.
+    args = (q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, window_right, num_splits)
     if _cpu_nonfinite_fallback("attention_decode", q):
-        return _decode_reference(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, window_right,
-                                 num_splits)
-    return tuple(_C.attention_forward_cpu(q, k_cache, v_cache, None, None, cache_seqlens, 0, 0, None, scale,
-                                          softcap, window_left, window_right, True, 0.0, 0))
+        return _decode_reference(*args)
+    out, lse = _C.attention_forward_cpu(q, k_cache, v_cache, None, None, cache_seqlens, 0, 0, None, scale,
+                                        softcap, window_left, window_right, True, 0.0, 0)
+    # A NaN or +inf score (from a non-finite key; NaN or inf in v reaches the output by itself) leaves its
+    # row's lse NaN or -inf in the kernel, where torch's math gives NaN: such a row that has keys to see
+    # reruns the call on the reference. (A row of a sequence with no keys has lse -inf legitimately.)
+    suspect = lse.isnan() | ((lse == -math.inf) & (cache_seqlens > 0).view(-1, 1, 1))
+    if bool(suspect.any()):
+        _log_once("attention_decode", "nonfinite", "fastnn.%s: non-finite inputs run the reference implementation",
+                  "attention_decode")
+        return _decode_reference(*args)
+    return out, lse
 
 
 def _decode_triton(*args):
