@@ -527,3 +527,16 @@ def test_gpu_matches_cpu_at_yolo_sizes():
             g = run("triton", lambda t: grads(lambda u: ops.spp_pool(u, (1, 2, 4), mode), t, sgrad.cuda()), x.cuda())
             torch.testing.assert_close(g.cpu(), run("cpp", lambda t: grads(lambda u: ops.spp_pool(u, (1, 2, 4), mode),
                                                                             t, sgrad), x))
+
+
+def test_levels_past_the_bin_limit_are_refused():
+    """sum(l * l) past 2^31 - 1 bins per channel is refused by name: at l = 2^32 the kernels' l * l wrapped to
+    an empty output, and l = 2^32 + 1 asked for 34 GB (both silently, before)."""
+    x = torch.randn(1, 1, 2, 2)
+    for levels in ((2 ** 32,), (2 ** 32 + 1,), (2 ** 32, 1), (46341,), (46340, 300)):
+        with pytest.raises(ValueError, match=r"levels must give at most 2147483647 bins"):
+            ops.spp_pool(x, levels)
+        with pytest.raises(ValueError, match=r"levels must give at most"):
+            torch.ops.fastnn.spp_pool(x, list(levels), "max")
+    with pytest.raises(ValueError, match=r"levels must give at most"):
+        fastnn.nn.SPP((2 ** 32,))

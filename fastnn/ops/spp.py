@@ -145,6 +145,7 @@ def _bins(levels: Sequence[int]) -> int:
 
 @torch.library.custom_op("fastnn::spp_pool", mutates_args=())
 def _spp_pool_op(x: Tensor, levels: List[int], mode: str) -> Tensor:
+    levels = check_levels(levels)  # (again: a raw call of the op skips spp_pool's checks)
     if x.numel() == 0:
         return x.new_empty((x.shape[0], x.shape[1] * _bins(levels)))
     impl = pick("spp_pool", x.device, _SPP_IMPLS, _preference(x.device))
@@ -158,6 +159,7 @@ def _spp_pool_fake(x, levels, mode):
 
 @torch.library.custom_op("fastnn::spp_pool_backward", mutates_args=())
 def _spp_pool_backward_op(grad: Tensor, x: Tensor, levels: List[int], mode: str) -> Tensor:
+    levels = check_levels(levels)
     if x.numel() == 0:
         return _new_4d(x, x.shape[1]).zero_()
     impl = pick("spp_pool_backward", x.device, _SPP_BACKWARD_IMPLS, _preference(x.device))
@@ -185,6 +187,9 @@ _spp_pool_op.register_autograd(_spp_backward, setup_context=_spp_setup_context)
 
 # ---------------------------------------------------------------- public functions
 
+_MAX_BINS = 2 ** 31 - 1
+
+
 def check_levels(levels) -> List[int]:
     """Validates SPP levels: a non-empty list or tuple of positive Python ints (not bools)."""
     if isinstance(levels, (str, bytes)) or not isinstance(levels, (list, tuple)):
@@ -196,6 +201,10 @@ def check_levels(levels) -> List[int]:
             raise TypeError(f"levels must hold ints, got {lv!r} ({type(lv).__name__})")
         if lv <= 0:
             raise ValueError(f"levels must be positive ints, got {lv}")
+    bins = sum(int(lv) * int(lv) for lv in levels)
+    if bins > _MAX_BINS:  # (l * l wrapped in the kernels' int64 past l = 2^32, and their bin tables hold l rows)
+        raise ValueError(f"levels must give at most {_MAX_BINS} bins per channel (sum of l * l); got {bins} for "
+                         f"{list(levels) if len(levels) <= 8 else list(levels[:8]) + ['...']}")
     return [int(lv) for lv in levels]
 
 
