@@ -568,6 +568,33 @@ def test_decode_carries_non_finite_cache_entries_as_torch(backend, bad):
     assert not want[2].isnan().any()
 
 
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])  # Triton: head dims 32..256
+def test_head_dim_one_with_any_stride_and_no_heads_follow_torch(backend):
+    """A head dim (or Dv) of 1 has no stride to speak of: a q sliced [..., ::2] is accepted, forward and
+    backward equal torch's. Zero heads give an empty result, as torch's."""
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 3, 5, 2, generator=g, dtype=torch.float64)[..., ::2].requires_grad_()
+    k = torch.randn(2, 3, 4, 2, generator=g, dtype=torch.float64)[..., ::2].requires_grad_()
+    v = torch.randn(2, 3, 4, 2, generator=g, dtype=torch.float64)[..., 1:].requires_grad_()
+    dout = torch.randn(2, 3, 5, 1, generator=g, dtype=torch.float64)
+    with fastnn.use_backend(backend):
+        got = ops.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        grads = torch.autograd.grad(got, (q, k, v), dout.float())
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    wgrads = torch.autograd.grad(want, (q, k, v), dout)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, wgrads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    none = torch.randn(1, 0, 3, 4, requires_grad=True)
+    with fastnn.use_backend(backend):
+        out = ops.scaled_dot_product_attention(none, torch.randn(1, 0, 5, 4), torch.randn(1, 0, 5, 4))
+        assert out.shape == (1, 0, 3, 4)
+        out.sum().backward()
+        assert none.grad.shape == none.shape
+        assert ops.flash_attention(torch.randn(1, 3, 0, 32), torch.randn(1, 5, 0, 32),
+                                   torch.randn(1, 5, 0, 32)).shape == (1, 3, 0, 32)
+
+
 # ---------------------------------------------------------------- MultiheadAttention
 
 MHA_COMBOS = [

@@ -284,8 +284,8 @@ pybind11::tuple attention_backward(const at::Tensor& dout, const at::Tensor& q, 
               "), got ", dout.sizes());
   TORCH_CHECK(out.sizes() == dout.sizes(), "attention_backward_cpu: out must have dout's shape, got ", out.sizes());
   TORCH_CHECK(dout.scalar_type() == dt && out.scalar_type() == dt, "attention_backward_cpu: dout and out must have q's dtype");
-  TORCH_CHECK(dout.size(3) == 0 || dout.stride(3) == 1, "attention_backward_cpu: dout's last dim must have stride 1");
-  TORCH_CHECK(out.size(3) == 0 || out.stride(3) == 1, "attention_backward_cpu: out's last dim must have stride 1");
+  TORCH_CHECK(dout.size(3) <= 1 || dout.stride(3) == 1, "attention_backward_cpu: dout's last dim must have stride 1");
+  TORCH_CHECK(out.size(3) <= 1 || out.stride(3) == 1, "attention_backward_cpu: out's last dim must have stride 1");
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == P.B && lse.size(1) == P.H && lse.size(2) == P.Lq,
               "attention_backward_cpu: lse must be (B, H, Lq), got ", lse.sizes());
   TORCH_CHECK(lse.scalar_type() == lse_dt, "attention_backward_cpu: lse must be ", lse_dt, ", got ", lse.scalar_type());

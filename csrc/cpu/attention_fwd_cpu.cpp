@@ -41,9 +41,9 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               "attention_cpu: unsupported dtype ", dt);
-  TORCH_CHECK(q.size(3) == 0 || q.stride(3) == 1, "attention_cpu: q's last dim must have stride 1");
-  TORCH_CHECK(k.size(3) == 0 || k.stride(3) == 1, "attention_cpu: k's last dim must have stride 1");
-  TORCH_CHECK(v.size(3) == 0 || v.stride(3) == 1, "attention_cpu: v's last dim must have stride 1");
+  TORCH_CHECK(q.size(3) <= 1 || q.stride(3) == 1, "attention_cpu: q's last dim must have stride 1");
+  TORCH_CHECK(k.size(3) <= 1 || k.stride(3) == 1, "attention_cpu: k's last dim must have stride 1");
+  TORCH_CHECK(v.size(3) <= 1 || v.stride(3) == 1, "attention_cpu: v's last dim must have stride 1");
   TORCH_CHECK(q.size(0) == k.size(0) && k.size(0) == v.size(0), "attention_cpu: batch sizes differ");
   TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2), "attention_cpu: k and v shapes disagree");
   TORCH_CHECK(q.size(3) == k.size(3), "attention_cpu: q and k head dims differ");

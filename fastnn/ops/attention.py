@@ -346,6 +346,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names=("q", "k", "v")) -> None:
 
 
 def _check_heads(H: int, Hkv: int, qn: str, kn: str, allow_gqa: bool) -> None:
+    if H == Hkv == 0:  # no heads: an empty result, as torch's
+        return
     if Hkv == 0 or H % Hkv != 0 or (not allow_gqa and H != Hkv):
         want = "a divisor of" if allow_gqa else "equal to"
         raise ValueError(f"the number of heads of {kn} ({Hkv}) must be {want} the number of heads of {qn} ({H})"
