@@ -685,6 +685,11 @@ def test_multihead_attention_state_dict_self_attention_eval_and_unbatched():
     torch.testing.assert_close(o, o_t, rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(w, w_t, rtol=1e-4, atol=1e-5)
     assert "MultiheadAttention" in repr(ours)
+    pad = torch.tensor([False, False, True, False, False, True])
+    torch.testing.assert_close(ours(u, u, u, key_padding_mask=pad)[0], theirs(u, u, u, key_padding_mask=pad)[0],
+                               rtol=1e-4, atol=2e-5)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be 1-D \(key length,\) for unbatched input"):
+        ours(u, u, u, key_padding_mask=pad[None])
 
 
 def test_multihead_attention_training_dropout_is_seeded_and_scaled():

@@ -386,6 +386,10 @@ def test_multiscale_bad_inputs():
     expect_error(ops.multiscale_detect, (det, images, (1.0,), float("nan")), ValueError, r"iou_threshold")
     expect_error(ops.multiscale_detect, (lambda x: [], images, (1.0,)), ValueError, r"detector must return a list of 2")
     expect_error(ops.multiscale_detect, ("det", images, (1.0,)), TypeError, r"detector must be callable")
+    flat = lambda x: [{"boxes": torch.zeros(4), "scores": torch.zeros(1), "labels": torch.zeros(1)}] * 2  # noqa: E731
+    expect_error(ops.multiscale_detect, (flat, images, (1.0,)), ValueError, r"must hold boxes \(M, 4\)")
+    short = lambda x: [{"boxes": torch.zeros(3, 4), "scores": torch.zeros(2), "labels": torch.zeros(3)}] * 2  # noqa
+    expect_error(ops.multiscale_detect, (short, images, (1.0,)), ValueError, r"got \(3, 4\), \(2,\), \(3,\)")
 
 
 # ---------------------------------------------------------------- tier 5: CUDA

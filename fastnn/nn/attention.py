@@ -53,6 +53,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
+                if key_padding_mask.dim() != 1:
+                    raise ValueError("key_padding_mask must be 1-D (key length,) for unbatched input; got shape "
+                                     f"{tuple(key_padding_mask.shape)}")
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif self.batch_first:  # work in (L, N, E), torch's internal layout
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)

@@ -86,10 +86,17 @@ def multiscale_detect(detector: Callable[[Tensor], list], images: Tensor, scales
             for key in ("boxes", "scores", "labels"):
                 if key not in d:
                     raise ValueError(f"detector output for image {i} at scale {s} has no {key!r} entry")
-            boxes = d["boxes"]
+            boxes, scores, labels = d["boxes"], d["scores"], d["labels"]
+            if not all(torch.is_tensor(t) for t in (boxes, scores, labels)):
+                raise TypeError(f"detector output for image {i} at scale {s}: boxes, scores and labels must be tensors")
+            M = boxes.shape[0] if boxes.dim() == 2 else -1
+            if boxes.dim() != 2 or boxes.shape[1] != 4 or tuple(scores.shape) != (M,) or tuple(labels.shape) != (M,):
+                raise ValueError(f"detector output for image {i} at scale {s} must hold boxes (M, 4), scores (M,) and "
+                                 f"labels (M,); got {tuple(boxes.shape)}, {tuple(scores.shape)}, "
+                                 f"{tuple(labels.shape)}")
             ratio = torch.tensor([width / w, height / h, width / w, height / h], dtype=boxes.dtype,
                                  device=boxes.device)
-            per_image[i].append((boxes * ratio, d["scores"], d["labels"]))
+            per_image[i].append((boxes * ratio, scores, labels))
     results = []
     for i in range(b):
         boxes = torch.cat([p[0] for p in per_image[i]])
