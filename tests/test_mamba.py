@@ -124,9 +124,15 @@ def test_bad_arguments():
         with pytest.raises(ValueError, match="cu_seqlens must start at 0, increase strictly"):
             m(torch.randn(1, 8, 16), cu_seqlens=torch.tensor(bad, dtype=torch.int32))
     for kwargs, what in ((dict(dt_rank=0), "dt_rank"), (dict(dt_rank=-2), "dt_rank"), (dict(expand=0), "expand"),
-                         (dict(expand=-1), "expand"), (dict(dt_min=-0.1), "dt_min"), (dict(dt_min=0.2), "dt_min")):
+                         (dict(expand=-1), "expand"), (dict(dt_min=-0.1), "dt_min"), (dict(dt_min=0.2), "dt_min"),
+                         (dict(expand=float("nan")), "expand"), (dict(expand=float("inf")), "expand"),
+                         (dict(dt_scale=float("nan")), "dt_scale"), (dict(dt_scale=-1.0), "dt_scale"),
+                         (dict(dt_init_floor=float("nan")), "dt_init_floor")):
         with pytest.raises(ValueError, match=what):
             Mamba(16, **kwargs)
+    with pytest.raises(ValueError, match="d_model"):
+        Mamba(True)
+    assert Mamba(16, dt_scale=-1.0, dt_init="constant").dt_proj.weight.lt(0).all()  # mamba_ssm allows it
     # decoding: a cache filled for one batch refuses another (a prefill broadcast into every row before);
     # step names the state of the wrong shape
     layer = Mamba(16, layer_idx=0)

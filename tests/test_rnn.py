@@ -382,6 +382,10 @@ def test_constructor_arguments_checked_like_torch():
             fastnn.nn.LSTM(**args)
     with pytest.raises(ValueError, match="proj_size"):
         fastnn.nn.GRU(5, 7, proj_size=2)
+    # torch.nn fails at forward on a non-bool bidirectional; a truthy string must not make two directions
+    for cls in (fastnn.nn.LSTM, fastnn.nn.GRU, fastnn.nn.LayerNormLSTM):
+        with pytest.raises(TypeError, match="bidirectional should be of type bool"):
+            cls(5, 7, bidirectional="no")
 
 
 # ---------------------------------------------------------------- dropout
@@ -902,3 +906,22 @@ def test_cells_of_no_hidden_units_are_empty_and_quiet(mode, capfd):
         torch.testing.assert_close(x.grad, torch.zeros_like(x), rtol=0, atol=0)
     out, err = capfd.readouterr()
     assert "ERROR" not in out + err
+
+
+def test_bad_inputs_raise_what_torch_raises_too():
+    """fastnn names the argument in its own ValueError / TypeError; each is also an instance of the class
+    torch.nn raises for the same mistake (RuntimeError for sizes, ValueError / RuntimeError for dtypes), so
+    code that catches torch's exceptions keeps working."""
+    cases = [("lstm", lambda m: m(torch.randn(3, 2, 6))),
+             ("lstm", lambda m: m(torch.randn(3, 2, 5), (torch.randn(1, 3, 4), torch.randn(1, 3, 4)))),
+             ("gru", lambda m: m(torch.randn(3, 2, 5).double())),
+             ("lstm_cell", lambda m: m(torch.randn(3, 6))),
+             ("lstm_cell", lambda m: m(torch.randn(3, 5), (torch.randn(2, 4), torch.randn(2, 4)))),
+             ("gru_cell", lambda m: m(torch.randn(3, 5).double()))]
+    for mode, call in cases:
+        theirs, ours = pair(mode, torch.float32, input_size=5, hidden_size=4)
+        with pytest.raises(Exception) as torch_error:
+            call(theirs)
+        with pytest.raises(type(torch_error.value)) as ours_error:
+            call(ours)
+        assert isinstance(ours_error.value, (ValueError, TypeError)), (mode, ours_error.value)

@@ -449,6 +449,34 @@ def test_gradcheck_roi_pool():
     run_gradcheck(lambda t: ops.roi_pool(t, rois, 2, 1.0), (x,), ["reference"] + POOL_BACKENDS)
 
 
+def test_multi_scale_module_pools_zeros_for_levels_without_a_map_as_torchvision():
+    """A pyramid with a gap (p3, p5) or maps listed coarse to fine: torchvision's per-level loop pools nothing
+    for a box whose level has no map. fastnn gives the same zeros (and gradients), not an error."""
+    g = torch.Generator().manual_seed(5)
+    cases = [({"p4": (16, 16), "p3": (32, 32)}, [[0.0, 0, 20, 20], [0, 0, 100, 100]], {}),
+             ({"p3": (16, 16), "p5": (4, 4)}, [[0.0, 0, 10, 10], [0, 0, 120, 120], [0, 0, 140, 140]],
+              dict(canonical_scale=64))]
+    for sizes, box, kw in cases:
+        x = OrderedDict((k, torch.randn(1, 2, *hw, generator=g, dtype=torch.float64, requires_grad=True))
+                        for k, hw in sizes.items())
+        boxes = [torch.tensor(box, dtype=torch.float64)]
+        names = list(sizes)
+        want = torchvision.ops.MultiScaleRoIAlign(names, 2, 2, **kw)(x, boxes, [(128, 128)])
+        got = fnn.MultiScaleRoIAlign(names, 2, 2, **kw)(x, boxes, [(128, 128)])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        assert (want.flatten(1) == 0).all(1).any()  # some box pooled nothing
+        for a, b in zip(torch.autograd.grad(got.sum(), list(x.values())), torch.autograd.grad(want.sum(), list(x.values()))):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_roi_align_arguments_typed_as_torchvision():
+    x, boxes = torch.randn(1, 2, 8, 8), torch.tensor([[0.0, 1, 1, 6, 6]])
+    with pytest.raises(TypeError, match="aligned must be a bool"):
+        fnn.RoIAlign(2, 1.0, 2, aligned="yes")(x, boxes)
+    want = torchvision.ops.roi_align(x, boxes, 2, 0.5, 2)
+    torch.testing.assert_close(fnn.RoIAlign(2, torch.tensor(0.5), 2)(x, boxes), want, rtol=0, atol=0)
+
+
 def test_gradcheck_multi_scale():
     feats = [features(1, 2, 8, 8, torch.float64).requires_grad_(), features(1, 2, 4, 4, torch.float64).requires_grad_()]
     rois = random_rois(6, 1, 32, 32, dtype=torch.float64)

@@ -56,7 +56,7 @@ class Mamba(nn.Module):
                  use_fast_path: bool = True, layer_idx: Optional[int] = None, device=None, dtype=None):
         factory = {"device": device, "dtype": dtype}
         super().__init__()
-        if not isinstance(d_model, int) or d_model <= 0:
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model <= 0:
             raise ValueError(f"d_model must be a positive int; got {d_model!r}")
         if not isinstance(d_state, int) or not 1 <= d_state <= 256:
             raise ValueError(f"d_state must be an int in 1..256; got {d_state!r}")
@@ -64,13 +64,21 @@ class Mamba(nn.Module):
             raise ValueError(f"d_conv must be 2, 3 or 4 (the causal conv kernels' widths); got {d_conv!r}")
         if dt_init not in ("random", "constant"):
             raise ValueError(f"dt_init must be 'random' or 'constant'; got {dt_init!r}")
-        if isinstance(expand, bool) or not isinstance(expand, (int, float)) or not int(expand * d_model) >= 1:
+        if (isinstance(expand, bool) or not isinstance(expand, (int, float)) or not math.isfinite(expand)
+                or not int(expand * d_model) >= 1):
             raise ValueError(f"expand must be a positive number with expand * d_model >= 1; got {expand!r}")
         if dt_rank != "auto" and (isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank <= 0):
             raise ValueError(f"dt_rank must be 'auto' or a positive int; got {dt_rank!r}")
         if not (isinstance(dt_min, (int, float)) and isinstance(dt_max, (int, float)) and 0 < dt_min <= dt_max
                 and math.isfinite(dt_max)):
             raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max < inf; got {dt_min!r}, {dt_max!r}")
+        # (the random init draws uniform(-s, s) with s = dt_scale / sqrt(dt_rank): s must be a real >= 0)
+        if (isinstance(dt_scale, bool) or not isinstance(dt_scale, (int, float)) or not math.isfinite(dt_scale)
+                or (dt_init == "random" and dt_scale < 0)):
+            raise ValueError(f"dt_scale must be a finite number (>= 0 with dt_init='random'); got {dt_scale!r}")
+        if isinstance(dt_init_floor, bool) or not isinstance(dt_init_floor, (int, float)) or not math.isfinite(
+                dt_init_floor):
+            raise ValueError(f"dt_init_floor must be a finite number; got {dt_init_floor!r}")
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)

@@ -24,7 +24,7 @@ from ..ops import rnn as rnn_ops
 
 
 def check_rnn_arguments(input_size: int, hidden_size: int, num_layers: int, bias: bool, batch_first: bool,
-                        dropout: float, proj_size: int = 0, stacklevel: int = 4) -> None:
+                        dropout: float, proj_size: int = 0, stacklevel: int = 4, bidirectional: bool = False) -> None:
     """torch.nn.RNNBase's checks of its constructor arguments, with its messages and exception types.
     stacklevel: the warning's, pointing at the user's constructor call."""
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1:
@@ -34,7 +34,9 @@ def check_rnn_arguments(input_size: int, hidden_size: int, num_layers: int, bias
         warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
                       f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
                       stacklevel=stacklevel)
+    # (bidirectional: torch.nn fails at forward on a non-bool; a truthy string would make two directions)
     for name, value, kind in (("bias", bias, bool), ("batch_first", batch_first, bool),
+                              ("bidirectional", bidirectional, bool),
                               ("input_size", input_size, int), ("hidden_size", hidden_size, int),
                               ("num_layers", num_layers, int), ("proj_size", proj_size, int)):
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -57,7 +59,8 @@ class _RNNBase(torch.nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None) -> None:
         super().__init__()
-        check_rnn_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
+        check_rnn_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size,
+                            bidirectional=bidirectional)
         self.mode = mode
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)

@@ -39,7 +39,8 @@ class LayerNormLSTM(torch.nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, zoneout: float = 0.0,
                  forget_bias: float = 1.0, device=None, dtype=None) -> None:
         super().__init__()
-        check_rnn_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, stacklevel=3)
+        check_rnn_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, stacklevel=3,
+                            bidirectional=bidirectional)
         zoneout = rnn_ln_ops._check_zoneout(zoneout)
         if isinstance(forget_bias, bool) or not isinstance(forget_bias, (int, float)) or not math.isfinite(forget_bias):
             raise ValueError(f"forget_bias must be a finite number, got {forget_bias!r}")

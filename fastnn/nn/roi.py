@@ -65,9 +65,10 @@ class MultiScaleRoIAlign(nn.Module):
     """Multi-scale RoIAlign for feature pyramids, a drop-in for ``torchvision.ops.MultiScaleRoIAlign``.
 
     Each box is pooled from the pyramid level given by eq. 1 of the FPN paper,
-    ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6)`` clamped to the levels present;
-    the levels' scales are inferred (powers of two) from the feature sizes and the largest image size on the
-    first call and kept, as torchvision does. Unlike torchvision, which runs one roi_align per level and
+    ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6)`` clamped to [k_min, k_max], the
+    levels of the first and last maps; the levels' scales are inferred (powers of two) from the feature sizes
+    and the largest image size on the first call and kept, as torchvision does. As in torchvision, a box
+    whose level has no map (a pyramid with a gap, or maps not listed fine to coarse) pools zeros. Unlike torchvision, which runs one roi_align per level and
     scatters the results, every level is pooled in one kernel call (:func:`fastnn.ops.multi_scale_roi_align`)
     and the backward is deterministic.
 
@@ -109,6 +110,11 @@ class MultiScaleRoIAlign(nn.Module):
             return ops.multi_scale_roi_align(features, rois, None, self.scales, self.output_size, self.sampling_ratio)
         # levels from the boxes in their own dtype, as torchvision computes them
         levels, defined = self.map_levels.levels(torch.cat(list(boxes), 0))
+        # a level with no map (a pyramid with a gap, or maps not listed fine to coarse, so that k_min > k_max)
+        # pools nothing in torchvision's per-level loop: zeros, like a box of negative area
+        present = (levels >= 0) & (levels < len(features))
+        defined = defined & present
+        levels = torch.where(present, levels, torch.zeros_like(levels))
         out = ops.multi_scale_roi_align(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
         # boxes of negative area have no level: zeros and no gradient, as torchvision gives
         return torch.where(defined[:, None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))

@@ -12,6 +12,16 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SUPPORTED_DEVICES = ("cpu", "cuda")
 
 
+class SizeMismatchError(ValueError, RuntimeError):
+    """A size that disagrees with another argument's. A ValueError, and a RuntimeError too, since torch.nn
+    raises RuntimeError for these in the layers fastnn replaces: code that catches either keeps working."""
+
+
+class DtypeMismatchError(TypeError, ValueError, RuntimeError):
+    """A dtype that disagrees with another argument's. A TypeError, and what torch.nn raises for it in the
+    layers fastnn replaces (ValueError or RuntimeError)."""
+
+
 def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 

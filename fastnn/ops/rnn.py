@@ -383,8 +383,8 @@ def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
     I, H, _ = _check_layer_weights(mode, w_ih, w_hh, b_ih, b_hh, None, "")
     _checks.tensor(input, "input", dtypes=RNN_DTYPES)
     if input.dim() not in (1, 2) or input.shape[-1] != I:
-        raise ValueError(f"input must be (batch, input_size) or (input_size,) with input_size = {I} (w_ih's second "
-                         f"size); got {tuple(input.shape)}")
+        raise _checks.SizeMismatchError(f"input must be (batch, input_size) or (input_size,) with input_size = {I} "
+                                        f"(w_ih's second size); got {tuple(input.shape)}")
     _checks.same_device("input", input, w_ih=w_ih)
     batched = input.dim() == 2
     x = input if batched else input.unsqueeze(0)
@@ -397,8 +397,8 @@ def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
         _checks.same_device("input", input, **{name: s})
         check_state_dtype(name, s, input)
         if tuple(s.shape) != ((B, H) if batched else (H,)):
-            raise ValueError(f"{name} must have shape {(B, H) if batched else (H,)} for input {tuple(input.shape)} and "
-                             f"hidden_size {H}; got {tuple(s.shape)}")
+            raise _checks.SizeMismatchError(f"{name} must have shape {(B, H) if batched else (H,)} for input "
+                                            f"{tuple(input.shape)} and hidden_size {H}; got {tuple(s.shape)}")
     dtype = _compute_dtype(x, w_ih, cell=True, states=states or [None])
     x = x.to(dtype)
     w_ih, w_hh, b_ih, b_hh = [None if w is None else w.to(dtype) for w in (w_ih, w_hh, b_ih, b_hh)]
@@ -449,14 +449,15 @@ def _compute_dtype(x: Tensor, w: Tensor, cell: bool = False, mode: str = "lstm",
         return dtype
     if x.dtype == w.dtype:
         return w.dtype
-    raise TypeError(f"input has dtype {x.dtype} but the weights have {w.dtype}; expected the same dtype "
-                    "(or run under torch.autocast)")
+    raise _checks.DtypeMismatchError(f"input has dtype {x.dtype} but the weights have {w.dtype}; expected the same "
+                                     "dtype (or run under torch.autocast)")
 
 
 def check_state_dtype(name: str, state: Tensor, x: Tensor) -> None:
     """Outside autocast an initial state must have the input's dtype, as torch.nn requires (autocast casts)."""
     if state.dtype != x.dtype and not autocast_on(x.device.type):
-        raise TypeError(f"{name} has dtype {state.dtype} but the input has {x.dtype}; expected the same dtype")
+        raise _checks.DtypeMismatchError(f"{name} has dtype {state.dtype} but the input has {x.dtype}; expected the "
+                                         "same dtype")
 
 
 def rnn(mode: str, input: Union[Tensor, PackedSequence], hx: Union[None, Tensor, Tuple[Tensor, Tensor]],
@@ -549,7 +550,8 @@ def pack_input(input: Union[Tensor, PackedSequence], input_size: int, batch_firs
         x = input.data
         _checks.tensor(x, "input.data", dtypes=RNN_DTYPES)
         if x.dim() != 2 or x.shape[1] != I:
-            raise ValueError(f"input.data must be (rows, input_size) with input_size = {I}; got {tuple(x.shape)}")
+            raise _checks.SizeMismatchError(f"input.data must be (rows, input_size) with input_size = {I}; got "
+                                            f"{tuple(x.shape)}")
         batch_sizes = _check_batch_sizes(input.batch_sizes, x.shape[0])
         if input.sorted_indices is not None:  # B without reading data (traceable under torch.compile)
             B = input.sorted_indices.shape[0]
@@ -565,8 +567,9 @@ def pack_input(input: Union[Tensor, PackedSequence], input_size: int, batch_firs
         return PackedInput(x, batch_sizes, B, batch_sizes.numel(), True, False, input)
     _checks.tensor(input, "input", dtypes=RNN_DTYPES)
     if input.dim() not in (2, 3) or input.shape[-1] != I:
-        raise ValueError(f"input must be (seq_len, batch, input_size) ({'batch first' if batch_first else 'time first'}) "
-                         f"or unbatched (seq_len, input_size) with input_size = {I}; got {tuple(input.shape)}")
+        layout = "batch first" if batch_first else "time first"
+        raise _checks.SizeMismatchError(f"input must be (seq_len, batch, input_size) ({layout}) or unbatched "
+                                        f"(seq_len, input_size) with input_size = {I}; got {tuple(input.shape)}")
     batched = input.dim() == 3
     xt = input if batched else input.unsqueeze(1)
     if batched and batch_first:
@@ -600,8 +603,9 @@ def initial_states(hx, num_states: int, seq: PackedInput, H: int, P: int,
         check_state_dtype(name, s, x)
         want = (num_states, seq.batch, width) if seq.batched else (num_states, width)
         if tuple(s.shape) != want:
-            raise ValueError(f"{name} must have shape {want} (num_layers * directions, batch, "
-                             f"{'proj_size' if width == P and P != H else 'hidden_size'}); got {tuple(s.shape)}")
+            raise _checks.SizeMismatchError(f"{name} must have shape {want} (num_layers * directions, batch, "
+                                            f"{'proj_size' if width == P and P != H else 'hidden_size'}); got "
+                                            f"{tuple(s.shape)}")
         s = s if seq.batched else s.unsqueeze(1)
         if sorted_indices is not None:
             s = s.index_select(1, sorted_indices)

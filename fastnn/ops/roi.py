@@ -250,10 +250,18 @@ def boxes_to_rois(boxes: Union[Tensor, Sequence[Tensor]], like: Tensor, name: st
 def _scale(spatial_scale, name: str = "spatial_scale") -> float:
     # finite, as torchvision takes it: 0 or a negative scale is accepted too (boxes then sample at or beyond
     # the map's origin, with torchvision's results)
+    if torch.is_tensor(spatial_scale) and spatial_scale.dim() == 0:  # torchvision takes a 0-d tensor too
+        spatial_scale = spatial_scale.item()
     s = _checks.real_number(spatial_scale, name)
     if s in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be a finite number, got {spatial_scale!r}")
     return s
+
+
+def _aligned(aligned) -> bool:
+    if aligned not in (True, False):  # (bool() would take any truthy value, 'no' included)
+        raise TypeError(f"aligned must be a bool, got {aligned!r}")
+    return bool(aligned)
 
 
 def _int(v, name: str) -> int:
@@ -296,7 +304,7 @@ def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, sp
     pooled_h, pooled_w = _output_size(output_size)
     rois = boxes_to_rois(boxes, input)
     return torch.ops.fastnn.roi_align([input], rois, None, [_scale(spatial_scale)], pooled_h, pooled_w,
-                                      _sampling_ratio(sampling_ratio), bool(aligned))
+                                      _sampling_ratio(sampling_ratio), _aligned(aligned))
 
 
 def roi_pool(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, spatial_scale: float = 1.0) -> Tensor:
@@ -350,4 +358,4 @@ def multi_scale_roi_align(features: Sequence[Tensor], rois: Tensor, levels: Opti
         levels = levels.long().contiguous()
     pooled_h, pooled_w = _output_size(output_size)
     return torch.ops.fastnn.roi_align(list(features), rois, levels, scales, pooled_h, pooled_w,
-                                      _sampling_ratio(sampling_ratio), bool(aligned))
+                                      _sampling_ratio(sampling_ratio), _aligned(aligned))
