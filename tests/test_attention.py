@@ -568,6 +568,23 @@ def test_decode_carries_non_finite_cache_entries_as_torch(backend, bad):
     assert not want[2].isnan().any()
 
 
+def test_decode_rows_that_see_no_key_are_predicted():
+    """The C++ decode reruns a call on the reference when a row that sees keys has lse -inf (a non-finite
+    key): the prediction of which rows see keys must agree with the kernels' lse on finite inputs, or finite
+    calls would take the slow path (lens shorter than Lq under causal, windows, empty sequences)."""
+    g = torch.Generator().manual_seed(14)
+    q, kc, vc = torch.randn(3, 4, 2, 32, generator=g), torch.randn(3, 16, 2, 32, generator=g), torch.randn(3, 16, 2, 32,
+                                                                                                          generator=g)
+    lens = torch.tensor([2, 16, 0], dtype=torch.int32)
+    for causal, window in ((True, (-1, -1)), (False, (-1, -1)), (False, (1, 0)), (False, (0, 2)), (True, (2, 0)),
+                           (False, (3, -1)), (False, (-1, 1))):
+        with fastnn.use_backend("reference"):
+            _, lse = ops.attention_decode(q, kc, vc, lens, causal=causal, window=window, return_lse=True)
+        left, right = attn_ops._window_pair(window, causal)
+        sees = attn_ops._decode_rows_see_keys(lens, 4, left, right)
+        assert torch.equal(lse != -math.inf, sees.unsqueeze(1).expand_as(lse)), (causal, window)
+
+
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])  # Triton: head dims 32..256
 def test_head_dim_one_with_any_stride_and_no_heads_follow_torch(backend):
     """A head dim (or Dv) of 1 has no stride to speak of: a q sliced [..., ::2] is accepted, forward and

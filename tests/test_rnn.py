@@ -479,6 +479,13 @@ def test_autocast_cpu_promotes_with_the_state_as_torch(x_dtype, h_dtype):
             want, got = first(theirs(xi, hx)), first(ours(xi, hx))
         assert got.dtype == want.dtype, (mode, got.dtype, want.dtype)
         torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.02)
+        # a float64 state: torch's autocast GEMMs refuse it (RuntimeError); so does fastnn, by name
+        hx64 = tuple(t.double() for t in hx) if isinstance(hx, tuple) else hx.double()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with pytest.raises(RuntimeError):
+                theirs(xi, hx64)
+            with pytest.raises(RuntimeError, match="initial state of dtype torch.float64"):
+                ours(xi, hx64)
 
 
 # ---------------------------------------------------------------- bf16 layers with bf16 operands (CPU)

@@ -790,8 +790,9 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
               "fastnn selective_state_update: A, D, dt_bias must be in the compute dtype");
   TORCH_CHECK(dt.scalar_type() == xt && B.scalar_type() == xt && C.scalar_type() == xt && (!z || z->scalar_type() == xt),
               "fastnn selective_state_update: dt, B, C, z must have x's dtype");
-  TORCH_CHECK(!state_batch_indices || state_batch_indices->scalar_type() == at::kInt,
-              "fastnn selective_state_update: state_batch_indices must be int32");
+  TORCH_CHECK(!state_batch_indices || (state_batch_indices->scalar_type() == at::kInt &&
+                                       state_batch_indices->is_contiguous()),
+              "fastnn selective_state_update: state_batch_indices must be contiguous int32");
   const int64_t Bsz = x.size(0), H = x.size(1), P = x.size(2), N = state.size(3), G = B.size(1);
   TORCH_CHECK(G > 0 && H % G == 0, "fastnn selective_state_update: heads must be a multiple of groups");
   const char* fn = "selective_state_update";

@@ -68,9 +68,9 @@ class MultiScaleRoIAlign(nn.Module):
     ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6)`` clamped to [k_min, k_max], the
     levels of the first and last maps; the levels' scales are inferred (powers of two) from the feature sizes
     and the largest image size on the first call and kept, as torchvision does. As in torchvision, a box
-    whose level has no map (a pyramid with a gap, or maps not listed fine to coarse) pools zeros. Unlike torchvision, which runs one roi_align per level and
-    scatters the results, every level is pooled in one kernel call (:func:`fastnn.ops.multi_scale_roi_align`)
-    and the backward is deterministic.
+    whose level has no map (a pyramid with a gap, or maps not listed fine to coarse) pools zeros. Unlike
+    torchvision, which runs one roi_align per level and scatters the results, every level is pooled in one
+    kernel call (:func:`fastnn.ops.multi_scale_roi_align`) and the backward is deterministic.
 
     Args:
         featmap_names: names of the feature maps of ``x`` to pool from (in ``x``'s order).

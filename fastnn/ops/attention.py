@@ -154,6 +154,17 @@ def _decode_reference(q, k_cache, v_cache, cache_seqlens, scale, softcap, window
                                  window_left, window_right, True, 0.0, 0)
 
 
+def _decode_rows_see_keys(cache_seqlens: Tensor, lq: int, window_left: int, window_right: int) -> Tensor:
+    """(B, Lq) bool: whether decode query row i of sequence b sees at least one cache position. Row i sits at
+    position s - Lq + i (s = cache_seqlens[b], bottom-right aligned) and sees [pos - left, pos + right]
+    within [0, s) (-1: unbounded; causal is right = 0)."""
+    s = cache_seqlens.long().view(-1, 1)
+    pos = s - lq + torch.arange(lq, device=s.device).view(1, -1)
+    lo = (pos - window_left).clamp(min=0) if window_left >= 0 else torch.zeros_like(pos)
+    hi = torch.minimum(pos + window_right, s - 1) if window_right >= 0 else (s - 1).expand_as(pos)
+    return lo <= hi
+
+
 def _decode_cpp(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, window_right, num_splits):
     # On the CPU, decoding is the forward kernel with per-sequence key counts.
     # Only q is checked up front: cache entries past cache_seqlens are never read and may hold anything, and
@@ -165,8 +176,9 @@ def _decode_cpp(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left,
                                         softcap, window_left, window_right, True, 0.0, 0)
     # A NaN or +inf score (from a non-finite key; NaN or inf in v reaches the output by itself) leaves its
     # row's lse NaN or -inf in the kernel, where torch's math gives NaN: such a row that has keys to see
-    # reruns the call on the reference. (A row of a sequence with no keys has lse -inf legitimately.)
-    suspect = lse.isnan() | ((lse == -math.inf) & (cache_seqlens > 0).view(-1, 1, 1))
+    # reruns the call on the reference. (A row that sees no key has lse -inf legitimately.)
+    suspect = lse.isnan() | ((lse == -math.inf) & _decode_rows_see_keys(cache_seqlens, q.shape[1], window_left,
+                                                                        window_right).unsqueeze(1))
     if bool(suspect.any()):
         _log_once("attention_decode", "nonfinite", "fastnn.%s: non-finite inputs run the reference implementation",
                   "attention_decode")

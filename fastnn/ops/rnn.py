@@ -445,6 +445,9 @@ def _compute_dtype(x: Tensor, w: Tensor, cell: bool = False, mode: str = "lstm",
     if autocast and w.dtype == torch.float32 and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         dtype = low
         for s in states:  # absent states are zeros in x's dtype, as torch.nn makes them
+            if s is not None and s.dtype == torch.float64:  # torch's autocast GEMMs refuse it too
+                raise _checks.DtypeMismatchError(f"an initial state of dtype {s.dtype} cannot join {x.dtype} input "
+                                                 "under autocast; expected float32, float16 or bfloat16")
             dtype = torch.promote_types(dtype, x.dtype if s is None else s.dtype)
         return dtype
     if x.dtype == w.dtype:
