@@ -113,6 +113,23 @@ def test_emulated_kernels_match_reference(emu_binary, case, tmp_path):
         assert_close(k, v, ref, *tol[k])
 
 
+def test_emulated_forward_without_D_keeps_an_infinite_u_infinite(emu_binary, tmp_path):
+    """Without D the CUDA forward adds no D u term: an infinite u gives the reference's inf, not 0 * inf = NaN."""
+    from fastnn.reference.ssm import selective_scan
+
+    c = build(Case(B=1, D=2, L=9, N=3, z=False), "cpu")
+    c.t["u"][0, 1, 4] = float("inf")
+    c.t["B"] = c.t["B"].abs()  # same-signed terms: the state is +inf, not inf - inf
+    c.t["C"] = c.t["C"].abs()
+    got = run_emu(emu_binary, c, str(tmp_path))["out"]
+    want = selective_scan(c.t["u"].double(), c.t["delta"].double(), c.t["A"].double(), c.t["B"].double(),
+                          c.t["C"].double())[0]
+    assert want.isinf().any() and not want.isnan().any()
+    assert torch.equal(got.isinf(), want.isinf()) and not got.isnan().any()
+    finite = want.isfinite()
+    torch.testing.assert_close(got.double()[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
 def test_cuda_launcher_checks_raise_without_a_gpu():
     """The CUDA launchers' input checks (nvcc-compiled, selective_scan_common.h) on fake CUDA tensors (sizes
     and device, no storage): each raises a RuntimeError naming the argument, from the first check that can

@@ -319,8 +319,13 @@ __global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) selective_scan_
     for (int i = 0; i < K; ++i) {
       dt[i] += bias;
       if (p.softplus) dt[i] = ssm::softplus(dt[i]);
-      acc[i] = p.D_skip ? Dd * dtu[i] : 0.0f;  // no D u term without D: 0 * inf would be NaN
+      acc[i] = Dd * dtu[i];
       dtu[i] *= dt[i];
+    }
+    // no D u term without D (Dd = 0 there): 0 * inf would make an infinite u's output NaN
+    if (!p.D_skip) {
+#pragma unroll
+      for (int i = 0; i < K; ++i) acc[i] = 0.0f;
     }
     uint32_t resets = 0, ends = 0;
     if (seq) seq_flags<K>(seq, pos, L, resets, ends);
