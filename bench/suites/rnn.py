@@ -135,16 +135,16 @@ def _cpu_bf16_cases(quick):
         theirs, ours = _pair(kind, I, H, "cpu", dtype)
         x = torch.randn(T, B, I, dtype=dtype)
         shape, flops = f"B={B},H={H},T={T},I={I}", _flops(kind, T * B, I, H)
-        # the arbiter when the two disagree: torch 2.14's oneDNN bf16 LSTM backward returns wrong input
-        # gradients at H = 1024 on an AMX Xeon (bench/NOTES.md)
-        # (built only when called: a float64 layer costs seconds at these shapes)
-        exact = lambda m=theirs: copy.deepcopy(m).double()  # noqa: E731
+        # the arbiter when the two disagree (torch 2.14's oneDNN bf16 LSTM backward returns wrong input
+        # gradients at H = 1024 on an AMX Xeon, bench/NOTES.md); a float64 copy of the layer, made only when
+        # called: it costs seconds at these shapes
         out.append(Case("rnn", f"{kind} fwd", shape, "bfloat16", _fwd(ours, x), f"torch.nn.{kind}", _fwd(theirs, x),
                         metric="TFLOP/s", work=flops, check=_close(5e-2),
-                        reference=lambda e=exact, x=x: _fwd(e(), x.double())()))
+                        reference=lambda m=theirs, x=x: _fwd(copy.deepcopy(m).double(), x.double())()))
         out.append(Case("rnn", f"{kind} fwd+bwd", shape, "bfloat16", _fwd_bwd(ours, x), f"torch.nn.{kind}",
                         _fwd_bwd(theirs, x), metric="TFLOP/s", work=3 * flops, check=_close(5e-2),
-                        reference=lambda e=exact, x=x: _fwd_bwd(e(), x.double(), dout_dtype=dtype)()))
+                        reference=lambda m=theirs, x=x: _fwd_bwd(copy.deepcopy(m).double(), x.double(),
+                                                                 dout_dtype=dtype)()))
     return out
 
 
