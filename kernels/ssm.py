@@ -507,10 +507,12 @@ def causal_conv1d_update(x, conv_state, weight, bias, silu: bool, conv_state_ind
 
 def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, state_batch_indices):
     """Head form (state (B_cache, H, P, N), x / dt / z (B, H, P), A (H, P, N), B / C (B, G, N), D / dt_bias
-    (H, P)); A, D, dt_bias in the compute dtype; state updated in place. Returns out (B, H, P)."""
-    Bsz, H, P = x.shape
-    N, G = A.shape[2], B.shape[1]
-    out = _alloc.empty((Bsz, H, P), x.dtype, x.device)
+    (H, P)), or mamba 1's form, the head form with H = 1 (state (B_cache, D, N), x / dt / z (B, D), A (D, N),
+    B / C (B, N), D / dt_bias (D,)); A, D, dt_bias in the compute dtype; contiguous; state updated in place.
+    Returns out shaped like x."""
+    Bsz, H, P = x.shape if x.dim() == 3 else (x.shape[0], 1, x.shape[1])
+    N, G = A.shape[-1], B.shape[1] if B.dim() == 3 else 1
+    out = _alloc.empty(tuple(x.shape), x.dtype, x.device)
     block_p, block_n = ssu_blocks(N)
     grid = (Bsz, H, triton.cdiv(P, block_p))
     _ssu_kernel[grid](state, x, dt, A, B, C, D if D is not None else A, z if z is not None else x,

@@ -605,6 +605,74 @@ def test_decode_steps_with_indices_compile_and_carry_no_gradient():
         compiled(torch.tensor([1, 1], dtype=torch.int32), cache, conv_cache)
 
 
+def _decode_step_calls(t, w, bias, idx):
+    """One causal_conv1d_update and one selective_state_update on clones of the states: (outputs, states)."""
+    st, cst = t["state"].clone(), t["conv_state"].clone()
+    o1 = ops.causal_conv1d_update(t["x_conv"], cst, w, bias, "silu", conv_state_indices=idx)
+    o2 = ops.selective_state_update(st, t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], True,
+                                    state_batch_indices=idx)
+    return (o1, o2), (cst, st)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("three_d", [False, True], ids=["heads", "mamba1"])
+def test_decode_steps_direct_call_equals_the_op(backend, three_d, monkeypatch):
+    """In plain eager mode the public decode functions run the ops' bodies without torch.library's dispatch
+    (fastnn/ops/_direct.py): outputs and updated states must be bitwise those of the custom ops, in both of
+    selective_state_update's forms, with indices; the state's version counter moves as the op's does."""
+    t = _ssu_inputs(2, 3, 1 if three_d else 2, 8, 16, 1, torch.float32, torch.float32, three_d, seed=3)
+    D = t["x"].shape[1] * (1 if three_d else t["x"].shape[2])
+    t["x_conv"], t["conv_state"] = torch.randn(2, D), torch.randn(3, D, 3)
+    w, bias = torch.randn(D, 4), torch.randn(D)
+    idx = torch.tensor([2, 0], dtype=torch.int32)
+    with fastnn.use_backend(backend):
+        direct = _decode_step_calls(t, w, bias, idx)
+        monkeypatch.setattr(conv_ops._direct, "plain_eager", lambda *a: False)
+        via_op = _decode_step_calls(t, w, bias, idx)
+    for a, b in zip(direct[0] + direct[1], via_op[0] + via_op[1]):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert not torch.equal(direct[1][1], t["state"]) and not torch.equal(direct[1][0], t["conv_state"])
+    monkeypatch.undo()
+    st = t["state"][:2].clone()
+    version = st._version
+    ops.selective_state_update(st, t["x"], t["dt"], t["A"], t["B"], t["C"])
+    assert st._version > version
+    # a tensor saved for a backward and then updated by a step: autograd notices, as after any in-place op
+    leaf = torch.randn(st.shape, requires_grad=True)
+    prod = leaf * st
+    ops.selective_state_update(st, t["x"], t["dt"], t["A"], t["B"], t["C"])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        prod.sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+def test_decode_steps_traced_and_transformed_go_through_the_op():
+    """Tracing (make_fx, torch.jit.trace), Python dispatch modes and vmap must see the custom op, not its body:
+    the direct call is for plain eager mode only."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t = _ssu_inputs(2, 2, 1, 8, 16, 1, torch.float32, torch.float32, True, seed=4)
+    w = torch.randn(8, 4)
+
+    def step(state, conv_state, x, w, dt, A, B, C):
+        o1 = ops.causal_conv1d_update(x, conv_state, w, None, "silu")
+        return o1, ops.selective_state_update(state, o1, dt, A, B, C, dt_softplus=True)
+
+    args = (t["state"].clone(), torch.randn(2, 8, 3), t["x"], w, t["dt"], t["A"], t["B"], t["C"])
+    for mode in ("real", "fake"):
+        graph = str(make_fx(step, tracing_mode=mode)(*(a.clone() for a in args)).code)
+        assert "fastnn.causal_conv1d_update" in graph and "fastnn.selective_state_update" in graph, graph
+    assert conv_ops._direct.plain_eager(t["x"])
+    with FlopCounterMode(display=False):
+        assert not conv_ops._direct.plain_eager(t["x"])
+    seen = []
+    torch.vmap(lambda x: seen.append(conv_ops._direct.plain_eager(x)) or x)(t["x"])
+    torch.jit.trace(lambda x: seen.append(conv_ops._direct.plain_eager(x)) or x * 2, (t["x"],), check_trace=False)
+    assert seen == [False, False]
+    assert conv_ops._direct.plain_eager(t["x"], None, torch.nn.Parameter(t["A"]))
+
+
 # ---------------------------------------------------------------- bad and empty inputs
 
 def test_bad_inputs_name_the_argument():

@@ -778,7 +778,18 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
                                   const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                                   const c10::optional<at::Tensor>& dt_bias, bool dt_softplus,
                                   const c10::optional<at::Tensor>& state_batch_indices) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && state.dim() == 4, "fastnn selective_state_update: head form on CPU expected");
+  if (state.dim() == 3 && x.dim() == 2) {  // mamba 1's form is the head form with H = 1 (views, no copies)
+    auto at_dim = [](const c10::optional<at::Tensor>& t, int64_t dim) {
+      return t ? c10::optional<at::Tensor>(t->unsqueeze(dim)) : c10::nullopt;
+    };
+    return selective_state_update(state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0),
+                                  B.unsqueeze(1), C.unsqueeze(1), at_dim(D, 0), at_dim(z, 1), at_dim(dt_bias, 0),
+                                  dt_softplus, state_batch_indices)
+        .squeeze(1);
+  }
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && state.dim() == 4,
+              "fastnn selective_state_update: the head form (state (B_cache, H, P, N), x (B, H, P)) or mamba 1's "
+              "(state (B_cache, D, N), x (B, D)) on CPU expected");
   for (const at::Tensor* t : {&state, &x, &dt, &A, &B, &C}) {
     TORCH_CHECK(t->is_contiguous(), "fastnn selective_state_update: contiguous inputs expected");
   }

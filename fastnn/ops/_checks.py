@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-SUPPORTED_DEVICES = ("cpu", "cuda")
 
 
 class SizeMismatchError(ValueError, RuntimeError):
@@ -33,9 +32,11 @@ def tensor(x, name: str, *, dtypes: Optional[Sequence[torch.dtype]] = None, inte
     dtypes: accepted dtypes; integer=True accepts any integer dtype (not bool). shape: expected sizes,
     None for a free size; its length is the expected number of dimensions.
     """
+    # Written for speed (a decode step runs ~10 of these): the device flags, not x.device.type (~0.4 us),
+    # and a plain loop over the sizes, not a generator.
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.device.type not in SUPPORTED_DEVICES and x.device.type != "meta":
+    if not (x.is_cpu or x.is_cuda or x.is_meta):
         raise ValueError(f"{name} must be on a CPU or CUDA device, got {x.device}")
     if integer:
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
@@ -43,7 +44,13 @@ def tensor(x, name: str, *, dtypes: Optional[Sequence[torch.dtype]] = None, inte
     elif dtypes is not None and x.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype {_dtype_names(dtypes)}; got {x.dtype}")
     if shape is not None:
-        ok = x.dim() == len(shape) and all(s is None or x.shape[i] == s for i, s in enumerate(shape))
+        sizes = x.shape
+        ok = len(sizes) == len(shape)
+        if ok:
+            for want, got in zip(shape, sizes):
+                if want is not None and want != got:
+                    ok = False
+                    break
         if not ok:
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
             raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")

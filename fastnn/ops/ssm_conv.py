@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._backend import _C, pick
 from ..reference import ssm as ref
-from . import _checks
+from . import _checks, _direct
 
 _PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton",)}
 _ACTIVATIONS = (None, "silu", "swish")
@@ -39,7 +39,7 @@ def _pick(op: str, device: torch.device, impls):
 def _opt(t: Optional[Tensor], dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
     if t is None:
         return None
-    return (t if dtype is None else t.to(dtype)).contiguous()
+    return (t if dtype is None or t.dtype == dtype else t.to(dtype)).contiguous()  # (.to costs ~1 us a call)
 
 
 # ---------------------------------------------------------------- causal conv1d: kernels per backend
@@ -250,6 +250,13 @@ def _conv_update_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optiona
                            f"{tuple(conv_state.shape)}")
     _raw_shapes("causal_conv1d_update", bias=(bias, (D,)), cache_seqlens=(cache_seqlens, (Bsz,)))
     _raw_cache_rows("causal_conv1d_update", "conv_state_indices", conv_state_indices, Bsz, conv_state.shape[0])
+    return _conv_update_run(x, conv_state, weight, bias, silu, conv_state_indices, cache_seqlens)
+
+
+def _conv_update_run(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
+                     conv_state_indices: Optional[Tensor], cache_seqlens: Optional[Tensor]) -> Tensor:
+    """The body of the causal_conv1d_update op once its arguments are checked (the op, or the public
+    function's direct call: ._direct)."""
     if x.numel() == 0:
         return x.new_empty(x.shape)
     ct = ref.compute_dtype(x.dtype)
@@ -290,11 +297,19 @@ def _ssu_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
     _raw_shapes(op, state=(state, (state.shape[0], H, P, N)), dt=(dt, (Bsz, H, P)), z=(z, (Bsz, H, P)),
                 A=(A, (H, P, N)), B=(B, (Bsz, G, N)), C=(C, (Bsz, G, N)), D=(D, (H, P)), dt_bias=(dt_bias, (H, P)))
     _raw_cache_rows(op, "state_batch_indices", state_batch_indices, Bsz, state.shape[0])
+    return _ssu_run(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+
+
+def _ssu_run(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+             z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
+             state_batch_indices: Optional[Tensor]) -> Tensor:
+    """The body of the selective_state_update op once its arguments are checked (the op, or the public
+    function's direct call: ._direct): the head form, or mamba 1's 3-D form (every kernel takes both)."""
     if x.numel() == 0:
         return x.new_empty(x.shape)
     ct = ref.compute_dtype(state.dtype)
     impl = _pick("selective_state_update", x.device, _SSU_IMPLS)
-    args = (x.contiguous(), dt.contiguous(), A.to(ct).contiguous(), B.contiguous(), C.contiguous(), _opt(D, ct),
+    args = (x.contiguous(), dt.contiguous(), _opt(A, ct), B.contiguous(), C.contiguous(), _opt(D, ct),
             _opt(z), _opt(dt_bias, ct), dt_softplus, _opt(state_batch_indices, torch.int32))
     return _in_place(state, lambda st: impl(st, *args))
 
@@ -466,9 +481,13 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
             wide = cache_seqlens.long()  # (2^31 as an int32 scalar would wrap around)
             _checks.values(((wide >= 0) & (wide < 2 ** 31)).all(),
                            lambda: f"cache_seqlens must be in [0, 2^31); got {_checks.shown(cache_seqlens)}")
-    with torch.no_grad():  # no backward (see Returns)
-        out = torch.ops.fastnn.causal_conv1d_update(x3, conv_state, weight, bias, silu, conv_state_indices,
-                                                    cache_seqlens)
+    if _direct.plain_eager(x, conv_state, weight, bias, conv_state_indices, cache_seqlens):
+        out = _direct.run_mutating(_conv_update_run, conv_state, x3, conv_state, weight, bias, silu,
+                                   conv_state_indices, cache_seqlens)
+    else:
+        with torch.no_grad():  # no backward (see Returns)
+            out = torch.ops.fastnn.causal_conv1d_update(x3, conv_state, weight, bias, silu, conv_state_indices,
+                                                        cache_seqlens)
     return out.squeeze(-1) if squeeze else out
 
 
@@ -550,13 +569,11 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
         _check_indices(state_batch_indices, "state_batch_indices", Bsz, state.shape[0], x)
     elif state.shape[0] != Bsz:
         raise ValueError(f"state must have batch size {Bsz} (x's) without state_batch_indices; got {state.shape[0]}")
+    args = (state, x, dt, A, B, C, D, z, dt_bias)
+    if _direct.plain_eager(*args, state_batch_indices):  # the body takes both forms
+        return _direct.run_mutating(_ssu_run, state, *args, dt_softplus, state_batch_indices)
+    if three_d:  # the op's schema is the head form: H = 1 (views: the state is updated through them)
+        args = tuple(None if t is None else t.unsqueeze(0 if k in (3, 6, 8) else 1) for k, t in enumerate(args))
     with torch.no_grad():  # no backward (see Returns)
-        if three_d:  # the head form with H = 1 (views: the state is updated through them)
-            up = (lambda t: None if t is None else t.unsqueeze(1))
-            out = torch.ops.fastnn.selective_state_update(
-                state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0), up(B), up(C),
-                None if D is None else D.unsqueeze(0), up(z), None if dt_bias is None else dt_bias.unsqueeze(0),
-                dt_softplus, state_batch_indices)
-            return out.squeeze(1)
-        return torch.ops.fastnn.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
-                                                       state_batch_indices)
+        out = torch.ops.fastnn.selective_state_update(*args, dt_softplus, state_batch_indices)
+    return out.squeeze(1) if three_d else out

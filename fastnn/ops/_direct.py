@@ -1,0 +1,42 @@
+"""A short way from a public function to its op's body, for ops whose calls are small and frequent (the
+decode steps): torch.library's dispatch of a custom op costs ~15-20 us of host time a call (its
+ADInplaceOrView, autograd and backend layers run in Python), several times the kernel of one decode step.
+
+When nothing could observe the difference, the public function runs the op's body itself: plain eager
+execution on plain tensors, with no torch.compile / export / jit tracing, no Python dispatch mode (fake,
+proxy, functional, flop counters), no functorch transform (vmap, grad). In every other case it calls the
+custom op, which then runs the same body.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def plain_eager(*tensors: Optional[Tensor]) -> bool:
+    """True when a call with these tensors (None for an absent optional) may skip the custom op's dispatch
+    and run its body directly: the dispatcher would reach the same body and nothing would record the call."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
+            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True
+
+
+def run_mutating(body: Callable, mutated: Tensor, *args):
+    """body(*args) without grad recording, as the custom op's no-grad call would run it, then the version
+    counter of `mutated` (the tensor the body updates in place) moved on as the op's in-place dispatch
+    moves it, so that autograd still notices a saved tensor that changed."""
+    grad = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        return body(*args)
+    finally:
+        torch._C._set_grad_enabled(grad)
+        torch.autograd.graph.increment_version(mutated)
