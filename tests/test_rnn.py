@@ -844,6 +844,57 @@ def test_kernel_rejects_strided_weights():
                                   a["c0"], y, gates.t().contiguous().t(), aux, r, False, True, True)
 
 
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ backend is not under test")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode,proj,reverse,lengths", [("lstm", 0, False, [1, 1, 1]), ("gru", 0, True, [1, 1]),
+                                                       ("lstm", 0, False, [6, 4, 4, 1]), ("lstm", 7, True, [6, 4, 4, 1]),
+                                                       ("gru", 0, True, [6, 4, 4, 1])])
+def test_kernel_backward_without_dh0(dtype, mode, proj, reverse, lengths):
+    """want_dh0=False (h0 needs no gradient): dh0 comes back empty, the C++ kernel skipping the product that only
+    feeds it, and every other gradient is bitwise the want_dh0=True call's (one step, packed, reverse)."""
+    from fastnn._backend import _C
+    a = _layer_args(mode, dtype, proj, lengths)
+    fwd = (a["x"], a["batch_sizes"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["w_hr"], a["h0"], a["c0"], reverse)
+    y, h, c, gates, aux, r = _C.rnn_layer_forward_cpu(mode, *fwd, True)
+    grads_in = (torch.randn_like(y), torch.randn_like(h), torch.randn_like(c) if mode == "lstm" else None)
+    bwd = lambda want_dh0: _C.rnn_layer_backward_cpu(mode, *grads_in, *fwd[:-1], y, gates, aux, r, reverse,  # noqa: E731
+                                                     True, True, want_dh0)
+    full, part = bwd(True), bwd(False)
+    assert full[6].shape == a["h0"].shape and part[6].numel() == 0
+    for i in (0, 1, 2, 3, 4, 5, 7):
+        assert torch.equal(full[i], part[i]), i
+
+
+@pytest.mark.parametrize("mode", ["lstm_cell", "gru_cell", "lstm", "gru"])
+def test_direct_calls_equal_the_op(mode, monkeypatch):
+    """In plain eager mode _layer runs the op's body (inference) or an autograd.Function around it (training)
+    without torch.library's dispatch (fastnn/ops/_direct.py): outputs and every gradient must be bitwise the
+    custom op's, with h0 needing a gradient and without."""
+    results = []
+    for direct in (True, False):
+        monkeypatch.setattr(rnn_ops._direct, "plain_eager", (lambda *a: True) if direct else (lambda *a: False))
+        torch.manual_seed(7)
+        cls = {"lstm_cell": fastnn.nn.LSTMCell, "gru_cell": fastnn.nn.GRUCell, "lstm": fastnn.nn.LSTM,
+               "gru": fastnn.nn.GRU}[mode]
+        m = cls(6, 10)
+        x = torch.randn(5, 3, 6) if mode in ("lstm", "gru") else torch.randn(3, 6)
+        x.requires_grad_()
+        got = []
+        for h_grad in (True, False):
+            h = torch.randn(1, 3, 10) if mode in ("lstm", "gru") else torch.randn(3, 10)
+            h.requires_grad_(h_grad)
+            state = (h, torch.randn_like(h)) if mode.startswith("lstm") else h
+            first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731 (GRUCell: h alone)
+            out = first(m(x, state))
+            leaves = [x, *m.parameters()] + ([h] if h_grad else [])
+            got += [out.detach(), *torch.autograd.grad(out.square().sum(), leaves)]
+            with torch.no_grad():
+                got.append(first(m(x, state)))
+        results.append(got)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_empty_batch(mode):
     """An empty batch runs and backpropagates (zero parameter gradients, as torch.nn's); no time step is refused."""

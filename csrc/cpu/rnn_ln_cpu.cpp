@@ -108,7 +108,7 @@ std::vector<Tensor> forward_impl(const PackedSteps& S, int64_t H, const Tensor& 
     });
   });
 
-  const StepGemm recurrent(w_hh, B);
+  const StepGemm recurrent(w_hh, B, S.T);
   Tensor y = new_output({rows, H}, opt);
   Tensor h = h0.clone(), c = c0.clone();
   // training keeps every step's recurrent projection and cell for the backward; inference one step's
@@ -226,7 +226,8 @@ std::vector<Tensor> backward_impl(const PackedSteps& S, int64_t H, const Tensor&
   Tensor d_cell_norm = new_output({rows, H}, opt);
   Tensor dh = dh_n.clone(), dc = dc_n.clone();  // the gradients reaching the state of the step being walked
   Tensor dh_rec = at::empty({B, H}, opt);
-  const StepGemm recurrent(w_hh.t().contiguous(), B);  // StepGemm computes a @ w^T: this gives d_h_proj @ W_hh
+  // StepGemm computes a @ w^T: this gives d_h_proj @ W_hh
+  const StepGemm recurrent(S.T > 1 ? w_hh.t().contiguous() : w_hh.t(), B, S.T);
 
   const T* dy_p = ptr<T>(dy);
   T* dh_p = ptr<T>(dh);

@@ -123,9 +123,15 @@ struct PackedSteps {
 // `m` rows and steps with m rows run on it: at B=32, H=512 that is 365 us a step against 446 us for
 // at::mm, which packs w again on every call (measured here). Other row counts (the tail steps of a packed
 // batch; MKL's packed GEMM is ~7x slower there) and float64 use at::mm on a contiguous w^T.
+// uses: how many products the caller will run. With one (a one-step layer: a cell) neither the packing nor
+// the copy of w^T pays for itself: a plain at::mm on w as it is.
 class StepGemm {
  public:
-  StepGemm(const Tensor& w, int64_t m) : w_(w), m_(m) {
+  StepGemm(const Tensor& w, int64_t m, int64_t uses) : w_(w), m_(m) {
+    if (uses <= 1) {
+      w_t_ = w.t();
+      return;
+    }
     if (w.scalar_type() == at::kFloat && m > 0) {
       static const auto reorder = c10::Dispatcher::singleton().findSchema({"mkl::_mkl_reorder_linear_weight", ""});
       static const auto linear = c10::Dispatcher::singleton().findSchema({"mkl::_mkl_linear", ""});

@@ -12,7 +12,8 @@
 //   the last three are the backward's workspace: gates (rows, G H) activated (LSTM i f g o; GRU r z n),
 //   aux (rows, H) the cell c of each step (LSTM) or h W_hn^T + b_hn (GRU), r (rows, H) = o tanh(c) when
 //   projecting; otherwise empty.
-// rnn_layer_backward -> [dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0], empty where not wanted or absent.
+// rnn_layer_backward -> [dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0], empty where not wanted (want_dx,
+// want_dweights, want_dh0) or absent.
 //   Weight gradients are one GEMM each over all steps, after the recurrence.
 #pragma once
 #include <torch/extension.h>
@@ -41,7 +42,8 @@ std::vector<at::Tensor> rnn_layer_backward(const std::string& mode, const at::Te
                                            const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0,
                                            const c10::optional<at::Tensor>& c0, const at::Tensor& y,
                                            const at::Tensor& gates, const at::Tensor& aux, const at::Tensor& r,
-                                           bool reverse, bool want_dx, bool want_dweights);
+                                           bool reverse, bool want_dx, bool want_dweights,
+                                           bool want_dh0 = true);
 // Persistent forward (csrc/cuda/rnn_persistent_*): its plan, and its CPU emulation for the tests.
 std::tuple<bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> rnn_persistent_plan(const std::string& mode,
                                                                                            int64_t hidden_size,
@@ -89,7 +91,7 @@ inline void register_rnn(pybind11::module& m) {
         py::arg("mode"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("x"), py::arg("batch_sizes"),
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"), py::arg("h0"),
         py::arg("c0"), py::arg("y"), py::arg("gates"), py::arg("aux"), py::arg("r"), py::arg("reverse"),
-        py::arg("want_dx"), py::arg("want_dweights"));
+        py::arg("want_dx"), py::arg("want_dweights"), py::arg("want_dh0") = true);
   m.def("rnn_persistent_plan", &cpu::rnn_persistent_plan,
         "The persistent forward's (or backward's) plan -> (fits, units per block, blocks, k-slices, weights per "
         "thread, rows per pass, shared bytes)",

@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .._backend import _C, pick
 from ..reference import rnn as ref
-from . import _checks
+from . import _checks, _direct
 
 _PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton",)}
 RNN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,7 +54,7 @@ def _forward_reference(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c
 
 
 def _backward_reference(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux,
-                        r, reverse, want_dx, want_dweights):
+                        r, reverse, want_dx, want_dweights, want_dh0=True):
     names = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
     given = dict(zip(names, (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)))
     keys = [k for k in names if given[k] is not None]
@@ -91,6 +91,8 @@ def _bf16_native(x, w_ih, w_hh, w_hr) -> bool:
 def _forward_cpp(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, train):
     """fp16 / bf16 run in float32 (bf16 layers with bf16 operands where BF16_NATIVE allows): y, h_n, c_n are
     rounded back, the workspace stays float32."""
+    if x.dtype not in (torch.float16, torch.bfloat16):  # float32 / float64: as they are
+        return _C.rnn_layer_forward_cpu(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, train)
     native = _bf16_native(x, w_ih, w_hh, w_hr)
     x_in, w_ih_in, w_hh_in = (x, w_ih, w_hh) if native else _lift([x, w_ih, w_hh])
     y, h, c, *workspace = _C.rnn_layer_forward_cpu(mode, x_in, batch_sizes, w_ih_in, w_hh_in,
@@ -99,15 +101,18 @@ def _forward_cpp(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, rev
 
 
 def _backward_cpp(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
-                  reverse, want_dx, want_dweights):
+                  reverse, want_dx, want_dweights, want_dh0=True):
     """The bf16 path (x, w_ih, w_hh and y kept in bf16) where the forward's would run, else float32."""
+    if x.dtype not in (torch.float16, torch.bfloat16):  # float32 / float64: as they are
+        return _C.rnn_layer_backward_cpu(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y,
+                                         gates, aux, r, reverse, want_dx, want_dweights, want_dh0)
     native = _bf16_native(x, w_ih, w_hh, w_hr) and y.dtype == torch.bfloat16
     x_in, w_ih_in, w_hh_in, y_in = (x, w_ih, w_hh, y) if native else _lift([x, w_ih, w_hh, y])
     dy_in, dh_in, dc_in, b_ih_in, b_hh_in, w_hr_in, h0_in, c0_in, gates_in, aux_in, r_in = _lift(
         [dy, dh_n, dc_n, b_ih, b_hh, w_hr, h0, c0, gates, aux, r])
     grads = _C.rnn_layer_backward_cpu(mode, dy_in, dh_in, dc_in, x_in, batch_sizes, w_ih_in, w_hh_in, b_ih_in,
                                       b_hh_in, w_hr_in, h0_in, c0_in, y_in, gates_in, aux_in, r_in, reverse, want_dx,
-                                      want_dweights)
+                                      want_dweights, want_dh0)
     return [g.to(dy.dtype) for g in grads]
 
 
@@ -159,7 +164,7 @@ def _forward_triton(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, 
 
 
 def _backward_triton(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
-                     reverse, want_dx, want_dweights):
+                     reverse, want_dx, want_dweights, want_dh0=True):
     if _persistent_takes(mode, x, w_hh, w_hr, h0):
         # the recurrence in one persistent launch; the weight gradients as one GEMM each after it
         rec = _C.rnn_layer_backward_persistent_cuda(mode, dy, dh_n, dc_n, batch_sizes, w_hh, h0, c0, y, gates,
@@ -189,6 +194,11 @@ def _layer_forward_op(mode: str, x: Tensor, batch_sizes: Tensor, w_ih: Tensor, w
                       b_hh: Optional[Tensor], w_hr: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], reverse: bool,
                       train: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y (rows, P), h_n (B, P), c_n (B, H) or empty, and the backward's workspace gates, aux, r)."""
+    return _layer_forward_body(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, train)
+
+
+def _layer_forward_body(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, train):
+    """The rnn_layer_forward op's body (the op, or _layer's direct call: ._direct)."""
     impl = _pick("rnn_layer", x, _FORWARD_IMPLS)
     return tuple(impl(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, train))
 
@@ -215,28 +225,38 @@ def _layer_forward_fake(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, 
 def _layer_backward_op(mode: str, dy: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], x: Tensor, batch_sizes: Tensor,
                        w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
                        w_hr: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], y: Tensor, gates: Tensor, aux: Tensor,
-                       r: Tensor, reverse: bool, want_dx: bool,
-                       want_dweights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       r: Tensor, reverse: bool, want_dx: bool, want_dweights: bool,
+                       want_dh0: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0); an empty tensor where not wanted or absent."""
+    return _layer_backward_body(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates,
+                                aux, r, reverse, want_dx, want_dweights, want_dh0)
+
+
+def _layer_backward_body(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
+                         reverse, want_dx, want_dweights, want_dh0=True):
+    """The rnn_layer_backward op's body (the op, or _backward's direct call)."""
     # The backward of the forward that made the workspace: an empty one comes from the reference's forward,
     # whose backward recomputes the layer instead of reading it.
     impl = _backward_reference if gates.numel() == 0 else _pick("rnn_layer_backward", x, _BACKWARD_IMPLS)
     got = list(impl(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
-                    reverse, want_dx, want_dweights))
-    # the reference differentiates everything: drop what was not asked for, as the kernels do
+                    reverse, want_dx, want_dweights, want_dh0))
+    # the reference differentiates everything: drop what was not asked for, as the kernels do (dh0: the C++
+    # kernel's skips the GEMM that only feeds it; the others compute it)
     if not want_dx:
         got[0] = None
     if not want_dweights:
         got[1:6] = [None] * 5
+    if not want_dh0:
+        got[6] = None
     return tuple(_empty(x) if g is None else g for g in got)
 
 
 @_layer_backward_op.register_fake
 def _layer_backward_fake(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
-                         reverse, want_dx, want_dweights):
+                         reverse, want_dx, want_dweights, want_dh0=True):
     like = lambda t, on: torch.empty_like(t) if (t is not None and on) else _empty(x)  # noqa: E731
     return (like(x, want_dx), like(w_ih, want_dweights), like(w_hh, want_dweights), like(b_ih, want_dweights),
-            like(b_hh, want_dweights), like(w_hr, want_dweights), torch.empty_like(h0), like(c0, True))
+            like(b_hh, want_dweights), like(w_hr, want_dweights), like(h0, want_dh0), like(c0, True))
 
 
 _FORWARD_ARGS = ("mode", "x", "batch_sizes", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0", "reverse", "train")
@@ -266,9 +286,14 @@ def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
     want_dweights = any(need[3:8])
     # create_graph=True (double backward): the reference's torch.func.vjp, called directly rather than through
     # the op, gives gradients that are differentiable themselves (at reference speed)
-    backward = _backward_reference if torch.is_grad_enabled() else torch.ops.fastnn.rnn_layer_backward
+    if torch.is_grad_enabled():
+        backward = _backward_reference
+    elif _direct.plain_eager(dy, dh_n, dc_n, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r):
+        backward = _layer_backward_body
+    else:
+        backward = torch.ops.fastnn.rnn_layer_backward
     grads = backward(ctx.mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
-                     ctx.reverse, need[1], want_dweights)
+                     ctx.reverse, need[1], want_dweights, need[8])
     dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0 = grads
     keep = lambda g, i: g if need[i] else None  # noqa: E731
     return (None, keep(dx, 1), None, keep(dw_ih, 3), keep(dw_hh, 4), keep(db_ih, 5), keep(db_hh, 6), keep(dw_hr, 7),
@@ -276,6 +301,19 @@ def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
 
 
 _layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LayerFunction(torch.autograd.Function):
+    """rnn_layer_forward's autograd for _layer's direct calls in plain eager mode (._direct): the op's body,
+    setup_context and backward, without torch.library's dispatch (~20 us a call: a cell step is ~15 us of
+    kernel at small sizes)."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _layer_forward_body(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 # ---------------------------------------------------------------- validation
@@ -303,11 +341,11 @@ def _check_layer_weights(mode: str, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[T
     for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
         if b is not None:
             _checks.tensor(b, f"{where}{name}", dtypes=RNN_DTYPES, shape=(G * H,))
+    device, dtype = w_ih.device, w_ih.dtype
     for name, t in (("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh), ("w_hr", w_hr)):
-        if t is not None:
+        if t is not None and (t.device != device or t.dtype != dtype):  # (names formatted on failure only)
             _checks.same_device(f"{where}w_ih", w_ih, **{f"{where}{name}": t})
-            if t.dtype != w_ih.dtype:
-                raise TypeError(f"{where}{name} has dtype {t.dtype} but {where}w_ih has {w_ih.dtype}; expected one dtype")
+            raise TypeError(f"{where}{name} has dtype {t.dtype} but {where}w_ih has {w_ih.dtype}; expected one dtype")
     return w_ih.shape[1], H, P
 
 
@@ -351,9 +389,13 @@ def _layer(mode: str, x: Tensor, batch_sizes: Tensor, w_ih: Tensor, w_hh: Tensor
         y, h, c = empty_batch_outputs(x, h0, c0, tensors)
         return y, h, (c if mode == "lstm" else None)
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, h, c, *_ = torch.ops.fastnn.rnn_layer_forward(mode, x.contiguous(), batch_sizes, w_ih.contiguous(),
-                                                     w_hh.contiguous(), _contig(b_ih), _contig(b_hh), _contig(w_hr),
-                                                     h0.contiguous(), _contig(c0), reverse, train)
+    args = (mode, x.contiguous(), batch_sizes, w_ih.contiguous(), w_hh.contiguous(), _contig(b_ih), _contig(b_hh),
+            _contig(w_hr), h0.contiguous(), _contig(c0), reverse, train)
+    if not _direct.plain_eager(batch_sizes, *tensors):
+        run = torch.ops.fastnn.rnn_layer_forward
+    else:  # nothing to record without train: the body itself
+        run = _LayerFunction.apply if train else _layer_forward_body
+    y, h, c, *_ = run(*args)
     return y, h, (c if mode == "lstm" else None)
 
 
@@ -400,22 +442,41 @@ def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
             raise _checks.SizeMismatchError(f"{name} must have shape {(B, H) if batched else (H,)} for input "
                                             f"{tuple(input.shape)} and hidden_size {H}; got {tuple(s.shape)}")
     dtype = _compute_dtype(x, w_ih, cell=True, states=states or [None])
-    x = x.to(dtype)
-    w_ih, w_hh, b_ih, b_hh = [None if w is None else w.to(dtype) for w in (w_ih, w_hh, b_ih, b_hh)]
-    states = [(s if batched else s.unsqueeze(0)).to(dtype) for s in states]
+    # (a cell step is small: each no-op .to costs ~1 us, an autocast context ~5 us, torch.tensor ~3 us)
+    to = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+    x, w_ih, w_hh, b_ih, b_hh = to(x), to(w_ih), to(w_hh), to(b_ih), to(b_hh)
+    states = [to(s if batched else s.unsqueeze(0)) for s in states]
     if not states:
         states = [x.new_zeros(B, H, dtype=dtype) for _ in range(2 if mode == "lstm" else 1)]
     if H == 0:  # nothing to compute (ATen's GEMM would have MKL print an error about the empty weights);
         # (B, 0) slices of x, so that a backward through them reaches x as torch.nn's does
         h, c = x[:, :0].clone(), (x[:, :0].clone() if mode == "lstm" else None)
     else:
-        with autocast_off(x.device.type):
-            y, h, c = _layer(mode, x, torch.tensor([B], dtype=torch.int64), w_ih, w_hh, b_ih, b_hh, None, states[0],
-                             states[1] if mode == "lstm" else None, False)
+        step = lambda: _layer(mode, x, _one_step(B), w_ih, w_hh, b_ih, b_hh, None, states[0],  # noqa: E731
+                              states[1] if mode == "lstm" else None, False)
+        if autocast_on(x.device.type):
+            with autocast_off(x.device.type):
+                y, h, c = step()
+        else:
+            y, h, c = step()
     if not batched:
         h = h.squeeze(0)
         c = None if c is None else c.squeeze(0)
     return (h, c) if mode == "lstm" else h
+
+
+_ONE_STEP: dict = {}
+
+
+def _one_step(batch: int) -> Tensor:
+    """batch_sizes of a one-step layer of `batch` rows (a cell), made once per batch size: the kernels only
+    read it."""
+    sizes = _ONE_STEP.get(batch)
+    if sizes is None or torch.compiler.is_compiling():
+        sizes = torch.tensor([batch], dtype=torch.int64)
+        if not torch.compiler.is_compiling():
+            _ONE_STEP[batch] = sizes
+    return sizes
 
 
 def autocast_on(device_type: str) -> bool:
