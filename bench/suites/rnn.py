@@ -13,6 +13,8 @@
   padded batch holding as many tokens (the issue's "no slower than padded of the same total length"; timed
   over more pairs, the ratio being near 1), on the batch padded to its longest sequence, and against
   torch.nn on the same PackedSequence.
+  cells: one step of fastnn.nn.LSTMCell / GRUCell against torch.nn's, as a decoder loop calls them (a small
+  shape, where the host time of a call weighs, and a larger one).
 """
 from __future__ import annotations
 
@@ -121,6 +123,50 @@ def cases(device: str, quick: bool):
     if device == "cpu":
         out += _cpu_bf16_cases(quick)
     out += _packed_cases(device, dtype, quick)
+    out += _cell_cases(device, dtype, quick)
+    return out
+
+
+def _cell_step(module, x, state, backward: bool):
+    """One cell step as a decoder loop runs it: h (inference, no_grad), or h's backward of a fixed random
+    gradient with respect to the input and every parameter (returns the input's gradient)."""
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731 (GRUCell returns h alone)
+    leaf = x.detach().clone().requires_grad_()
+    dout = torch.randn(x.shape[0], module.hidden_size, generator=torch.Generator().manual_seed(1)).to(x)
+
+    def call():
+        if not backward:
+            with torch.no_grad():
+                return first(module(x, state))
+        module.zero_grad(set_to_none=True)
+        leaf.grad = None
+        first(module(leaf, state)).backward(dout)
+        return leaf.grad
+    return call
+
+
+def _cell_cases(device, dtype, quick):
+    """fastnn.nn.LSTMCell / GRUCell against torch.nn's, one step per call: a small shape, where the host time of
+    a call weighs (a decoder loop's), and a larger one, where the GEMMs do."""
+    dname = str(dtype).replace("torch.", "")
+    tol = _close(1e-3) if dtype == torch.float32 else _close(5e-2)
+    out = []
+    for kind in ("LSTMCell", "GRUCell"):
+        for B, H in ((4, 64),) if quick else ((4, 64), (32, 512)):
+            torch.manual_seed(0)
+            theirs = getattr(torch.nn, kind)(H, H).to(device, dtype)
+            ours = getattr(fastnn.nn, kind)(H, H).to(device, dtype)
+            ours.load_state_dict(theirs.state_dict())
+            x = torch.randn(B, H, device=device, dtype=dtype)
+            h = torch.randn(B, H, device=device, dtype=dtype)
+            state = (h, torch.randn_like(h)) if kind == "LSTMCell" else h
+            flops = 2 * B * (4 if kind == "LSTMCell" else 3) * H * 2 * H
+            shape = f"B={B},H={H},I={H}"
+            for backward in (False, True):
+                out.append(Case("rnn", f"{kind} step {'fwd+bwd' if backward else 'fwd'}", shape, dname,
+                                _cell_step(ours, x, state, backward), f"torch.nn.{kind}",
+                                _cell_step(theirs, x, state, backward), metric="TFLOP/s",
+                                work=(3 if backward else 1) * flops, check=tol))
     return out
 
 
