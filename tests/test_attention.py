@@ -519,6 +519,20 @@ def test_decode_matches_flash_attention(backend, lq, hkv, causal, window, softca
             torch.testing.assert_close(lse[b:b + 1], l1, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_decode_direct_call_equals_the_op(backend, monkeypatch):
+    """In plain eager mode attention_decode runs the op's body without torch.library's dispatch
+    (fastnn/ops/_direct.py): bitwise the op's outputs."""
+    q, kc, vc = torch.randn(2, 1, 4, 64), torch.randn(2, 9, 2, 64), torch.randn(2, 9, 2, 64)
+    lens = torch.tensor([9, 4], dtype=torch.int64)
+    call = lambda q, kc, vc, lens: ops.attention_decode(q, kc, vc, lens, causal=True, return_lse=True)  # noqa: E731
+    with fastnn.use_backend(backend):
+        direct = call(q, kc, vc, lens)
+        monkeypatch.setattr(attn_ops._direct, "plain_eager", lambda *a: False)
+        via_op = call(q, kc, vc, lens)
+    assert all(torch.equal(a, b) for a, b in zip(direct, via_op))
+
+
 @pytest.mark.parametrize("lq,hkv,causal,window", [(1, 2, False, (-1, -1)), (3, 2, True, (-1, -1)),
                                                   (2, 1, True, (700, 0)), (1, 8, False, (-1, -1))])
 def test_cpp_decode_shaped_float32_matches_reference(lq, hkv, causal, window):

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._backend import _C, forced_backend, pick
 from ..reference import attention as ref
-from . import _checks
+from . import _checks, _direct
 
 _log = logging.getLogger("fastnn")
 _PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton",)}
@@ -176,7 +176,10 @@ def _decode_cpp(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left,
                                         softcap, window_left, window_right, True, 0.0, 0)
     # A NaN or +inf score (from a non-finite key; NaN or inf in v reaches the output by itself) leaves its
     # row's lse NaN or -inf in the kernel, where torch's math gives NaN: such a row that has keys to see
-    # reruns the call on the reference. (A row that sees no key has lse -inf legitimately.)
+    # reruns the call on the reference. (A row that sees no key has lse -inf legitimately.) All finite, the
+    # common case, is one reduction.
+    if bool(lse.isfinite().all()):
+        return out, lse
     suspect = lse.isnan() | ((lse == -math.inf) & _decode_rows_see_keys(cache_seqlens, q.shape[1], window_left,
                                                                         window_right).unsqueeze(1))
     if bool(suspect.any()):
@@ -323,6 +326,12 @@ _attention_forward_op.register_autograd(_forward_backward, setup_context=_forwar
 def _attention_decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
                          softcap: float, window_left: int, window_right: int,
                          num_splits: int) -> Tuple[Tensor, Tensor]:
+    return _attention_decode_body(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, window_right,
+                                  num_splits)
+
+
+def _attention_decode_body(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, window_right, num_splits):
+    """The attention_decode op's body (the op, or attention_decode's direct call in plain eager mode: ._direct)."""
     B, Lq, H, _ = q.shape
     if q.numel() == 0 or k_cache.shape[1] == 0 or v_cache.shape[-1] == 0:
         return (q.new_zeros(B, Lq, H, v_cache.shape[-1]),
@@ -609,8 +618,9 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = automatic); got {num_splits!r}")
     left, right = _window_pair(window, bool(causal))
-    out, lse = torch.ops.fastnn.attention_decode(q.detach(), k_cache.detach(), v_cache.detach(),
-                                                 cache_seqlens.to(torch.int32).contiguous(),
-                                                 _scale_value(scale, q.shape[-1]), _softcap_value(softcap), left,
-                                                 right, int(num_splits))
+    seqlens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
+    args = (q.detach(), k_cache.detach(), v_cache.detach(), seqlens.contiguous(), _scale_value(scale, q.shape[-1]),
+            _softcap_value(softcap), left, right, int(num_splits))
+    run = _attention_decode_body if _direct.plain_eager(*args[:4]) else torch.ops.fastnn.attention_decode
+    out, lse = run(*args)
     return (out, lse) if return_lse else out
