@@ -520,6 +520,33 @@ def test_decode_matches_flash_attention(backend, lq, hkv, causal, window, softca
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_forward_direct_calls_equal_the_op(backend, monkeypatch):
+    """In plain eager mode flash_attention and scaled_dot_product_attention run the attention_forward op's body,
+    through an autograd.Function with the op's setup_context and backward when a gradient is wanted
+    (fastnn/ops/_direct.py): outputs and gradients (q, k, v, bias) bitwise the op's, dropout included."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 6, 4, 32, generator=g) for _ in range(3))
+    bias = torch.randn(2, 4, 6, 6, generator=g)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        torch.manual_seed(3)  # the dropout seed
+        o1 = ops.flash_attention(*leaves[:3], bias=leaves[3], causal=True, dropout_p=0.25)
+        o2 = ops.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves[:3]), is_causal=True)
+        with torch.no_grad():
+            o3 = ops.flash_attention(q, k, v, causal=True)
+        grads = torch.autograd.grad(o1.square().sum() + o2.square().sum(), leaves)
+        return [o1.detach(), o2.detach(), o3, *grads]
+
+    with fastnn.use_backend(backend):
+        direct = run()
+        monkeypatch.setattr(attn_ops._direct, "plain_eager", lambda *a: False)
+        via_op = run()
+    for a, b in zip(direct, via_op):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_decode_direct_call_equals_the_op(backend, monkeypatch):
     """In plain eager mode attention_decode runs the op's body without torch.library's dispatch
     (fastnn/ops/_direct.py): bitwise the op's outputs."""

@@ -237,6 +237,13 @@ def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optiona
                           max_seqlen_k: int, bias: Optional[Tensor], scale: float, softcap: float,
                           window_left: int, window_right: int, bottom_right: bool, dropout_p: float,
                           seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return _attention_forward_body(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bias,
+                                   scale, softcap, window_left, window_right, bottom_right, dropout_p, seed)
+
+
+def _attention_forward_body(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bias, scale,
+                            softcap, window_left, window_right, bottom_right, dropout_p, seed):
+    """The attention_forward op's body (the op, or _run_forward's direct call: ._direct)."""
     B, Lq, H, _ = q.shape
     if cu_seqlens_q is not None:
         _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, Lq, k.shape[1])
@@ -268,6 +275,15 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                            seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias); dbias is the full (B, H, Lq, Lk) gradient in the bias dtype, or an empty
     tensor when bias_requires_grad is False."""
+    return _attention_backward_body(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                                    max_seqlen_k, bias, bias_requires_grad, scale, softcap, window_left, window_right,
+                                    bottom_right, dropout_p, seed)
+
+
+def _attention_backward_body(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                             max_seqlen_k, bias, bias_requires_grad, scale, softcap, window_left, window_right,
+                             bottom_right, dropout_p, seed):
+    """The attention_backward op's body (the op, or _forward_backward's direct call)."""
     want_dbias = bias_requires_grad and bias is not None and bias.dtype != torch.bool
     if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[1] == 0 or v.shape[-1] == 0:
         dbias = torch.zeros_like(bias) if want_dbias else q.new_empty(0)
@@ -310,7 +326,8 @@ def _forward_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, used_k, bias, seed = ctx.saved_tensors
     max_q, max_k, scale, softcap, wl, wr, br, p = ctx.params
     bias_grad = bool(ctx.needs_input_grad[_BIAS_INDEX])
-    dq, dk, dv, dbias = torch.ops.fastnn.attention_backward(
+    direct = _direct.plain_eager(dout, q, k, v, out, lse, cu_q, cu_k, used_k, bias, seed)
+    dq, dk, dv, dbias = (_attention_backward_body if direct else torch.ops.fastnn.attention_backward)(
         dout, q, k, v, out, lse, cu_q, cu_k, used_k, max_q, max_k, bias, bias_grad, scale, softcap, wl, wr, br, p,
         seed)
     grads = [dq, dk, dv] + [None] * (len(_FORWARD_ARGS) - 3)
@@ -320,6 +337,29 @@ def _forward_backward(ctx, dout, dlse):
 
 
 _attention_forward_op.register_autograd(_forward_backward, setup_context=_forward_setup_context)
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """attention_forward's autograd for direct calls in plain eager mode (._direct): the op's body,
+    setup_context and backward without torch.library's dispatch."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _attention_forward_body(*inputs)
+
+    setup_context = staticmethod(_forward_setup_context)
+    backward = staticmethod(_forward_backward)
+
+
+def _run_forward(*args) -> Tuple[Tensor, Tensor]:
+    """attention_forward(*args): the op, or in plain eager mode its body (an autograd.Function when a gradient
+    is wanted), which spares small calls ~20 us of dispatch."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if not _direct.plain_eager(*tensors):
+        return torch.ops.fastnn.attention_forward(*args)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _AttentionFunction.apply(*args)
+    return _attention_forward_body(*args)
 
 
 @torch.library.custom_op("fastnn::attention_decode", mutates_args=())
@@ -522,9 +562,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, wi
         _fits_int32(seqused_k, "seqused_k")
         used = seqused_k.to(torch.int32).contiguous()
     b4 = None if bias is None else _bias_for(bias, q, (q.shape[0], H, q.shape[1], k.shape[1]), "bias")
-    out, lse = torch.ops.fastnn.attention_forward(q4, k4, v4, cu_q, cu_k, used, int(max_seqlen_q),
-                                                  int(max_seqlen_k), b4, s, sc, left, right, True, p,
-                                                  _draw_seed(p))
+    out, lse = _run_forward(q4, k4, v4, cu_q, cu_k, used, int(max_seqlen_q), int(max_seqlen_k), b4, s, sc, left, right,
+                            True, p, _draw_seed(p))
     if varlen:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out
@@ -577,8 +616,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if attn_mask is not None:
         full = _bias_for(attn_mask, query, (*lead, Hq, L, S), "attn_mask")
         b4 = full.reshape(B, Hq, L, S)
-    out, _ = torch.ops.fastnn.attention_forward(q4, k4, v4, None, None, None, L, S, b4, s, 0.0, -1,
-                                                0 if is_causal else -1, False, p, _draw_seed(p))
+    out, _ = _run_forward(q4, k4, v4, None, None, None, L, S, b4, s, 0.0, -1, 0 if is_causal else -1, False, p,
+                          _draw_seed(p))
     return out.transpose(1, 2).reshape(*lead, Hq, L, value.shape[-1])
 
 
