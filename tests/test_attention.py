@@ -546,6 +546,23 @@ def test_forward_direct_calls_equal_the_op(backend, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_direct_calls_keep_the_ops_limits():
+    """What the direct calls (fastnn/ops/_direct.py) must not change: a double backward through attention raises
+    as the op's does (the body would return gradients without history, silently), and meta tensors get the
+    op's fake shapes (the body would read their data)."""
+    q, k, v = (torch.randn(1, 4, 2, 32, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    g, = torch.autograd.grad(ops.flash_attention(q, k, v).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        g.square().sum().backward()
+    qm, km, vm = (torch.empty(2, 1, 4, 32, device="meta"), torch.empty(2, 9, 2, 32, device="meta"),
+                  torch.empty(2, 9, 2, 32, device="meta"))
+    out = ops.attention_decode(qm, km, vm, torch.empty(2, dtype=torch.int32, device="meta"))
+    assert out.shape == (2, 1, 4, 32) and out.is_meta
+    cu = torch.empty(3, dtype=torch.int32, device="meta")
+    assert ops.flash_attention(qm[0], km[0], vm[0], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1,
+                               max_seqlen_k=9).is_meta
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_decode_direct_call_equals_the_op(backend, monkeypatch):
     """In plain eager mode attention_decode runs the op's body without torch.library's dispatch

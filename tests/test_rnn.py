@@ -895,6 +895,26 @@ def test_direct_calls_equal_the_op(mode, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_cells_across_inference_fake_and_symbolic_tracing():
+    """A cell call in one mode leaves nothing behind for the next: inference mode, then training; fake and
+    symbolic tracing (a symbolic batch size), then eager; eager gives the same numbers throughout."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    w_ih, w_hh = torch.randn(16, 3), torch.randn(16, 4)
+    x = torch.randn(5, 3)
+    want = rnn_ops.lstm_cell(x, None, w_ih, w_hh)
+    with torch.inference_mode():
+        rnn_ops.lstm_cell(x, None, w_ih, w_hh)
+    leaf = w_ih.clone().requires_grad_()
+    rnn_ops.lstm_cell(x, None, leaf, w_hh)[0].sum().backward()
+    assert leaf.grad is not None
+    for mode in ("fake", "symbolic"):
+        graph = str(make_fx(lambda *a: rnn_ops.lstm_cell(a[0], None, *a[1:]), tracing_mode=mode)(x, w_ih, w_hh).code)
+        assert "fastnn.rnn_layer_forward" in graph
+    got = rnn_ops.lstm_cell(x, None, w_ih, w_hh)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_empty_batch(mode):
     """An empty batch runs and backpropagates (zero parameter gradients, as torch.nn's); no time step is refused."""

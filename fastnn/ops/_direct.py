@@ -3,7 +3,7 @@ decode steps): torch.library's dispatch of a custom op costs ~15-20 us of host t
 ADInplaceOrView, autograd and backend layers run in Python), several times the kernel of one decode step.
 
 When nothing could observe the difference, the public function runs the op's body itself: plain eager
-execution on plain tensors, with no torch.compile / export / jit tracing, no Python dispatch mode (fake,
+execution on plain, non-meta tensors, with no torch.compile / export / jit tracing, no Python dispatch mode (fake,
 proxy, functional, flop counters), no functorch transform (vmap, grad). In every other case it calls the
 custom op, which then runs the same body.
 """
@@ -23,8 +23,8 @@ def plain_eager(*tensors: Optional[Tensor]) -> bool:
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
             or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
         return False
-    for t in tensors:
-        if t is not None and type(t) not in _PLAIN:
+    for t in tensors:  # (meta tensors: the op's fake gives their shapes; a body may read data)
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
             return False
     return True
 

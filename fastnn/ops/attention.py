@@ -326,7 +326,10 @@ def _forward_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, used_k, bias, seed = ctx.saved_tensors
     max_q, max_k, scale, softcap, wl, wr, br, p = ctx.params
     bias_grad = bool(ctx.needs_input_grad[_BIAS_INDEX])
-    direct = _direct.plain_eager(dout, q, k, v, out, lse, cu_q, cu_k, used_k, bias, seed)
+    # (under create_graph the op path raises, having no double backward: the body would instead return
+    # gradients without history, silently)
+    direct = not torch.is_grad_enabled() and _direct.plain_eager(dout, q, k, v, out, lse, cu_q, cu_k, used_k, bias,
+                                                                 seed)
     dq, dk, dv, dbias = (_attention_backward_body if direct else torch.ops.fastnn.attention_backward)(
         dout, q, k, v, out, lse, cu_q, cu_k, used_k, max_q, max_k, bias, bias_grad, scale, softcap, wl, wr, br, p,
         seed)

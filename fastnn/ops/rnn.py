@@ -442,7 +442,7 @@ def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
             raise _checks.SizeMismatchError(f"{name} must have shape {(B, H) if batched else (H,)} for input "
                                             f"{tuple(input.shape)} and hidden_size {H}; got {tuple(s.shape)}")
     dtype = _compute_dtype(x, w_ih, cell=True, states=states or [None])
-    # (a cell step is small: each no-op .to costs ~1 us, an autocast context ~5 us, torch.tensor ~3 us)
+    # (a cell step is small: each no-op .to costs ~1 us, an autocast context ~5 us)
     to = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
     x, w_ih, w_hh, b_ih, b_hh = to(x), to(w_ih), to(w_hh), to(b_ih), to(b_hh)
     states = [to(s if batched else s.unsqueeze(0)) for s in states]
@@ -452,8 +452,10 @@ def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
         # (B, 0) slices of x, so that a backward through them reaches x as torch.nn's does
         h, c = x[:, :0].clone(), (x[:, :0].clone() if mode == "lstm" else None)
     else:
-        step = lambda: _layer(mode, x, _one_step(B), w_ih, w_hh, b_ih, b_hh, None, states[0],  # noqa: E731
-                              states[1] if mode == "lstm" else None, False)
+        # (batch_sizes made per call, on the CPU whatever the default device: a cached one would carry the
+        # mode it was made in, inference or fake, into later calls, and a symbolic batch cannot key a cache)
+        step = lambda: _layer(mode, x, torch.tensor([B], dtype=torch.int64, device="cpu"), w_ih, w_hh,  # noqa: E731
+                              b_ih, b_hh, None, states[0], states[1] if mode == "lstm" else None, False)
         if autocast_on(x.device.type):
             with autocast_off(x.device.type):
                 y, h, c = step()
@@ -463,20 +465,6 @@ def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
         h = h.squeeze(0)
         c = None if c is None else c.squeeze(0)
     return (h, c) if mode == "lstm" else h
-
-
-_ONE_STEP: dict = {}
-
-
-def _one_step(batch: int) -> Tensor:
-    """batch_sizes of a one-step layer of `batch` rows (a cell), made once per batch size: the kernels only
-    read it."""
-    sizes = _ONE_STEP.get(batch)
-    if sizes is None or torch.compiler.is_compiling():
-        sizes = torch.tensor([batch], dtype=torch.int64)
-        if not torch.compiler.is_compiling():
-            _ONE_STEP[batch] = sizes
-    return sizes
 
 
 def autocast_on(device_type: str) -> bool:
