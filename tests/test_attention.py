@@ -767,6 +767,23 @@ def test_multihead_attention_state_dict_self_attention_eval_and_unbatched():
         ours(u, u, u, key_padding_mask=pad[None])
 
 
+@pytest.mark.parametrize("layout", ["batch_first", "seq_first", "unbatched"])
+def test_multihead_attention_self_attention_projects_in_one_gemm(layout, monkeypatch):
+    """Self-attention (one tensor as query, key and value) runs one in-projection GEMM, as torch's, also when the
+    module first views the input (batch_first transposes it, unbatched input is unsqueezed); key is value, with
+    another query, two (query; key and value)."""
+    m = MultiheadAttention(32, 4, batch_first=layout == "batch_first").eval()
+    x = torch.randn(6, 32) if layout == "unbatched" else torch.randn(2, 6, 32)
+    y = torch.randn_like(x)
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append(a[1].shape[0]) or linear(*a, **k))
+    with torch.no_grad():
+        m(x, x, x, need_weights=False)
+        m(y, x, x, need_weights=False)
+    assert calls == [96, 32, 64, 32, 32]  # in-projection(s) (key and value first), then out_proj, each call
+
+
 def test_multihead_attention_training_dropout_is_seeded_and_scaled():
     ours = MultiheadAttention(16, 2, dropout=0.5)
     x = torch.randn(5, 2, 16)

@@ -25,6 +25,20 @@ def _additive(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
 
 
+def _same_views(query: Tensor, key: Tensor, value: Tensor, view):
+    """view() of query, key and value that keeps their identities: self-attention (one tensor three times) must
+    still be recognised by _project, which then runs one in-projection GEMM instead of three, as torch does."""
+    if key is value:
+        if query is key:
+            query = key = value = view(query)
+        else:
+            query, key = view(query), view(key)
+            value = key
+    else:
+        query, key, value = view(query), view(key), view(value)
+    return query, key, value
+
+
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """Drop-in for ``torch.nn.MultiheadAttention`` running fastnn's fused attention kernels.
 
@@ -51,14 +65,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise ValueError("query, key and value must all be 3-D (batched) or 2-D (unbatched); got "
                              f"{query.dim()}-D, {key.dim()}-D, {value.dim()}-D")
         if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            query, key, value = _same_views(query, key, value, lambda t: t.unsqueeze(1))
             if key_padding_mask is not None:
                 if key_padding_mask.dim() != 1:
                     raise ValueError("key_padding_mask must be 1-D (key length,) for unbatched input; got shape "
                                      f"{tuple(key_padding_mask.shape)}")
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif self.batch_first:  # work in (L, N, E), torch's internal layout
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+            query, key, value = _same_views(query, key, value, lambda t: t.transpose(0, 1))
         out, weights = self._attend(query, key, value, key_padding_mask, need_weights, attn_mask,
                                     average_attn_weights, is_causal)
         if not batched:
