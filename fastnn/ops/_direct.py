@@ -40,3 +40,23 @@ def run_mutating(body: Callable, mutated: Tensor, *args):
     finally:
         torch._C._set_grad_enabled(grad)
         torch.autograd.graph.increment_version(mutated)
+
+
+def autograd_function(body: Callable, setup_context: Callable, backward: Callable) -> type:
+    """A torch.autograd.Function that runs an op's body with the op's own setup_context and backward (those its
+    register_autograd was given): the direct call's path when a gradient is wanted."""
+    return type(f"{body.__name__}_function", (torch.autograd.Function,),
+                {"forward": staticmethod(lambda *inputs: body(*inputs)), "setup_context": staticmethod(setup_context),
+                 "backward": staticmethod(backward)})
+
+
+def call(op: Callable, body: Callable, function: Optional[type], *args):
+    """op(*args) (the custom op), or in plain eager mode body(*args) itself: through `function` (from
+    autograd_function) when grad mode is on and a tensor argument requires grad; `function` is None for an op
+    without autograd."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if not plain_eager(*tensors):
+        return op(*args)
+    if function is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return function.apply(*args)
+    return body(*args)

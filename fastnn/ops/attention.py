@@ -342,27 +342,13 @@ def _forward_backward(ctx, dout, dlse):
 _attention_forward_op.register_autograd(_forward_backward, setup_context=_forward_setup_context)
 
 
-class _AttentionFunction(torch.autograd.Function):
-    """attention_forward's autograd for direct calls in plain eager mode (._direct): the op's body,
-    setup_context and backward without torch.library's dispatch."""
-
-    @staticmethod
-    def forward(*inputs):
-        return _attention_forward_body(*inputs)
-
-    setup_context = staticmethod(_forward_setup_context)
-    backward = staticmethod(_forward_backward)
+_AttentionFunction = _direct.autograd_function(_attention_forward_body, _forward_setup_context, _forward_backward)
 
 
 def _run_forward(*args) -> Tuple[Tensor, Tensor]:
-    """attention_forward(*args): the op, or in plain eager mode its body (an autograd.Function when a gradient
-    is wanted), which spares small calls ~20 us of dispatch."""
-    tensors = [a for a in args if isinstance(a, Tensor)]
-    if not _direct.plain_eager(*tensors):
-        return torch.ops.fastnn.attention_forward(*args)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _AttentionFunction.apply(*args)
-    return _attention_forward_body(*args)
+    """attention_forward(*args): the op, or in plain eager mode its body (._direct), which spares small calls
+    ~20 us of dispatch."""
+    return _direct.call(torch.ops.fastnn.attention_forward, _attention_forward_body, _AttentionFunction, *args)
 
 
 @torch.library.custom_op("fastnn::attention_decode", mutates_args=())
@@ -663,6 +649,5 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     seqlens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
     args = (q.detach(), k_cache.detach(), v_cache.detach(), seqlens.contiguous(), _scale_value(scale, q.shape[-1]),
             _softcap_value(softcap), left, right, int(num_splits))
-    run = _attention_decode_body if _direct.plain_eager(*args[:4]) else torch.ops.fastnn.attention_decode
-    out, lse = run(*args)
+    out, lse = _direct.call(torch.ops.fastnn.attention_decode, _attention_decode_body, None, *args)
     return (out, lse) if return_lse else out

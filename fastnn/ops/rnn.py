@@ -303,17 +303,9 @@ def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
 _layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _LayerFunction(torch.autograd.Function):
-    """rnn_layer_forward's autograd for _layer's direct calls in plain eager mode (._direct): the op's body,
-    setup_context and backward, without torch.library's dispatch (~20 us a call: a cell step is ~15 us of
-    kernel at small sizes)."""
-
-    @staticmethod
-    def forward(*inputs):
-        return _layer_forward_body(*inputs)
-
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
+# _layer's path in plain eager mode (._direct): the op's body, setup_context and backward without
+# torch.library's dispatch (~20 us a call: a cell step is ~15 us of kernel at small sizes)
+_LayerFunction = _direct.autograd_function(_layer_forward_body, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------- validation
@@ -389,13 +381,9 @@ def _layer(mode: str, x: Tensor, batch_sizes: Tensor, w_ih: Tensor, w_hh: Tensor
         y, h, c = empty_batch_outputs(x, h0, c0, tensors)
         return y, h, (c if mode == "lstm" else None)
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    args = (mode, x.contiguous(), batch_sizes, w_ih.contiguous(), w_hh.contiguous(), _contig(b_ih), _contig(b_hh),
-            _contig(w_hr), h0.contiguous(), _contig(c0), reverse, train)
-    if not _direct.plain_eager(batch_sizes, *tensors):
-        run = torch.ops.fastnn.rnn_layer_forward
-    else:  # nothing to record without train: the body itself
-        run = _LayerFunction.apply if train else _layer_forward_body
-    y, h, c, *_ = run(*args)
+    y, h, c, *_ = _direct.call(torch.ops.fastnn.rnn_layer_forward, _layer_forward_body, _LayerFunction, mode,
+                               x.contiguous(), batch_sizes, w_ih.contiguous(), w_hh.contiguous(), _contig(b_ih),
+                               _contig(b_hh), _contig(w_hr), h0.contiguous(), _contig(c0), reverse, train)
     return y, h, (c if mode == "lstm" else None)
 
 
