@@ -361,13 +361,62 @@ def test_cuda_roi_pool_emulated_equals_cpu_kernel(dtype, channels_last):
     assert a.stride() == b.stride() and torch.equal(a, b)
 
 
-def test_cuda_kernels_emulated_check_batch_indices():
+@pytest.mark.parametrize("bad", [-1.0, 2.0, 1e9, -1e9, float("nan")])
+def test_cuda_kernels_emulated_check_batch_indices(bad):
+    """The CUDA launchers check the RoIs' indices after launching the kernels, so the kernels themselves must
+    skip a bad RoI: a batch index of 1e9 read unguarded is far outside the map. Forward, backward and
+    roi_pool raise the check's error (and do not crash) on the emulated kernels."""
     from fastnn._backend import _C
 
     rois = random_rois(4, 2, 8, 8)
-    rois[3, 0] = -1
-    expect_error(_C.roi_align_forward_emulated, ([features(2, 3, 8, 8)], rois, None, [1.0], 2, 2, 2, False, False),
-                 ValueError, r"boxes\[3, 0\] \(batch index\) is -1")
+    rois[3, 0] = bad
+    msg = r"boxes\[3, 0\] \(batch index\) is " + ("nan" if bad != bad else "")
+    x = features(2, 3, 8, 8)
+    for sr in (2, -1):
+        expect_error(_C.roi_align_forward_emulated, ([x], rois, None, [1.0], 2, 2, sr, False, False), ValueError, msg)
+        expect_error(_C.roi_align_backward_emulated, (torch.randn(4, 3, 2, 2), rois, None, [1.0], list(x.shape), False,
+                                                      sr, False), ValueError, msg)
+    expect_error(_C.roi_pool_forward_emulated, (x, rois, 1.0, 2, 2, False), ValueError, msg)
+
+
+@pytest.mark.parametrize("bad", [-1, 2, 1 << 40])
+def test_cuda_kernels_emulated_check_levels(bad):
+    """As above for a level outside [0, L): the kernels must not index the level table with it."""
+    from fastnn._backend import _C
+
+    feats = [features(2, 3, 8, 8), features(2, 3, 4, 4)]
+    rois = random_rois(5, 2, 8, 8)
+    levels = torch.tensor([0, 1, 1, 0, 0])
+    levels[2] = bad
+    msg = rf"levels\[2\] is {bad}, expected a level in \[0, 2\)"
+    for sr in (2, 0):
+        expect_error(_C.roi_align_forward_emulated, (feats, rois, levels, [1.0, 0.5], 2, 2, sr, False, False),
+                     ValueError, msg)
+        expect_error(_C.roi_align_backward_emulated, (torch.randn(5, 3, 2, 2), rois, levels, [1.0, 0.5],
+                                                      [2, 3, 8, 8, 2, 3, 4, 4], False, sr, False), ValueError, msg)
+
+
+@pytest.mark.parametrize("sr", [2, 3, -1])
+def test_cuda_kernels_emulated_nan_rois(sr):
+    """With a fixed ratio the CUDA backward sizes its buffers without a host read: every RoI gets ratio^2
+    samples a bin, and a NaN RoI's (it has no grid) are taps of no pixel. Bitwise the CPU kernel's gradient,
+    NaN RoIs first, last and in the middle, on two levels."""
+    from fastnn._backend import _C
+
+    feats = [features(2, 4, 11, 13), features(2, 4, 6, 7)]
+    rois = random_rois(9, 2, 11, 13)
+    rois[0, 1] = rois[4, 4] = rois[8, 2] = float("nan")
+    levels = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 1])
+    args = (feats, rois, levels, [1.0, 0.5], 3, 2, sr, False, False)
+    want = _C.roi_align_forward_cpu(*args)
+    assert torch.equal(_C.roi_align_forward_emulated(*args), want)
+    grad = torch.randn(want.shape)
+    bargs = (grad, rois, levels, [1.0, 0.5], [s for f in feats for s in f.shape], False, sr, False)
+    for a, b in zip(_C.roi_align_backward_emulated(*bargs), _C.roi_align_backward_cpu(*bargs)):
+        assert torch.equal(a, b)
+    rois[:, 1] = float("nan")  # no sample anywhere: zero gradients
+    for g in _C.roi_align_backward_emulated(*bargs):
+        assert torch.equal(g, torch.zeros_like(g))
 
 
 # ---------------------------------------------------------------- multi-scale

@@ -19,7 +19,6 @@ at::Tensor roi_align_forward_emulated(const std::vector<at::Tensor>& features, c
                                       bool channels_last) {
   const RoiAlignInputs in = roi_align_inputs(features, rois, levels, pooled_h, pooled_w, channels_last);
   if (in.out.numel() == 0) return in.out.to(in.dtype);
-  roi_check_indices(in.rois, in.levels, in.shapes[0], static_cast<int64_t>(in.feats.size()));
   RoiAlignParams p = roi_align_params(in.shapes, scales, in.rois, in.levels, pooled_h, pooled_w, sampling_ratio,
                                       aligned, channels_last);
   for (size_t l = 0; l < in.feats.size(); ++l) p.levels[l].data = in.feats[l].data_ptr();
@@ -36,6 +35,10 @@ at::Tensor roi_align_forward_emulated(const std::vector<at::Tensor>& features, c
       }
     });
   });
+  // the launcher's order: the kernel first (it skips invalid RoIs), then the check
+  const int64_t n_levels = static_cast<int64_t>(in.feats.size());
+  roi_raise_bad_indices(roi_indices_ok(in.rois, in.levels, in.shapes[0], n_levels), in.rois, in.levels, in.shapes[0],
+                        n_levels);
   return in.out.to(in.dtype);
 }
 
@@ -55,40 +58,44 @@ std::vector<at::Tensor> roi_align_backward_emulated(const at::Tensor& grad, cons
   if (k > 0 && channels > 0) {
     const at::Tensor r = rois.to(ct).contiguous();
     const at::Tensor lvl = levels.has_value() ? levels->contiguous() : at::Tensor();
-    roi_check_indices(r, lvl, feature_shapes[0], static_cast<int64_t>(n_levels));
     const at::Tensor go = grad.to(ct).contiguous(at::MemoryFormat::ChannelsLast);
     const RoiAlignParams p = roi_align_params(feature_shapes, scales, r, lvl, grad.size(2), grad.size(3),
                                               sampling_ratio, aligned, /*channels_last=*/true);
     AT_DISPATCH_FLOATING_TYPES(ct, "roi_align_backward_emulated", [&] {
       using T = scalar_t;
-      std::vector<T*> table;
-      for (auto& g : grads) table.push_back(g.data_ptr<T>());
-      const RoiGradTargets<T> targets{table.data()};
+      RoiGradTargets<T> targets{};
+      for (size_t l = 0; l < n_levels; ++l) targets.grad[l] = grads[l].data_ptr<T>();
       roi_align_backward_sequence(
-          k, grad.options().dtype(ct),
+          p, grad.options().dtype(ct),
           [&](RoiBackwardPlan& pl) {
             for (int64_t i = 0; i < k; ++i) pl.counts.data_ptr<int64_t>()[i] = roi_align_sample_count<T>(p, i);
           },
           [&](RoiBackwardPlan& pl) {
+            const int64_t* starts = pl.starts.defined() ? pl.starts.data_ptr<int64_t>() : nullptr;
             at::parallel_for(0, pl.samples, 1024, [&](int64_t a, int64_t b) {
               for (int64_t s = a; s < b; ++s) {
-                roi_align_backward_entries<T>(p, pl.starts.data_ptr<int64_t>(), s, pl.keys.data_ptr<int64_t>(),
+                roi_align_backward_entries<T>(p, starts, pl.per_roi, s, pl.keys.data_ptr<int64_t>(),
                                               pl.sources.data_ptr<int64_t>(), pl.weights.data_ptr<T>(),
                                               pl.divisors.data_ptr<T>());
               }
             });
           },
           [&](RoiBackwardPlan& pl) {
-            at::parallel_for(0, pl.segments * channels, 1024, [&](int64_t a, int64_t b) {
+            // the CUDA kernel reads the segment count on the device; here it is a read of host memory
+            const int64_t segments = pl.seg.count.item<int64_t>();
+            at::parallel_for(0, segments * channels, 1024, [&](int64_t a, int64_t b) {
               for (int64_t i = a; i < b; ++i) {
-                roi_align_backward_segment<T>(p, pl.seg_start.data_ptr<int64_t>(), pl.sorted_keys.data_ptr<int64_t>(),
-                                              pl.order.data_ptr<int64_t>(), pl.sources.data_ptr<int64_t>(),
-                                              pl.weights.data_ptr<T>(), pl.divisors.data_ptr<T>(), go.data_ptr<T>(),
-                                              i / channels, i % channels, targets);
+                roi_align_backward_segment<T>(p, pl.seg.seg_start.data_ptr<int64_t>(),
+                                              pl.seg.sorted_keys.data_ptr<int64_t>(), pl.seg.order.data_ptr<int64_t>(),
+                                              pl.sources.data_ptr<int64_t>(), pl.weights.data_ptr<T>(),
+                                              pl.divisors.data_ptr<T>(), go.data_ptr<T>(), i / channels, i % channels,
+                                              targets);
               }
             });
           });
     });
+    roi_raise_bad_indices(roi_indices_ok(r, lvl, feature_shapes[0], static_cast<int64_t>(n_levels)), r, lvl,
+                          feature_shapes[0], static_cast<int64_t>(n_levels));
   }
   for (auto& g : grads) g = g.to(dtype, /*non_blocking=*/false, /*copy=*/false, roi_format(channels_last));
   return grads;
@@ -105,16 +112,13 @@ std::vector<at::Tensor> roi_pool_forward_emulated(const at::Tensor& input, const
   at::Tensor out = new_output({r.size(0), x.size(1), pooled_h, pooled_w}, x.options().memory_format(fmt));
   at::Tensor arg = new_output({r.size(0), x.size(1), pooled_h, pooled_w}, x.options().dtype(at::kInt).memory_format(fmt));
   if (out.numel() == 0) return {out.to(dtype), arg};
-  roi_check_indices(r, at::Tensor(), x.size(0), 1);
-  RoiPoolParams p = roi_pool_params(x, r, spatial_scale, pooled_h, pooled_w, channels_last);
-  p.channels = x.size(1);
-  p.height = x.size(2);
-  p.width = x.size(3);
+  RoiPoolParams p = roi_pool_params(x, x.sizes().vec(), r, spatial_scale, pooled_h, pooled_w, channels_last);
   AT_DISPATCH_FLOATING_TYPES(ct, "roi_pool_forward_emulated", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     int32_t* a = arg.data_ptr<int32_t>();
     for (int64_t i = 0; i < out.numel(); ++i) o[i] = roi_pool_forward_element<scalar_t>(p, i, a[i]);
   });
+  roi_raise_bad_indices(roi_indices_ok(r, at::Tensor(), x.size(0), 1), r, at::Tensor(), x.size(0), 1);
   return {out.to(dtype), arg};
 }
 
@@ -129,10 +133,7 @@ at::Tensor roi_pool_backward_emulated(const at::Tensor& grad, const at::Tensor& 
   const at::Tensor go = grad.to(ct).contiguous(fmt);
   const at::Tensor am = argmax.contiguous(fmt);
   const at::Tensor r = rois.to(ct).contiguous();
-  RoiPoolParams p = roi_pool_params(at::Tensor(), r, 1.0, grad.size(2), grad.size(3), channels_last);
-  p.channels = input_shape[1];
-  p.height = input_shape[2];
-  p.width = input_shape[3];
+  RoiPoolParams p = roi_pool_params(at::Tensor(), input_shape, r, 1.0, grad.size(2), grad.size(3), channels_last);
   AT_DISPATCH_FLOATING_TYPES(ct, "roi_pool_backward_emulated", [&] {
     at::Tensor keys = at::empty({total}, grad.options().dtype(at::kLong));
     for (int64_t i = 0; i < total; ++i) {
@@ -141,7 +142,8 @@ at::Tensor roi_pool_backward_emulated(const at::Tensor& grad, const at::Tensor& 
     const KeySegments seg = sort_segments(keys);
     const int64_t* ss = seg.seg_start.data_ptr<int64_t>();
     const int64_t* sk = seg.sorted_keys.data_ptr<int64_t>();
-    for (int64_t s = 0; s < seg.segments; ++s) {
+    const int64_t segments = seg.count.item<int64_t>();
+    for (int64_t s = 0; s < segments; ++s) {
       if (sk[ss[s]] == kNoPixel) continue;
       gi.data_ptr<scalar_t>()[sk[ss[s]]] =
           roi_pool_backward_reduce<scalar_t>(seg.order.data_ptr<int64_t>(), ss[s], ss[s + 1], go.data_ptr<scalar_t>());

@@ -5,6 +5,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../common/alloc.h"
@@ -18,6 +19,13 @@ namespace {
 constexpr int kThreads = 256;
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+
+// Blocks for a grid-stride kernel over at most `bound` items whose exact count is only on the device: enough
+// for every SM to hold several, no more than the bound needs.
+unsigned stride_blocks_for(int64_t bound) {
+  const int64_t resident = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks_for(bound), resident)));
+}
 
 // kGrid: roi_align_forward_element's compile-time sampling ratio (0: any)
 template <typename T, int kGrid>
@@ -36,22 +44,25 @@ __global__ void roi_align_count_kernel(RoiAlignParams p, int64_t* counts) {
 }
 
 template <typename T>
-__global__ void roi_align_entries_kernel(RoiAlignParams p, const int64_t* sample_start, int64_t samples,
-                                         int64_t* keys, int64_t* sources, T* weights, T* divisors) {
+__global__ void roi_align_entries_kernel(RoiAlignParams p, const int64_t* sample_start, int64_t per_roi,
+                                         int64_t samples, int64_t* keys, int64_t* sources, T* weights, T* divisors) {
   const int64_t s = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (s >= samples) return;
-  roi_align_backward_entries<T>(p, sample_start, s, keys, sources, weights, divisors);
+  roi_align_backward_entries<T>(p, sample_start, per_roi, s, keys, sources, weights, divisors);
 }
 
-// One thread per (segment, channel), channels fastest: the grad_out reads and channels-last writes coalesce.
+// (segment, channel) items, channels fastest: the grad_out reads and channels-last writes coalesce. The
+// number of segments is read on the device (sort_segments), so the grid strides over them.
 template <typename T>
-__global__ void roi_align_reduce_kernel(RoiAlignParams p, const int64_t* seg_start, int64_t segments,
+__global__ void roi_align_reduce_kernel(RoiAlignParams p, const int64_t* seg_start, const int64_t* segment_count,
                                         const int64_t* sorted_keys, const int64_t* order, const int64_t* sources,
                                         const T* weights, const T* divisors, const T* grad_out, RoiGradTargets<T> out) {
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= segments * p.channels) return;
-  const int64_t seg = i / p.channels, c = i % p.channels;
-  roi_align_backward_segment<T>(p, seg_start, sorted_keys, order, sources, weights, divisors, grad_out, seg, c, out);
+  const int64_t total = *segment_count * p.channels;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t seg = i / p.channels, c = i % p.channels;
+    roi_align_backward_segment<T>(p, seg_start, sorted_keys, order, sources, weights, divisors, grad_out, seg, c,
+                                  out);
+  }
 }
 
 template <typename T>
@@ -70,12 +81,15 @@ __global__ void roi_pool_keys_kernel(RoiPoolParams p, const int32_t* argmax, int
 }
 
 template <typename T>
-__global__ void roi_pool_reduce_kernel(const int64_t* seg_start, int64_t segments, const int64_t* sorted_keys,
-                                       const int64_t* order, const T* grad_out, T* grad_in) {
-  const int64_t seg = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (seg >= segments) return;
-  const int64_t b = seg_start[seg], key = sorted_keys[b];
-  if (key != kNoPixel) grad_in[key] = roi_pool_backward_reduce<T>(order, b, seg_start[seg + 1], grad_out);
+__global__ void roi_pool_reduce_kernel(const int64_t* seg_start, const int64_t* segment_count,
+                                       const int64_t* sorted_keys, const int64_t* order, const T* grad_out,
+                                       T* grad_in) {
+  const int64_t segments = *segment_count;
+  for (int64_t seg = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; seg < segments;
+       seg += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = seg_start[seg], key = sorted_keys[b];
+    if (key != kNoPixel) grad_in[key] = roi_pool_backward_reduce<T>(order, b, seg_start[seg + 1], grad_out);
+  }
 }
 
 }  // namespace
@@ -88,7 +102,6 @@ at::Tensor roi_align_forward(const std::vector<at::Tensor>& features, const at::
   c10::cuda::CUDAGuard guard(rois.device());
   const RoiAlignInputs in = roi_align_inputs(features, rois, levels, pooled_h, pooled_w, channels_last);
   if (in.out.numel() == 0) return in.out.to(in.dtype);
-  roi_check_indices(in.rois, in.levels, in.shapes[0], static_cast<int64_t>(in.feats.size()));
   RoiAlignParams p = roi_align_params(in.shapes, scales, in.rois, in.levels, pooled_h, pooled_w, sampling_ratio,
                                       aligned, channels_last);
   for (size_t l = 0; l < in.feats.size(); ++l) p.levels[l].data = in.feats[l].data_ptr();
@@ -104,7 +117,12 @@ at::Tensor roi_align_forward(const std::vector<at::Tensor>& features, const at::
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return in.out.to(in.dtype);
+  const int64_t n_levels = static_cast<int64_t>(in.feats.size());
+  const at::Tensor result = in.out.to(in.dtype);
+  // After the kernel (it skipped any invalid RoI): the host read waits for the GPU, not the GPU for it.
+  roi_raise_bad_indices(roi_indices_ok(in.rois, in.levels, in.shapes[0], n_levels), in.rois, in.levels, in.shapes[0],
+                        n_levels);
+  return result;
 }
 
 std::vector<at::Tensor> roi_align_backward(const at::Tensor& grad, const at::Tensor& rois,
@@ -121,42 +139,45 @@ std::vector<at::Tensor> roi_align_backward(const at::Tensor& grad, const at::Ten
   // 32-byte sector written per gradient element.
   std::vector<at::Tensor> grads = roi_grad_buffers(feature_shapes, grad.options().dtype(ct), /*channels_last=*/true);
   const int64_t k = rois.size(0), channels = feature_shapes[1];
+  at::Tensor r, lvl, indices_ok;
   if (k > 0 && channels > 0) {
-    const at::Tensor r = rois.to(ct).contiguous();
-    const at::Tensor lvl = levels.has_value() ? levels->contiguous() : at::Tensor();
-    roi_check_indices(r, lvl, feature_shapes[0], static_cast<int64_t>(n_levels));
+    r = rois.to(ct).contiguous();
+    lvl = levels.has_value() ? levels->contiguous() : at::Tensor();
     const at::Tensor go = grad.to(ct).contiguous(at::MemoryFormat::ChannelsLast);  // (K * bins, C) rows
     const RoiAlignParams p = roi_align_params(feature_shapes, scales, r, lvl, grad.size(2), grad.size(3),
                                               sampling_ratio, aligned, /*channels_last=*/true);
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(ct, "roi_align_backward_cuda", [&] {
       using T = scalar_t;
-      at::Tensor table = at::empty({static_cast<int64_t>(n_levels)}, at::TensorOptions().dtype(at::kLong));
-      for (size_t l = 0; l < n_levels; ++l) table[l] = reinterpret_cast<int64_t>(grads[l].data_ptr<T>());
-      const at::Tensor table_dev = table.to(grad.device());
-      const RoiGradTargets<T> targets{reinterpret_cast<T* const*>(table_dev.data_ptr<int64_t>())};
+      RoiGradTargets<T> targets{};
+      for (size_t l = 0; l < n_levels; ++l) targets.grad[l] = grads[l].data_ptr<T>();
       roi_align_backward_sequence(
-          k, grad.options().dtype(ct),
+          p, grad.options().dtype(ct),
           [&](RoiBackwardPlan& pl) {
             roi_align_count_kernel<T><<<blocks_for(k), kThreads, 0, stream>>>(p, pl.counts.data_ptr<int64_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           },
           [&](RoiBackwardPlan& pl) {
             roi_align_entries_kernel<T><<<blocks_for(pl.samples), kThreads, 0, stream>>>(
-                p, pl.starts.data_ptr<int64_t>(), pl.samples, pl.keys.data_ptr<int64_t>(),
-                pl.sources.data_ptr<int64_t>(), pl.weights.data_ptr<T>(), pl.divisors.data_ptr<T>());
+                p, pl.starts.defined() ? pl.starts.data_ptr<int64_t>() : nullptr, pl.per_roi, pl.samples,
+                pl.keys.data_ptr<int64_t>(), pl.sources.data_ptr<int64_t>(), pl.weights.data_ptr<T>(),
+                pl.divisors.data_ptr<T>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           },
           [&](RoiBackwardPlan& pl) {
-            roi_align_reduce_kernel<T><<<blocks_for(pl.segments * channels), kThreads, 0, stream>>>(
-                p, pl.seg_start.data_ptr<int64_t>(), pl.segments, pl.sorted_keys.data_ptr<int64_t>(),
-                pl.order.data_ptr<int64_t>(), pl.sources.data_ptr<int64_t>(), pl.weights.data_ptr<T>(),
-                pl.divisors.data_ptr<T>(), go.data_ptr<T>(), targets);
+            roi_align_reduce_kernel<T><<<stride_blocks_for(pl.seg.bound * channels), kThreads, 0, stream>>>(
+                p, pl.seg.seg_start.data_ptr<int64_t>(), pl.seg.count.data_ptr<int64_t>(),
+                pl.seg.sorted_keys.data_ptr<int64_t>(), pl.seg.order.data_ptr<int64_t>(),
+                pl.sources.data_ptr<int64_t>(), pl.weights.data_ptr<T>(), pl.divisors.data_ptr<T>(), go.data_ptr<T>(),
+                targets);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
     });
+    indices_ok = roi_indices_ok(r, lvl, feature_shapes[0], static_cast<int64_t>(n_levels));
   }
   for (auto& g : grads) g = g.to(dtype, /*non_blocking=*/false, /*copy=*/false, roi_format(channels_last));
+  // the one host read, after every launch (the kernels skipped invalid RoIs)
+  if (indices_ok.defined()) roi_raise_bad_indices(indices_ok, r, lvl, feature_shapes[0], static_cast<int64_t>(n_levels));
   return grads;
 }
 
@@ -172,11 +193,7 @@ std::vector<at::Tensor> roi_pool_forward(const at::Tensor& input, const at::Tens
   at::Tensor out = new_output({k, x.size(1), pooled_h, pooled_w}, x.options().memory_format(fmt));
   at::Tensor arg = new_output({k, x.size(1), pooled_h, pooled_w}, x.options().dtype(at::kInt).memory_format(fmt));
   if (out.numel() == 0) return {out.to(dtype), arg};
-  roi_check_indices(r, at::Tensor(), x.size(0), 1);
-  RoiPoolParams p = roi_pool_params(x, r, spatial_scale, pooled_h, pooled_w, channels_last);
-  p.channels = x.size(1);
-  p.height = x.size(2);
-  p.width = x.size(3);
+  RoiPoolParams p = roi_pool_params(x, x.sizes().vec(), r, spatial_scale, pooled_h, pooled_w, channels_last);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t total = out.numel();
   AT_DISPATCH_FLOATING_TYPES(ct, "roi_pool_forward_cuda", [&] {
@@ -184,7 +201,9 @@ std::vector<at::Tensor> roi_pool_forward(const at::Tensor& input, const at::Tens
                                                                                  arg.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out.to(dtype), arg};
+  std::vector<at::Tensor> result{out.to(dtype), arg};
+  roi_raise_bad_indices(roi_indices_ok(r, at::Tensor(), x.size(0), 1), r, at::Tensor(), x.size(0), 1);
+  return result;
 }
 
 at::Tensor roi_pool_backward(const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& argmax,
@@ -199,10 +218,7 @@ at::Tensor roi_pool_backward(const at::Tensor& grad, const at::Tensor& rois, con
     const at::Tensor go = grad.to(ct).contiguous(fmt);
     const at::Tensor am = argmax.contiguous(fmt);
     const at::Tensor r = rois.to(ct).contiguous();
-    RoiPoolParams p = roi_pool_params(at::Tensor(), r, 1.0, grad.size(2), grad.size(3), channels_last);
-    p.channels = input_shape[1];
-    p.height = input_shape[2];
-    p.width = input_shape[3];
+    RoiPoolParams p = roi_pool_params(at::Tensor(), input_shape, r, 1.0, grad.size(2), grad.size(3), channels_last);
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(ct, "roi_pool_backward_cuda", [&] {
       at::Tensor keys = at::empty({total}, grad.options().dtype(at::kLong));
@@ -210,8 +226,8 @@ at::Tensor roi_pool_backward(const at::Tensor& grad, const at::Tensor& rois, con
                                                                               keys.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const KeySegments seg = sort_segments(keys);
-      roi_pool_reduce_kernel<scalar_t><<<blocks_for(seg.segments), kThreads, 0, stream>>>(
-          seg.seg_start.data_ptr<int64_t>(), seg.segments, seg.sorted_keys.data_ptr<int64_t>(),
+      roi_pool_reduce_kernel<scalar_t><<<stride_blocks_for(seg.bound), kThreads, 0, stream>>>(
+          seg.seg_start.data_ptr<int64_t>(), seg.count.data_ptr<int64_t>(), seg.sorted_keys.data_ptr<int64_t>(),
           seg.order.data_ptr<int64_t>(), go.data_ptr<scalar_t>(), gi.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -49,6 +49,18 @@ FASTNN_HD int roi_level(const RoiAlignParams& p, int64_t k) {
   return p.roi_levels ? static_cast<int>(p.roi_levels[k]) : 0;
 }
 
+// RoI k's batch index is in (-1, N) (it is truncated, as torchvision does) and its level in [0, L). The CUDA
+// launchers check the indices after launching the kernels (a host read then waits for the kernels, not the
+// kernels for it), so every kernel skips an invalid RoI instead of reading out of bounds: its outputs and
+// taps are discarded when the check raises.
+template <typename T>
+FASTNN_HD bool roi_valid(const RoiAlignParams& p, int64_t k) {
+  const T b = static_cast<const T*>(p.rois)[5 * k];
+  if (!(b > T(-1) && b < static_cast<T>(p.n_batch))) return false;  // NaN fails too
+  const int64_t level = p.roi_levels ? p.roi_levels[k] : 0;
+  return level >= 0 && level < p.n_levels;
+}
+
 // Output element `index` of the forward: returns its value and stores its flat output offset in `out_at`.
 // kGrid > 0: compiled for sampling_ratio == kGrid, so the sample loops unroll and a thread's 4 kGrid^2 tap
 // loads are all in flight at once, instead of one sample's four at a time (the additions keep their order).
@@ -71,6 +83,7 @@ FASTNN_HD T roi_align_forward_element(const RoiAlignParams& p, int64_t index, in
     k = index / bins / p.channels;
   }
   out_at = index;
+  if (!roi_valid<T>(p, k)) return T(0);
   const int ph = static_cast<int>(bin / p.pooled_w), pw = static_cast<int>(bin % p.pooled_w);
   const T* roi = static_cast<const T*>(p.rois) + 5 * k;
   const RoiLevel& lv = p.levels[roi_level<T>(p, k)];
@@ -116,6 +129,7 @@ FASTNN_HD T roi_align_forward_element(const RoiAlignParams& p, int64_t index, in
 // Number of samples of RoI k: bins * grid_h * grid_w.
 template <typename T>
 FASTNN_HD int64_t roi_align_sample_count(const RoiAlignParams& p, int64_t k) {
+  if (!roi_valid<T>(p, k)) return 0;
   const T* roi = static_cast<const T*>(p.rois) + 5 * k;
   const RoiLevel& lv = p.levels[roi_level<T>(p, k)];
   const auto g = roi_align_geometry<T>(roi, static_cast<T>(lv.scale), p.pooled_h, p.pooled_w, p.sampling_ratio,
@@ -123,39 +137,54 @@ FASTNN_HD int64_t roi_align_sample_count(const RoiAlignParams& p, int64_t k) {
   return int64_t(p.pooled_h) * p.pooled_w * g.grid_h * g.grid_w;
 }
 
-// Step 1 for sample `s` (global over all RoIs; sample_start is the exclusive prefix sum of the counts):
-// writes keys / sources / weights / divisors [4 s, 4 s + 4).
+// Step 1 for sample `s` (global over all RoIs): writes keys / sources / weights / divisors [4 s, 4 s + 4).
+// With a fixed sampling ratio every RoI has per_roi = bins * ratio^2 samples (sample_start is null), so the
+// launcher sizes the buffers without reading anything back; an invalid RoI's samples, and a NaN RoI's (whose
+// geometry has no grid), are then taps of no pixel. Otherwise sample_start is the exclusive prefix sum of
+// roi_align_sample_count, which is 0 for those RoIs.
 template <typename T>
-FASTNN_HD void roi_align_backward_entries(const RoiAlignParams& p, const int64_t* sample_start, int64_t s,
-                                          int64_t* keys, int64_t* sources, T* weights, T* divisors) {
-  // The RoI owning sample s: the last k with sample_start[k] <= s (RoIs with no samples are skipped).
-  int64_t lo = 0, hi = p.n_rois - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (sample_start[mid] <= s) lo = mid; else hi = mid - 1;
+FASTNN_HD void roi_align_backward_entries(const RoiAlignParams& p, const int64_t* sample_start, int64_t per_roi,
+                                          int64_t s, int64_t* keys, int64_t* sources, T* weights, T* divisors) {
+  int64_t k, local;
+  if (sample_start == nullptr) {
+    k = s / per_roi;
+    local = s % per_roi;
+  } else {  // the RoI owning sample s: the last k with sample_start[k] <= s (RoIs with no samples are skipped)
+    int64_t lo = 0, hi = p.n_rois - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (sample_start[mid] <= s) lo = mid; else hi = mid - 1;
+    }
+    k = lo;
+    local = s - sample_start[k];
   }
-  const int64_t k = lo;
+  const int64_t bins = int64_t(p.pooled_h) * p.pooled_w;
+  bool valid = roi_valid<T>(p, k);
   const T* roi = static_cast<const T*>(p.rois) + 5 * k;
-  const RoiLevel& lv = p.levels[roi_level<T>(p, k)];
+  const RoiLevel& lv = p.levels[valid ? roi_level<T>(p, k) : 0];
   const auto g = roi_align_geometry<T>(roi, static_cast<T>(lv.scale), p.pooled_h, p.pooled_w, p.sampling_ratio,
                                        p.aligned);
-  const int64_t local = s - sample_start[k];
-  const int64_t per_bin = int64_t(g.grid_h) * g.grid_w;
-  const int64_t bin = local / per_bin;
-  const int iy = static_cast<int>((local % per_bin) / g.grid_w), ix = static_cast<int>(local % g.grid_w);
-  const int ph = static_cast<int>(bin / p.pooled_w), pw = static_cast<int>(bin % p.pooled_w);
-  const int h = static_cast<int>(lv.height), w = static_cast<int>(lv.width);
-  const AxisTaps<T> ty = axis_taps(roi_sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), h);
-  const AxisTaps<T> tx = axis_taps(roi_sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), w);
-  const BilinearSample<T> smp = bilinear_sample(ty, tx, w);
-  const int64_t image_base = lv.pixel_base + static_cast<int64_t>(roi[0]) * lv.height * lv.width;
-  const int64_t src = k * int64_t(p.pooled_h) * p.pooled_w + bin;
+  valid = valid && g.grid_h > 0 && g.grid_w > 0;
+  const int64_t per_bin = valid ? int64_t(g.grid_h) * g.grid_w : 1;
+  const int64_t bin = valid ? local / per_bin : 0;
+  BilinearSample<T> smp{};
+  if (valid) {
+    const int iy = static_cast<int>((local % per_bin) / g.grid_w), ix = static_cast<int>(local % g.grid_w);
+    const int ph = static_cast<int>(bin / p.pooled_w), pw = static_cast<int>(bin % p.pooled_w);
+    const int h = static_cast<int>(lv.height), w = static_cast<int>(lv.width);
+    const AxisTaps<T> ty = axis_taps(roi_sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), h);
+    const AxisTaps<T> tx = axis_taps(roi_sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), w);
+    smp = bilinear_sample(ty, tx, w);
+    valid = smp.valid;
+  }
+  const int64_t image_base = valid ? lv.pixel_base + static_cast<int64_t>(roi[0]) * lv.height * lv.width : 0;
+  const int64_t src = k * bins + bin;
   const int32_t pix[4] = {smp.p1, smp.p2, smp.p3, smp.p4};
   const T wt[4] = {smp.w1, smp.w2, smp.w3, smp.w4};
   for (int t = 0; t < 4; ++t) {
-    keys[4 * s + t] = smp.valid ? image_base + pix[t] : kNoPixel;
+    keys[4 * s + t] = valid ? image_base + pix[t] : kNoPixel;
     sources[4 * s + t] = src;
-    weights[4 * s + t] = wt[t];
+    weights[4 * s + t] = valid ? wt[t] : T(0);
     divisors[4 * s + t] = g.count;
   }
 }
@@ -176,12 +205,21 @@ FASTNN_HD T roi_align_backward_reduce(const int64_t* order, int64_t seg_begin, i
   return acc;
 }
 
-// The per-level gradient buffers the reduce writes (NCHW or channels-last, as RoiAlignParams says): a table
-// of pointers in the kernel's memory space (an array held in the kernel's parameters and indexed at run time
-// would be copied to the stack).
+// The per-level gradient buffers the reduce writes (NCHW or channels-last, as RoiAlignParams says), held by
+// value in the kernel's parameters: no pointer table to copy to the device (a blocking copy) before launch.
 template <typename T>
 struct RoiGradTargets {
-  T* const* grad;
+  T* grad[kRoiMaxLevels];
+
+  // grad[level] by selects: an index computed at run time into a parameter array would copy it to the stack
+  FASTNN_HD T* level(int level) const {
+    T* out = grad[0];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int l = 1; l < kRoiMaxLevels; ++l) out = level == l ? grad[l] : out;
+    return out;
+  }
 };
 
 FASTNN_HD void roi_pixel_destination(const RoiAlignParams& p, int64_t key, int64_t c, int& level, int64_t& offset);
@@ -199,7 +237,7 @@ FASTNN_HD void roi_align_backward_segment(const RoiAlignParams& p, const int64_t
   int level;
   int64_t off;
   roi_pixel_destination(p, key, c, level, off);
-  out.grad[level][off] = g;
+  out.level(level)[off] = g;
 }
 
 // Where the gradient of flat pixel `key` and channel c goes: level, and offset within that level's
@@ -219,11 +257,18 @@ FASTNN_HD void roi_pixel_destination(const RoiAlignParams& p, int64_t key, int64
 struct RoiPoolParams {
   const void* input;  // (N, C, H, W), NCHW or channels-last, in T
   const void* rois;   // (K, 5) in T
-  int64_t n_rois, channels, height, width;
+  int64_t n_rois, n_batch, channels, height, width;
   int pooled_h, pooled_w;
   double scale;
   bool channels_last;
 };
+
+// RoI k's batch index is in (-1, N): as roi_valid.
+template <typename T>
+FASTNN_HD bool roi_pool_valid(const RoiPoolParams& p, int64_t k) {
+  const T b = static_cast<const T*>(p.rois)[5 * k];
+  return b > T(-1) && b < static_cast<T>(p.n_batch);
+}
 
 // Output element `index` (flat in the output's layout): its maximum and where it was read (h * W + w, or -1).
 template <typename T>
@@ -240,6 +285,8 @@ FASTNN_HD T roi_pool_forward_element(const RoiPoolParams& p, int64_t index, int3
     k = index / bins / p.channels;
   }
   const T* roi = static_cast<const T*>(p.rois) + 5 * k;
+  argmax = -1;
+  if (!roi_pool_valid<T>(p, k)) return T(0);  // discarded: the launcher's check raises (see roi_valid)
   const RoiPoolWindow w = roi_pool_window<T>(roi, static_cast<T>(p.scale), p.pooled_h, p.pooled_w,
                                              static_cast<int>(bin / p.pooled_w), static_cast<int>(bin % p.pooled_w),
                                              static_cast<int>(p.height), static_cast<int>(p.width));
@@ -249,7 +296,6 @@ FASTNN_HD T roi_pool_forward_element(const RoiPoolParams& p, int64_t index, int3
   const int64_t base = p.channels_last ? n * hw * p.channels + c : (n * p.channels + c) * hw;
   const int64_t step = p.channels_last ? p.channels : 1;
   T best = empty ? T(0) : static_cast<T>(-3.402823466e+38f);  // torchvision's -FLT_MAX
-  argmax = -1;
   for (int h = w.h0; h < w.h1; ++h) {
     for (int x0 = w.w0; x0 < w.w1; ++x0) {
       const int32_t pos = h * static_cast<int32_t>(p.width) + x0;
@@ -269,12 +315,13 @@ FASTNN_HD T roi_pool_forward_element(const RoiPoolParams& p, int64_t index, int3
 template <typename T>
 FASTNN_HD int64_t roi_pool_backward_key(const RoiPoolParams& p, const int32_t* argmax, int64_t index) {
   const int32_t a = argmax[index];
-  if (a < 0) return kNoPixel;
+  const int64_t hw = p.height * p.width;
+  if (a < 0 || a >= hw) return kNoPixel;
   const int64_t bins = int64_t(p.pooled_h) * p.pooled_w;
   const int64_t c = p.channels_last ? index % p.channels : (index / bins) % p.channels;
   const int64_t k = p.channels_last ? index / p.channels / bins : index / bins / p.channels;
+  if (!roi_pool_valid<T>(p, k)) return kNoPixel;
   const int64_t n = static_cast<int64_t>(static_cast<const T*>(p.rois)[5 * k]);
-  const int64_t hw = p.height * p.width;
   return p.channels_last ? (n * hw + a) * p.channels + c : (n * p.channels + c) * hw + a;
 }
 

@@ -111,11 +111,29 @@ inline void roi_check_indices(const at::Tensor& rois, const at::Tensor& levels, 
   }
 }
 
-// Stable sort of `keys` and the start of each run of equal keys (plus a final end): the segments the
-// reduce kernels sum.
+// The same check in two halves for the CUDA launchers, which launch their kernels first (the kernels skip
+// invalid RoIs: roi_valid) and only then wait: roi_indices_ok queues a reduction to one bool, and
+// roi_raise_bad_indices reads it back (the launcher's one host read, after the kernels) and, only when it
+// is false, finds and names the first bad RoI.
+inline at::Tensor roi_indices_ok(const at::Tensor& rois, const at::Tensor& levels, int64_t n_batch, int64_t n_levels) {
+  const at::Tensor b = rois.select(1, 0);
+  at::Tensor ok = ((b > -1) & (b < n_batch)).all();  // NaN fails both
+  if (levels.defined()) ok = ok & ((levels >= 0) & (levels < n_levels)).all();
+  return ok;
+}
+
+inline void roi_raise_bad_indices(const at::Tensor& ok, const at::Tensor& rois, const at::Tensor& levels,
+                                  int64_t n_batch, int64_t n_levels) {
+  if (!ok.item<bool>()) roi_check_indices(rois, levels, n_batch, n_levels);
+}
+
+// Stable sort of `keys` and the start of each run of equal keys: the segments the reduce kernels sum,
+// found without a host read. seg_start[i] for i < count is segment i's first sorted position and
+// seg_start[count] is n (the kernels read the count from `count`, a one-element device tensor; `bound`,
+// at least count, sizes their grid).
 struct KeySegments {
-  at::Tensor sorted_keys, order, seg_start;
-  int64_t segments = 0;
+  at::Tensor sorted_keys, order, seg_start, count;
+  int64_t bound = 0;
 };
 
 inline KeySegments sort_segments(const at::Tensor& keys) {
@@ -124,34 +142,59 @@ inline KeySegments sort_segments(const at::Tensor& keys) {
   auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   out.sorted_keys = std::get<0>(sorted);
   out.order = std::get<1>(sorted);
+  out.bound = n;
+  if (n == 0) {
+    out.seg_start = at::zeros({1}, keys.options());
+    out.count = at::zeros({1}, keys.options());
+    return out;
+  }
   at::Tensor is_start = at::ones({n}, keys.options().dtype(at::kBool));
   if (n > 1) is_start.slice(0, 1).copy_(out.sorted_keys.slice(0, 1) != out.sorted_keys.slice(0, 0, n - 1));
-  out.seg_start = at::cat({is_start.nonzero().flatten(), at::full({1}, n, keys.options())});
-  out.segments = out.seg_start.size(0) - 1;
+  const at::Tensor number = is_start.cumsum(0);  // a start's segment number + 1 (int64)
+  const at::Tensor position = at::arange(n, keys.options());
+  // Each start writes its position to its segment's slot; every other position to a spare slot of its own
+  // (n + 1 + position), so no two writes meet. Slots from count to n keep the initial n.
+  const at::Tensor slot = at::where(is_start, number - 1, position + (n + 1));
+  out.seg_start = at::full({2 * n + 1}, n, keys.options()).scatter_(0, slot, position);
+  out.count = number.narrow(0, n - 1, 1);
   return out;
 }
 
 // The backward's buffers, filled step by step.
 struct RoiBackwardPlan {
-  at::Tensor counts, starts;               // per RoI: samples, first sample
+  at::Tensor counts, starts;               // per RoI: samples, first sample (undefined with a fixed ratio)
+  int64_t per_roi = 0;                     // with a fixed ratio: every RoI's samples
   int64_t samples = 0;
   at::Tensor keys, sources, weights, divisors;  // per tap (4 per sample); divisor: the RoI's averaging count
-  at::Tensor sorted_keys, order, seg_start;
-  int64_t segments = 0;
+  KeySegments seg;
 };
 
-// count(plan) fills counts; entries(plan) fills keys / sources / weights / divisors; reduce(plan) writes
-// the gradients. Returns false when no sample exists (the gradients stay zero).
+// count(plan) fills counts (only for an adaptive ratio); entries(plan) fills keys / sources / weights /
+// divisors; reduce(plan) writes the gradients. With a fixed sampling ratio nothing is read back: every RoI
+// has bins * ratio^2 samples. An adaptive ratio needs the total first (one host read). Returns false when
+// no sample exists (the gradients stay zero).
 template <typename CountFn, typename EntriesFn, typename ReduceFn>
-bool roi_align_backward_sequence(int64_t k, const at::TensorOptions& compute, CountFn count, EntriesFn entries,
-                                 ReduceFn reduce) {
+bool roi_align_backward_sequence(const RoiAlignParams& p, const at::TensorOptions& compute, CountFn count,
+                                 EntriesFn entries, ReduceFn reduce) {
   RoiBackwardPlan plan;
   const auto i64 = compute.dtype(at::kLong);
-  plan.counts = at::empty({k}, i64);
-  count(plan);
-  const at::Tensor ends = plan.counts.cumsum(0);
-  plan.starts = ends - plan.counts;
-  plan.samples = ends[k - 1].item<int64_t>();
+  const int64_t k = p.n_rois;
+  if (p.sampling_ratio > 0) {
+    const int64_t ratio = p.sampling_ratio, bins = int64_t(p.pooled_h) * p.pooled_w;
+    int64_t per_roi = 0, samples = 0, taps = 0;
+    FASTNN_CHECK(!__builtin_mul_overflow(bins, ratio * ratio, &per_roi) &&
+                     !__builtin_mul_overflow(per_roi, k, &samples) && !__builtin_mul_overflow(samples, 4, &taps),
+                 "fastnn roi_align backward: ", k, " RoIs of ", bins, " bins at sampling_ratio ", ratio,
+                 " have more samples than an int64 counts");
+    plan.per_roi = per_roi;
+    plan.samples = samples;
+  } else {
+    plan.counts = at::empty({k}, i64);
+    count(plan);
+    const at::Tensor ends = plan.counts.cumsum(0);
+    plan.starts = ends - plan.counts;
+    plan.samples = ends[k - 1].item<int64_t>();
+  }
   if (plan.samples == 0) return false;
   const int64_t taps = 4 * plan.samples;
   plan.keys = at::empty({taps}, i64);
@@ -159,21 +202,23 @@ bool roi_align_backward_sequence(int64_t k, const at::TensorOptions& compute, Co
   plan.weights = at::empty({taps}, compute);
   plan.divisors = at::empty({taps}, compute);
   entries(plan);
-  KeySegments seg = sort_segments(plan.keys);
-  plan.sorted_keys = seg.sorted_keys;
-  plan.order = seg.order;
-  plan.seg_start = seg.seg_start;
-  plan.segments = seg.segments;
+  plan.seg = sort_segments(plan.keys);
   reduce(plan);
   return true;
 }
 
-inline RoiPoolParams roi_pool_params(const at::Tensor& input, const at::Tensor& rois, double scale, int64_t pooled_h,
-                                     int64_t pooled_w, bool channels_last) {
+// input: the features (forward) or null (backward); shape: their (N, C, H, W).
+inline RoiPoolParams roi_pool_params(const at::Tensor& input, const std::vector<int64_t>& shape, const at::Tensor& rois,
+                                     double scale, int64_t pooled_h, int64_t pooled_w, bool channels_last) {
+  FASTNN_CHECK(shape.size() == 4, "fastnn roi_pool: the input shape must have 4 sizes, got ", shape.size());
   RoiPoolParams p{};
   p.input = input.defined() ? input.data_ptr() : nullptr;
   p.rois = rois.data_ptr();
   p.n_rois = rois.size(0);
+  p.n_batch = shape[0];
+  p.channels = shape[1];
+  p.height = shape[2];
+  p.width = shape[3];
   p.pooled_h = static_cast<int>(pooled_h);
   p.pooled_w = static_cast<int>(pooled_w);
   p.scale = scale;
