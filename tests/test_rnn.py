@@ -895,6 +895,59 @@ def test_direct_calls_equal_the_op(mode, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cell_plain_path_equals_the_validated_path(mode, dtype, monkeypatch):
+    """A cell's common case skips _cell's full validation (rnn_ops._cell_plain): outputs and every gradient are
+    bitwise those of the validated path, with and without biases and hx, in training and without grad; and
+    the cases it leaves to _cell (unbatched input, mixed dtypes, wrong shapes) still get _cell's answers."""
+    cell = rnn_ops.lstm_cell if mode == "lstm" else rnn_ops.gru_cell
+    G = 4 if mode == "lstm" else 3
+    torch.manual_seed(3)
+    w = [torch.randn(G * 7, 5, dtype=dtype), torch.randn(G * 7, 7, dtype=dtype)]
+    b = [torch.randn(G * 7, dtype=dtype), torch.randn(G * 7, dtype=dtype)]
+    x = torch.randn(3, 5, dtype=dtype)
+    hs = [torch.randn(3, 7, dtype=dtype) for _ in range(2 if mode == "lstm" else 1)]
+    plain = rnn_ops._cell_plain
+    taken = []
+    monkeypatch.setattr(rnn_ops, "_cell_plain", lambda *a: taken.append(plain(*a)) or taken[-1])
+    results = {}
+    for validated in (False, True):
+        if validated:
+            monkeypatch.setattr(rnn_ops, "_cell_plain", lambda *a: None)
+        got = []
+        for bias in (True, False):
+            for with_hx in (True, False):
+                leaves = [t.clone().requires_grad_() for t in [x, *w, *(b if bias else []), *(hs if with_hx else [])]]
+                xi, wi, wh = leaves[:3]
+                bi, bh = leaves[3:5] if bias else (None, None)
+                st = leaves[5 if bias else 3:]
+                hx = (tuple(st) if mode == "lstm" else st[0]) if with_hx else None
+                out = cell(xi, hx, wi, wh, bi, bh)
+                outs = list(out) if mode == "lstm" else [out]
+                got += [o.detach() for o in outs]
+                got += torch.autograd.grad(sum((o * o).sum() for o in outs), leaves)
+                with torch.no_grad():
+                    again = cell(x, None if not with_hx else (tuple(hs) if mode == "lstm" else hs[0]), *w,
+                                 *(b if bias else (None, None)))
+                got += list(again) if mode == "lstm" else [again]
+        results[validated] = got
+    assert len(taken) == 8 and all(t is not None for t in taken)  # the plain path ran every call above
+    for a, c in zip(results[False], results[True]):
+        assert a.dtype == c.dtype and torch.equal(a, c)
+    monkeypatch.setattr(rnn_ops, "_cell_plain", plain)
+    assert plain(mode, x[0], None, *w, *b) is None  # unbatched: _cell's path
+    unbatched = cell(x[0], None, *w, *b)
+    want = cell(x[:1], None, *w, *b)
+    for u, v in zip(unbatched if mode == "lstm" else [unbatched], want if mode == "lstm" else [want]):
+        assert torch.equal(u, v[0])
+    other = torch.float64 if dtype != torch.float64 else torch.float32
+    expect_error(cell, (x.to(other), None, *w, *b), TypeError, "input has dtype")
+    expect_error(cell, (x[:, :4], None, *w, *b), ValueError, r"input_size = 5")
+    bad_h = (hs[0][:2], hs[-1][:2]) if mode == "lstm" else hs[0][:2]
+    expect_error(cell, (x, bad_h, *w, *b), ValueError, r"must have shape \(3, 7\)")
+
+
 def test_cells_across_inference_fake_and_symbolic_tracing():
     """A cell call in one mode leaves nothing behind for the next: inference mode, then training; fake and
     symbolic tracing (a symbolic batch size), then eager; eager gives the same numbers throughout."""
@@ -908,6 +961,10 @@ def test_cells_across_inference_fake_and_symbolic_tracing():
     leaf = w_ih.clone().requires_grad_()
     rnn_ops.lstm_cell(x, None, leaf, w_hh)[0].sum().backward()
     assert leaf.grad is not None
+    fresh = torch.randn(11, 3)  # a batch size first seen in inference mode (the plain path's batch_sizes cache)
+    with torch.inference_mode():
+        rnn_ops.lstm_cell(fresh, None, w_ih, w_hh)
+    rnn_ops.lstm_cell(fresh, None, leaf, w_hh)[0].sum().backward()
     for mode in ("fake", "symbolic"):
         graph = str(make_fx(lambda *a: rnn_ops.lstm_cell(a[0], None, *a[1:]), tracing_mode=mode)(x, w_ih, w_hh).code)
         assert "fastnn.rnn_layer_forward" in graph

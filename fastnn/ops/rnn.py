@@ -409,7 +409,64 @@ def gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_
     return _cell("gru", input, hx, w_ih, w_hh, b_ih, b_hh)
 
 
+# One-row batch_sizes tensors for the cells' plain path, by batch size. Only that path uses them (plain eager,
+# so no fake or symbolic batch), and only tensors made outside inference mode are kept: an inference tensor
+# could not be saved for a later backward.
+_ONE_STEP_BATCH_SIZES: dict = {}
+
+
+def _one_step_batch_sizes(B: int) -> Tensor:
+    t = _ONE_STEP_BATCH_SIZES.get(B)
+    if t is None:
+        t = torch.tensor([B], dtype=torch.int64, device="cpu")
+        if not torch.is_inference_mode_enabled() and len(_ONE_STEP_BATCH_SIZES) < 256:
+            _ONE_STEP_BATCH_SIZES[B] = t
+    return t
+
+
+def _cell_plain(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
+    """A cell step in its common case, with cheap checks: plain eager, batched input, one dtype and device
+    for every tensor, no autocast, shapes right, nothing empty. None when any of that does not hold; _cell
+    then runs its full validation, which also names what is wrong. (At B 4, H 32 a step's kernel is ~25 us
+    and the full validation ~30 us more.)"""
+    states = () if hx is None else (tuple(hx) if mode == "lstm" and isinstance(hx, (tuple, list)) else (hx,))
+    if len(states) not in (0, 2 if mode == "lstm" else 1) or (b_ih is None) != (b_hh is None):
+        return None
+    if type(input) is not Tensor or input.dim() != 2 or w_ih.dim() != 2:
+        return None
+    tensors = (input, w_ih, w_hh, b_ih, b_hh, *states)
+    if not _direct.plain_eager(*tensors):
+        return None
+    dtype, device = input.dtype, input.device
+    GH, I = w_ih.shape
+    G = 4 if mode == "lstm" else 3
+    H = GH // G
+    B = input.shape[0]
+    if (B == 0 or H == 0 or GH != G * H or input.shape[1] != I or w_hh.shape != (GH, H)
+            or dtype not in RNN_DTYPES or autocast_on(device.type)):
+        return None
+    for t in tensors[1:]:
+        if t is not None and (t.dtype != dtype or t.device != device):
+            return None
+    if b_ih is not None and (b_ih.shape != (GH,) or b_hh.shape != (GH,)):
+        return None
+    for s in states:
+        if s.shape != (B, H):
+            return None
+    if not states:
+        states = tuple(input.new_zeros(B, H) for _ in range(2 if mode == "lstm" else 1))
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    args = (mode, input.contiguous(), _one_step_batch_sizes(B), w_ih.contiguous(), w_hh.contiguous(), _contig(b_ih),
+            _contig(b_hh), None, states[0].contiguous(), states[1].contiguous() if mode == "lstm" else None, False,
+            train)
+    _, h, c, *_ = _LayerFunction.apply(*args) if train else _layer_forward_body(*args)
+    return (h, c) if mode == "lstm" else h
+
+
 def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
+    out = _cell_plain(mode, input, hx, w_ih, w_hh, b_ih, b_hh)
+    if out is not None:
+        return out
     I, H, _ = _check_layer_weights(mode, w_ih, w_hh, b_ih, b_hh, None, "")
     _checks.tensor(input, "input", dtypes=RNN_DTYPES)
     if input.dim() not in (1, 2) or input.shape[-1] != I:
