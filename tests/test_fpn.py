@@ -417,3 +417,30 @@ def test_cuda_module_matches_torchvision(device):
     got = ours(x)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_direct_call_equals_the_op(channels_last, monkeypatch):
+    """In plain eager mode fpn_topdown_add runs the op's body (or an autograd.Function with the op's
+    setup_context and backward) without torch.library's dispatch (fastnn/ops/_direct.py): output and both
+    gradients bitwise the op's; tracing still records the op."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(5)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    lateral = torch.randn(2, 5, 9, 7).contiguous(memory_format=fmt)
+    top = torch.randn(2, 5, 5, 4).contiguous(memory_format=fmt)
+    results = []
+    for direct in (True, False):
+        monkeypatch.setattr(fpn_ops._direct, "plain_eager", (lambda *a: True) if direct else (lambda *a: False))
+        a, b = lateral.clone().requires_grad_(), top.clone().requires_grad_()
+        out = ops.fpn_topdown_add(a, b)
+        grads = torch.autograd.grad((out * out).sum(), [a, b])
+        with torch.no_grad():
+            again = ops.fpn_topdown_add(lateral, top)
+        results.append([out.detach(), *grads, again])
+        assert out.stride() == again.stride()
+    for x, y in zip(*results):
+        assert x.stride() == y.stride() and torch.equal(x, y)
+    monkeypatch.undo()
+    assert "fastnn.fpn_topdown_add" in str(make_fx(ops.fpn_topdown_add)(lateral, top).code)

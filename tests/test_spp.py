@@ -540,3 +540,30 @@ def test_levels_past_the_bin_limit_are_refused():
             torch.ops.fastnn.spp_pool(x, list(levels), "max")
     with pytest.raises(ValueError, match=r"levels must give at most"):
         fastnn.nn.SPP((2 ** 32,))
+
+
+@pytest.mark.parametrize("op", ["spp_max", "spp_avg", "sppf"])
+def test_direct_call_equals_the_op(op, monkeypatch):
+    """In plain eager mode spp_pool / sppf_pool run the op's body (or an autograd.Function with the op's
+    setup_context and backward) without torch.library's dispatch (fastnn/ops/_direct.py): output and gradient
+    bitwise the op's; tracing still records the op."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 11, 9)
+    x[0, 1, 2:5, 3:6] = 0.25  # ties
+    fn = (lambda t: ops.sppf_pool(t, 5)) if op == "sppf" else (lambda t: ops.spp_pool(t, (1, 2, 3), op[4:]))
+    results = []
+    for direct in (True, False):
+        monkeypatch.setattr(spp_ops._direct, "plain_eager", (lambda *a: True) if direct else (lambda *a: False))
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        (grad,) = torch.autograd.grad((out * out).sum(), xi)
+        with torch.no_grad():
+            again = fn(x)
+        results.append([out.detach(), grad, again])
+    for a, b in zip(*results):
+        assert a.stride() == b.stride() and torch.equal(a, b)
+    monkeypatch.undo()
+    name = "fastnn.sppf_pool" if op == "sppf" else "fastnn.spp_pool"
+    assert name in str(make_fx(fn)(x).code)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._backend import _C, pick
 from ..reference import spp as ref
-from . import _checks
+from . import _checks, _direct
 
 # Dispatch preference per device (first usable wins; use_backend overrides). Only Triton exists for CUDA.
 _PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton",)}
@@ -81,6 +81,11 @@ _SPPF_BACKWARD_IMPLS = {
 
 @torch.library.custom_op("fastnn::sppf_pool", mutates_args=())
 def _sppf_pool_op(x: Tensor, k: int) -> Tensor:
+    return _sppf_pool_body(x, k)
+
+
+def _sppf_pool_body(x: Tensor, k: int) -> Tensor:
+    """The sppf_pool op's body (the op, or sppf_pool's direct call: ._direct)."""
     if x.numel() == 0:
         return _new_4d(x, 4 * x.shape[1])
     impl = pick("sppf_pool", x.device, _SPPF_IMPLS, _preference(x.device))
@@ -117,6 +122,8 @@ def _sppf_backward(ctx, grad):
 
 
 _sppf_pool_op.register_autograd(_sppf_backward, setup_context=_sppf_setup_context)
+# the op's body with its autograd, without torch.library's dispatch (~20 us a call), in plain eager mode
+_SppfPoolFunction = _direct.autograd_function(_sppf_pool_body, _sppf_setup_context, _sppf_backward)
 
 
 # ---------------------------------------------------------------- SPP
@@ -145,7 +152,11 @@ def _bins(levels: Sequence[int]) -> int:
 
 @torch.library.custom_op("fastnn::spp_pool", mutates_args=())
 def _spp_pool_op(x: Tensor, levels: List[int], mode: str) -> Tensor:
-    levels = check_levels(levels)  # (again: a raw call of the op skips spp_pool's checks)
+    return _spp_pool_body(x, check_levels(levels), mode)  # (again: a raw call of the op skips spp_pool's checks)
+
+
+def _spp_pool_body(x: Tensor, levels: List[int], mode: str) -> Tensor:
+    """The spp_pool op's body, for checked levels (the op, or spp_pool's direct call: ._direct)."""
     if x.numel() == 0:
         return x.new_empty((x.shape[0], x.shape[1] * _bins(levels)))
     impl = pick("spp_pool", x.device, _SPP_IMPLS, _preference(x.device))
@@ -183,6 +194,7 @@ def _spp_backward(ctx, grad):
 
 
 _spp_pool_op.register_autograd(_spp_backward, setup_context=_spp_setup_context)
+_SppPoolFunction = _direct.autograd_function(_spp_pool_body, _spp_setup_context, _spp_backward)
 
 
 # ---------------------------------------------------------------- public functions
@@ -256,7 +268,7 @@ def spp_pool(x: Tensor, levels: Sequence[int] = (1, 2, 4), mode: str = "max") ->
     mode = check_mode(mode)
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"x must have positive H and W for spp_pool, got shape {tuple(x.shape)}")
-    return torch.ops.fastnn.spp_pool(x, levels, mode)
+    return _direct.call(torch.ops.fastnn.spp_pool, _spp_pool_body, _SppPoolFunction, x, levels, mode)
 
 
 def sppf_pool(x: Tensor, k: int = 5) -> Tensor:
@@ -284,4 +296,4 @@ def sppf_pool(x: Tensor, k: int = 5) -> Tensor:
     reach = max(x.shape[2], x.shape[3]) - 1
     if reach >= 0 and k // 2 > reach:
         k = 2 * reach + 1
-    return torch.ops.fastnn.sppf_pool(x, k)
+    return _direct.call(torch.ops.fastnn.sppf_pool, _sppf_pool_body, _SppfPoolFunction, x, k)
