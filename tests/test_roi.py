@@ -82,6 +82,11 @@ def test_reference_level_mapping_equals_torchvision():
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     assert torch.equal(defined, area >= 0) and not defined.all()  # the inverted box has no level
     assert torch.equal(levels[defined], LevelMapper(k_min, k_max)([boxes])[defined])
+    # low-precision boxes are measured in float32 as torchvision does: 300 x 300 (area 90000) overflows float16
+    big = torch.tensor([[0.0, 0.0, 300.0, 300.0], [10.0, 20.0, 700.0, 400.0], [0.0, 0.0, 50.0, 40.0]])
+    for dtype in (torch.float16, torch.bfloat16):
+        levels, defined = ref.map_levels(big.to(dtype), k_min, k_max)
+        assert defined.all() and torch.equal(levels, LevelMapper(k_min, k_max)([big.to(dtype)]))
 
 
 # ---------------------------------------------------------------- tier 2: kernels

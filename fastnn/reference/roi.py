@@ -196,7 +196,10 @@ def map_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: int = 224
                eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
     """FPN eq. 1: level of each (x1, y1, x2, y2) box, floor(k0 + log2(sqrt(area) / s0) + eps), clamped, minus
     k_min (int64), and whether it is defined: a box of negative or NaN area has no level (torchvision then
-    pools it from no level, giving zeros); its level is reported as 0."""
+    pools it from no level, giving zeros); its level is reported as 0. float16 / bfloat16 boxes are measured
+    in float32, as torchvision's box_area does (a 256 x 256 box's area overflows float16)."""
+    if boxes.dtype not in (torch.float32, torch.float64):
+        boxes = boxes.float()
     s = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
     lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))
     lvl = torch.clamp(lvl, min=k_min, max=k_max)
