@@ -461,6 +461,26 @@ def test_autocast_cpu_follows_torch(x_dtype):
         torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.02)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_autocast_cpu_packed_lstm_follows_torch(x_dtype, with_state):
+    """CPU autocast's list has the LSTM's padded overload only: on a PackedSequence torch's LSTM decomposes
+    into autocast GEMMs and promoting pointwise ops, as its GRU does, so a float32 model returns float32 data
+    (not bf16, as on padded input); fastnn's gives the same dtypes, states included."""
+    from torch.nn.utils.rnn import pack_sequence
+
+    torch.manual_seed(4)
+    seqs = [torch.randn(5, 5).to(x_dtype), torch.randn(3, 5).to(x_dtype), torch.randn(4, 5).to(x_dtype)]
+    hx = (torch.randn(1, 3, 6), torch.randn(1, 3, 6)) if with_state else None
+    theirs, ours = pair("lstm", torch.float32, input_size=5, hidden_size=6)
+    packed = pack_sequence(seqs, enforce_sorted=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = theirs(packed, hx), ours(packed, hx)
+    for g, w in ((got[0].data, want[0].data), (got[1][0], want[1][0]), (got[1][1], want[1][1])):
+        assert g.dtype == w.dtype, (g.dtype, w.dtype)
+        torch.testing.assert_close(g.float(), w.float(), rtol=0.05, atol=0.02)
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("h_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_autocast_cpu_promotes_with_the_state_as_torch(x_dtype, h_dtype):

@@ -524,9 +524,11 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def _compute_dtype(x: Tensor, w: Tensor, cell: bool = False, mode: str = "lstm", states=()) -> torch.dtype:
+def _compute_dtype(x: Tensor, w: Tensor, cell: bool = False, mode: str = "lstm", states=(),
+                   packed: bool = False) -> torch.dtype:
     """The dtype a layer runs in: autocast's, as torch applies it to its RNNs (CUDA: every RNN and cell; CPU:
-    the LSTM layer only), else the weights' (which the input must match). Under CPU autocast torch's GRU and
+    the LSTM layer on padded input only: its PackedSequence overload is not on the list), else the weights'
+    (which the input must match). Under CPU autocast torch's GRU, packed LSTM and
     cells are not on autocast's list but decompose into autocast GEMMs and promoting pointwise ops: with
     float32 weights the gates come out in the autocast dtype, and the pointwise ops promote them with the
     initial `states`' dtypes (absent states are zeros in the input's dtype)."""
@@ -534,7 +536,7 @@ def _compute_dtype(x: Tensor, w: Tensor, cell: bool = False, mode: str = "lstm",
     autocast = autocast_on(dev)
     low = torch.get_autocast_dtype(dev) if autocast else None
     # (CPU autocast casts float32 tensors only: another low-precision input falls to the rules below)
-    if autocast and (dev == "cuda" or (not cell and mode == "lstm" and x.dtype in (torch.float32, low))):
+    if autocast and (dev == "cuda" or (not cell and not packed and mode == "lstm" and x.dtype in (torch.float32, low))):
         return torch.get_autocast_dtype(dev)
     if autocast and w.dtype == torch.float32 and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         dtype = low
@@ -582,7 +584,8 @@ def rnn(mode: str, input: Union[Tensor, PackedSequence], hx: Union[None, Tensor,
     seq = pack_input(input, I, batch_first)
     _checks.same_device("weights[0].w_ih", w0, input=seq.x)
     h0, c0 = initial_states(hx, num_layers * directions, seq, H, P, with_cell=mode == "lstm")
-    dtype = _compute_dtype(seq.x, w0, mode=mode, states=(h0, c0) if mode == "lstm" else (h0,))
+    dtype = _compute_dtype(seq.x, w0, mode=mode, states=(h0, c0) if mode == "lstm" else (h0,),
+                           packed=seq.packed is not None)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     h0, c0 = cast(h0), cast(c0)
 
