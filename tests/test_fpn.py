@@ -444,3 +444,41 @@ def test_direct_call_equals_the_op(channels_last, monkeypatch):
         assert x.stride() == y.stride() and torch.equal(x, y)
     monkeypatch.undo()
     assert "fastnn.fpn_topdown_add" in str(make_fx(ops.fpn_topdown_add)(lateral, top).code)
+
+
+def test_module_traces_with_torch_fx_and_keeps_torchvision_methods():
+    """torchvision's create_feature_extractor (torch.fx) goes through fastnn's FPN as through torchvision's,
+    with the same outputs; get_result_from_inner_blocks / get_result_from_layer_blocks and the extra blocks'
+    argument names are torchvision's."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    tv, ours = _pair_modules("p6p7_c5")
+
+    class Net(torch.nn.Module):
+        def __init__(self, fpn):
+            super().__init__()
+            self.fpn = fpn
+
+        def forward(self, a, b, c):
+            return self.fpn(OrderedDict([("c2", a), ("c3", b), ("c4", c)]))
+
+    x = _features()
+    want = ours(x)
+    got = torch.fx.symbolic_trace(Net(ours))(*x.values())
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    # (torchvision's own FPN is a leaf of create_feature_extractor's tracer; fastnn's is traced into)
+    extractor = create_feature_extractor(Net(ours), return_nodes={"fpn.layer_blocks.0.0": "p2"})
+    assert torch.equal(extractor(*x.values())["p2"], want["c2"])
+    assert torch.equal(want["c2"], tv(x)["c2"])
+    feats = list(x.values())
+    for idx in (0, -1, 2):
+        assert torch.equal(ours.get_result_from_inner_blocks(feats[idx], idx),
+                           tv.get_result_from_inner_blocks(feats[idx], idx))
+    inner = tv.get_result_from_inner_blocks(feats[1], 1)
+    assert torch.equal(ours.get_result_from_layer_blocks(inner, -2), tv.get_result_from_layer_blocks(inner, -2))
+    p = [torch.randn(1, 5, 8, 8)]
+    got, names = fastnn.nn.LastLevelMaxPool()(x=list(p), y=[], names=["a"])
+    want, want_names = tv_fpn.LastLevelMaxPool()(x=list(p), y=[], names=["a"])
+    assert names == want_names and all(torch.equal(a, b) for a, b in zip(got, want))
+    p6p7 = fastnn.nn.LastLevelP6P7(5, 5)
+    assert p6p7(p=list(p), c=list(p), names=["a"])[1] == ["a", "p6", "p7"]

@@ -653,3 +653,30 @@ def test_cuda_low_precision(dtype):
     out = run("cuda", ops.roi_align, x64.to(dtype).cuda(), rois.cuda(), (3, 3), 0.5, 2, True)
     lowp_close(out.cpu(), ref.roi_align(x64, rois, 3, 3, 0.5, 2, True),
                ref.roi_align(x64.to(dtype), rois.to(dtype), 3, 3, 0.5, 2, True), what="roi_align cuda")
+
+
+def test_modules_trace_with_torch_fx():
+    """torch.fx.symbolic_trace (and so torchvision's create_feature_extractor) goes through RoIAlign, RoIPool and
+    MultiScaleRoIAlign as through torchvision's: the ops are wrapped, recorded as single calls; the traced
+    modules give the eager modules' outputs. MultiScaleRoIAlign traced before its first eager call sets its
+    scales up in the traced call, as torchvision's does."""
+    x = features(2, 3, 16, 20)
+    rois = random_rois(9, 2, 16, 20, 0.5)
+    for m in (fnn.RoIAlign(3, 0.5, 2), fnn.RoIPool((2, 3), 0.5)):
+        traced = torch.fx.symbolic_trace(m)
+        assert torch.equal(traced(x, rois), m(x, rois))
+    pyramid = _pyramid()
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(12, 2, generator=g) * 200
+    boxes = [torch.cat([xy, xy + torch.rand(12, 2, generator=g) * 100 + 2], 1)[:7],
+             torch.cat([xy, xy + 40], 1)[7:]]
+    shapes = [(256, 320), (256, 320)]
+    names = ["p2", "p3", "p4", "p5"]
+    want = torchvision.ops.MultiScaleRoIAlign(names, 3, 2)(pyramid, boxes, shapes)
+    fresh = fnn.MultiScaleRoIAlign(names, 3, 2)
+    traced = torch.fx.symbolic_trace(fresh)  # before any eager call: no scales yet
+    assert fresh.scales is None
+    assert torch.equal(traced(pyramid, boxes, shapes), want)
+    used = fnn.MultiScaleRoIAlign(names, 3, 2)
+    assert torch.equal(used(pyramid, boxes, shapes), want)
+    assert torch.equal(torch.fx.symbolic_trace(used)(pyramid, boxes, shapes), want)

@@ -12,11 +12,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from ..ops.fpn import fpn_topdown_add
 from ..ops.multiscale import _check_scales, multiscale_detect
+
+# torch.fx (symbolic_trace, torchvision's create_feature_extractor) records this call as one node instead of
+# tracing into its argument checks, as torchvision's ops are wrapped
+torch.fx.wrap("fpn_topdown_add")
 
 
 class ExtraFPNBlock(nn.Module):
@@ -34,10 +39,10 @@ class LastLevelMaxPool(ExtraFPNBlock):
     """Adds a "pool" level: the last FPN output subsampled by 2 (max_pool2d with kernel 1, stride 2),
     as torchvision.ops.feature_pyramid_network.LastLevelMaxPool. No parameters."""
 
-    def forward(self, results: list, x: list, names: list) -> tuple:
+    def forward(self, x: list, y: list, names: list) -> tuple:  # (torchvision's argument names)
         names.append("pool")
-        results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
-        return results, names
+        x.append(F.max_pool2d(x[-1], kernel_size=1, stride=2, padding=0))
+        return x, names
 
 
 class LastLevelP6P7(ExtraFPNBlock):
@@ -59,13 +64,13 @@ class LastLevelP6P7(ExtraFPNBlock):
             nn.init.constant_(conv.bias, 0)
         self.use_P5 = in_channels == out_channels
 
-    def forward(self, results: list, x: list, names: list) -> tuple:
-        source = results[-1] if self.use_P5 else x[-1]
+    def forward(self, p: list, c: list, names: list) -> tuple:  # (torchvision's argument names)
+        source = p[-1] if self.use_P5 else c[-1]
         p6 = self.p6(source)
         p7 = self.p7(F.relu(p6))
-        results.extend([p6, p7])
+        p.extend([p6, p7])
         names.extend(["p6", "p7"])
-        return results, names
+        return p, names
 
 
 def _conv_norm(in_channels: int, out_channels: int, kernel_size: int,
@@ -148,6 +153,16 @@ class FeaturePyramidNetwork(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def get_result_from_inner_blocks(self, x: Tensor, idx: int) -> Tensor:
+        """inner_blocks[idx](x) (idx may be negative), as torchvision's method; x itself for an idx out of range."""
+        idx = idx + len(self.inner_blocks) if idx < 0 else idx
+        return self.inner_blocks[idx](x) if 0 <= idx < len(self.inner_blocks) else x
+
+    def get_result_from_layer_blocks(self, x: Tensor, idx: int) -> Tensor:
+        """layer_blocks[idx](x) (idx may be negative), as torchvision's method; x itself for an idx out of range."""
+        idx = idx + len(self.layer_blocks) if idx < 0 else idx
+        return self.layer_blocks[idx](x) if 0 <= idx < len(self.layer_blocks) else x
+
     def forward(self, x: "OrderedDict[str, Tensor]") -> "OrderedDict[str, Tensor]":
         """Runs the pyramid over the maps of ``x`` (finest first); returns an OrderedDict, finest first."""
         names = list(x.keys())
@@ -160,7 +175,7 @@ class FeaturePyramidNetwork(nn.Module):
         results = [self.layer_blocks[last](inner)]
         for idx in range(last - 1, -1, -1):
             lateral = self.inner_blocks[idx](feats[idx])
-            inner = ops.fpn_topdown_add(lateral, inner)
+            inner = fpn_topdown_add(lateral, inner)
             results.insert(0, self.layer_blocks[idx](inner))
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, feats, names)

@@ -7,7 +7,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.roi import roi_align, roi_pool
 from ..reference import roi as ref
+
+# torch.fx (symbolic_trace, torchvision's create_feature_extractor) records these calls as single nodes instead
+# of tracing into their argument checks, as torchvision wraps its own
+torch.fx.wrap("roi_align")
+torch.fx.wrap("roi_pool")
 
 
 class RoIAlign(nn.Module):
@@ -21,7 +27,7 @@ class RoIAlign(nn.Module):
         self.aligned = aligned
 
     def forward(self, input: Tensor, rois: Union[Tensor, List[Tensor]]) -> Tensor:
-        return ops.roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
@@ -37,7 +43,7 @@ class RoIPool(nn.Module):
         self.spatial_scale = spatial_scale
 
     def forward(self, input: Tensor, rois: Union[Tensor, List[Tensor]]) -> Tensor:
-        return ops.roi_pool(input, rois, self.output_size, self.spatial_scale)
+        return roi_pool(input, rois, self.output_size, self.spatial_scale)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
@@ -96,29 +102,58 @@ class MultiScaleRoIAlign(nn.Module):
         """Pools ``boxes`` (a list of (L_i, 4) per-image boxes in image coordinates) from the maps of ``x``
         named in featmap_names; ``image_shapes`` are the images' (height, width) before the backbone.
         Returns (sum L_i, C, output_size[0], output_size[1])."""
-        features = [v for k, v in x.items() if k in self.featmap_names]
-        if not features:
-            raise ValueError(f"x has none of the feature maps {self.featmap_names}")
-        if self.scales is None or self.map_levels is None:
-            scales, k_min, k_max = ref.setup_scales([f.shape[-2:] for f in features], image_shapes)
-            self.scales = scales
-            self.map_levels = LevelMapper(k_min, k_max, self.canonical_scale, self.canonical_level)
-        if not isinstance(boxes, (list, tuple)):
-            raise TypeError(f"boxes must be a list of (L, 4) tensors, got {type(boxes).__name__}")
-        rois = ops.roi.boxes_to_rois(boxes, features[0])
-        if len(features) == 1:
-            return ops.multi_scale_roi_align(features, rois, None, self.scales, self.output_size, self.sampling_ratio)
-        # levels from the boxes in their own dtype, as torchvision computes them
-        levels, defined = self.map_levels.levels(torch.cat(list(boxes), 0))
-        # a level with no map (a pyramid with a gap, or maps not listed fine to coarse, so that k_min > k_max)
-        # pools nothing in torchvision's per-level loop: zeros, like a box of negative area
-        present = (levels >= 0) & (levels < len(features))
-        defined = defined & present
-        levels = torch.where(present, levels, torch.zeros_like(levels))
-        out = ops.multi_scale_roi_align(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
-        # boxes of negative area have no level: zeros and no gradient, as torchvision gives
-        return torch.where(defined[:, None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        # Scales are set up on the first eager call and kept, as torchvision does. Under torch.fx the maps are
+        # proxies with no sizes: the traced call then sets them up in _multi_scale_pool each time.
+        if (self.scales is None or self.map_levels is None) and isinstance(x, dict):
+            features = _selected_maps(x, self.featmap_names)
+            if all(isinstance(f, Tensor) for f in features):
+                scales, k_min, k_max = ref.setup_scales([f.shape[-2:] for f in features], image_shapes)
+                self.scales = scales
+                self.map_levels = LevelMapper(k_min, k_max, self.canonical_scale, self.canonical_level)
+        m = self.map_levels
+        mapping = ((self.canonical_scale, self.canonical_level, None, None, 1e-6) if m is None
+                   else (m.s0, m.lvl0, m.k_min, m.k_max, m.eps))
+        return _multi_scale_pool(x, self.featmap_names, boxes, image_shapes, self.scales, mapping, self.output_size,
+                                 self.sampling_ratio)
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, "
                 f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio})")
+
+
+def _selected_maps(x: Dict[str, Tensor], featmap_names: List[str]) -> List[Tensor]:
+    """The maps of x named in featmap_names, in x's order."""
+    features = [v for k, v in x.items() if k in featmap_names]
+    if not features:
+        raise ValueError(f"x has none of the feature maps {featmap_names}")
+    return features
+
+
+@torch.fx.wrap
+def _multi_scale_pool(x: Dict[str, Tensor], featmap_names: List[str], boxes: List[Tensor],
+                      image_shapes: List[Tuple[int, int]], scales: Optional[List[float]], mapping: tuple,
+                      output_size: Tuple[int, int], sampling_ratio: int) -> Tensor:
+    """MultiScaleRoIAlign's pooling of the maps of x named in featmap_names: boxes to levels by ``mapping`` =
+    (canonical scale, canonical level, k_min, k_max, eps), then one multi-level roi_align. scales None (or
+    k_min None): scales and k_min / k_max set up from the maps and image_shapes here, as a torch.fx-traced call
+    does. Wrapped for torch.fx: a traced module records it as one call."""
+    features = _selected_maps(x, featmap_names)
+    canonical_scale, canonical_level, k_min, k_max, eps = mapping
+    if scales is None or k_min is None:
+        scales, k_min, k_max = ref.setup_scales([f.shape[-2:] for f in features], image_shapes)
+    if not isinstance(boxes, (list, tuple)):
+        raise TypeError(f"boxes must be a list of (L, 4) tensors, got {type(boxes).__name__}")
+    rois = ops.roi.boxes_to_rois(boxes, features[0])
+    if len(features) == 1:
+        return ops.multi_scale_roi_align(features, rois, None, scales, output_size, sampling_ratio)
+    # levels from the boxes in their own dtype, as torchvision computes them (float16 / bfloat16 in float32)
+    box_levels, defined = ref.map_levels(torch.cat(list(boxes), 0), k_min, k_max, canonical_scale, canonical_level,
+                                         eps)
+    # a level with no map (a pyramid with a gap, or maps not listed fine to coarse, so that k_min > k_max)
+    # pools nothing in torchvision's per-level loop: zeros, like a box of negative area
+    present = (box_levels >= 0) & (box_levels < len(features))
+    defined = defined & present
+    box_levels = torch.where(present, box_levels, torch.zeros_like(box_levels))
+    out = ops.multi_scale_roi_align(features, rois, box_levels, scales, output_size, sampling_ratio)
+    # boxes of negative area have no level: zeros and no gradient, as torchvision gives
+    return torch.where(defined[:, None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
