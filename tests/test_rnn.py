@@ -1080,3 +1080,24 @@ def test_bad_inputs_raise_what_torch_raises_too():
         with pytest.raises(type(torch_error.value)) as ours_error:
             call(ours)
         assert isinstance(ours_error.value, (ValueError, TypeError)), (mode, ours_error.value)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "lstm_cell", "gru_cell"])
+def test_jit_trace_passes_its_check(mode):
+    """torch.jit.trace's default check traces again under no_grad: the layer op's recorded arguments must not
+    depend on grad mode (they did: `train`), so tracing succeeds as for torch.nn's modules, and the traced
+    module gives the eager outputs and gradients."""
+    import warnings
+
+    theirs, ours = pair(mode, torch.float32, input_size=4, hidden_size=5)
+    x = torch.randn(3, 2, 4) if mode in ("lstm", "gru") else torch.randn(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the tracer's warnings about shape-dependent Python branches)
+        traced = torch.jit.trace(ours, (x,))
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    got, want = first(traced(x)), first(ours(x))
+    assert torch.equal(got, want)
+    g_traced = torch.autograd.grad(got.square().sum(), list(ours.parameters()))
+    g_eager = torch.autograd.grad(want.square().sum(), list(ours.parameters()))
+    for a, b in zip(g_traced, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

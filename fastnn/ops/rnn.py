@@ -372,6 +372,14 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+def keeps_workspace(tensors: Sequence[Optional[Tensor]]) -> bool:
+    """Whether a layer keeps its workspace for a backward (the ops' `train`): grad mode on and a tensor that
+    requires grad. While torch.jit traces, grad mode is left out: jit.trace's check traces again under
+    no_grad, and the flag it records must be the first trace's."""
+    tracing = torch._C._get_tracing_state() is not None
+    return (tracing or torch.is_grad_enabled()) and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _layer(mode: str, x: Tensor, batch_sizes: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
            b_hh: Optional[Tensor], w_hr: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
            reverse: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -380,7 +388,7 @@ def _layer(mode: str, x: Tensor, batch_sizes: Tensor, w_ih: Tensor, w_hh: Tensor
     if x.shape[0] == 0 or h0.shape[0] == 0:
         y, h, c = empty_batch_outputs(x, h0, c0, tensors)
         return y, h, (c if mode == "lstm" else None)
-    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    train = keeps_workspace(tensors)
     y, h, c, *_ = _direct.call(torch.ops.fastnn.rnn_layer_forward, _layer_forward_body, _LayerFunction, mode,
                                x.contiguous(), batch_sizes, w_ih.contiguous(), w_hh.contiguous(), _contig(b_ih),
                                _contig(b_hh), _contig(w_hr), h0.contiguous(), _contig(c0), reverse, train)

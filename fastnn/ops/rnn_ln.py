@@ -25,8 +25,8 @@ from .._backend import _C, pick
 from ..reference import rnn as ref
 from . import _checks
 from .rnn import (RNN_DTYPES, _compute_dtype, _contig, _fresh_empties, _lift, autocast_off, check_dropout,
-                  check_stacked_weights, empty_batch_outputs, initial_states, pack_input, run_stacked, unpack_output,
-                  workspace_dtype)
+                  check_stacked_weights, empty_batch_outputs, initial_states, keeps_workspace, pack_input, run_stacked,
+                  unpack_output, workspace_dtype)
 
 try:  # the Triton cells (CUDA; CPU tensors under TRITON_INTERPRET=1)
     from ..kernels import rnn_ln as _triton_ln
@@ -258,7 +258,7 @@ def _layer(x: Tensor, batch_sizes: Tensor, weights: ref.LayerNormLSTMWeights, h0
     tensors = (x, *weights, h0, c0)
     if x.shape[0] == 0 or h0.shape[0] == 0:
         return empty_batch_outputs(x, h0, c0, tensors)
-    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    train = keeps_workspace(tensors)
     y, h, c, *_ = torch.ops.fastnn.layer_norm_lstm_layer_forward(
         x.contiguous(), batch_sizes, *(_contig(w) for w in weights), h0.contiguous(), c0.contiguous(),
         _contig(zoneout_mask), float(zoneout), reverse, train)
