@@ -593,7 +593,7 @@ def test_bad_inputs():
     expect_error(ops.roi_align, (x[0], rois, 2), ValueError, r"input must have shape \(N, C, H, W\)")
     expect_error(ops.roi_align, (x, rois[:, :4], 2), ValueError, r"boxes must have shape \(\*, 5\)")
     expect_error(ops.roi_align, (x, [rois], 2), ValueError, r"boxes\[0\] must have shape \(\*, 4\)")
-    expect_error(ops.roi_align, (x, rois, 0), ValueError, "output_size must be positive")
+    expect_error(ops.roi_align, (x, rois, -1), ValueError, "output_size must be non-negative")
     expect_error(ops.roi_align, (x, rois, (2, 2.5)), TypeError, "output_size must be an int or a pair")
     expect_error(ops.roi_align, (x, rois, 2, float("inf")), ValueError, "spatial_scale must be a finite number")
     expect_error(ops.roi_align, (x, rois, 2, 1.0, 1.5), TypeError, "sampling_ratio must be an int")
@@ -680,3 +680,37 @@ def test_modules_trace_with_torch_fx():
     used = fnn.MultiScaleRoIAlign(names, 3, 2)
     assert torch.equal(used(pyramid, boxes, shapes), want)
     assert torch.equal(torch.fx.symbolic_trace(used)(pyramid, boxes, shapes), want)
+
+
+@pytest.mark.parametrize("size", [0, (0, 3), (2, 0)])
+def test_zero_output_size_gives_empty_outputs_as_torchvision(size):
+    """An output size of 0 (either side) gives an empty (K, C, PH, PW) result and zero gradients, as
+    torchvision's ops do, on every backend, the emulated CUDA kernels and MultiScaleRoIAlign."""
+    from fastnn._backend import _C
+
+    x = features(2, 3, 8, 8).requires_grad_()
+    rois = random_rois(5, 2, 8, 8)
+    ph, pw = (size, size) if isinstance(size, int) else size
+    for sr in (2, -1):
+        want = torchvision.ops.roi_align(x, rois, size, 1.0, sr)
+        for backend in ["reference"] + ALIGN_BACKENDS:
+            got = run(backend, ops.roi_align, x, rois, size, 1.0, sr)
+            assert got.shape == want.shape == (5, 3, ph, pw)
+            (g,) = torch.autograd.grad(got.sum(), x)
+            assert torch.equal(g, torch.zeros_like(x))
+        emulated = _C.roi_align_forward_emulated([x.detach()], rois, None, [1.0], ph, pw, sr, False, False)
+        assert emulated.shape == want.shape
+        grads = _C.roi_align_backward_emulated(torch.randn(want.shape), rois, None, [1.0], list(x.shape), False, sr,
+                                               False)
+        assert torch.equal(grads[0], torch.zeros_like(x))
+    want = torchvision.ops.roi_pool(x, rois, size)
+    for backend in ["reference"] + POOL_BACKENDS:
+        got = run(backend, ops.roi_pool, x, rois, size)
+        assert got.shape == want.shape
+        (g,) = torch.autograd.grad(got.sum(), x)
+        assert torch.equal(g, torch.zeros_like(x))
+    pyramid = _pyramid()
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [1.0, 1.0, 200.0, 150.0]])] * 2
+    shapes = [(256, 320)] * 2
+    got = fnn.MultiScaleRoIAlign(["p2", "p3"], size, 2)(pyramid, boxes, shapes)
+    assert got.shape == torchvision.ops.MultiScaleRoIAlign(["p2", "p3"], size, 2)(pyramid, boxes, shapes).shape

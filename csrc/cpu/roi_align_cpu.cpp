@@ -428,7 +428,7 @@ void check_common(const at::Tensor& rois, const c10::optional<at::Tensor>& level
                   const std::vector<double>& scales, int64_t pooled_h, int64_t pooled_w) {
   TORCH_CHECK(n_levels >= 1 && scales.size() == n_levels, "fastnn roi_align: one scale per level expected");
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, "fastnn roi_align: rois must be (K, 5)");
-  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, "fastnn roi_align: output size must be positive");
+  TORCH_CHECK(pooled_h >= 0 && pooled_w >= 0, "fastnn roi_align: output size must be non-negative");
   TORCH_CHECK(levels.has_value() || n_levels == 1, "fastnn roi_align: levels are required with several levels");
   if (levels.has_value()) {
     TORCH_CHECK(levels->scalar_type() == at::kLong && levels->dim() == 1 && levels->size(0) == rois.size(0),
@@ -507,7 +507,7 @@ std::vector<at::Tensor> roi_align_backward(const at::Tensor& grad, const at::Ten
 std::vector<at::Tensor> roi_pool_forward(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                                          int64_t pooled_h, int64_t pooled_w, bool channels_last) {
   TORCH_CHECK(input.dim() == 4 && rois.dim() == 2 && rois.size(1) == 5, "fastnn roi_pool: bad shapes");
-  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, "fastnn roi_pool: output size must be positive");
+  TORCH_CHECK(pooled_h >= 0 && pooled_w >= 0, "fastnn roi_pool: output size must be non-negative");
   const auto dtype = input.scalar_type();
   const auto ct = roi_compute_type(dtype);
   const auto cl = at::MemoryFormat::ChannelsLast;

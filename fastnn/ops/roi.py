@@ -211,8 +211,8 @@ def _output_size(output_size) -> Tuple[int, int]:
         size = (int(output_size[0]), int(output_size[-1]))
     else:
         raise TypeError(f"output_size must be an int or a pair of ints, got {output_size!r}")
-    if min(size) <= 0:
-        raise ValueError(f"output_size must be positive, got {output_size!r}")
+    if min(size) < 0:  # (0 gives an empty output, as torchvision's)
+        raise ValueError(f"output_size must be non-negative, got {output_size!r}")
     return size
 
 

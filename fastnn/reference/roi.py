@@ -135,7 +135,7 @@ def roi_pool(input: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, spatial_
         corners = [(rois[k, j] * s).item() for j in range(1, 5)]
         out = input.new_zeros((c, pooled_h, pooled_w))
         arg = torch.full((c, pooled_h, pooled_w), -1, dtype=torch.int32, device=input.device)
-        if all(math.isfinite(v) for v in corners):
+        if all(math.isfinite(v) for v in corners) and pooled_h > 0 and pooled_w > 0:
             x1, y1, x2, y2 = (_round_half_away(max(min(v, 2.0 ** 29), -2.0 ** 29)) for v in corners)
             roi_w, roi_h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
             bin_h = torch.tensor(float(roi_h), dtype=dt) / float(pooled_h)
