@@ -714,3 +714,43 @@ def test_zero_output_size_gives_empty_outputs_as_torchvision(size):
     shapes = [(256, 320)] * 2
     got = fnn.MultiScaleRoIAlign(["p2", "p3"], size, 2)(pyramid, boxes, shapes)
     assert got.shape == torchvision.ops.MultiScaleRoIAlign(["p2", "p3"], size, 2)(pyramid, boxes, shapes).shape
+
+
+def test_review_findings_bad_indices_and_argmax():
+    """A review of the CUDA launchers found (each crashed the process before its fix):
+    - an empty batch (N = 0) with a batch index in (-1, 0): every check passed it and it truncated to image 0;
+    - roi_pool's backward with an argmax past H * W (its input is the op's, so a direct call can pass one);
+    - the emulated (CUDA) roi_pool backward dropped a bad batch index where the CPU kernel raises;
+    - a roi_pool backward input_shape of fewer than 4 sizes."""
+    from fastnn._backend import _C
+
+    empty = features(0, 3, 8, 8)
+    rois = torch.tensor([[-0.5, 0.0, 0.0, 4.0, 4.0]])
+    msg = r"boxes\[0, 0\] \(batch index\) is -0.5, expected an integer in \[0, 0\)"
+    for backend in ["reference"] + ALIGN_BACKENDS:
+        with fastnn.use_backend(backend):
+            expect_error(ops.roi_align, (empty, rois, 2, 1.0, 2), ValueError, msg)
+            expect_error(ops.roi_pool, (empty, rois, 2), ValueError, msg)
+    for sr in (2, -1):
+        expect_error(_C.roi_align_forward_emulated, ([empty], rois, None, [1.0], 2, 2, sr, False, False), ValueError,
+                     msg)
+        expect_error(_C.roi_align_backward_emulated, (torch.randn(1, 3, 2, 2), rois, None, [1.0], [0, 3, 8, 8], False,
+                                                      sr, False), ValueError, msg)
+    expect_error(_C.roi_pool_forward_emulated, (empty, rois, 1.0, 2, 2, False), ValueError, msg)
+    x = features(2, 3, 8, 8)
+    good = random_rois(4, 2, 8, 8)
+    for channels_last in (False, True):
+        out, arg = _C.roi_pool_forward_cpu(x, good, 1.0, 2, 2, channels_last)
+        arg = arg.clone()
+        arg[0, 1, 1, 0] = 1 << 30  # past H * W: no pixel
+        grad = torch.randn(out.shape)
+        a = _C.roi_pool_backward_cpu(grad, good, arg, list(x.shape), channels_last)
+        b = _C.roi_pool_backward_emulated(grad, good, arg, list(x.shape), channels_last)
+        assert torch.equal(a, b)
+    bad = good.clone()
+    bad[1, 0] = 5
+    args = (torch.randn(4, 3, 2, 2), bad, torch.zeros(4, 3, 2, 2, dtype=torch.int32), list(x.shape), False)
+    expect_error(_C.roi_pool_backward_cpu, args, ValueError, r"boxes\[1, 0\] \(batch index\) is 5")
+    expect_error(_C.roi_pool_backward_emulated, args, ValueError, r"boxes\[1, 0\] \(batch index\) is 5")
+    expect_error(_C.roi_pool_backward_emulated, (args[0], good, args[2], [1, 3], False), RuntimeError,
+                 "the input shape must have 4 sizes")

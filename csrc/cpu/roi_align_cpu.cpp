@@ -59,8 +59,9 @@ Groups group_rois(const T* rois, const int64_t* levels, int64_t k, int64_t n_lev
   std::vector<int64_t> key(k);
   for (int64_t i = 0; i < k; ++i) {
     const T b = rois[5 * i];
-    // torchvision truncates the batch index; NaN and out-of-range indices are errors here.
-    TORCH_CHECK_VALUE(b == b && b > T(-1) && b < static_cast<T>(n_batch), "boxes[", i, ", 0] (batch index) is ",
+    // torchvision truncates the batch index; NaN and out-of-range indices are errors here (with N = 0 every
+    // index is: -0.5 would truncate to image 0 of no images).
+    TORCH_CHECK_VALUE(n_batch > 0 && b == b && b > T(-1) && b < static_cast<T>(n_batch), "boxes[", i, ", 0] (batch index) is ",
                       static_cast<double>(b), ", expected an integer in [0, ", n_batch, ")");
     const int64_t lvl = levels ? levels[i] : 0;
     TORCH_CHECK_VALUE(lvl >= 0 && lvl < n_levels, "levels[", i, "] is ", lvl, ", expected a level in [0, ", n_levels,
@@ -593,7 +594,7 @@ at::Tensor roi_pool_backward(const at::Tensor& grad, const at::Tensor& rois, con
               for (int64_t bin = 0; bin < bins; ++bin) {
                 for (int64_t c = 0; c < cn; ++c) {
                   const int32_t at = ap[base + bin * channels + c];
-                  if (at >= 0) img[int64_t(at) * channels + c] += gp[base + bin * channels + c];
+                  if (at >= 0 && at < hw) img[int64_t(at) * channels + c] += gp[base + bin * channels + c];
                 }
               }
             }
@@ -604,7 +605,7 @@ at::Tensor roi_pool_backward(const at::Tensor& grad, const at::Tensor& rois, con
               const int64_t base = (g.order[p] * channels + c) * bins;
               for (int64_t bin = 0; bin < bins; ++bin) {
                 const int32_t at = ap[base + bin];
-                if (at >= 0) plane[at] += gp[base + bin];
+                if (at >= 0 && at < hw) plane[at] += gp[base + bin];
               }
             }
           }

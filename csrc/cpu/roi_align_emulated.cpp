@@ -124,6 +124,8 @@ std::vector<at::Tensor> roi_pool_forward_emulated(const at::Tensor& input, const
 
 at::Tensor roi_pool_backward_emulated(const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& argmax,
                                       const std::vector<int64_t>& input_shape, bool channels_last) {
+  FASTNN_CHECK(input_shape.size() == 4, "fastnn roi_pool backward: the input shape must have 4 sizes, got ",
+               input_shape.size());
   const auto dtype = grad.scalar_type();
   const auto ct = roi_compute_type(dtype);
   const auto fmt = roi_format(channels_last);
@@ -149,6 +151,7 @@ at::Tensor roi_pool_backward_emulated(const at::Tensor& grad, const at::Tensor& 
           roi_pool_backward_reduce<scalar_t>(seg.order.data_ptr<int64_t>(), ss[s], ss[s + 1], go.data_ptr<scalar_t>());
     }
   });
+  roi_raise_bad_indices(roi_indices_ok(r, at::Tensor(), input_shape[0], 1), r, at::Tensor(), input_shape[0], 1);
   return gi.to(dtype);
 }
 

@@ -24,7 +24,8 @@ unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1)
 // for every SM to hold several, no more than the bound needs.
 unsigned stride_blocks_for(int64_t bound) {
   const int64_t resident = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks_for(bound), resident)));
+  const int64_t needed = (bound + kThreads - 1) / kThreads;  // (in 64 bits: blocks_for's unsigned could wrap)
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(needed, resident)));
 }
 
 // kGrid: roi_align_forward_element's compile-time sampling ratio (0: any)
@@ -208,16 +209,19 @@ std::vector<at::Tensor> roi_pool_forward(const at::Tensor& input, const at::Tens
 
 at::Tensor roi_pool_backward(const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& argmax,
                              const std::vector<int64_t>& input_shape, bool channels_last) {
+  FASTNN_CHECK(input_shape.size() == 4, "fastnn roi_pool backward: the input shape must have 4 sizes, got ",
+               input_shape.size());
   c10::cuda::CUDAGuard guard(grad.device());
   const auto dtype = grad.scalar_type();
   const auto ct = roi_compute_type(dtype);
   const auto fmt = roi_format(channels_last);
   at::Tensor gi = roi_grad_buffers(input_shape, grad.options().dtype(ct), channels_last)[0];
   const int64_t total = grad.numel();
+  at::Tensor r, indices_ok;
   if (total > 0) {
     const at::Tensor go = grad.to(ct).contiguous(fmt);
     const at::Tensor am = argmax.contiguous(fmt);
-    const at::Tensor r = rois.to(ct).contiguous();
+    r = rois.to(ct).contiguous();
     RoiPoolParams p = roi_pool_params(at::Tensor(), input_shape, r, 1.0, grad.size(2), grad.size(3), channels_last);
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(ct, "roi_pool_backward_cuda", [&] {
@@ -231,8 +235,12 @@ at::Tensor roi_pool_backward(const at::Tensor& grad, const at::Tensor& rois, con
           seg.order.data_ptr<int64_t>(), go.data_ptr<scalar_t>(), gi.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    indices_ok = roi_indices_ok(r, at::Tensor(), input_shape[0], 1);
   }
-  return gi.to(dtype);
+  at::Tensor result = gi.to(dtype);
+  // the one host read, after every launch (the keys kernel skipped invalid RoIs), as the CPU kernel checks
+  if (indices_ok.defined()) roi_raise_bad_indices(indices_ok, r, at::Tensor(), input_shape[0], 1);
+  return result;
 }
 
 }  // namespace fastnn::cuda

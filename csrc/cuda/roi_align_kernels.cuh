@@ -56,7 +56,8 @@ FASTNN_HD int roi_level(const RoiAlignParams& p, int64_t k) {
 template <typename T>
 FASTNN_HD bool roi_valid(const RoiAlignParams& p, int64_t k) {
   const T b = static_cast<const T*>(p.rois)[5 * k];
-  if (!(b > T(-1) && b < static_cast<T>(p.n_batch))) return false;  // NaN fails too
+  // (NaN fails too; with N = 0 every index does: -0.5 would truncate to image 0 of no images)
+  if (!(p.n_batch > 0 && b > T(-1) && b < static_cast<T>(p.n_batch))) return false;
   const int64_t level = p.roi_levels ? p.roi_levels[k] : 0;
   return level >= 0 && level < p.n_levels;
 }
@@ -267,7 +268,7 @@ struct RoiPoolParams {
 template <typename T>
 FASTNN_HD bool roi_pool_valid(const RoiPoolParams& p, int64_t k) {
   const T b = static_cast<const T*>(p.rois)[5 * k];
-  return b > T(-1) && b < static_cast<T>(p.n_batch);
+  return p.n_batch > 0 && b > T(-1) && b < static_cast<T>(p.n_batch);
 }
 
 // Output element `index` (flat in the output's layout): its maximum and where it was read (h * W + w, or -1).

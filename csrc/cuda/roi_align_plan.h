@@ -95,7 +95,9 @@ inline RoiAlignParams roi_align_params(const std::vector<int64_t>& shapes, const
 // reading out of bounds (on CUDA: one small reduction and a host read).
 inline void roi_check_indices(const at::Tensor& rois, const at::Tensor& levels, int64_t n_batch, int64_t n_levels) {
   const at::Tensor b = rois.select(1, 0);
-  const at::Tensor bad_batch = ((b <= -1) | (b >= n_batch) | b.isnan()).nonzero();
+  // (with N = 0 every index is bad: -0.5 would truncate to image 0 of no images)
+  const at::Tensor bad_batch = n_batch > 0 ? ((b <= -1) | (b >= n_batch) | b.isnan()).nonzero()
+                                           : at::zeros({b.size(0) > 0 ? 1 : 0, 1}, b.options().dtype(at::kLong));
   if (bad_batch.numel() > 0) {
     const int64_t k = bad_batch[0][0].item<int64_t>();
     FASTNN_CHECK_VALUE(false, "boxes[", k, ", 0] (batch index) is ", b[k].item<double>(),
@@ -118,6 +120,7 @@ inline void roi_check_indices(const at::Tensor& rois, const at::Tensor& levels, 
 inline at::Tensor roi_indices_ok(const at::Tensor& rois, const at::Tensor& levels, int64_t n_batch, int64_t n_levels) {
   const at::Tensor b = rois.select(1, 0);
   at::Tensor ok = ((b > -1) & (b < n_batch)).all();  // NaN fails both
+  if (n_batch <= 0 && b.size(0) > 0) ok = at::zeros_like(ok);  // (every index is bad)
   if (levels.defined()) ok = ok & ((levels >= 0) & (levels < n_levels)).all();
   return ok;
 }
