@@ -132,6 +132,23 @@ def test_bad_arguments():
             Mamba(16, **kwargs)
     with pytest.raises(ValueError, match="d_model"):
         Mamba(True)
+    for kwargs, what in ((dict(d_state=True), "d_state"), (dict(d_conv=True), "d_conv")):
+        with pytest.raises(ValueError, match=what):  # (a bool is an int to isinstance: was taken as 1)
+            Mamba(16, **kwargs)
+
+
+def test_numpy_numbers_construct_as_in_mamba_ssm():
+    """mamba_ssm's constructor takes numpy integers and floats (plain arithmetic): so does fastnn's, with the
+    same parameter shapes and, from the same seed, the same parameters as from Python numbers."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    want = Mamba(32, d_state=8, d_conv=3, expand=2, dt_rank=4, dt_min=0.002)
+    torch.manual_seed(0)
+    got = Mamba(np.int64(32), d_state=np.int32(8), d_conv=np.int64(3), expand=np.float64(2.0), dt_rank=np.int64(4),
+                dt_min=np.float64(0.002), dt_scale=np.float32(1.0))
+    for (n, a), (_, b) in zip(want.state_dict().items(), got.state_dict().items()):
+        assert torch.equal(a, b), n
     assert Mamba(16, dt_scale=-1.0, dt_init="constant").dt_proj.weight.lt(0).all()  # mamba_ssm allows it
     # decoding: a cache filled for one batch refuses another (a prefill broadcast into every row before);
     # step names the state of the wrong shape

@@ -6,6 +6,7 @@ GPU); decoding runs causal_conv1d_update and selective_state_update on an infere
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,6 +41,19 @@ class InferenceParams:
                 s.zero_()
 
 
+def _as_int(v):
+    """An integral non-bool number (numpy's included) as a Python int; anything else unchanged (the checks
+    then name it)."""
+    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+
+
+def _as_real(v):
+    """A real non-bool number (numpy's included) as a Python int / float; anything else unchanged."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return v
+    return int(v) if isinstance(v, numbers.Integral) else float(v)
+
+
 class Mamba(nn.Module):
     """The Mamba (S6) block of Gu & Dao: in_proj -> causal depthwise conv + silu -> selective scan gated by
     silu(z) -> out_proj, over (B, L, d_model).
@@ -56,11 +70,15 @@ class Mamba(nn.Module):
                  use_fast_path: bool = True, layer_idx: Optional[int] = None, device=None, dtype=None):
         factory = {"device": device, "dtype": dtype}
         super().__init__()
+        # integers of any kind (numpy's too, as mamba_ssm takes them) as Python ints; reals likewise
+        d_model, d_state, d_conv, dt_rank = (_as_int(v) for v in (d_model, d_state, d_conv, dt_rank))
+        expand, dt_min, dt_max, dt_scale, dt_init_floor = (_as_real(v) for v in (expand, dt_min, dt_max, dt_scale,
+                                                                                 dt_init_floor))
         if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model <= 0:
             raise ValueError(f"d_model must be a positive int; got {d_model!r}")
-        if not isinstance(d_state, int) or not 1 <= d_state <= 256:
+        if isinstance(d_state, bool) or not isinstance(d_state, int) or not 1 <= d_state <= 256:
             raise ValueError(f"d_state must be an int in 1..256; got {d_state!r}")
-        if not isinstance(d_conv, int) or not 2 <= d_conv <= 4:
+        if isinstance(d_conv, bool) or not isinstance(d_conv, int) or not 2 <= d_conv <= 4:
             raise ValueError(f"d_conv must be 2, 3 or 4 (the causal conv kernels' widths); got {d_conv!r}")
         if dt_init not in ("random", "constant"):
             raise ValueError(f"dt_init must be 'random' or 'constant'; got {dt_init!r}")
