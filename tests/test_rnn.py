@@ -966,6 +966,9 @@ def test_cell_plain_path_equals_the_validated_path(mode, dtype, monkeypatch):
     expect_error(cell, (x[:, :4], None, *w, *b), ValueError, r"input_size = 5")
     bad_h = (hs[0][:2], hs[-1][:2]) if mode == "lstm" else hs[0][:2]
     expect_error(cell, (x, bad_h, *w, *b), ValueError, r"must have shape \(3, 7\)")
+    expect_error(cell, (x, None, None, w[1], *b), TypeError, "w_ih must be a torch.Tensor")
+    expect_error(cell, (x, None, w[0], [1.0], *b), TypeError, "w_hh must be a torch.Tensor")
+    expect_error(cell, (x.tolist(), None, *w, *b), TypeError, "input must be a torch.Tensor")
 
 
 def test_cells_across_inference_fake_and_symbolic_tracing():

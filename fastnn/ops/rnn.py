@@ -440,10 +440,11 @@ def _cell_plain(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
     states = () if hx is None else (tuple(hx) if mode == "lstm" and isinstance(hx, (tuple, list)) else (hx,))
     if len(states) not in (0, 2 if mode == "lstm" else 1) or (b_ih is None) != (b_hh is None):
         return None
-    if type(input) is not Tensor or input.dim() != 2 or w_ih.dim() != 2:
-        return None
     tensors = (input, w_ih, w_hh, b_ih, b_hh, *states)
-    if not _direct.plain_eager(*tensors):
+    # (plain_eager: every non-None one a plain Tensor or Parameter)
+    if input is None or w_ih is None or w_hh is None or not _direct.plain_eager(*tensors):
+        return None
+    if input.dim() != 2 or w_ih.dim() != 2:
         return None
     dtype, device = input.dtype, input.device
     GH, I = w_ih.shape
