@@ -91,20 +91,29 @@ inline RoiAlignParams roi_align_params(const std::vector<int64_t>& shapes, const
   return p;
 }
 
+// Per RoI: whether its batch index is bad: outside (-1, N) (it is truncated, as torchvision does), NaN, or any
+// index when N = 0 (-0.5 would truncate to image 0 of no images).
+inline at::Tensor roi_bad_batch(const at::Tensor& b, int64_t n_batch) {
+  if (n_batch <= 0) return at::ones(b.sizes(), b.options().dtype(at::kBool));
+  return (b <= -1) | (b >= n_batch) | b.isnan();
+}
+
+inline at::Tensor roi_bad_level(const at::Tensor& levels, int64_t n_levels) {
+  return (levels < 0) | (levels >= n_levels);
+}
+
 // Batch indices in [0, N) and levels in [0, L), so that a bad RoI raises a ValueError naming it instead of
 // reading out of bounds (on CUDA: one small reduction and a host read).
 inline void roi_check_indices(const at::Tensor& rois, const at::Tensor& levels, int64_t n_batch, int64_t n_levels) {
   const at::Tensor b = rois.select(1, 0);
-  // (with N = 0 every index is bad: -0.5 would truncate to image 0 of no images)
-  const at::Tensor bad_batch = n_batch > 0 ? ((b <= -1) | (b >= n_batch) | b.isnan()).nonzero()
-                                           : at::zeros({b.size(0) > 0 ? 1 : 0, 1}, b.options().dtype(at::kLong));
+  const at::Tensor bad_batch = roi_bad_batch(b, n_batch).nonzero();
   if (bad_batch.numel() > 0) {
     const int64_t k = bad_batch[0][0].item<int64_t>();
     FASTNN_CHECK_VALUE(false, "boxes[", k, ", 0] (batch index) is ", b[k].item<double>(),
                        ", expected an integer in [0, ", n_batch, ")");
   }
   if (levels.defined()) {
-    const at::Tensor bad_level = ((levels < 0) | (levels >= n_levels)).nonzero();
+    const at::Tensor bad_level = roi_bad_level(levels, n_levels).nonzero();
     if (bad_level.numel() > 0) {
       const int64_t k = bad_level[0][0].item<int64_t>();
       FASTNN_CHECK_VALUE(false, "levels[", k, "] is ", levels[k].item<int64_t>(), ", expected a level in [0, ",
@@ -118,11 +127,9 @@ inline void roi_check_indices(const at::Tensor& rois, const at::Tensor& levels, 
 // roi_raise_bad_indices reads it back (the launcher's one host read, after the kernels) and, only when it
 // is false, finds and names the first bad RoI.
 inline at::Tensor roi_indices_ok(const at::Tensor& rois, const at::Tensor& levels, int64_t n_batch, int64_t n_levels) {
-  const at::Tensor b = rois.select(1, 0);
-  at::Tensor ok = ((b > -1) & (b < n_batch)).all();  // NaN fails both
-  if (n_batch <= 0 && b.size(0) > 0) ok = at::zeros_like(ok);  // (every index is bad)
-  if (levels.defined()) ok = ok & ((levels >= 0) & (levels < n_levels)).all();
-  return ok;
+  at::Tensor bad = roi_bad_batch(rois.select(1, 0), n_batch).any();
+  if (levels.defined()) bad = bad | roi_bad_level(levels, n_levels).any();
+  return bad.logical_not();
 }
 
 inline void roi_raise_bad_indices(const at::Tensor& ok, const at::Tensor& rois, const at::Tensor& levels,

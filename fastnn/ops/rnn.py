@@ -464,7 +464,7 @@ def _cell_plain(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
             return None
     if not states:
         states = tuple(input.new_zeros(B, H) for _ in range(2 if mode == "lstm" else 1))
-    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    train = keeps_workspace(tensors)
     args = (mode, input.contiguous(), _one_step_batch_sizes(B), w_ih.contiguous(), w_hh.contiguous(), _contig(b_ih),
             _contig(b_hh), None, states[0].contiguous(), states[1].contiguous() if mode == "lstm" else None, False,
             train)
