@@ -22,6 +22,7 @@
 #include "cpu/brgemm.h"
 #include "cpu/rnn_recurrence_cpu.h"
 #include "cpu/rnn_steps.h"
+#include "cpu/small_gemm.h"
 #include "families/rnn.h"
 
 namespace fastnn {
@@ -131,6 +132,12 @@ bool fused_recurrence(const Layer& L) {
   return !L.proj && L.T > 1 && L.H > 0 && recurrence_forward_available();
 }
 
+// Whether a float32 layer of input width I is one small step (a cell at B 4, H 64): its products then run
+// through small_gemm in the calling thread instead of ATen's GEMMs, whose fixed cost is most of such a call.
+bool small_step(const Layer& L, int64_t I) {
+  return L.T == 1 && !L.proj && L.B * L.G * L.H * (I + L.P) <= small_gemm::kSmallFmas;
+}
+
 // The fused recurrence's forward (rnn_recurrence_cpu.cpp): a layer without projection in float32, or with
 // bfloat16 x and weights (bf16_recurrence_available; x's width even): then the input projection and the
 // recurrent products take bf16 operands with float32 sums, and everything else runs in float32 as before.
@@ -209,9 +216,10 @@ std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& 
   const auto opt = x.options();
   const int64_t H = L.H, P = L.P, B = L.B, GH = L.G * L.H;
   const bool bias = b_ih.has_value();
+  const bool small = std::is_same_v<T, float> && small_step(L, x.size(1));
   // Input projection x W_ih^T + biases of rows [r0, r1) into out. The LSTM folds both biases in; the GRU
-  // only b_ih, since its b_hn sits inside r * (h W_hn^T + b_hn).
-  const Tensor bias_row = bias ? (L.lstm ? (*b_ih + *b_hh) : *b_ih) : Tensor();
+  // only b_ih, since its b_hn sits inside r * (h W_hn^T + b_hn). (A small step adds them in small_gemm::nt.)
+  const Tensor bias_row = bias && !small ? (L.lstm ? (*b_ih + *b_hh) : *b_ih) : Tensor();
   auto project = [&](int64_t r0, int64_t r1, Tensor out) {
     const Tensor xr = x.narrow(0, r0, r1 - r0);
     if (bias) {
@@ -229,7 +237,14 @@ std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& 
   }
   // Input projection of all steps, one GEMM.
   Tensor gates = at::empty({L.rows, GH}, opt);
-  project(0, L.rows, gates);
+  if constexpr (std::is_same_v<T, float>) {
+    if (small) {
+      const int64_t I = x.size(1);
+      small_gemm::nt(L.rows, GH, I, ptr<float>(x), I, ptr<float>(w_ih), I, bias ? ptr<float>(*b_ih) : nullptr,
+                     bias && L.lstm ? ptr<float>(*b_hh) : nullptr, ptr<float>(gates), GH);
+    }
+  }
+  if (!small) project(0, L.rows, gates);
   const StepGemm recurrent(w_hh, B, L.T);
   const c10::optional<StepGemm> projection = L.proj ? c10::make_optional(StepGemm(*w_hr, B, L.T)) : c10::nullopt;
   Tensor y = new_output({L.rows, P}, opt);
@@ -249,7 +264,11 @@ std::vector<Tensor> forward_impl(const Layer& L, const Tensor& x, const Tensor& 
   for (int64_t k = 0; k < L.T; ++k) {
     const int64_t t = L.step(k), bs = L.bs[t], off = L.off[t];
     Tensor rec_rows = rec.narrow(0, 0, bs);
-    const Tensor rec_t = recurrent.run(h.narrow(0, 0, bs), rec_rows);
+    Tensor rec_t = rec_rows;
+    if constexpr (std::is_same_v<T, float>) {
+      if (small) small_gemm::nt(bs, GH, P, h_p, P, ptr<float>(w_hh), P, nullptr, nullptr, ptr<float>(rec), GH);
+    }
+    if (!small) rec_t = recurrent.run(h.narrow(0, 0, bs), rec_rows);
     const T* rec_p = ptr<T>(rec_t);
     parallel_rows(bs, GH, [&](int64_t b) {
       T* gx = gates_p + (off + b) * GH;
@@ -408,6 +427,8 @@ std::vector<Tensor> backward_impl(const Layer& L, const Tensor& dy, const Tensor
   Tensor dh_rec = L.lstm ? Tensor() : at::empty({L.B, P}, opt);
   // dh_prev = dgates @ W_hh, dr = dh @ W_hr: StepGemm computes a @ w^T, so it gets the transposes
   // (one step: plain at::mm on the transposed views, see StepGemm)
+  // a small step (small_step; x's rows read through a pointer) takes its five products from small_gemm
+  const bool small = std::is_same_v<T, float> && small_step(L, x.size(1)) && x.is_contiguous();
   const StepGemm recurrent(L.T > 1 ? w_hh.t().contiguous() : w_hh.t(), L.B, L.T);
   const c10::optional<StepGemm> projection =
       L.proj ? c10::make_optional(StepGemm(L.T > 1 ? w_hr->t().contiguous() : w_hr->t(), L.B, L.T)) : c10::nullopt;
@@ -484,6 +505,12 @@ std::vector<Tensor> backward_impl(const Layer& L, const Tensor& dy, const Tensor
     // needed (a cell's backward then runs one GEMM fewer of its five, as torch's skips it).
     if (k == 0 && !want_dh0) break;
     Tensor dh_rows = dh.narrow(0, 0, bs);
+    if constexpr (std::is_same_v<T, float>) {
+      if (small) {  // dh0 = dgates W_hh (the GRU's adds to its direct part z dh, already in dh)
+        small_gemm::nn(bs, GH, P, (L.lstm ? dgx_p : dgh_p) + off * GH, GH, ptr<float>(w_hh), P, dh_p, P, !L.lstm);
+        continue;
+      }
+    }
     if (L.lstm) {
       const Tensor got = recurrent.run(dgx.narrow(0, off, bs), dh_rows);
       if (!got.is_same(dh_rows)) dh_rows.copy_(got);
@@ -494,6 +521,27 @@ std::vector<Tensor> backward_impl(const Layer& L, const Tensor& dy, const Tensor
   }
   // dh, dc now hold the gradients of h0, c0.
   const auto none = [&] { return at::empty({0}, opt); };  // fresh for each: custom ops may not return aliases
+  if constexpr (std::is_same_v<T, float>) {
+    if (small) {  // one step: every row's h_prev is h0's
+      const int64_t I = x.size(1), n = L.rows;
+      Tensor dx = want_dx ? new_output({n, I}, opt) : none();
+      if (want_dx) small_gemm::nn(n, GH, I, dgx_p, GH, ptr<float>(w_ih), I, ptr<float>(dx), I, false);
+      Tensor dw_ih = none(), dw_hh = none(), db_ih = none(), db_hh = none();
+      if (want_dweights) {
+        dw_ih = new_output(w_ih.sizes(), opt);
+        dw_hh = new_output(w_hh.sizes(), opt);
+        small_gemm::tn(n, GH, I, dgx_p, GH, ptr<float>(x), I, ptr<float>(dw_ih), I);
+        small_gemm::tn(n, GH, P, dgh_p, GH, h0_p, P, ptr<float>(dw_hh), P);
+        if (bias) {
+          db_ih = new_output({GH}, opt);
+          db_hh = new_output({GH}, opt);
+          small_gemm::column_sums(n, GH, dgx_p, GH, ptr<float>(db_ih));
+          small_gemm::column_sums(n, GH, dgh_p, GH, ptr<float>(db_hh));
+        }
+      }
+      return {dx, dw_ih, dw_hh, db_ih, db_hh, none(), dh, L.lstm ? dc : none()};
+    }
+  }
   Tensor dx = want_dx ? at::mm(dgx, w_ih) : none();
   Tensor dw_ih = none(), dw_hh = none(), db_ih = none(), db_hh = none(), dw_hr = none();
   if (want_dweights) {
