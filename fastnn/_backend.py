@@ -97,10 +97,21 @@ def usable_backends(device_type: str) -> list:
     return [b for b in BACKENDS if unusable_reason(b, torch.device(device_type)) is None]
 
 
+# Picks that cannot change within a process (whether fastnn._C is built does not; Triton's interpreter
+# setting may), remembered: a small op's call spent ~2 us choosing its kernel.
+_STATIC_BACKENDS = ("cpp", "cuda")
+_static_picks: dict = {}
+
+
 def pick(op: str, device: torch.device, impls: Mapping[str, Callable], preference: Sequence[str]) -> Callable:
     """The implementation of `op` to run on `device`: the forced backend, else the first usable one
     in `preference` (the benchmark's choice), else the reference, logged once."""
     forced = _forced.get()
+    if forced is None:
+        key = (op, device.type, tuple(preference))
+        hit = _static_picks.get(key)
+        if hit is not None and hit[0] is impls and hit[1] in impls:
+            return impls[hit[1]]
     if forced is not None:
         if forced not in impls:
             raise NotImplementedError(
@@ -111,6 +122,8 @@ def pick(op: str, device: torch.device, impls: Mapping[str, Callable], preferenc
         return impls[forced]
     for name in preference:
         if name in impls and unusable_reason(name, device) is None:
+            if forced is None and name in _STATIC_BACKENDS:
+                _static_picks[key] = (impls, name)
             return impls[name]
     key = (op, device.type)
     if key not in _warned:

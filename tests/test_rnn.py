@@ -344,6 +344,38 @@ def test_cells_match_torch(mode, dtype, bias, batched):
             assert_rel_close(g, w, dtype, mode)
 
 
+@pytest.mark.parametrize("mode", ["lstm_cell", "gru_cell"])
+@pytest.mark.parametrize("B, I, H", [(6, 16, 16), (3, 37, 21), (5, 64, 48), (48, 96, 80)])
+def test_cell_products_small_and_blas_match_torch(mode, B, I, H):
+    """A float32 cell step takes its products from csrc/cpu/small_gemm.h up to kSmallFmas multiply-adds (row
+    blocks of 4 with a remainder, 16-wide column blocks with scalar tails) and from ATen's GEMMs beyond (the
+    last shape). Outputs and each gradient against torch.nn, with gradients wanted for every tensor, for the
+    input alone (no weight gradients) and for the weights alone (no dx)."""
+    torch.manual_seed(B * I + H)
+    for bias in (True, False):
+        theirs, ours = pair(mode, torch.float32, input_size=I, hidden_size=H, bias=bias)
+        x = torch.randn(B, I)
+        states = [torch.randn(B, H) for _ in range(2 if mode == "lstm_cell" else 1)]
+        for wants in ("all", "input", "weights"):
+            def run(m):
+                for p in m.parameters():
+                    p.requires_grad_(wants != "input")
+                    p.grad = None
+                xi = x.clone().requires_grad_(wants != "weights")
+                st = [s.clone().requires_grad_(wants == "all") for s in states]
+                out = m(xi, tuple(st) if mode == "lstm_cell" else st[0])
+                outs = list(out) if mode == "lstm_cell" else [out]
+                sum((o * (1 + torch.arange(o.numel()).view_as(o) / 7)).sum() for o in outs).backward()
+                grads = [t.grad for t in [xi, *st, *m.parameters()] if t.requires_grad]
+                return outs + grads
+
+            got, want = run(ours), run(theirs)
+            assert len(got) == len(want)
+            for i, (g, w) in enumerate(zip(got, want)):
+                assert g.shape == w.shape
+                assert_rel_close(g, w, torch.float32, f"{mode} B{B} I{I} H{H} bias={bias} {wants} [{i}]")
+
+
 def test_state_dict_round_trip_and_repr():
     theirs = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=3)
     ours = fastnn.nn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=3)
@@ -913,6 +945,31 @@ def test_direct_calls_equal_the_op(mode, monkeypatch):
         results.append(got)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_direct_autograd_function_hands_setup_context_every_argument():
+    """_direct.autograd_function (the direct path's Function, which calls the op's setup_context from its own
+    forward) gives setup_context the inputs with the body's defaults filled in, as a custom op would, and runs
+    the op's backward."""
+    from fastnn.ops import _direct
+
+    def body(x, scale=2.0, shift=0.5):
+        return x * scale + shift
+
+    def setup_context(ctx, inputs, output):
+        assert len(inputs) == 3
+        ctx.scale = inputs[1]
+
+    def backward(ctx, grad):
+        return grad * ctx.scale, None, None
+
+    function = _direct.autograd_function(body, setup_context, backward)
+    for args, scale, shift in (((), 2.0, 0.5), ((3.0,), 3.0, 0.5), ((3.0, -1.0), 3.0, -1.0)):
+        x = torch.randn(5, requires_grad=True)
+        y = function.apply(x, *args)
+        assert torch.equal(y, x.detach() * scale + shift) and y.requires_grad
+        y.sum().backward()
+        assert torch.equal(x.grad, torch.full_like(x, scale))
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])

@@ -446,21 +446,23 @@ def _cell_plain(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
         return None
     if input.dim() != 2 or w_ih.dim() != 2:
         return None
-    dtype, device = input.dtype, input.device
+    dtype, on_cpu = input.dtype, input.is_cpu
     GH, I = w_ih.shape
     G = 4 if mode == "lstm" else 3
     H = GH // G
     B = input.shape[0]
-    if (B == 0 or H == 0 or GH != G * H or input.shape[1] != I or w_hh.shape != (GH, H)
-            or dtype not in RNN_DTYPES or autocast_on(device.type)):
+    if (B == 0 or H == 0 or GH != G * H or input.shape[1] != I or tuple(w_hh.shape) != (GH, H)
+            or dtype not in RNN_DTYPES or torch._C._is_any_autocast_enabled()):
         return None
+    # one dtype and one device (is_cpu and get_device() are cheaper to read than .device)
+    device_index = input.get_device()
     for t in tensors[1:]:
-        if t is not None and (t.dtype != dtype or t.device != device):
+        if t is not None and (t.dtype is not dtype or t.is_cpu is not on_cpu or t.get_device() != device_index):
             return None
-    if b_ih is not None and (b_ih.shape != (GH,) or b_hh.shape != (GH,)):
+    if b_ih is not None and (tuple(b_ih.shape) != (GH,) or tuple(b_hh.shape) != (GH,)):
         return None
-    for s in states:
-        if s.shape != (B, H):
+    for st in states:
+        if tuple(st.shape) != (B, H):
             return None
     if not states:
         states = tuple(input.new_zeros(B, H) for _ in range(2 if mode == "lstm" else 1))
@@ -523,6 +525,8 @@ def _cell(mode, input, hx, w_ih, w_hh, b_ih, b_hh):
 
 def autocast_on(device_type: str) -> bool:
     """Whether torch.autocast is active for this device type (False for those without autocast, e.g. meta)."""
+    if not torch._C._is_any_autocast_enabled():  # (one C call, where the two below take ~0.6 us)
+        return False
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
