@@ -122,7 +122,8 @@ def pick(op: str, device: torch.device, impls: Mapping[str, Callable], preferenc
         return impls[forced]
     for name in preference:
         if name in impls and unusable_reason(name, device) is None:
-            if forced is None and name in _STATIC_BACKENDS:
+            # (only the first preference: an earlier one unusable now, Triton's interpreter, may become usable)
+            if forced is None and name in _STATIC_BACKENDS and name == preference[0]:
                 _static_picks[key] = (impls, name)
             return impls[name]
     key = (op, device.type)

@@ -897,6 +897,45 @@ def test_kernel_rejects_strided_weights():
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ backend is not under test")
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_kernel_rejects_misshapen_or_strided_states_and_weights(mode):
+    """A one-step float32 call (the small products, which index raw pointers with the layer's extents): a
+    direct call of the op with a weight, bias or state of the wrong shape, or a strided state, w_ih or state
+    gradient, is refused with the argument's name instead of reading out of bounds or giving wrong numbers."""
+    from fastnn._backend import _C
+    G, B, I, H = (4 if mode == "lstm" else 3), 4, 16, 16
+    x, bs = torch.randn(B, I), torch.tensor([B])
+    w_ih, w_hh, b_ih, b_hh = torch.randn(G * H, I), torch.randn(G * H, H), torch.randn(G * H), torch.randn(G * H)
+    h0 = torch.randn(B, H)
+    c0 = torch.randn(B, H) if mode == "lstm" else None
+    args = dict(x=x, batch_sizes=bs, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=None, h0=h0, c0=c0)
+    forward = lambda **kw: _C.rnn_layer_forward_cpu(mode, *{**args, **kw}.values(), False, True)  # noqa: E731
+    bad = {"h0": (torch.randn(B, H - 2), "h0 must be"), "w_ih": (torch.randn(G * H, I - 3), "w_ih must be"),
+           "b_ih": (torch.randn(G * H - 1), "biases must be"), "b_hh": (torch.randn(G * H + 2), "biases must be"),
+           "x": (torch.randn(B, I, 1), "x must be")}
+    bad["h0" if mode == "gru" else "c0"] = (torch.randn(B, H).t().contiguous().t(), "must be contiguous")
+    if mode == "lstm":
+        bad["w_ih"] = (torch.randn(G * H - 4, I), "w_ih must be")
+    for name, (value, message) in bad.items():
+        with pytest.raises(RuntimeError, match=message):
+            forward(**{name: value})
+    y, h, c, gates, aux, r = forward()
+    dy, dh, dc = torch.randn_like(y), torch.randn_like(h), (torch.randn_like(c) if mode == "lstm" else None)
+
+    def backward(dh_n=dh, w=w_ih, dy=dy):
+        return _C.rnn_layer_backward_cpu(mode, dy, dh_n, dc, x, bs, w, w_hh, b_ih, b_hh, None, h0, c0, y, gates, aux,
+                                         r, False, True, True, True)
+
+    strided = lambda t: t.t().contiguous().t()  # noqa: E731 (same values, transposed strides)
+    for kw, message in (({"w": strided(w_ih)}, "w_ih must be contiguous"), ({"dh_n": strided(dh)}, "dh_n must be"),
+                        ({"w": torch.randn(G * H, I + 1)}, "w_ih must be"), ({"dh_n": torch.randn(B, H + 1)}, "dh_n"),
+                        ({"dy": torch.randn(B, H - 1)}, "dy and y must be")):
+        with pytest.raises(RuntimeError, match=message):
+            backward(**kw)
+    assert torch.isfinite(backward()[0]).all()
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ backend is not under test")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode,proj,reverse,lengths", [("lstm", 0, False, [1, 1, 1]), ("gru", 0, True, [1, 1]),
                                                        ("lstm", 0, False, [6, 4, 4, 1]), ("lstm", 7, True, [6, 4, 4, 1]),
@@ -970,6 +1009,46 @@ def test_direct_autograd_function_hands_setup_context_every_argument():
         assert torch.equal(y, x.detach() * scale + shift) and y.requires_grad
         y.sum().backward()
         assert torch.equal(x.grad, torch.full_like(x, scale))
+    # an op body's parameters are the schema's, positional: anything else would be filled wrongly
+    for odd in (lambda x, scale=2.0, *rest: x, lambda x, *, scale=2.0: x):
+        with pytest.raises(TypeError, match="positional parameters only"):
+            _direct.autograd_function(odd, setup_context, backward)
+
+
+def test_backend_picks_remembered_only_while_they_cannot_change(monkeypatch):
+    """_backend.pick remembers a C++ / CUDA pick only when it is the first preference: an earlier one that is
+    unusable now (Triton, until its interpreter is switched on) may become usable later; a forced backend
+    always wins."""
+    from fastnn import _backend
+    impls = {"triton": lambda: "triton", "cpp": lambda: "cpp", "reference": lambda: "reference"}
+    cpu = torch.device("cpu")
+    triton_usable = [False]
+    real = _backend.unusable_reason
+    monkeypatch.setattr(_backend, "unusable_reason",
+                        lambda name, device: (None if triton_usable[0] else "off") if name == "triton"
+                        else real(name, device))
+    assert _backend.pick("pick_test", cpu, impls, ("triton", "cpp"))() == "cpp"
+    triton_usable[0] = True
+    assert _backend.pick("pick_test", cpu, impls, ("triton", "cpp"))() == "triton"
+    assert _backend.pick("pick_test", cpu, impls, ("cpp",))() == "cpp"
+    assert _backend.pick("pick_test", cpu, impls, ("cpp",))() == "cpp"  # remembered
+    with _backend.use_backend("reference"):
+        assert _backend.pick("pick_test", cpu, impls, ("cpp",))() == "reference"
+
+
+def test_autocast_on_reads_every_device_type():
+    """rnn_ops.autocast_on's shortcut (one C call for CPU and CUDA) must not hide autocast on another device
+    type: torch's any-autocast flag does not cover them all."""
+    for dev in ("cpu", "mps"):
+        if not torch.amp.is_autocast_available(dev):
+            continue
+        before = torch.is_autocast_enabled(dev)
+        try:
+            torch.set_autocast_enabled(dev, True)
+            assert rnn_ops.autocast_on(dev)
+        finally:
+            torch.set_autocast_enabled(dev, before)
+        assert rnn_ops.autocast_on(dev) == before
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])

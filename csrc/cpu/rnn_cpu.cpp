@@ -564,6 +564,29 @@ void check_contiguous(const char* who, std::initializer_list<std::pair<const cha
   }
 }
 
+// The shapes the kernels index by (the small products read raw pointers with these extents; ATen's GEMMs
+// would catch some mismatches, those loops none). The Python wrappers validate first; a direct call of the op
+// might not.
+void check_shapes(const char* who, const Layer& L, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+                  const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
+                  const c10::optional<Tensor>& w_hr, const Tensor& h0, const c10::optional<Tensor>& c0) {
+  const int64_t GH = L.G * L.H;
+  TORCH_CHECK(x.dim() == 2, who, ": x must be (rows, input_size), got ", x.sizes());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % L.G == 0, who, ": w_hh must be (", L.G, " * hidden_size, P), got ",
+              w_hh.sizes());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == GH && w_ih.size(1) == x.size(1), who, ": w_ih must be (", GH, ", ",
+              x.size(1), "), got ", w_ih.sizes());
+  for (const auto* b : {&b_ih, &b_hh}) {
+    TORCH_CHECK(!b->has_value() || ((*b)->dim() == 1 && (*b)->size(0) == GH), who, ": the biases must be (", GH,
+                ",), got ", (*b)->sizes());
+  }
+  TORCH_CHECK(!w_hr || (w_hr->dim() == 2 && w_hr->size(0) == L.P && w_hr->size(1) == L.H), who, ": w_hr must be (",
+              L.P, ", ", L.H, "), got ", w_hr->sizes());
+  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == L.P, who, ": h0 must be (batch, ", L.P, "), got ", h0.sizes());
+  TORCH_CHECK(!c0 || (c0->dim() == 2 && c0->size(0) == L.B && c0->size(1) == L.H), who, ": c0 must be (", L.B, ", ",
+              L.H, "), got ", c0->sizes());
+}
+
 void check_dtype(const Tensor& x, bool bf16_ok = false) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
                   (bf16_ok && x.scalar_type() == at::kBFloat16),
@@ -684,7 +707,11 @@ std::vector<Tensor> rnn_layer_forward(const std::string& mode, const Tensor& x, 
   check_contiguous("rnn_layer", {{"x", &x}, {"w_ih", &w_ih}, {"w_hh", &w_hh}});
   if (b_ih) check_contiguous("rnn_layer", {{"b_ih", &*b_ih}});
   if (b_hh) check_contiguous("rnn_layer", {{"b_hh", &*b_hh}});
+  // h0 and c0 too: the state is cloned (strides and all) and read through raw pointers
+  check_contiguous("rnn_layer", {{"h0", &h0}});
+  if (c0) check_contiguous("rnn_layer", {{"c0", &*c0}});
   const Layer L(mode, x, batch_sizes, w_hh, w_hr, h0, reverse);
+  check_shapes("rnn_layer", L, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0);
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnn_layer: b_ih and b_hh must be both given or both absent");
   TORCH_CHECK(!L.lstm || c0.has_value(), "rnn_layer: the LSTM needs c0");
   if (x.scalar_type() == at::kBFloat16) return forward_bf16(L, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, train);
@@ -703,7 +730,15 @@ std::vector<Tensor> rnn_layer_backward(const std::string& mode, const Tensor& dy
   check_contiguous("rnn_layer_backward",
                    {{"dy", &dy}, {"w_hh", &w_hh}, {"y", &y}, {"gates", &gates}, {"aux", &aux}, {"h0", &h0}});
   if (c0) check_contiguous("rnn_layer_backward", {{"c0", &*c0}});
+  // x, w_ih and the state gradients too: the small products and the gate pass read them through raw pointers
+  check_contiguous("rnn_layer_backward", {{"x", &x}, {"w_ih", &w_ih}, {"dh_n", &dh_n}});
+  if (dc_n) check_contiguous("rnn_layer_backward", {{"dc_n", &*dc_n}});
   const Layer L(mode, x, batch_sizes, w_hh, w_hr, h0, reverse);
+  check_shapes("rnn_layer_backward", L, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == L.rows && dy.size(1) == L.P && y.sizes() == dy.sizes() &&
+                  dh_n.sizes() == h0.sizes() && (!dc_n || !c0 || dc_n->sizes() == c0->sizes()),
+              "rnn_layer_backward: dy and y must be (", L.rows, ", ", L.P, "), dh_n and dc_n shaped as h0 and c0; got dy ",
+              dy.sizes(), ", y ", y.sizes(), ", dh_n ", dh_n.sizes());
   TORCH_CHECK(!L.lstm || (c0.has_value() && dc_n.has_value()), "rnn_layer_backward: the LSTM needs c0 and dc_n");
   TORCH_CHECK(gates.numel() == L.rows * L.G * L.H && aux.numel() == L.rows * L.H,
               "rnn_layer_backward: the workspace does not match (was the forward run with train=true?)");

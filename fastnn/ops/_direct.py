@@ -53,6 +53,10 @@ def autograd_function(body: Callable, setup_context: Callable, backward: Callabl
     The direct path runs in plain eager mode only, where the older form behaves the same (functorch
     transforms, which need the newer form, take the custom op instead)."""
     params = inspect.signature(body).parameters.values()
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind not in positional for p in params):
+        raise TypeError(f"autograd_function: {body.__name__} must take positional parameters only (the op's "
+                        "arguments, in the schema's order)")
     defaults = tuple(p.default for p in params if p.default is not inspect.Parameter.empty)
     n_params = len(params)
 
