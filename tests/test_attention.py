@@ -365,6 +365,18 @@ def test_all_finite_cpu_screen(dtype):
     assert _C.all_finite_cpu([u[:, 6::2]]) and not _C.all_finite_cpu([u[:, 5::2]])  # only what the view holds
 
 
+def test_all_finite_cpu_screen_complex():
+    """A complex tensor is finite when both parts are (it fell to a generic path that missed NaN)."""
+    from fastnn._backend import _C
+    z = torch.randn(5, dtype=torch.complex64)
+    assert _C.all_finite_cpu([z])
+    for bad in (complex(float("nan"), 0.0), complex(0.0, float("inf"))):
+        w = z.clone()
+        w[2] = bad
+        assert not _C.all_finite_cpu([w])
+        assert not _C.all_finite_cpu([w.conj()])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpp_scores_with_a_moving_max(dtype, causal):

@@ -496,3 +496,23 @@ def test_build_info_reports_backends():
     assert "reference" in info["backends"]["cpu"]
     assert info["extension_built"], info["extension_error"]
     assert "cpp" in info["backends"]["cpu"]
+
+
+def test_raw_iou_ops_refuse_boxes_and_grads_of_the_wrong_shape():
+    """The raw pairwise IoU ops (and the C++ functions behind them) read rows of 4 coordinates and an (N, M)
+    gradient: anything else is refused with a named error (a (500, 2) box tensor and a (500, 3) gradient
+    corrupted the heap; (N, 5) boxes gave wrong IoUs)."""
+    from fastnn._backend import _C
+    a, b = torch.rand(6, 4), torch.rand(3, 4)
+    for bad in (torch.rand(6, 2), torch.rand(6, 5), torch.rand(24)):
+        with pytest.raises(RuntimeError, match="boxes1 must be"):
+            torch.ops.fastnn.pairwise_box_iou(bad, b, False)
+        with pytest.raises(RuntimeError, match="boxes must be"):
+            _C.pairwise_box_iou_cpu(bad, b, False)
+    for grad in (torch.rand(3, 6), torch.rand(1), torch.rand(6, 4)):
+        with pytest.raises(RuntimeError, match="grad must be"):
+            torch.ops.fastnn.pairwise_box_iou_backward(grad, a, b, False)
+        with pytest.raises(RuntimeError, match="grad must be"):
+            _C.pairwise_box_iou_backward_cpu(grad, a, b, False, False)
+    g1, g2 = torch.ops.fastnn.pairwise_box_iou_backward(torch.rand(6, 3), a, b, False)
+    assert g1.shape == a.shape and g2.shape == b.shape

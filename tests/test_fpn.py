@@ -482,3 +482,9 @@ def test_module_traces_with_torch_fx_and_keeps_torchvision_methods():
     assert names == want_names and all(torch.equal(a, b) for a, b in zip(got, want))
     p6p7 = fastnn.nn.LastLevelP6P7(5, 5)
     assert p6p7(p=list(p), c=list(p), names=["a"])[1] == ["a", "p6", "p7"]
+
+
+def test_raw_backward_refuses_a_top_size_of_another_length():
+    """fpn_topdown_add_backward's top_hw is [height, width]: a list of another length is refused."""
+    with pytest.raises(ValueError, match="top_hw must be"):
+        torch.ops.fastnn.fpn_topdown_add_backward(torch.randn(1, 2, 8, 8), [4, 4, 1], False)

@@ -933,6 +933,12 @@ def test_kernel_rejects_misshapen_or_strided_states_and_weights(mode):
         with pytest.raises(RuntimeError, match=message):
             backward(**kw)
     assert torch.isfinite(backward()[0]).all()
+    # w_hh's second size is the state's width: without a projection it must be H (a narrower h0 and w_hh
+    # corrupted the heap), and a strided batch_sizes was read as dense
+    with pytest.raises(RuntimeError, match="without w_hr"):
+        forward(w_hh=torch.randn(G * H, 2), h0=torch.randn(B, 2))
+    with pytest.raises(RuntimeError, match="batch_sizes must be a contiguous"):
+        forward(x=torch.randn(4, I), batch_sizes=torch.tensor([3, 0, 0, 1]).as_strided((2,), (3,)))
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ backend is not under test")

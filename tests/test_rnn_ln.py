@@ -546,3 +546,34 @@ def test_nonfinite_input_propagates():
     x[1, 0, 0] = float("nan")
     out = m(x)[0]
     assert torch.isnan(out[1:, 0]).all() and torch.isfinite(out[:, 1]).all() and torch.isfinite(out[0]).all()
+
+
+def test_raw_ops_refuse_misshapen_or_strided_tensors():
+    """A direct call of the raw ops (which skip the module's checks) with a misshapen or strided tensor is refused
+    with its name: the C++ kernel reads every tensor as a dense array with the layer's extents (an empty ln
+    weight segfaulted, a short dc_n corrupted the heap, a strided h0 gave wrong numbers)."""
+    if "cpp" not in KERNELS:
+        pytest.skip("the C++ backend is not under test")
+    torch.manual_seed(0)
+    I, H, B = 5, 8, 3
+    G4 = 4 * H
+    f = dict(x=torch.randn(9, I), batch_sizes=torch.tensor([3, 3, 2, 1]), w_ih=torch.randn(G4, I),
+             w_hh=torch.randn(G4, H), bias=torch.randn(G4), ln_ih_weight=torch.rand(G4), ln_ih_bias=torch.randn(G4),
+             ln_hh_weight=torch.rand(G4), ln_hh_bias=torch.randn(G4), ln_cell_weight=torch.rand(H),
+             ln_cell_bias=torch.randn(H), h0=torch.randn(B, H), c0=torch.randn(B, H), zoneout_mask=None)
+    forward = lambda **kw: torch.ops.fastnn.layer_norm_lstm_layer_forward(  # noqa: E731
+        *{**f, **kw}.values(), 0.0, False, True)
+    strided = lambda t: t.t().contiguous().t()  # noqa: E731
+    for name, value in (("ln_ih_weight", torch.rand(0)), ("ln_cell_bias", torch.rand(H - 1)),
+                        ("w_ih", torch.randn(1, I)), ("bias", torch.randn(G4 + 1)), ("h0", strided(f["h0"])),
+                        ("c0", torch.randn(B, H + 1)), ("zoneout_mask", torch.rand(9, H - 1))):
+        with pytest.raises(RuntimeError, match=name):
+            forward(**{name: value})
+    y, h_n, c_n, *workspace = forward()
+    grads = dict(dy=torch.randn_like(y), dh_n=torch.randn_like(h_n), dc_n=torch.randn_like(c_n))
+    backward = lambda **kw: torch.ops.fastnn.layer_norm_lstm_layer_backward(  # noqa: E731
+        *{**grads, **kw}.values(), *f.values(), 0.0, y, *workspace, False, True, True)
+    for name, value in (("dc_n", torch.randn(1, 1)), ("dy", torch.randn(0)), ("dh_n", strided(grads["dh_n"]))):
+        with pytest.raises(RuntimeError, match=name):
+            backward(**{name: value})
+    assert all(torch.isfinite(g).all() for g in backward())

@@ -567,3 +567,12 @@ def test_direct_call_equals_the_op(op, monkeypatch):
     monkeypatch.undo()
     name = "fastnn.sppf_pool" if op == "sppf" else "fastnn.spp_pool"
     assert name in str(make_fx(fn)(x).code)
+
+
+def test_raw_ops_refuse_an_unknown_mode():
+    """The raw spp ops check the mode as spp_pool does: anything but "max" or "avg" is an error, not max pooling."""
+    x = torch.randn(1, 2, 6, 6)
+    with pytest.raises(ValueError, match="mode must be"):
+        torch.ops.fastnn.spp_pool(x, [1, 2], "mean")
+    with pytest.raises(ValueError, match="mode must be"):
+        torch.ops.fastnn.spp_pool_backward(torch.randn(1, 10), x, [1, 2], "mean")

@@ -50,12 +50,21 @@ void iou_backward(const T* grad, const T* b1, const T* b2, int64_t n, int64_t m,
   });
 }
 
+// The kernels read boxes as rows of 4 coordinates (the ops' Python bodies check this too; a direct call of
+// the pybind function may not).
+void check_boxes(const char* who, const at::Tensor& boxes1, const at::Tensor& boxes2) {
+  for (const at::Tensor* b : {&boxes1, &boxes2}) {
+    TORCH_CHECK(b->dim() == 2 && b->size(1) == 4, "fastnn ", who, ": boxes must be (N, 4), got ", b->sizes());
+  }
+}
+
 }  // namespace
 
 // boxes1 (N, 4), boxes2 (M, 4), floating. Returns (N, M) in float32 (float64 for double input), the
 // dtype torchvision.ops.box_iou returns.
 at::Tensor pairwise_box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2, bool generalized) {
   TORCH_CHECK(boxes1.device().is_cpu() && boxes2.device().is_cpu(), "fastnn pairwise_box_iou: CPU tensors expected");
+  check_boxes("pairwise_box_iou", boxes1, boxes2);
   const auto ct = compute_type(boxes1);
   at::Tensor a = boxes1.to(ct).contiguous(), b = boxes2.to(ct).contiguous();
   at::Tensor out = new_output({a.size(0), b.size(0)}, a.options());
@@ -72,6 +81,10 @@ at::Tensor pairwise_box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2, 
 std::vector<at::Tensor> pairwise_box_iou_backward(const at::Tensor& grad, const at::Tensor& boxes1,
                                                   const at::Tensor& boxes2, bool generalized,
                                                   bool clamp_grad_at_zero) {
+  check_boxes("pairwise_box_iou_backward", boxes1, boxes2);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == boxes1.size(0) && grad.size(1) == boxes2.size(0),
+              "fastnn pairwise_box_iou_backward: grad must be (", boxes1.size(0), ", ", boxes2.size(0), "), got ",
+              grad.sizes());
   const auto ct = compute_type(boxes1);
   at::Tensor a = boxes1.to(ct).contiguous(), b = boxes2.to(ct).contiguous(), g = grad.to(ct).contiguous();
   at::Tensor g1 = new_output(a.sizes(), a.options()), g2 = new_output(b.sizes(), b.options());

@@ -353,6 +353,14 @@ std::vector<at::Tensor> detection_postprocess(const at::Tensor& boxes_in, const 
   TORCH_CHECK(scores_in.device().is_cpu() && scores_in.dim() == 3, "fastnn detection_postprocess_cpu: scores (B, N, C)");
   TORCH_CHECK(boxes_in.dim() == 3 || boxes_in.dim() == 4, "fastnn detection_postprocess_cpu: boxes (B, N[, C], 4)");
   TORCH_CHECK(max_det >= 0, "fastnn detection_postprocess_cpu: max_detections >= 0");
+  // boxes (B, N, 4) shared by the classes, or (B, N, C, 4) per class: the kernel indexes them by the scores'
+  // B, N and C
+  const bool per_class = boxes_in.dim() == 4;
+  TORCH_CHECK(boxes_in.size(0) == scores_in.size(0) && boxes_in.size(1) == scores_in.size(1) &&
+                  boxes_in.size(-1) == 4 && (!per_class || boxes_in.size(2) == scores_in.size(2)),
+              "fastnn detection_postprocess_cpu: boxes must be (", scores_in.size(0), ", ", scores_in.size(1),
+              ", 4) or (", scores_in.size(0), ", ", scores_in.size(1), ", ", scores_in.size(2),
+              ", 4) for scores of shape ", scores_in.sizes(), ", got ", boxes_in.sizes());
   const at::Tensor boxes = boxes_in.to(wide_type(boxes_in.scalar_type())).contiguous();
   const at::Tensor scores = scores_in.to(wide_type(scores_in.scalar_type())).contiguous();
   const int64_t b = scores.size(0);
@@ -383,6 +391,8 @@ std::vector<at::Tensor> soft_nms(const at::Tensor& boxes_in, const at::Tensor& s
                                  double sigma, double score_threshold, bool gaussian) {
   TORCH_CHECK(boxes_in.device().is_cpu() && boxes_in.dim() == 2 && boxes_in.size(1) == 4,
               "fastnn soft_nms_cpu: boxes (N, 4) on CPU");
+  TORCH_CHECK(scores_in.dim() == 1 && scores_in.size(0) == boxes_in.size(0), "fastnn soft_nms_cpu: scores must be (",
+              boxes_in.size(0), ",), one per box, got ", scores_in.sizes());
   const at::Tensor boxes = boxes_in.to(wide_type(boxes_in.scalar_type())).contiguous();
   const at::Tensor scores = scores_in.to(wide_type(scores_in.scalar_type())).contiguous();
   std::vector<int64_t> keep;

@@ -32,7 +32,7 @@ bool span_finite(const U* p, int64_t n, U exp_mask) {
 }
 
 bool tensor_finite(const at::Tensor& t) {
-  if (t.numel() == 0 || !t.is_floating_point()) return true;
+  if (t.numel() == 0 || !(t.is_floating_point() || t.is_complex())) return true;
   TORCH_CHECK(t.device().is_cpu(), "all_finite_cpu: tensors must be on the CPU, got ", t.device());
   // A non-overlapping, dense tensor (any permutation of dims, strides >= 0) stores its numel elements
   // contiguously from data_ptr on; anything else is scanned through a contiguous copy.
@@ -44,7 +44,10 @@ bool tensor_finite(const at::Tensor& t) {
     case at::kDouble: return span_finite(static_cast<const uint64_t*>(p), n, uint64_t{0x7FF0000000000000ull});
     case at::kBFloat16: return span_finite(static_cast<const uint16_t*>(p), n, uint16_t{0x7F80u});
     case at::kHalf: return span_finite(static_cast<const uint16_t*>(p), n, uint16_t{0x7C00u});
-    default: return at::isfinite(d).all().item<bool>();
+    default:
+      // (a complex value is finite when both parts are: scanned as its real pairs)
+      if (d.is_complex()) return tensor_finite(at::view_as_real(d.resolve_conj()));
+      return at::isfinite(d).all().item<bool>();
   }
 }
 

@@ -580,8 +580,9 @@ void check_shapes(const char* who, const Layer& L, const Tensor& x, const Tensor
     TORCH_CHECK(!b->has_value() || ((*b)->dim() == 1 && (*b)->size(0) == GH), who, ": the biases must be (", GH,
                 ",), got ", (*b)->sizes());
   }
-  TORCH_CHECK(!w_hr || (w_hr->dim() == 2 && w_hr->size(0) == L.P && w_hr->size(1) == L.H), who, ": w_hr must be (",
-              L.P, ", ", L.H, "), got ", w_hr->sizes());
+  TORCH_CHECK(!w_hr || (w_hr->dim() == 2 && w_hr->size(0) == L.P && w_hr->size(1) == L.H && L.P < L.H), who,
+              ": w_hr must be (P, ", L.H, ") with P = w_hh's second size below ", L.H, ", got ", w_hr->sizes());
+  TORCH_CHECK(w_hr || L.P == L.H, who, ": without w_hr, w_hh must be (", GH, ", ", L.H, "), got ", w_hh.sizes());
   TORCH_CHECK(h0.dim() == 2 && h0.size(1) == L.P, who, ": h0 must be (batch, ", L.P, "), got ", h0.sizes());
   TORCH_CHECK(!c0 || (c0->dim() == 2 && c0->size(0) == L.B && c0->size(1) == L.H), who, ": c0 must be (", L.B, ", ",
               L.H, "), got ", c0->sizes());

@@ -376,18 +376,45 @@ std::vector<Tensor> backward_impl(const PackedSteps& S, int64_t H, const Tensor&
   return {dx, dw_ih, dw_hh, dbias, d_ih_w, d_ih_b, d_hh_w, d_hh_b, d_cell_w, d_cell_b, dh, dc};
 }
 
-// Checks the kernel's own assumptions (the op layer validates the user-facing ones) -> H.
-int64_t check_layer(const Tensor& x, const Tensor& w_hh, const Tensor& h0, const Tensor& c0,
+// Each named tensor has exactly the given sizes and is contiguous (the kernels read them through raw pointers
+// as dense row-major arrays, with these extents).
+void check_dense(const char* who, std::initializer_list<std::tuple<const char*, const Tensor*, std::vector<int64_t>>> list) {
+  for (const auto& [name, t, sizes] : list) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(sizes), who, ": ", name, " must have shape ", at::IntArrayRef(sizes),
+                ", got ", t->sizes());
+    TORCH_CHECK(t->is_contiguous(), who, ": ", name, " must be contiguous");
+  }
+}
+
+// Checks the kernel's own assumptions (the op layer validates the user-facing ones; a direct call of the op
+// may not) -> H.
+int64_t check_layer(const char* who, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+                    const c10::optional<Tensor>& bias, const Tensor& ln_ih_weight, const Tensor& ln_ih_bias,
+                    const Tensor& ln_hh_weight, const Tensor& ln_hh_bias, const Tensor& ln_cell_weight,
+                    const Tensor& ln_cell_bias, const Tensor& h0, const Tensor& c0,
                     const c10::optional<Tensor>& zoneout_mask) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "layer_norm_lstm (CPU kernel): float32 or float64 expected, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, who, ": x must be (rows, input_size), got ", x.sizes());
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0 && w_hh.size(1) == w_hh.size(0) / 4,
               "layer_norm_lstm: w_hh must be (4H, H)");
-  const int64_t H = w_hh.size(1);
-  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == H && c0.sizes() == h0.sizes(), "layer_norm_lstm: h0, c0 must be (B, H)");
-  TORCH_CHECK(!zoneout_mask.has_value() ||
-                  (zoneout_mask->dim() == 2 && zoneout_mask->size(0) == x.size(0) && zoneout_mask->size(1) == H &&
-                   zoneout_mask->scalar_type() == x.scalar_type()),
+  TORCH_CHECK(h0.dim() == 2, who, ": h0 must be (B, H), got ", h0.sizes());
+  const int64_t H = w_hh.size(1), G4 = 4 * H, rows = x.size(0), I = x.size(1), B = h0.size(0);
+  check_dense(who, {{"x", &x, {rows, I}},
+                    {"w_ih", &w_ih, {G4, I}},
+                    {"w_hh", &w_hh, {G4, H}},
+                    {"bias", bias ? &*bias : nullptr, {G4}},
+                    {"ln_ih_weight", &ln_ih_weight, {G4}},
+                    {"ln_ih_bias", &ln_ih_bias, {G4}},
+                    {"ln_hh_weight", &ln_hh_weight, {G4}},
+                    {"ln_hh_bias", &ln_hh_bias, {G4}},
+                    {"ln_cell_weight", &ln_cell_weight, {H}},
+                    {"ln_cell_bias", &ln_cell_bias, {H}},
+                    {"h0", &h0, {B, H}},
+                    {"c0", &c0, {B, H}},
+                    {"zoneout_mask", zoneout_mask ? &*zoneout_mask : nullptr, {rows, H}}});
+  TORCH_CHECK(!zoneout_mask.has_value() || zoneout_mask->scalar_type() == x.scalar_type(),
               "layer_norm_lstm: zoneout_mask must be (rows, H) in x's dtype");
   return H;
 }
@@ -408,7 +435,8 @@ std::vector<Tensor> layer_norm_lstm_forward(const Tensor& x, const Tensor& batch
                                             const Tensor& h0, const Tensor& c0,
                                             const c10::optional<Tensor>& zoneout_mask, double zoneout, bool reverse,
                                             bool train) {
-  const int64_t H = check_layer(x, w_hh, h0, c0, zoneout_mask);
+  const int64_t H = check_layer("layer_norm_lstm", x, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight,
+                                ln_hh_bias, ln_cell_weight, ln_cell_bias, h0, c0, zoneout_mask);
   const PackedSteps S("layer_norm_lstm", batch_sizes, x.size(0), h0.size(0), reverse);
   if (x.scalar_type() == at::kFloat) {
     return forward_impl<float>(S, H, x, w_ih, w_hh, bias,
@@ -429,11 +457,23 @@ std::vector<Tensor> layer_norm_lstm_backward(
     const Tensor& ln_cell_bias, const Tensor& h0, const Tensor& c0, const c10::optional<Tensor>& zoneout_mask,
     double zoneout, const Tensor& y, const Tensor& gates, const Tensor& x_proj, const Tensor& h_proj,
     const Tensor& cells, const Tensor& stats, bool reverse, bool want_dx, bool want_dweights) {
-  const int64_t H = check_layer(x, w_hh, h0, c0, zoneout_mask);
-  const PackedSteps S("layer_norm_lstm_backward", batch_sizes, x.size(0), h0.size(0), reverse);
+  const char* who = "layer_norm_lstm_backward";
+  const int64_t H = check_layer(who, x, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
+                                ln_cell_weight, ln_cell_bias, h0, c0, zoneout_mask);
+  const PackedSteps S(who, batch_sizes, x.size(0), h0.size(0), reverse);
   TORCH_CHECK(gates.numel() == S.rows * 4 * H && x_proj.numel() == S.rows * 4 * H &&
                   h_proj.numel() == S.rows * 4 * H && cells.numel() == S.rows * H && stats.numel() == S.rows * kStats,
               "layer_norm_lstm_backward: the workspace does not match (was the forward run with train=true?)");
+  const int64_t rows = S.rows, B = S.B;
+  check_dense(who, {{"dy", &dy, {rows, H}},
+                    {"dh_n", &dh_n, {B, H}},
+                    {"dc_n", &dc_n, {B, H}},
+                    {"y", &y, {rows, H}},
+                    {"gates", &gates, {rows, 4 * H}},
+                    {"x_proj", &x_proj, {rows, 4 * H}},
+                    {"h_proj", &h_proj, {rows, 4 * H}},
+                    {"cells", &cells, {rows, H}},
+                    {"stats", &stats, {rows, kStats}}});
   const bool has_bias = bias.has_value();
   if (x.scalar_type() == at::kFloat) {
     return backward_impl<float>(S, H, dy, dh_n, dc_n, x, w_ih, w_hh, has_bias,

@@ -77,8 +77,9 @@ struct PackedSteps {
 
   PackedSteps(const char* who, const Tensor& batch_sizes, int64_t rows_, int64_t B_, bool reverse_)
       : reverse(reverse_), B(B_), T(batch_sizes.size(0)), rows(rows_) {
-    TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1,
-                who, ": batch_sizes must be a 1-D int64 CPU tensor");
+    TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1 &&
+                    batch_sizes.is_contiguous(),
+                who, ": batch_sizes must be a contiguous 1-D int64 CPU tensor");
     const int64_t* p = batch_sizes.data_ptr<int64_t>();
     int64_t acc = 0;
     for (int64_t t = 0; t < T; ++t) {
@@ -164,9 +165,13 @@ class StepGemm {
   c10::optional<c10::OperatorHandle> linear_;
 };
 
+// A tensor's data as a dense row-major array (the launchers check each argument's shape and contiguity with
+// its name first; this is the last line against a strided one read as dense).
 template <typename T>
 T* ptr(const Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+  if (!t.defined() || t.numel() == 0) return nullptr;
+  TORCH_CHECK(t.is_contiguous(), "rnn kernel: a strided tensor of shape ", t.sizes(), " where a dense one is read");
+  return t.data_ptr<T>();
 }
 
 }  // namespace rnn_steps

@@ -251,8 +251,16 @@ _IOU_BACKWARD_IMPLS = {
 }
 
 
+def _check_box_rows(boxes1: Tensor, boxes2: Tensor) -> None:
+    """The ops' own check (their kernels read rows of 4 coordinates): a direct call of the op skips _pairwise's."""
+    for name, b in (("boxes1", boxes1), ("boxes2", boxes2)):
+        if b.dim() != 2 or b.shape[1] != 4:
+            raise _checks.SizeMismatchError(f"{name} must be (N, 4); got {tuple(b.shape)}")
+
+
 @torch.library.custom_op("fastnn::pairwise_box_iou", mutates_args=())
 def _pairwise_box_iou_op(boxes1: Tensor, boxes2: Tensor, generalized: bool) -> Tensor:
+    _check_box_rows(boxes1, boxes2)
     impl = pick("box_iou", boxes1.device, _IOU_IMPLS, _IOU_PREFERENCE.get(boxes1.device.type, ()))
     ct = ref.compute_dtype(boxes1.dtype)
     return impl(boxes1.to(ct).contiguous(), boxes2.to(ct).contiguous(), generalized)
@@ -266,6 +274,10 @@ def _pairwise_box_iou_fake(boxes1, boxes2, generalized):
 @torch.library.custom_op("fastnn::pairwise_box_iou_backward", mutates_args=())
 def _pairwise_box_iou_backward_op(grad: Tensor, boxes1: Tensor, boxes2: Tensor,
                                   generalized: bool) -> tuple[Tensor, Tensor]:
+    _check_box_rows(boxes1, boxes2)
+    if tuple(grad.shape) != (boxes1.shape[0], boxes2.shape[0]):
+        raise _checks.SizeMismatchError(f"grad must be ({boxes1.shape[0]}, {boxes2.shape[0]}), one value per pair of "
+                                        f"boxes; got {tuple(grad.shape)}")
     impl = pick("box_iou_backward", boxes1.device, _IOU_BACKWARD_IMPLS,
                 _IOU_PREFERENCE.get(boxes1.device.type, ()))
     ct = ref.compute_dtype(boxes1.dtype)

@@ -89,6 +89,8 @@ def _fpn_topdown_add_fake(lateral, top):
 
 @torch.library.custom_op("fastnn::fpn_topdown_add_backward", mutates_args=())
 def _fpn_topdown_add_backward_op(grad: Tensor, top_hw: list[int], top_channels_last: bool) -> Tensor:
+    if len(top_hw) != 2:
+        raise ValueError(f"top_hw must be [height, width] of top; got {list(top_hw)}")
     n, c = grad.shape[0], grad.shape[1]
     shape = (n, c, top_hw[0], top_hw[1])
     if n * c * top_hw[0] * top_hw[1] == 0:

@@ -152,7 +152,8 @@ def _bins(levels: Sequence[int]) -> int:
 
 @torch.library.custom_op("fastnn::spp_pool", mutates_args=())
 def _spp_pool_op(x: Tensor, levels: List[int], mode: str) -> Tensor:
-    return _spp_pool_body(x, check_levels(levels), mode)  # (again: a raw call of the op skips spp_pool's checks)
+    # (again: a raw call of the op skips spp_pool's checks)
+    return _spp_pool_body(x, check_levels(levels), check_mode(mode))
 
 
 def _spp_pool_body(x: Tensor, levels: List[int], mode: str) -> Tensor:
@@ -170,7 +171,7 @@ def _spp_pool_fake(x, levels, mode):
 
 @torch.library.custom_op("fastnn::spp_pool_backward", mutates_args=())
 def _spp_pool_backward_op(grad: Tensor, x: Tensor, levels: List[int], mode: str) -> Tensor:
-    levels = check_levels(levels)
+    levels, mode = check_levels(levels), check_mode(mode)
     if x.numel() == 0:
         return _new_4d(x, x.shape[1]).zero_()
     impl = pick("spp_pool_backward", x.device, _SPP_BACKWARD_IMPLS, _preference(x.device))
