@@ -645,15 +645,20 @@ def test_raw_ops_refuse_boxes_that_do_not_match_the_scores():
     """The raw detection_postprocess and soft_nms ops index boxes by the scores' sizes: boxes of another batch,
     count or class count (a (1, 1, 4) box tensor for 4M scores segfaulted) and scores of another length (which
     read past their end) are refused with a named error."""
+    from fastnn._backend import _C
     scores = torch.rand(2, 50, 3)
     for boxes in (torch.rand(1, 50, 4), torch.rand(2, 1, 4), torch.rand(2, 50, 2, 4), torch.rand(2, 50, 5)):
         with pytest.raises(RuntimeError, match="boxes must be"):
             torch.ops.fastnn.detection_postprocess(boxes, scores, 0.1, 0.5, 10, False, -1)
+        with pytest.raises(RuntimeError, match="boxes must be"):  # the C++ kernel's own check
+            _C.detection_postprocess_cpu(boxes, scores, 0.1, 0.5, 10, False, -1)
     for boxes in (torch.rand(2, 50, 4), torch.rand(2, 50, 3, 4)):
         num, *_ = torch.ops.fastnn.detection_postprocess(boxes, scores, 0.1, 0.5, 10, False, -1)
         assert num.shape == (2,)
     boxes = torch.rand(20, 4) * 10
     boxes[:, 2:] += boxes[:, :2]
     for bad in (torch.rand(1), torch.rand(4, 5), torch.rand(21)):
-        with pytest.raises(RuntimeError, match="scores must be"):
+        with pytest.raises(RuntimeError, match=r"scores \(N,\), one per box"):
             torch.ops.fastnn.soft_nms(boxes, bad, 0.3, 0.5, 0.001, False)
+        with pytest.raises(RuntimeError, match="scores must be"):
+            _C.soft_nms_cpu(boxes, bad, 0.3, 0.5, 0.001, False)

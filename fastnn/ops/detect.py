@@ -287,6 +287,12 @@ _POST_IMPLS = {
 def _postprocess_op(boxes: Tensor, scores: Tensor, score_threshold: float, iou_threshold: float,
                     max_detections: int, class_agnostic: bool,
                     pre_nms_top_k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    # (the op's own check, for every backend: its kernels index boxes by the scores' sizes, and a direct call
+    # of the op skips detection_postprocess's)
+    if scores.dim() != 3 or boxes.dim() not in (3, 4) or tuple(boxes.shape[:2]) != tuple(scores.shape[:2]) \
+            or boxes.shape[-1] != 4 or (boxes.dim() == 4 and boxes.shape[2] != scores.shape[2]):
+        raise _checks.SizeMismatchError(f"boxes must be (B, N, 4) or (B, N, C, 4) for scores (B, N, C); got boxes "
+                                        f"{tuple(boxes.shape)}, scores {tuple(scores.shape)}")
     impl = pick("detection_postprocess", scores.device, _POST_IMPLS, _POST_PREFERENCE.get(scores.device.type, ()))
     outs = impl(boxes.contiguous(), scores.contiguous(), score_threshold, iou_threshold, max_detections,
                 class_agnostic, pre_nms_top_k)
@@ -382,6 +388,9 @@ _SOFT_IMPLS = {
 @torch.library.custom_op("fastnn::soft_nms", mutates_args=())
 def _soft_nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float, sigma: float, score_threshold: float,
                  gaussian: bool) -> Tuple[Tensor, Tensor]:
+    if boxes.dim() != 2 or boxes.shape[1] != 4 or tuple(scores.shape) != (boxes.shape[0],):
+        raise _checks.SizeMismatchError(f"boxes must be (N, 4) and scores (N,), one per box; got boxes "
+                                        f"{tuple(boxes.shape)}, scores {tuple(scores.shape)}")
     if boxes.shape[0] == 0:
         return boxes.new_empty((0,), dtype=torch.long), scores.new_empty((0,))
     impl = pick("soft_nms", boxes.device, _SOFT_IMPLS, _SOFT_PREFERENCE.get(boxes.device.type, ()))
