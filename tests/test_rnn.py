@@ -929,7 +929,7 @@ def test_kernel_rejects_misshapen_or_strided_states_and_weights(mode):
     strided = lambda t: t.t().contiguous().t()  # noqa: E731 (same values, transposed strides)
     for kw, message in (({"w": strided(w_ih)}, "w_ih must be contiguous"), ({"dh_n": strided(dh)}, "dh_n must be"),
                         ({"w": torch.randn(G * H, I + 1)}, "w_ih must be"), ({"dh_n": torch.randn(B, H + 1)}, "dh_n"),
-                        ({"dy": torch.randn(B, H - 1)}, "dy and y must be")):
+                        ({"dy": torch.randn(B, H - 1)}, "dy must be")):
         with pytest.raises(RuntimeError, match=message):
             backward(**kw)
     assert torch.isfinite(backward()[0]).all()

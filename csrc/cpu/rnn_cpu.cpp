@@ -731,15 +731,14 @@ std::vector<Tensor> rnn_layer_backward(const std::string& mode, const Tensor& dy
   check_contiguous("rnn_layer_backward",
                    {{"dy", &dy}, {"w_hh", &w_hh}, {"y", &y}, {"gates", &gates}, {"aux", &aux}, {"h0", &h0}});
   if (c0) check_contiguous("rnn_layer_backward", {{"c0", &*c0}});
-  // x, w_ih and the state gradients too: the small products and the gate pass read them through raw pointers
-  check_contiguous("rnn_layer_backward", {{"x", &x}, {"w_ih", &w_ih}, {"dh_n", &dh_n}});
-  if (dc_n) check_contiguous("rnn_layer_backward", {{"dc_n", &*dc_n}});
+  // x and w_ih too: the small products read them through raw pointers
+  check_contiguous("rnn_layer_backward", {{"x", &x}, {"w_ih", &w_ih}});
   const Layer L(mode, x, batch_sizes, w_hh, w_hr, h0, reverse);
   check_shapes("rnn_layer_backward", L, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0);
-  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == L.rows && dy.size(1) == L.P && y.sizes() == dy.sizes() &&
-                  dh_n.sizes() == h0.sizes() && (!dc_n || !c0 || dc_n->sizes() == c0->sizes()),
-              "rnn_layer_backward: dy and y must be (", L.rows, ", ", L.P, "), dh_n and dc_n shaped as h0 and c0; got dy ",
-              dy.sizes(), ", y ", y.sizes(), ", dh_n ", dh_n.sizes());
+  check_dense("rnn_layer_backward", {{"dy", &dy, {L.rows, L.P}},
+                                     {"y", &y, {L.rows, L.P}},
+                                     {"dh_n", &dh_n, {L.B, L.P}},
+                                     {"dc_n", dc_n ? &*dc_n : nullptr, {L.B, L.H}}});
   TORCH_CHECK(!L.lstm || (c0.has_value() && dc_n.has_value()), "rnn_layer_backward: the LSTM needs c0 and dc_n");
   TORCH_CHECK(gates.numel() == L.rows * L.G * L.H && aux.numel() == L.rows * L.H,
               "rnn_layer_backward: the workspace does not match (was the forward run with train=true?)");

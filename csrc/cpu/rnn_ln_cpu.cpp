@@ -376,17 +376,6 @@ std::vector<Tensor> backward_impl(const PackedSteps& S, int64_t H, const Tensor&
   return {dx, dw_ih, dw_hh, dbias, d_ih_w, d_ih_b, d_hh_w, d_hh_b, d_cell_w, d_cell_b, dh, dc};
 }
 
-// Each named tensor has exactly the given sizes and is contiguous (the kernels read them through raw pointers
-// as dense row-major arrays, with these extents).
-void check_dense(const char* who, std::initializer_list<std::tuple<const char*, const Tensor*, std::vector<int64_t>>> list) {
-  for (const auto& [name, t, sizes] : list) {
-    if (t == nullptr) continue;
-    TORCH_CHECK(t->sizes() == at::IntArrayRef(sizes), who, ": ", name, " must have shape ", at::IntArrayRef(sizes),
-                ", got ", t->sizes());
-    TORCH_CHECK(t->is_contiguous(), who, ": ", name, " must be contiguous");
-  }
-}
-
 // Checks the kernel's own assumptions (the op layer validates the user-facing ones; a direct call of the op
 // may not) -> H.
 int64_t check_layer(const char* who, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -66,6 +67,18 @@ inline void parallel_rows(int64_t rows, int64_t width, F&& f) {
   at::parallel_for(0, rows, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) f(b);
   });
+}
+
+// Each named tensor (null: absent) has exactly the given sizes and is contiguous: the recurrent kernels read
+// them through raw pointers as dense row-major arrays with these extents.
+inline void check_dense(const char* who,
+                        std::initializer_list<std::tuple<const char*, const Tensor*, std::vector<int64_t>>> list) {
+  for (const auto& [name, t, sizes] : list) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(sizes), who, ": ", name, " must be ", at::IntArrayRef(sizes), ", got ",
+                t->sizes());
+    TORCH_CHECK(t->is_contiguous(), who, ": ", name, " must be contiguous");
+  }
 }
 
 // The steps of one direction over a time-major packed batch: step t holds the first bs[t] sequences
