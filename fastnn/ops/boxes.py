@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .._backend import _C, pick
 from ..reference import boxes as ref
-from . import _checks
+from . import _checks, _onnx
 
 # Dispatch preference per device (first usable wins; use_backend overrides). On an H100 the CUDA C++ NMS
 # beats the Triton one at 1k-100k boxes (0.95 vs 2.07 ms at 10k, bench/NOTES.md); IoU has Triton only.
@@ -190,6 +190,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     kept boxes.
     """
     thr = _check_nms_inputs(boxes, scores, iou_threshold)
+    if _onnx.exporting():
+        return _onnx.nms(boxes.detach(), scores.detach(), thr)
     return torch.ops.fastnn.nms(boxes.detach(), scores.detach(), thr)
 
 
@@ -213,6 +215,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     thr = _check_nms_inputs(boxes, scores, iou_threshold)
     _checks.tensor(idxs, "idxs", integer=True, shape=(boxes.shape[0],))
     _checks.same_device("boxes", boxes, idxs=idxs)
+    if _onnx.exporting():
+        return _onnx.nms(boxes.detach(), scores.detach(), thr, idxs)
     return torch.ops.fastnn.batched_nms(boxes.detach(), scores.detach(), idxs, thr)
 
 
@@ -310,6 +314,8 @@ def _pairwise(boxes1: Tensor, boxes2: Tensor, generalized: bool) -> Tensor:
     _checks.tensor(boxes2, "boxes2", dtypes=_checks.FLOAT_DTYPES, shape=(None, 4))
     _checks.same_device("boxes1", boxes1, boxes2=boxes2)
     common = torch.promote_types(boxes1.dtype, boxes2.dtype)
+    if _onnx.exporting():  # (its aten composition exports as it is)
+        return ref.pairwise_box_iou(boxes1.to(common), boxes2.to(common), generalized)
     return torch.ops.fastnn.pairwise_box_iou(boxes1.to(common), boxes2.to(common), generalized)
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from .._backend import _C, pick
 from ..reference import roi as ref
 from ..reference.boxes import compute_dtype
-from . import _checks
+from . import _checks, _onnx
 
 # Dispatch preference per device (first usable wins; use_backend overrides).
 _PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda",)}
@@ -303,8 +303,11 @@ def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, sp
     _features(input, "input")
     pooled_h, pooled_w = _output_size(output_size)
     rois = boxes_to_rois(boxes, input)
-    return torch.ops.fastnn.roi_align([input], rois, None, [_scale(spatial_scale)], pooled_h, pooled_w,
-                                      _sampling_ratio(sampling_ratio), _aligned(aligned))
+    args = ([input], rois, None, [_scale(spatial_scale)], pooled_h, pooled_w, _sampling_ratio(sampling_ratio),
+            _aligned(aligned))
+    if _onnx.exporting():
+        return _onnx.roi_align(*args)
+    return torch.ops.fastnn.roi_align(*args)
 
 
 def roi_pool(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, spatial_scale: float = 1.0) -> Tensor:
@@ -318,6 +321,8 @@ def roi_pool(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, spa
     _features(input, "input")
     pooled_h, pooled_w = _output_size(output_size)
     rois = boxes_to_rois(boxes, input)
+    if _onnx.exporting():
+        return _onnx.roi_pool(input, rois, _scale(spatial_scale), pooled_h, pooled_w)
     out, _ = torch.ops.fastnn.roi_pool(input, rois, _scale(spatial_scale), pooled_h, pooled_w)
     return out
 
@@ -357,5 +362,8 @@ def multi_scale_roi_align(features: Sequence[Tensor], rois: Tensor, levels: Opti
         _checks.same_device("rois", rois, levels=levels)
         levels = levels.long().contiguous()
     pooled_h, pooled_w = _output_size(output_size)
-    return torch.ops.fastnn.roi_align(list(features), rois, levels, scales, pooled_h, pooled_w,
-                                      _sampling_ratio(sampling_ratio), _aligned(aligned))
+    args = (list(features), rois, levels, scales, pooled_h, pooled_w, _sampling_ratio(sampling_ratio),
+            _aligned(aligned))
+    if _onnx.exporting():
+        return _onnx.roi_align(*args)
+    return torch.ops.fastnn.roi_align(*args)

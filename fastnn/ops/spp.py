@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._backend import _C, pick
 from ..reference import spp as ref
-from . import _checks, _direct
+from . import _checks, _direct, _onnx
 
 # Dispatch preference per device (first usable wins; use_backend overrides). Only Triton exists for CUDA.
 _PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton",)}
@@ -269,6 +269,8 @@ def spp_pool(x: Tensor, levels: Sequence[int] = (1, 2, 4), mode: str = "max") ->
     mode = check_mode(mode)
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"x must have positive H and W for spp_pool, got shape {tuple(x.shape)}")
+    if _onnx.exporting():
+        return _onnx.spp_pool(x, levels, mode)
     return _direct.call(torch.ops.fastnn.spp_pool, _spp_pool_body, _SppPoolFunction, x, levels, mode)
 
 
@@ -297,4 +299,6 @@ def sppf_pool(x: Tensor, k: int = 5) -> Tensor:
     reach = max(x.shape[2], x.shape[3]) - 1
     if reach >= 0 and k // 2 > reach:
         k = 2 * reach + 1
+    if _onnx.exporting():
+        return ref.sppf_pool(x, k)
     return _direct.call(torch.ops.fastnn.sppf_pool, _sppf_pool_body, _SppfPoolFunction, x, k)

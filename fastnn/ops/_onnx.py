@@ -1,0 +1,116 @@
+"""ONNX export of fastnn's detection ops: what they become inside ``torch.onnx.export(..., dynamo=True)``.
+
+torch's ONNX exporter knows aten and torchvision ops, not fastnn's custom ops. So while an export is tracing
+(``torch.onnx.is_in_onnx_export()``), the public functions build their result from standard ONNX operators
+instead of calling the custom op: RoiAlign (opset 16), MaxRoiPool and NonMaxSuppression through
+``torch.onnx.ops.symbolic``, and plain aten compositions (the references) for the FPN top-down add, SPP / SPPF
+pooling and box IoU, which the exporter translates itself. A plain ``torch.onnx.export(model, args)`` of a
+model built from fastnn's layers then needs nothing else, as with torchvision's ops.
+
+The graphs compute what the eager ops compute (tests/test_onnx.py runs them in onnxruntime against fastnn on
+the same inputs); the differences are named where they are made: floating-point inputs are computed in float32
+(float64 stays float64 where ONNX allows), and batched_nms separates categories by offsetting the boxes, as
+torchvision's own batched_nms does for export.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+
+def exporting() -> bool:
+    """True while torch.onnx.export traces a model. Outside any tracing (plain eager calls) it returns False
+    without asking torch.onnx, whose check costs ~3 us."""
+    if not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
+            or torch._C._get_tracing_state() is not None):
+        return False
+    if not torch.onnx.is_in_onnx_export():
+        return False
+    if torch._C._get_tracing_state() is not None:  # (the TorchScript-based exporter traces with torch.jit)
+        raise RuntimeError("fastnn's ops export to ONNX through torch.onnx.export(..., dynamo=True), the default; "
+                           "the TorchScript-based exporter (dynamo=False) cannot take them")
+    return True
+
+
+def _float32_or_64(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def roi_align(features: List[Tensor], rois: Tensor, levels: Optional[Tensor], scales: List[float], pooled_h: int,
+              pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    """fastnn.ops.roi_align / multi_scale_roi_align as ONNX RoiAlign nodes: one per level over every RoI, each
+    RoI then taking its own level's result (ONNX has no per-RoI level, so a graph of L levels pools L times)."""
+    dtype = features[0].dtype
+    compute = _float32_or_64(features[0])
+    coords = rois[:, 1:].to(compute)
+    batch = rois[:, 0].to(torch.int64)
+    attrs = dict(coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel", mode="avg",
+                 output_height=pooled_h, output_width=pooled_w,
+                 sampling_ratio=max(sampling_ratio, 0))  # ONNX's 0 is the adaptive count that <= 0 means here
+    out = None
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        pooled = torch.onnx.ops.symbolic(
+            "::RoiAlign", (feature.to(compute), coords, batch), dict(attrs, spatial_scale=float(scale)),
+            dtype=compute, shape=(rois.shape[0], feature.shape[1], pooled_h, pooled_w), version=16)
+        out = pooled if out is None else torch.where((levels == level)[:, None, None, None], pooled, out)
+    return out.to(dtype)
+
+
+def roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int) -> Tensor:
+    """fastnn.ops.roi_pool as an ONNX MaxRoiPool node (Fast R-CNN's rounding and bins, empty bins 0)."""
+    compute = _float32_or_64(input)
+    out = torch.onnx.ops.symbolic(
+        "::MaxRoiPool", (input.to(compute), rois.to(compute)),
+        dict(pooled_shape=[pooled_h, pooled_w], spatial_scale=float(spatial_scale)),
+        dtype=compute, shape=(rois.shape[0], input.shape[1], pooled_h, pooled_w))
+    return out.to(input.dtype)
+
+
+def spp_pool(x: Tensor, levels: List[int], mode: str) -> Tensor:
+    """fastnn.ops.spp_pool from slices: the exporter has no ONNX form for adaptive pooling where a level does
+    not divide the map, so each bin (torch's adaptive bins, fastnn.reference.spp.adaptive_bins) is a slice
+    reduced by ReduceMax / ReduceMean, in the eager layout (level blocks; channel-major inside a level)."""
+    from ..reference.spp import adaptive_bins
+
+    blocks = []
+    for level in levels:
+        rows, cols = adaptive_bins(x.shape[2], level), adaptive_bins(x.shape[3], level)
+        bins = [x[:, :, r0:r1, c0:c1] for r0, r1 in rows for c0, c1 in cols]
+        pooled = [b.amax((2, 3)) if mode == "max" else b.mean((2, 3)) for b in bins]
+        blocks.append(torch.stack(pooled, 2).flatten(1))
+    return torch.cat(blocks, 1)
+
+
+def _data_dependent_size(like: Tensor):
+    """A size the tracer knows nothing about (an unbacked SymInt), for an output whose length only the data
+    decides: NonMaxSuppression's. The nonzero that makes it is not an output of the graph, so the exporter
+    drops it."""
+    return torch.ones_like(like, dtype=torch.bool).nonzero().shape[0]
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Optional[Tensor] = None) -> Tensor:
+    """fastnn.ops.nms (idxs None) or batched_nms as an ONNX NonMaxSuppression node, in float32.
+
+    A box with a NaN coordinate or score is neither kept nor suppresses anything, as in the eager op: its
+    coordinates become NaN (every IoU with it is NaN, never above the threshold) and it is dropped from the
+    result. Categories are kept apart by offsetting each category's boxes past all others' (torchvision's
+    batched_nms does the same for export)."""
+    boxes = boxes.to(torch.float32)
+    scores = scores.to(torch.float32)
+    bad = torch.isnan(scores) | torch.isnan(boxes).any(1)
+    if idxs is not None:
+        # the span of the finite coordinates and 0 (an infinite box stays infinite, and no box count is empty)
+        finite = torch.cat([torch.where(torch.isfinite(boxes), boxes, 0.0).flatten(), boxes.new_zeros(1)])
+        span = finite.max() - finite.min() + 1
+        boxes = boxes + (idxs.to(torch.float32) * span)[:, None]
+    boxes = torch.where(bad[:, None], torch.full_like(boxes, float("nan")), boxes)
+    scores = torch.where(bad, torch.full_like(scores, float("-inf")), scores)
+    selected = torch.onnx.ops.symbolic(
+        "::NonMaxSuppression",
+        (boxes[None], scores[None, None], torch.tensor([boxes.shape[0]], dtype=torch.int64),
+         torch.tensor([iou_threshold], dtype=torch.float32)),
+        {}, dtype=torch.int64, shape=(_data_dependent_size(scores), 3))
+    keep = selected[:, 2]
+    return keep[~bad[keep]]

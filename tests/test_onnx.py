@@ -1,0 +1,170 @@
+"""ONNX export of the detection ops (fastnn/ops/_onnx.py): torch.onnx.export(..., dynamo=True) of models built
+from fastnn's layers, run in onnxruntime against fastnn's eager result on the same inputs."""
+import io
+from collections import OrderedDict
+
+import pytest
+import torch
+
+import fastnn
+from fastnn import nn as fnn
+from fastnn import ops
+from fastnn.ops import _onnx
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _session(model, args, dynamic_shapes=None):
+    program = torch.onnx.export(model, args, dynamo=True, verbose=False, dynamic_shapes=dynamic_shapes)
+    return ort.InferenceSession(program.model_proto.SerializeToString())
+
+
+def _run(session, *inputs):
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+    return [torch.from_numpy(o) for o in session.run(None, feed)]
+
+
+def _rois(k, n_images=2, extent=70.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(k, 2, generator=g) * extent - 5
+    wh = torch.rand(k, 2, generator=g) * 30
+    wh[: k // 8] *= 0.02  # boxes smaller than a pixel
+    batch = torch.randint(0, n_images, (k, 1), generator=g).float()
+    return torch.cat([batch, xy, xy + wh], 1)
+
+
+def _boxes(k, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(k, 2, generator=g) * 60 - 10
+    return torch.cat([xy, xy + torch.rand(k, 2, generator=g) * 25 + 0.5], 1)
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [2, 0, -1])
+def test_roi_align_exports(aligned, sampling_ratio):
+    x = torch.randn(2, 8, 40, 40)
+    model = fnn.RoIAlign((7, 5), 0.5, sampling_ratio, aligned)
+    session = _session(model, (x, _rois(64)), dynamic_shapes=({}, {0: "rois"}))
+    for k in (64, 9, 1):  # the number of RoIs is an input dimension of the graph
+        rois = _rois(k, seed=k)
+        (got,) = _run(session, x, rois)
+        torch.testing.assert_close(got, model(x, rois), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])  # (onnxruntime's Python API takes no bfloat16)
+def test_roi_align_exports_in_its_compute_dtype(dtype):
+    x = torch.randn(1, 4, 24, 24).to(dtype)
+    rois = _rois(16, n_images=1, extent=40)
+    model = _Fn(lambda f, r: ops.roi_align(f, r, 3, 1.0, 2, True))
+    (got,) = _run(_session(model, (x, rois)), x, rois)
+    assert got.dtype == dtype
+    # the graph pools float16 / bfloat16 in float32 and rounds once, as the kernels do
+    torch.testing.assert_close(got, model(x, rois), rtol=0, atol=1e-12 if dtype == torch.float64 else 0)
+
+
+def test_roi_align_exports_box_lists():
+    x = torch.randn(2, 4, 30, 30)
+    b0, b1 = _boxes(5)[:, :4], _boxes(3, seed=4)[:, :4]
+    model = _Fn(lambda f, a, b: ops.roi_align(f, [a, b], 4, 0.5, -1))
+    (got,) = _run(_session(model, (x, b0, b1)), x, b0, b1)
+    torch.testing.assert_close(got, model(x, b0, b1), rtol=1e-6, atol=1e-6)
+
+
+def test_roi_pool_exports():
+    x = torch.randn(2, 6, 32, 32)
+    model = fnn.RoIPool((4, 3), 0.5)
+    session = _session(model, (x, _rois(48)), dynamic_shapes=({}, {0: "rois"}))
+    for k in (48, 7):
+        rois = _rois(k, seed=k)  # partly outside the map, some smaller than a pixel
+        (got,) = _run(session, x, rois)
+        torch.testing.assert_close(got, model(x, rois), rtol=0, atol=0)
+
+
+def test_multi_scale_roi_align_and_fpn_export():
+    torch.manual_seed(0)
+    fpn = fnn.FeaturePyramidNetwork([4, 6, 8], 8, extra_blocks=None).eval()
+    pool = fnn.MultiScaleRoIAlign(["0", "1", "2"], 5, 2)
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fpn, self.pool = fpn, pool
+
+        def forward(self, c3, c4, c5, boxes0, boxes1):
+            maps = self.fpn(OrderedDict([("0", c3), ("1", c4), ("2", c5)]))
+            return self.pool(maps, [boxes0, boxes1], [(256, 256), (256, 256)])
+
+    c = (torch.randn(2, 4, 64, 64), torch.randn(2, 6, 32, 32), torch.randn(2, 8, 16, 16))
+    g = torch.Generator().manual_seed(3)
+    corner = torch.rand(40, 2, generator=g) * 200
+    boxes = torch.cat([corner, corner + torch.rand(40, 2, generator=g) * 320 + 4], 1)  # every level gets boxes
+    model = Head()
+    (got,) = _run(_session(model, (*c, boxes[:25], boxes[25:])), *c, boxes[:25], boxes[25:])
+    want = model(*c, boxes[:25], boxes[25:]).detach()
+    levels = fastnn.reference.roi.map_levels(boxes, 2, 4, 224, 4, 1e-6)[0]
+    assert len(set(levels.tolist())) == 3
+    # the convolutions run in onnxruntime, so the maps differ by its rounding
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _Nms(torch.nn.Module):
+    def forward(self, boxes, scores, idxs):
+        return ops.nms(boxes, scores, 0.5), ops.batched_nms(boxes, scores, idxs, 0.4)
+
+
+def test_nms_and_batched_nms_export():
+    model = _Nms()
+    k = 80
+    boxes, scores = _boxes(k), torch.rand(k)
+    idxs = torch.randint(-1, 3, (k,))
+    session = _session(model, (boxes, scores, idxs), dynamic_shapes=({0: "n"}, {0: "n"}, {0: "n"}))
+    g = torch.Generator().manual_seed(7)
+    for k in (80, 33, 1):
+        boxes, scores = _boxes(k, seed=k), torch.rand(k, generator=g)
+        idxs = torch.randint(-1, 3, (k,), generator=g)
+        scores[: k // 4] = scores[k // 4: 2 * (k // 4)]  # ties, which both order by index
+        if k > 8:
+            scores[3] = float("nan")  # never kept, suppresses nothing
+            boxes[5, 2] = float("nan")
+            boxes[6] = torch.tensor([1e4, 1e4, float("inf"), 1e4 + 5])
+            # a NaN score ahead of an equal box scored -inf, which it must not suppress
+            scores[7], scores[8], boxes[8], idxs[8] = float("nan"), float("-inf"), boxes[7], idxs[7]
+        got_nms, got_batched = _run(session, boxes, scores, idxs)
+        assert torch.equal(got_nms, ops.nms(boxes, scores, 0.5))
+        assert torch.equal(got_batched, ops.batched_nms(boxes, scores, idxs, 0.4))
+
+
+def test_spp_sppf_and_box_iou_export():
+    x = torch.randn(2, 3, 13, 11)
+    model = _Fn(lambda t, b: (ops.spp_pool(t, (1, 2, 3)), ops.spp_pool(t, (1, 4), "avg"), ops.sppf_pool(t, 5),
+                              ops.box_iou(b, b[:7]), ops.generalized_box_iou(b, b[:7])))
+    b = _boxes(12)
+    got = _run(_session(model, (x, b)), x, b)
+    for g, w in zip(got, model(x, b)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_torchscript_exporter_is_refused_by_name():
+    x, rois = torch.randn(1, 2, 8, 8), _rois(3, n_images=1, extent=6)
+    with pytest.raises(RuntimeError, match="dynamo=True"):
+        torch.onnx.export(fnn.RoIAlign(2, 1.0, 2), (x, rois), io.BytesIO(), dynamo=False)
+
+
+def test_other_tracing_still_records_the_custom_ops():
+    x, rois = torch.randn(1, 2, 8, 8), _rois(3, n_images=1, extent=6)
+    assert not _onnx.exporting()
+    program = torch.export.export(fnn.RoIAlign(2, 1.0, 2), (x, rois))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "fastnn.roi_align.default" in targets
