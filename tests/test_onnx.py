@@ -168,3 +168,79 @@ def test_other_tracing_still_records_the_custom_ops():
     program = torch.export.export(fnn.RoIAlign(2, 1.0, 2), (x, rois))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert "fastnn.roi_align.default" in targets
+
+
+class _Rnn(torch.nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, h0):
+        return self.rnn(x, h0)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_rnn_exports(mode):
+    torch.manual_seed(0)
+    kinds = {"LSTM": fnn.LSTM, "GRU": fnn.GRU}
+    plain = kinds[mode](6, 8, num_layers=2, batch_first=True, bidirectional=True).eval()
+    x = torch.randn(3, 7, 6)
+    got = _run(_session(_Fn(plain), (x,)), x)
+    want = plain(x)
+    want = [want[0], *want[1]] if mode == "LSTM" else list(want)
+    for g, w in zip(got, want):  # onnxruntime's LSTM / GRU against fastnn's kernels
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    unbatched = kinds[mode](6, 5).eval()
+    x1 = torch.randn(4, 6)
+    h1 = torch.randn(1, 5)
+    hx = (h1, torch.randn(1, 5)) if mode == "LSTM" else h1
+    model = _Rnn(unbatched)
+    flat = (x1, *hx) if mode == "LSTM" else (x1, hx)
+    session = _session(_Fn(lambda x, *h: model(x, tuple(h) if mode == "LSTM" else h[0])), flat)
+    got = _run(session, *flat)
+    want = model(x1, hx)
+    want = [want[0], *want[1]] if mode == "LSTM" else list(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_rnn_cells_export():
+    torch.manual_seed(0)
+    x, h, c = torch.randn(3, 6), torch.randn(3, 5), torch.randn(3, 5)
+    lstm, gru = fnn.LSTMCell(6, 5), fnn.GRUCell(6, 5)
+    model = _Fn(lambda x, h, c: (*lstm(x, (h, c)), gru(x, h)))
+    got = _run(_session(model, (x, h, c)), x, h, c)
+    for g, w in zip(got, model(x, h, c)):
+        torch.testing.assert_close(g, w.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_rnn_export_refuses_what_onnx_cannot_express():
+    x = torch.randn(5, 2, 6)
+    with pytest.raises(Exception, match="proj_size"):
+        torch.onnx.export(fnn.LSTM(6, 8, proj_size=4), (x,), dynamo=True, verbose=False)
+    packed = _Fn(lambda x: fnn.GRU(6, 4)(torch.nn.utils.rnn.pack_padded_sequence(x, [5, 3]))[1])
+    with pytest.raises(Exception, match="PackedSequence"):
+        torch.onnx.export(packed, (x,), dynamo=True, verbose=False)
+
+
+def test_attention_exports():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 11, 8), torch.randn(2, 2, 11, 8)
+    keep = torch.rand(9, 11) > 0.4
+    keep[4] = False  # a row that sees no key: zeros in fastnn (torch's softmax would give NaN)
+    add = torch.randn(2, 4, 9, 11)
+    model = _Fn(lambda q, k, v, keep, add: (
+        ops.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True),
+        ops.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=0.3, enable_gqa=True),
+        ops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)))
+    got = _run(_session(model, (q, k, v, keep, add)), q, k, v, keep, add)
+    want = model(q, k, v, keep, add)
+    assert torch.equal(want[0][:, :, 4], torch.zeros_like(want[0][:, :, 4]))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    mha = fnn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 8)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    model = _Fn(lambda x, pad: mha(x, x, x, key_padding_mask=pad, need_weights=False)[0])
+    (got,) = _run(_session(model, (x, pad)), x, pad)
+    torch.testing.assert_close(got, model(x, pad), rtol=1e-5, atol=1e-5)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
+from ..ops import _onnx
 from ..ops import rnn as rnn_ops
 
 
@@ -139,6 +140,8 @@ class LSTM(_RNNBase):
         super().__init__("LSTM", *args, **kwargs)
 
     def forward(self, input, hx=None):  # noqa: D102 (torch.nn.LSTM's)
+        if _onnx.exporting():
+            return _onnx.rnn(self, input, hx)
         return rnn_ops.lstm(input, hx, _layer_weights(self), num_layers=self.num_layers,
                             bidirectional=self.bidirectional, batch_first=self.batch_first, dropout=self.dropout,
                             training=self.training)
@@ -157,6 +160,8 @@ class GRU(_RNNBase):
         super().__init__("GRU", *args, **kwargs)
 
     def forward(self, input, hx=None):  # noqa: D102 (torch.nn.GRU's)
+        if _onnx.exporting():
+            return _onnx.rnn(self, input, hx)
         return rnn_ops.gru(input, hx, _layer_weights(self), num_layers=self.num_layers,
                            bidirectional=self.bidirectional, batch_first=self.batch_first, dropout=self.dropout,
                            training=self.training)
@@ -166,6 +171,8 @@ class LSTMCell(torch.nn.LSTMCell):
     """torch.nn.LSTMCell with fastnn's kernel: ``forward(input, hx=None) -> (h', c')``."""
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:  # noqa: D102
+        if _onnx.exporting():  # (torch's cell, whose ops the exporter knows; the parameters are the same)
+            return super().forward(input, hx)
         return rnn_ops.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
 
@@ -173,4 +180,6 @@ class GRUCell(torch.nn.GRUCell):
     """torch.nn.GRUCell with fastnn's kernel: ``forward(input, hx=None) -> h'``."""
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:  # noqa: D102
+        if _onnx.exporting():
+            return super().forward(input, hx)
         return rnn_ops.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)

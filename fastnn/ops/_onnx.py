@@ -1,11 +1,13 @@
-"""ONNX export of fastnn's detection ops: what they become inside ``torch.onnx.export(..., dynamo=True)``.
+"""ONNX export: what fastnn's ops become inside ``torch.onnx.export(..., dynamo=True)``.
 
 torch's ONNX exporter knows aten and torchvision ops, not fastnn's custom ops. So while an export is tracing
 (``torch.onnx.is_in_onnx_export()``), the public functions build their result from standard ONNX operators
 instead of calling the custom op: RoiAlign (opset 16), MaxRoiPool and NonMaxSuppression through
-``torch.onnx.ops.symbolic``, and plain aten compositions (the references) for the FPN top-down add, SPP / SPPF
-pooling and box IoU, which the exporter translates itself. A plain ``torch.onnx.export(model, args)`` of a
-model built from fastnn's layers then needs nothing else, as with torchvision's ops.
+``torch.onnx.ops.symbolic``; plain aten compositions (the references) for the FPN top-down add, SPP / SPPF
+pooling and box IoU; torch's own ops for the LSTM / GRU layers and cells and for scaled_dot_product_attention,
+whose parameters and semantics fastnn's share. The exporter translates the aten ops itself. A plain
+``torch.onnx.export(model, args)`` of a model built from fastnn's layers then needs nothing else, as with
+torch.nn's and torchvision's.
 
 The graphs compute what the eager ops compute (tests/test_onnx.py runs them in onnxruntime against fastnn on
 the same inputs); the differences are named where they are made: floating-point inputs are computed in float32
@@ -20,13 +22,23 @@ import torch
 from torch import Tensor
 
 
+def _exporter_flag() -> bool:
+    # torch.onnx.is_in_onnx_export() reads this flag too, but under the exporter's strict (dynamo) capture, its
+    # second try, that call reads False under dynamo; the flag itself reads as it is
+    try:
+        from torch.onnx._internal.exporter import _flags
+    except ImportError:
+        return False
+    return bool(getattr(_flags, "_is_onnx_exporting", False))
+
+
 def exporting() -> bool:
     """True while torch.onnx.export traces a model. Outside any tracing (plain eager calls) it returns False
     without asking torch.onnx, whose check costs ~3 us."""
     if not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
             or torch._C._get_tracing_state() is not None):
         return False
-    if not torch.onnx.is_in_onnx_export():
+    if not (_exporter_flag() or torch.onnx.is_in_onnx_export()):
         return False
     if torch._C._get_tracing_state() is not None:  # (the TorchScript-based exporter traces with torch.jit)
         raise RuntimeError("fastnn's ops export to ONNX through torch.onnx.export(..., dynamo=True), the default; "
@@ -114,3 +126,52 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Optional[Tens
         {}, dtype=torch.int64, shape=(_data_dependent_size(scores), 3))
     keep = selected[:, 2]
     return keep[~bad[keep]]
+
+
+def rnn(module, input, hx):
+    """fastnn.nn.LSTM / GRU as torch.lstm / torch.gru, which the exporter turns into ONNX LSTM / GRU nodes: the
+    modules hold torch.nn's parameters in its flat order, so torch's own op computes what the kernels compute.
+    Padded (batched or unbatched) input; a PackedSequence has no ONNX form here."""
+    if isinstance(input, torch.nn.utils.rnn.PackedSequence):
+        raise RuntimeError(f"ONNX export of fastnn.nn.{module.mode} takes a padded input, not a PackedSequence")
+    if module.proj_size > 0:  # (torch.nn.LSTM's export produces an invalid graph there)
+        raise RuntimeError("ONNX export of fastnn.nn.LSTM with proj_size > 0 is not supported: ONNX's LSTM operator "
+                           "has no projection")
+    lstm = module.mode == "LSTM"
+    batched = input.dim() == 3
+    if not batched:
+        input = input.unsqueeze(0 if module.batch_first else 1)
+    states = module.num_layers * (2 if module.bidirectional else 1)
+    batch = input.shape[0 if module.batch_first else 1]
+    out_size = module.proj_size if module.proj_size > 0 else module.hidden_size
+    if hx is None:
+        h0 = input.new_zeros(states, batch, out_size)
+        hx = (h0, input.new_zeros(states, batch, module.hidden_size)) if lstm else h0
+    elif not batched:
+        hx = tuple(h.unsqueeze(1) for h in hx) if lstm else hx.unsqueeze(1)
+    args = (module._flat_weights, module.bias, module.num_layers, module.dropout, module.training,
+            module.bidirectional, module.batch_first)
+    if lstm:
+        output, h_n, c_n = torch.lstm(input, hx, *args)
+        state = (h_n, c_n) if batched else (h_n.squeeze(1), c_n.squeeze(1))
+    else:
+        output, h_n = torch.gru(input, hx, *args)
+        state = h_n if batched else h_n.squeeze(1)
+    if not batched:
+        output = output.squeeze(0 if module.batch_first else 1)
+    return output, state
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                                 dropout_p: float, is_causal: bool, scale: float, enable_gqa: bool) -> Tensor:
+    """fastnn.ops.scaled_dot_product_attention as torch's, which the exporter decomposes, with fastnn's one
+    difference kept: a query row whose keys are all masked gives zeros (torch's softmax gives NaN)."""
+    if attn_mask is not None and attn_mask.dtype != torch.bool:  # (torch's takes the query's dtype only)
+        attn_mask = attn_mask.to(query.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                                           scale=scale, enable_gqa=enable_gqa)
+    if attn_mask is None:
+        return out
+    masked = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == float("-inf")
+    dead = masked.all(-1, keepdim=True)
+    return torch.where(dead, torch.zeros((), dtype=out.dtype), out)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._backend import _C, forced_backend, pick
 from ..reference import attention as ref
-from . import _checks, _direct
+from . import _checks, _direct, _onnx
 
 _log = logging.getLogger("fastnn")
 _PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton",)}
@@ -597,6 +597,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     s = _scale_value(scale, E)
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask must be None when is_causal=True (as in torch)")
+    if _onnx.exporting():
+        mask = None if attn_mask is None else _bias_for(attn_mask, query, (*lead, Hq, L, S), "attn_mask")
+        return _onnx.scaled_dot_product_attention(query, key, value, mask, p, bool(is_causal), s,
+                                                  bool(enable_gqa))
     B = math.prod(lead) if lead else 1
     q4 = query.reshape(B, Hq, L, E).transpose(1, 2)
     k4 = key.reshape(B, Hkv, S, E).transpose(1, 2)
