@@ -244,3 +244,58 @@ def test_attention_exports():
     model = _Fn(lambda x, pad: mha(x, x, x, key_padding_mask=pad, need_weights=False)[0])
     (got,) = _run(_session(model, (x, pad)), x, pad)
     torch.testing.assert_close(got, model(x, pad), rtol=1e-5, atol=1e-5)
+
+
+class _Postprocess(torch.nn.Module):
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, boxes, scores):
+        return ops.detection_postprocess(boxes, scores, **self.options)
+
+
+def _detections(per_class, b=3, n=120, c=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    corner = torch.rand(b, n, 2, generator=g) * 80
+    size = torch.rand(b, n, 2, generator=g) * 30 + 1
+    if per_class:
+        jitter = torch.rand(b, n, c, 4, generator=g) * 6
+        boxes = torch.cat([corner, corner + size], -1)[:, :, None] + jitter
+    else:
+        boxes = torch.cat([corner, corner + size], -1)
+    scores = torch.rand(b, n, c, generator=g)
+    scores[0, :8] = scores[0, 8:16]  # equal scores: ranked by flat index n * C + c
+    scores[1, 3, 1] = float("nan")  # never a candidate
+    boxes[1, 5] = float("nan")
+    return boxes, scores
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+@pytest.mark.parametrize("class_agnostic", [False, True])
+@pytest.mark.parametrize("pre_nms_top_k", [None, 30])
+def test_detection_postprocess_exports(per_class, class_agnostic, pre_nms_top_k):
+    model = _Postprocess(score_threshold=0.25, iou_threshold=0.45, max_detections=50,
+                         class_agnostic=class_agnostic, pre_nms_top_k=pre_nms_top_k)
+    boxes, scores = _detections(per_class)
+    session = _session(model, (boxes, scores))
+    for seed in (0, 1):
+        boxes, scores = _detections(per_class, seed=seed)
+        got = _run(session, boxes, scores)
+        want = model(boxes, scores)
+        assert (want[0] < 50).any() or pre_nms_top_k is None  # (some images run out of detections: padding)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+def test_detection_postprocess_export_edges():
+    boxes, scores = _detections(False, b=2, n=40, c=3)
+    boxes16, scores16 = boxes.half(), scores.half()
+    for model, args in ((_Postprocess(score_threshold=0.9, iou_threshold=0.5, max_detections=60), (boxes, scores)),
+                        (_Postprocess(score_threshold=0.2, iou_threshold=0.5, max_detections=5, pre_nms_top_k=0),
+                         (boxes, scores)),
+                        (_Postprocess(score_threshold=0.2, iou_threshold=0.3, max_detections=20),
+                         (boxes16, scores16))):
+        got = _run(_session(model, args), *args)
+        for g, w in zip(got, model(*args)):
+            assert g.dtype == w.dtype and torch.equal(g, w)

@@ -3,8 +3,8 @@
 torch's ONNX exporter knows aten and torchvision ops, not fastnn's custom ops. So while an export is tracing
 (``torch.onnx.is_in_onnx_export()``), the public functions build their result from standard ONNX operators
 instead of calling the custom op: RoiAlign (opset 16), MaxRoiPool and NonMaxSuppression through
-``torch.onnx.ops.symbolic``; plain aten compositions (the references) for the FPN top-down add, SPP / SPPF
-pooling and box IoU; torch's own ops for the LSTM / GRU layers and cells and for scaled_dot_product_attention,
+``torch.onnx.ops.symbolic`` (detection_postprocess: NonMaxSuppression between dense top-k's); plain aten
+compositions (the references) for the FPN top-down add, SPP / SPPF pooling and box IoU; torch's own ops for the LSTM / GRU layers and cells and for scaled_dot_product_attention,
 whose parameters and semantics fastnn's share. The exporter translates the aten ops itself. A plain
 ``torch.onnx.export(model, args)`` of a model built from fastnn's layers then needs nothing else, as with
 torch.nn's and torchvision's.
@@ -123,7 +123,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Optional[Tens
         "::NonMaxSuppression",
         (boxes[None], scores[None, None], torch.tensor([boxes.shape[0]], dtype=torch.int64),
          torch.tensor([iou_threshold], dtype=torch.float32)),
-        {}, dtype=torch.int64, shape=(_data_dependent_size(scores), 3))
+        None, dtype=torch.int64, shape=(_data_dependent_size(scores), 3))
     keep = selected[:, 2]
     return keep[~bad[keep]]
 
@@ -175,3 +175,60 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     masked = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == float("-inf")
     dead = masked.all(-1, keepdim=True)
     return torch.where(dead, torch.zeros((), dtype=out.dtype), out)
+
+
+def detection_postprocess(boxes: Tensor, scores: Tensor, score_threshold: float, iou_threshold: float,
+                          max_detections: int, class_agnostic: bool, pre_nms_top_k: int):
+    """fastnn.ops.detection_postprocess from an ONNX NonMaxSuppression node and dense top-k's.
+
+    The candidates (score > threshold, no NaN) keep their scores in a (B, N * C) matrix indexed n * C + c, the
+    rest -inf; a top-k per image applies pre_nms_top_k; NonMaxSuppression runs with ONNX's class dimension
+    for boxes shared by the classes, else over the flattened (box, class) pairs (classes apart by a box offset
+    unless class_agnostic); the survivors' scores go back into a dense matrix, whose top max_detections per
+    image are the outputs. Equal scores rank by the lower flat index in ONNX's TopK, as in the eager op. IoU is
+    computed in float32 (ONNX's NonMaxSuppression takes no other type)."""
+    bsz, n, c = scores.shape
+    compute = _float32_or_64(scores)
+    shared = boxes.dim() == 3
+    box_nan = torch.isnan(boxes).any(-1)
+    valid = (scores.to(compute) > score_threshold) & ~(box_nan[:, :, None] if shared else box_nan)
+    ranked = torch.where(valid, scores.to(torch.float32), float("-inf")).reshape(bsz, n * c)
+    if 0 <= pre_nms_top_k < n * c:
+        top = torch.topk(ranked, pre_nms_top_k, dim=1).indices
+        kept = torch.zeros_like(ranked, dtype=torch.bool).scatter(1, top, True)
+        ranked = torch.where(kept, ranked, float("-inf"))
+    every = torch.tensor([n * c], dtype=torch.int64)
+    nms_args = (torch.tensor([iou_threshold], dtype=torch.float32), torch.tensor([float("-inf")]))
+    flat_boxes = (boxes[:, :, None, :].expand(bsz, n, c, 4) if shared else boxes).reshape(bsz, n * c, 4)
+    if shared and not class_agnostic:  # ONNX's own classes: scores (B, C, N), results (image, class, box)
+        selected = torch.onnx.ops.symbolic(
+            "::NonMaxSuppression", (boxes.to(torch.float32), ranked.reshape(bsz, n, c).transpose(1, 2), every,
+                                    *nms_args),
+            None, dtype=torch.int64, shape=(_data_dependent_size(ranked), 3))
+        flat = selected[:, 2] * c + selected[:, 1]
+    else:
+        nms_boxes = flat_boxes.to(torch.float32)
+        if not class_agnostic:
+            finite = torch.cat([torch.where(torch.isfinite(nms_boxes), nms_boxes, 0.0).flatten(),
+                                nms_boxes.new_zeros(1)])
+            classes = (torch.arange(n * c) % c).to(torch.float32)
+            nms_boxes = nms_boxes + (classes * (finite.max() - finite.min() + 1))[None, :, None]
+        selected = torch.onnx.ops.symbolic(
+            "::NonMaxSuppression", (nms_boxes, ranked[:, None, :], every, *nms_args),
+            None, dtype=torch.int64, shape=(_data_dependent_size(ranked), 3))
+        flat = selected[:, 2]
+    image = selected[:, 0]
+    survived = ranked[image, flat] > float("-inf")  # (whatever NonMaxSuppression does with -inf scores)
+    image, flat = image[survived], flat[survived]
+    pad = max_detections  # columns of -inf, so that the top-k has max_detections columns to take
+    dense = torch.full((bsz, n * c + pad), float("-inf"))
+    dense = dense.index_put((image, flat), ranked[image, flat])
+    best, index = torch.topk(dense, max_detections, dim=1)
+    filled = best > float("-inf")
+    index = torch.where(filled, index, 0)
+    out_boxes = torch.gather(flat_boxes, 1, index[:, :, None].expand(bsz, max_detections, 4))
+    out_scores = torch.gather(scores.reshape(bsz, n * c), 1, index)
+    return (filled.sum(1),
+            torch.where(filled[:, :, None], out_boxes, torch.zeros((), dtype=boxes.dtype)),
+            torch.where(filled, out_scores, torch.zeros((), dtype=scores.dtype)),
+            torch.where(filled, index % c, -1))

@@ -26,7 +26,7 @@ from torch import Tensor
 from .._backend import _C, pick
 from ..reference import boxes as box_ref
 from ..reference import detect as ref
-from . import _checks
+from . import _checks, _onnx
 from .boxes import batched_nms, box_iou
 
 _PEAKS_PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton",)}
@@ -351,6 +351,9 @@ def detection_postprocess(boxes: Tensor, scores: Tensor, score_threshold: float,
     if not isinstance(class_agnostic, bool):
         raise TypeError(f"class_agnostic must be a bool, got {type(class_agnostic).__name__}")
     top_k = -1 if pre_nms_top_k is None else _int(pre_nms_top_k, "pre_nms_top_k", 0)
+    if _onnx.exporting():
+        return _onnx.detection_postprocess(boxes.detach(), scores.detach(), score_threshold, iou_threshold,
+                                           max_detections, class_agnostic, top_k)
     return torch.ops.fastnn.detection_postprocess(boxes.detach(), scores.detach(), score_threshold, iou_threshold,
                                                   max_detections, class_agnostic, top_k)
 
