@@ -299,3 +299,17 @@ def test_detection_postprocess_export_edges():
         got = _run(_session(model, args), *args)
         for g, w in zip(got, model(*args)):
             assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_heatmap_peaks_export(dtype):
+    g = torch.Generator().manual_seed(0)
+    heat = torch.rand(2, 3, 12, 10, generator=g)
+    heat[0, 1, 4:6, 4:6] = 0.97  # a plateau: every pixel of it is a peak, equal scores by index
+    heat[1, 0, 2, 3] = float("nan")  # its window has no peak
+    heat[1, 2] = 0.0  # an empty class
+    heat = heat.to(dtype)
+    model = _Fn(lambda h: ops.heatmap_peaks(h, 90, 3))
+    got = _run(_session(model, (heat,)), heat)
+    for g_, w in zip(got, model(heat)):
+        assert g_.dtype == w.dtype and torch.equal(g_, w)

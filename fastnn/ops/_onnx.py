@@ -4,7 +4,7 @@ torch's ONNX exporter knows aten and torchvision ops, not fastnn's custom ops. S
 (``torch.onnx.is_in_onnx_export()``), the public functions build their result from standard ONNX operators
 instead of calling the custom op: RoiAlign (opset 16), MaxRoiPool and NonMaxSuppression through
 ``torch.onnx.ops.symbolic`` (detection_postprocess: NonMaxSuppression between dense top-k's); plain aten
-compositions (the references) for the FPN top-down add, SPP / SPPF pooling and box IoU; torch's own ops for the LSTM / GRU layers and cells and for scaled_dot_product_attention,
+compositions for the FPN top-down add, SPP / SPPF pooling, box IoU and heatmap peaks; torch's own ops for the LSTM / GRU layers and cells and for scaled_dot_product_attention,
 whose parameters and semantics fastnn's share. The exporter translates the aten ops itself. A plain
 ``torch.onnx.export(model, args)`` of a model built from fastnn's layers then needs nothing else, as with
 torch.nn's and torchvision's.
@@ -232,3 +232,17 @@ def detection_postprocess(boxes: Tensor, scores: Tensor, score_threshold: float,
             torch.where(filled[:, :, None], out_boxes, torch.zeros((), dtype=boxes.dtype)),
             torch.where(filled, out_scores, torch.zeros((), dtype=scores.dtype)),
             torch.where(filled, index % c, -1))
+
+
+def heatmap_peaks(heatmap: Tensor, k: int, kernel: int):
+    """fastnn.ops.heatmap_peaks as MaxPool + TopK (whose equal values come lower index first, as the eager op
+    orders them). A NaN's window is found by a pool of its own: onnxruntime's MaxPool need not propagate NaN
+    as torch's max_pool2d does."""
+    b, c, h, w = heatmap.shape
+    heat = heatmap.to(_float32_or_64(heatmap))
+    nan = torch.isnan(heat)
+    pool = lambda t: torch.nn.functional.max_pool2d(t, kernel, stride=1, padding=kernel // 2)  # noqa: E731
+    near_nan = pool(nan.to(heat.dtype)) > 0
+    peak = (pool(torch.where(nan, float("-inf"), heat)) == heat) & ~near_nan
+    scores, order = torch.topk(torch.where(peak, heat, 0.0).reshape(b, c * h * w), k, dim=1)
+    return scores.to(heatmap.dtype), order // (h * w), (order % (h * w)) // w, order % w

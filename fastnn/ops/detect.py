@@ -112,6 +112,8 @@ def heatmap_peaks(heatmap: Tensor, k: int, kernel: int = 3) -> Tuple[Tensor, Ten
     total = heatmap.shape[1] * heatmap.shape[2] * heatmap.shape[3]
     if k > total:
         raise ValueError(f"k ({k}) must be at most C*H*W = {total} (the number of positions per image)")
+    if _onnx.exporting():
+        return _onnx.heatmap_peaks(heatmap.detach(), k, kernel)
     return torch.ops.fastnn.heatmap_peaks(heatmap.detach(), k, kernel)
 
 
