@@ -10,6 +10,7 @@ import fastnn
 from fastnn import nn as fnn
 from fastnn import ops
 from fastnn.ops import _onnx
+from fastnn.reference.detect import heatmap_peak_scores
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -306,10 +307,15 @@ def test_heatmap_peaks_export(dtype):
     g = torch.Generator().manual_seed(0)
     heat = torch.rand(2, 3, 12, 10, generator=g)
     heat[0, 1, 4:6, 4:6] = 0.97  # a plateau: every pixel of it is a peak, equal scores by index
+    heat[1, 0, :5, 1:7] = 0.1
     heat[1, 0, 2, 3] = float("nan")  # its window has no peak
+    heat[1, 0, 2, 4] = 0.995  # the best pixel of its window but for the NaN beside it: no peak either
     heat[1, 2] = 0.0  # an empty class
     heat = heat.to(dtype)
     model = _Fn(lambda h: ops.heatmap_peaks(h, 90, 3))
     got = _run(_session(model, (heat,)), heat)
     for g_, w in zip(got, model(heat)):
         assert g_.dtype == w.dtype and torch.equal(g_, w)
+    # the composition in eager against the reference: it must not count on the runtime's MaxPool treating NaN
+    # as torch's does
+    assert torch.equal(_onnx.peak_scores(heat.float(), 3), heatmap_peak_scores(heat.float(), 3))

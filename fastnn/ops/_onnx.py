@@ -234,15 +234,21 @@ def detection_postprocess(boxes: Tensor, scores: Tensor, score_threshold: float,
             torch.where(filled, index % c, -1))
 
 
-def heatmap_peaks(heatmap: Tensor, k: int, kernel: int):
-    """fastnn.ops.heatmap_peaks as MaxPool + TopK (whose equal values come lower index first, as the eager op
-    orders them). A NaN's window is found by a pool of its own: onnxruntime's MaxPool need not propagate NaN
-    as torch's max_pool2d does."""
-    b, c, h, w = heatmap.shape
-    heat = heatmap.to(_float32_or_64(heatmap))
+def peak_scores(heat: Tensor, kernel: int) -> Tensor:
+    """fastnn.reference.detect.heatmap_peak_scores without counting on how a runtime's MaxPool treats NaN
+    (ONNX does not say): a NaN's window is found by a pool of its own and scores 0, as torch's max_pool2d
+    makes it."""
     nan = torch.isnan(heat)
     pool = lambda t: torch.nn.functional.max_pool2d(t, kernel, stride=1, padding=kernel // 2)  # noqa: E731
     near_nan = pool(nan.to(heat.dtype)) > 0
     peak = (pool(torch.where(nan, float("-inf"), heat)) == heat) & ~near_nan
-    scores, order = torch.topk(torch.where(peak, heat, 0.0).reshape(b, c * h * w), k, dim=1)
+    return torch.where(peak, heat, 0.0)
+
+
+def heatmap_peaks(heatmap: Tensor, k: int, kernel: int):
+    """fastnn.ops.heatmap_peaks as MaxPool + TopK (whose equal values come lower index first, as the eager op
+    orders them)."""
+    b, c, h, w = heatmap.shape
+    heat = heatmap.to(_float32_or_64(heatmap))
+    scores, order = torch.topk(peak_scores(heat, kernel).reshape(b, c * h * w), k, dim=1)
     return scores.to(heatmap.dtype), order // (h * w), (order % (h * w)) // w, order % w
