@@ -1246,3 +1246,212 @@ def test_jit_trace_passes_its_check(mode):
     g_eager = torch.autograd.grad(want.square().sum(), list(ours.parameters()))
     for a, b in zip(g_traced, g_eager):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the GPU path's own argument checks
+
+def _fake_cuda_layer(mode, proj, B=3, I=5, H=8, rows=8):
+    """Sizes, and a maker of fake CUDA tensors (sizes, dtype and device, no storage: no GPU needed), for one
+    layer whose raw ops go to the GPU kernels. Tensors are made inside the returned FakeTensorMode."""
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    G = ref.gates_per_unit(mode)
+    s = SimpleNamespace(G=G, H=H, P=proj or H, B=B, I=I, rows=rows, GH=G * H)
+    e = lambda *shape, device="cuda", dtype=torch.float32: torch.empty(*shape, device=device, dtype=dtype)  # noqa: E731
+    return s, e, FakeTensorMode()
+
+
+def _fake_cuda_args(mode, proj, s, e, backward):
+    """Valid arguments of _forward_triton / _backward_triton (the GPU kernels' way in) as a dict in call order."""
+    lstm = mode == "lstm"
+    fwd = dict(x=e(s.rows, s.I), batch_sizes=torch.tensor([3, 3, 2]), w_ih=e(s.GH, s.I), w_hh=e(s.GH, s.P),
+               b_ih=e(s.GH), b_hh=e(s.GH), w_hr=e(s.P, s.H) if proj else None, h0=e(s.B, s.P),
+               c0=e(s.B, s.H) if lstm else None)
+    if not backward:
+        return dict(mode=mode, **fwd, reverse=False, train=True)
+    return dict(mode=mode, dy=e(s.rows, s.P), dh_n=e(s.B, s.P), dc_n=e(s.B, s.H) if lstm else None, **fwd,
+                y=e(s.rows, s.P), gates=e(s.rows, s.GH), aux=e(s.rows, s.H), r=e(s.rows, s.H) if proj else e(0),
+                reverse=False, want_dx=True, want_dweights=True)
+
+
+# id -> (layers it applies to, bad arguments from the sizes s and the fake-tensor maker e, error, message)
+_GPU_BAD_FORWARD = {
+    "mode": ("lstm gru proj", lambda s, e: {"mode": "rnn"}, ValueError,
+             "mode must be one of ('lstm', 'gru'), got 'rnn'"),
+    "x_3d": ("lstm gru proj", lambda s, e: {"x": e(s.rows, s.I, 1)}, ValueError, "x must be (rows, input_size)"),
+    "x_strided": ("lstm gru", lambda s, e: {"x": e(s.I, s.rows).t()}, ValueError, "x must be contiguous"),
+    "h0_scalar": ("lstm gru", lambda s, e: {"h0": e(())}, ValueError,
+                  "x must be (rows, input_size), w_hh ({G} * hidden_size, P) and h0 (batch, P); got x ({rows}, {I}), "
+                  "w_hh ({GH}, {P}), h0 ()"),
+    "w_ih_rows": ("lstm gru proj", lambda s, e: {"w_ih": e(s.GH - 1, s.I)}, ValueError,
+                  "w_ih must have shape ({GH}, {I}), got ({GH1}, {I})"),
+    "w_ih_cols": ("lstm gru", lambda s, e: {"w_ih": e(s.GH, s.I + 1)}, ValueError,
+                  "w_ih must have shape ({GH}, {I}), got ({GH}, {I1})"),
+    "w_ih_strided": ("lstm gru", lambda s, e: {"w_ih": e(s.I, s.GH).t()}, ValueError, "w_ih must be contiguous"),
+    "w_hh_rows": ("lstm gru", lambda s, e: {"w_hh": e(s.GH + 1, s.P)}, ValueError,
+                  "w_hh must be ({G} * hidden_size, P), got ({GH1p}, {P})"),
+    "w_hh_narrow": ("lstm gru", lambda s, e: {"w_hh": e(s.GH, s.H - 2), "h0": e(s.B, s.H - 2)}, ValueError,
+                    "without w_hr, w_hh must have shape ({GH}, {H}), got ({GH}, {H2})"),
+    "w_hh_strided": ("lstm gru proj", lambda s, e: {"w_hh": e(s.P, s.GH).t()}, ValueError, "w_hh must be contiguous"),
+    "w_hh_dtype": ("lstm gru", lambda s, e: {"w_hh": e(s.GH, s.P, dtype=torch.bfloat16)}, TypeError,
+                   "w_hh must have x's dtype torch.float32, got torch.bfloat16"),
+    "b_ih_short": ("lstm gru proj", lambda s, e: {"b_ih": e(s.GH - 1)}, ValueError,
+                   "b_ih must have shape ({GH},), got ({GH1},)"),
+    "b_hh_long": ("lstm gru", lambda s, e: {"b_hh": e(s.GH + 2)}, ValueError, "b_hh must have shape ({GH},), got"),
+    "b_ih_strided": ("lstm gru", lambda s, e: {"b_ih": e(2 * s.GH)[::2]}, ValueError, "b_ih must be contiguous"),
+    "b_hh_expanded": ("lstm gru", lambda s, e: {"b_hh": e(1).expand(s.GH)}, ValueError, "b_hh must be contiguous"),
+    "one_bias": ("lstm gru", lambda s, e: {"b_hh": None}, ValueError,
+                 "b_ih and b_hh must be both given or both absent"),
+    "b_ih_dtype": ("lstm gru", lambda s, e: {"b_ih": e(s.GH, dtype=torch.float64)}, TypeError,
+                   "b_ih must have x's dtype torch.float32, got torch.float64"),
+    "b_ih_device": ("lstm gru", lambda s, e: {"b_ih": e(s.GH, device="cpu")}, ValueError,
+                    "b_ih is on cpu but x is on cuda:0; expected the same device"),
+    "h0_width": ("lstm gru proj", lambda s, e: {"h0": e(s.B, s.P + 1)}, ValueError,
+                 "h0 must have shape ({B}, {P}), got ({B}, {P1})"),
+    "h0_strided": ("lstm gru proj", lambda s, e: {"h0": e(s.P, s.B).t()}, ValueError, "h0 must be contiguous"),
+    "h0_dtype": ("gru", lambda s, e: {"h0": e(s.B, s.P, dtype=torch.float16)}, TypeError,
+                 "h0 must have x's dtype torch.float32, got torch.float16"),
+    "h0_device": ("gru", lambda s, e: {"h0": e(s.B, s.P, device="cuda:1")}, ValueError,
+                  "h0 is on cuda:1 but x is on cuda:0"),
+    "c0_missing": ("lstm proj", lambda s, e: {"c0": None}, ValueError, "the LSTM needs c0"),
+    "c0_rows": ("lstm proj", lambda s, e: {"c0": e(s.B + 1, s.H)}, ValueError,
+                "c0 must have shape ({B}, {H}), got ({B1}, {H})"),
+    "c0_strided": ("lstm", lambda s, e: {"c0": e(s.H, s.B).t()}, ValueError, "c0 must be contiguous"),
+    "c0_device": ("lstm", lambda s, e: {"c0": e(s.B, s.H, device="cuda:1")}, ValueError,
+                  "c0 is on cuda:1 but x is on cuda:0"),
+    "w_hr_shape": ("proj", lambda s, e: {"w_hr": e(s.P, s.H + 1)}, ValueError,
+                   "w_hr must have shape ({P}, {H}), got ({P}, {H1})"),
+    "w_hr_not_below": ("proj", lambda s, e: {"w_hh": e(s.GH, s.H), "h0": e(s.B, s.H), "w_hr": e(s.H, s.H)},
+                       ValueError, "with w_hr, w_hh's second size P must be below hidden_size {H}"),
+    "w_hr_dtype": ("proj", lambda s, e: {"w_hr": e(s.P, s.H, dtype=torch.float64)}, TypeError,
+                   "w_hr must have x's dtype torch.float32, got torch.float64"),
+}
+
+_GPU_BAD_BACKWARD = {
+    "w_ih_rows": ("lstm gru proj", lambda s, e: {"w_ih": e(s.GH - 1, s.I)}, ValueError,
+                  "w_ih must have shape ({GH}, {I}), got ({GH1}, {I})"),
+    "c0_strided": ("lstm", lambda s, e: {"c0": e(s.H, s.B).t()}, ValueError, "c0 must be contiguous"),
+    "dy_shape": ("lstm gru proj", lambda s, e: {"dy": e(s.rows, s.P + 1)}, ValueError,
+                 "dy must have shape ({rows}, {P}), got ({rows}, {P1})"),
+    "dy_device": ("lstm gru", lambda s, e: {"dy": e(s.rows, s.P, device="cpu")}, ValueError,
+                  "dy is on cpu but x is on cuda:0"),
+    "y_rows": ("lstm gru", lambda s, e: {"y": e(s.rows - 1, s.P)}, ValueError,
+               "y must have shape ({rows}, {P}), got"),
+    "y_strided": ("lstm gru proj", lambda s, e: {"y": e(s.P, s.rows).t()}, ValueError, "y must be contiguous"),
+    "dh_n_shape": ("lstm gru proj", lambda s, e: {"dh_n": e(s.B + 1, s.P)}, ValueError,
+                   "dh_n must have shape ({B}, {P}), got ({B1}, {P})"),
+    "dh_n_strided": ("lstm gru", lambda s, e: {"dh_n": e(s.P, s.B).t()}, ValueError, "dh_n must be contiguous"),
+    "dh_n_dtype": ("gru", lambda s, e: {"dh_n": e(s.B, s.P, dtype=torch.bfloat16)}, TypeError,
+                   "dh_n must have x's dtype torch.float32, got torch.bfloat16"),
+    "dc_n_missing": ("lstm proj", lambda s, e: {"dc_n": None}, ValueError, "the LSTM needs dc_n"),
+    "dc_n_shape": ("lstm proj", lambda s, e: {"dc_n": e(s.B, s.H - 1)}, ValueError,
+                   "dc_n must have shape ({B}, {H}), got ({B}, {H_1})"),
+    "dc_n_strided": ("lstm", lambda s, e: {"dc_n": e(s.H, s.B).t()}, ValueError, "dc_n must be contiguous"),
+    "gates_numel": ("lstm gru proj", lambda s, e: {"gates": e(s.rows, s.GH - 1)}, ValueError,
+                    "the workspace must hold gates ({rows}, {GH}) and aux ({rows}, {H}) elements"),
+    "gates_strided": ("lstm gru", lambda s, e: {"gates": e(s.GH, s.rows).t()}, ValueError,
+                      "gates must be contiguous"),
+    "gates_dtype": ("lstm gru", lambda s, e: {"gates": e(s.rows, s.GH, dtype=torch.float16)}, TypeError,
+                    "gates must have x's dtype torch.float32, got torch.float16"),
+    "aux_numel": ("gru", lambda s, e: {"aux": e(s.rows, s.H + 1)}, ValueError, "the workspace must hold gates"),
+    "aux_expanded": ("lstm gru", lambda s, e: {"aux": e(1, s.H).expand(s.rows, s.H)}, ValueError,
+                     "aux must be contiguous"),
+}
+
+_GPU_LAYERS = {"lstm": ("lstm", 0), "gru": ("gru", 0), "proj": ("lstm", 3)}
+
+
+def _gpu_bad_params(cases):
+    return [(layer, case) for case, (layers, *_) in cases.items() for layer in layers.split()]
+
+
+def _expect_gpu_refusal(who, cases, layer, case, backward):
+    import re
+
+    mode, proj = _GPU_LAYERS[layer]
+    s, e, fake = _fake_cuda_layer(mode, proj)
+    _, bad, error, message = cases[case]
+    with fake:
+        args = _fake_cuda_args(mode, proj, s, e, backward)
+        args.update(bad(s, e))
+    sizes = dict(G=s.G, H=s.H, P=s.P, B=s.B, I=s.I, rows=s.rows, GH=s.GH, GH1=s.GH - 1, GH1p=s.GH + 1, I1=s.I + 1,
+                 H1=s.H + 1, H2=s.H - 2, H_1=s.H - 1, P1=s.P + 1, B1=s.B + 1)
+    call = rnn_ops._backward_triton if backward else rnn_ops._forward_triton
+    with pytest.raises(error, match="^" + re.escape(f"{who}: " + message.format(**sizes))):
+        call(*args.values())
+
+
+@pytest.mark.parametrize("layer,case", _gpu_bad_params(_GPU_BAD_FORWARD))
+def test_gpu_path_refuses_bad_forward_arguments(layer, case):
+    """The GPU kernels (Triton cells, persistent CUDA kernel) index raw pointers with the layer's extents, and their
+    way in (rnn._forward_triton) is where a direct call of the raw op with CUDA tensors lands: each misshapen,
+    strided, wrongly typed or misplaced argument is refused there, naming it and what was expected, before a
+    kernel runs (fake CUDA tensors: checked without a GPU)."""
+    _expect_gpu_refusal("rnn_layer_forward", _GPU_BAD_FORWARD, layer, case, backward=False)
+
+
+@pytest.mark.parametrize("layer,case", _gpu_bad_params(_GPU_BAD_BACKWARD))
+def test_gpu_path_refuses_bad_backward_arguments(layer, case):
+    """As test_gpu_path_refuses_bad_forward_arguments for rnn._backward_triton: the gradients, the saved output and
+    the workspace too."""
+    _expect_gpu_refusal("rnn_layer_backward", _GPU_BAD_BACKWARD, layer, case, backward=True)
+
+
+@pytest.mark.parametrize("layer", list(_GPU_LAYERS))
+def test_gpu_path_checks_accept_what_the_kernels_take(layer):
+    """The GPU path's checks refuse nothing the kernels take: the layer as the op layer passes it, a strided w_hr
+    (it only enters torch.mm) and an aux of another dtype (the launchers convert it)."""
+    mode, proj = _GPU_LAYERS[layer]
+    s, e, fake = _fake_cuda_layer(mode, proj)
+    with fake:
+        f = _fake_cuda_args(mode, proj, s, e, backward=False)
+        b = _fake_cuda_args(mode, proj, s, e, backward=True)
+        if proj:
+            f["w_hr"] = b["w_hr"] = e(s.H, s.P).t()
+        b["aux"] = e(s.rows, s.H, dtype=torch.float16)
+    tensors = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
+    got = rnn_ops._check_kernel_layer("rnn_layer_forward", mode, *(f[k] for k in tensors))
+    assert got == (s.rows, s.G, s.H, s.P, s.B)
+    rnn_ops._check_kernel_backward(mode, b["dy"], b["dh_n"], b["dc_n"], *(b[k] for k in tensors), b["y"], b["gates"],
+                                   b["aux"])
+
+
+@pytest.mark.skipif(not TRITON, reason="needs the Triton interpreter (CPU tensors under TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_triton_raw_ops_refuse_misshapen_or_strided_tensors(mode):
+    """The raw ops on the Triton backend (the interpreter, on CPU tensors) refuse what the C++ kernel refuses, with
+    the argument's name, before a cell runs: tensors the cells would read with the wrong extents or as dense when
+    strided (each case here would otherwise run and give wrong numbers, or read past a tensor's end)."""
+    import re
+
+    a = _layer_args(mode, torch.float32, 0, [3, 3, 1], I=3, H=4, B=3)
+    G, H, B = ref.gates_per_unit(mode), 4, 3
+    rows = a["x"].shape[0]
+    strided = lambda t: t.t().contiguous().t()  # noqa: E731 (same values, transposed strides)
+    forward = lambda **kw: torch.ops.fastnn.rnn_layer_forward(mode, *{**a, **kw}.values(), False, True)  # noqa: E731
+    bad = {"b_ih": (torch.randn(G * H - 1), f"b_ih must have shape ({G * H},), got ({G * H - 1},)"),
+           "b_hh": (torch.randn(1).expand(G * H), "b_hh must be contiguous"),
+           "h0": (strided(torch.randn(B, H)), "h0 must be contiguous")}
+    if mode == "lstm":
+        bad["c0"] = (torch.randn(B + 1, H), f"c0 must have shape ({B}, {H}), got ({B + 1}, {H})")
+    with fastnn.use_backend("triton"):
+        for name, (value, message) in bad.items():
+            with pytest.raises(ValueError, match="^" + re.escape(f"rnn_layer_forward: {message}")):
+                forward(**{name: value})
+        y, h, c, gates, aux, r = forward()
+        grads = dict(dy=torch.randn_like(y), dh_n=torch.randn_like(h),
+                     dc_n=torch.randn_like(c) if mode == "lstm" else None)
+        backward = lambda **kw: torch.ops.fastnn.rnn_layer_backward(  # noqa: E731
+            mode, *{**grads, **{k: v for k, v in kw.items() if k in grads}}.values(),
+            *{**a, **{k: v for k, v in kw.items() if k in a}}.values(), kw.get("y", y), kw.get("gates", gates),
+            kw.get("aux", aux), r, False, True, True)
+        for kw, message in (({"dy": torch.randn(rows, H + 1)},
+                             f"dy must have shape ({rows}, {H}), got ({rows}, {H + 1})"),
+                            ({"dh_n": strided(grads["dh_n"])}, "dh_n must be contiguous"),
+                            ({"aux": strided(aux)}, "aux must be contiguous"),
+                            ({"gates": torch.randn(rows, G * H - 1)}, "the workspace must hold gates")):
+            with pytest.raises(ValueError, match="^" + re.escape(f"rnn_layer_backward: {message}")):
+                backward(**kw)
+        assert all(torch.isfinite(g).all() for g in backward())

@@ -577,3 +577,169 @@ def test_raw_ops_refuse_misshapen_or_strided_tensors():
         with pytest.raises(RuntimeError, match=name):
             backward(**{name: value})
     assert all(torch.isfinite(g).all() for g in backward())
+
+
+# ---------------------------------------------------------------- the GPU path's own argument checks
+
+_GPU_SIZES = dict(I=5, H=8, B=3, rows=8)
+
+
+def _fake_cuda_ln_args(e, backward):
+    """Valid arguments of ln_ops._forward_triton / _backward_triton (the Triton kernels' way in) as a dict in call
+    order: fake CUDA tensors from e, batch_sizes a real CPU tensor."""
+    I, H, B, rows = (_GPU_SIZES[k] for k in ("I", "H", "B", "rows"))
+    G4 = 4 * H
+    fwd = dict(x=e(rows, I), batch_sizes=torch.tensor([3, 3, 2]), w_ih=e(G4, I), w_hh=e(G4, H), bias=e(G4),
+               ln_ih_weight=e(G4), ln_ih_bias=e(G4), ln_hh_weight=e(G4), ln_hh_bias=e(G4), ln_cell_weight=e(H),
+               ln_cell_bias=e(H), h0=e(B, H), c0=e(B, H), zoneout_mask=e(rows, H), zoneout=0.0)
+    if not backward:
+        return dict(**fwd, reverse=False, train=True)
+    return dict(dy=e(rows, H), dh_n=e(B, H), dc_n=e(B, H), **fwd, y=e(rows, H), gates=e(rows, G4), x_proj=e(rows, G4),
+                h_proj=e(rows, G4), cells=e(rows, H), stats=e(rows, 6), reverse=False, want_dx=True,
+                want_dweights=True)
+
+
+def _fake_cuda_maker():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    e = lambda *shape, device="cuda", dtype=torch.float32: torch.empty(*shape, device=device, dtype=dtype)  # noqa: E731
+    return e, FakeTensorMode()
+
+
+# id -> (bad arguments from the fake-tensor maker e, message); I 5, H 8 (4H 32), B 3, rows 8
+_GPU_BAD_FORWARD = {
+    "x_3d": (lambda e: {"x": e(8, 5, 1)}, "x must be (rows, input_size), w_hh (4 * hidden_size, hidden_size) and h0 "
+                                          "(batch, hidden_size); got x (8, 5, 1), w_hh (32, 8), h0 (3, 8)"),
+    "w_hh_not_4h_by_h": (lambda e: {"w_hh": e(32, 9)}, "x must be (rows, input_size), w_hh (4 * hidden_size, "
+                                                       "hidden_size) and h0 (batch, hidden_size); got x (8, 5), w_hh "
+                                                       "(32, 9), h0 (3, 8)"),
+    "x_strided": (lambda e: {"x": e(5, 8).t()}, "x must be contiguous"),
+    "w_ih_rows": (lambda e: {"w_ih": e(31, 5)}, "w_ih must have shape (32, 5), got (31, 5)"),
+    "w_ih_strided": (lambda e: {"w_ih": e(5, 32).t()}, "w_ih must be contiguous"),
+    "w_hh_strided": (lambda e: {"w_hh": e(8, 32).t()}, "w_hh must be contiguous"),
+    "bias_short": (lambda e: {"bias": e(31)}, "bias must have shape (32,), got (31,)"),
+    "bias_dtype": (lambda e: {"bias": e(32, dtype=torch.float64)},
+                   "bias must have x's dtype torch.float32, got torch.float64"),
+    "ln_ih_weight_empty": (lambda e: {"ln_ih_weight": e(0)}, "ln_ih_weight must have shape (32,), got (0,)"),
+    "ln_ih_bias_strided": (lambda e: {"ln_ih_bias": e(64)[::2]}, "ln_ih_bias must be contiguous"),
+    "ln_hh_weight_long": (lambda e: {"ln_hh_weight": e(33)}, "ln_hh_weight must have shape (32,), got (33,)"),
+    "ln_hh_bias_device": (lambda e: {"ln_hh_bias": e(32, device="cpu")},
+                          "ln_hh_bias is on cpu but x is on cuda:0; expected the same device"),
+    "ln_cell_weight_short": (lambda e: {"ln_cell_weight": e(7)}, "ln_cell_weight must have shape (8,), got (7,)"),
+    "ln_cell_bias_dtype": (lambda e: {"ln_cell_bias": e(8, dtype=torch.float64)},
+                           "ln_cell_bias must have x's dtype torch.float32, got torch.float64"),
+    "ln_cell_bias_expanded": (lambda e: {"ln_cell_bias": e(1).expand(8)}, "ln_cell_bias must be contiguous"),
+    "h0_width": (lambda e: {"h0": e(3, 9)}, "h0 must have shape (3, 8), got (3, 9)"),
+    "h0_strided": (lambda e: {"h0": e(8, 3).t()}, "h0 must be contiguous"),
+    "c0_rows": (lambda e: {"c0": e(4, 8)}, "c0 must have shape (3, 8), got (4, 8)"),
+    "c0_strided": (lambda e: {"c0": e(8, 3).t()}, "c0 must be contiguous"),
+    "c0_device": (lambda e: {"c0": e(3, 8, device="cuda:1")}, "c0 is on cuda:1 but x is on cuda:0"),
+    "zoneout_mask_shape": (lambda e: {"zoneout_mask": e(8, 7)}, "zoneout_mask must have shape (8, 8), got (8, 7)"),
+    "zoneout_mask_strided": (lambda e: {"zoneout_mask": e(8, 8).t()}, "zoneout_mask must be contiguous"),
+    "zoneout_mask_dtype": (lambda e: {"zoneout_mask": e(8, 8, dtype=torch.float64)},
+                           "zoneout_mask must have x's dtype torch.float32, got torch.float64"),
+}
+
+_GPU_BAD_BACKWARD = {
+    "ln_cell_weight_short": (lambda e: {"ln_cell_weight": e(7)}, "ln_cell_weight must have shape (8,), got (7,)"),
+    "zoneout_mask_shape": (lambda e: {"zoneout_mask": e(7, 8)}, "zoneout_mask must have shape (8, 8), got (7, 8)"),
+    "dy_empty": (lambda e: {"dy": e(0)}, "dy must have shape (8, 8), got (0,)"),
+    "dy_dtype": (lambda e: {"dy": e(8, 8, dtype=torch.float64)}, "dy must have x's dtype torch.float32, got"),
+    "dh_n_strided": (lambda e: {"dh_n": e(8, 3).t()}, "dh_n must be contiguous"),
+    "dc_n_shape": (lambda e: {"dc_n": e(1, 1)}, "dc_n must have shape (3, 8), got (1, 1)"),
+    "dc_n_device": (lambda e: {"dc_n": e(3, 8, device="cpu")}, "dc_n is on cpu but x is on cuda:0"),
+    "y_shape": (lambda e: {"y": e(8, 9)}, "y must have shape (8, 8), got (8, 9)"),
+    "gates_shape": (lambda e: {"gates": e(8, 31)}, "gates must have shape (8, 32), got (8, 31)"),
+    "x_proj_strided": (lambda e: {"x_proj": e(32, 8).t()}, "x_proj must be contiguous"),
+    "h_proj_dtype": (lambda e: {"h_proj": e(8, 32, dtype=torch.float64)},
+                     "h_proj must have x's dtype torch.float32, got torch.float64"),
+    "h_proj_inference": (lambda e: {"h_proj": e(3, 32)}, "h_proj must have shape (8, 32), got (3, 32)"),
+    "cells_rows": (lambda e: {"cells": e(9, 8)}, "cells must have shape (8, 8), got (9, 8)"),
+    "stats_shape": (lambda e: {"stats": e(8, 5)}, "stats must have shape (8, 6), got (8, 5)"),
+    "stats_expanded": (lambda e: {"stats": e(1, 6).expand(8, 6)}, "stats must be contiguous"),
+}
+
+
+def _expect_gpu_refusal(who, cases, case, backward):
+    import re
+
+    e, fake = _fake_cuda_maker()
+    bad, message = cases[case]
+    with fake:
+        args = _fake_cuda_ln_args(e, backward)
+        args.update(bad(e))
+    call = ln_ops._backward_triton if backward else ln_ops._forward_triton
+    with pytest.raises((ValueError, TypeError), match="^" + re.escape(f"{who}: {message}")):
+        call(*args.values())
+
+
+@pytest.mark.parametrize("case", list(_GPU_BAD_FORWARD))
+def test_gpu_path_refuses_bad_forward_arguments(case):
+    """The Triton cells index raw pointers with the layer's extents, and their way in (rnn_ln._forward_triton) is where
+    a direct call of the raw op with CUDA tensors lands: each misshapen, strided, wrongly typed or misplaced argument
+    is refused there, naming it and what was expected, before a kernel runs (fake CUDA tensors: no GPU needed)."""
+    _expect_gpu_refusal("layer_norm_lstm_layer_forward", _GPU_BAD_FORWARD, case, backward=False)
+
+
+@pytest.mark.parametrize("case", list(_GPU_BAD_BACKWARD))
+def test_gpu_path_refuses_bad_backward_arguments(case):
+    """As test_gpu_path_refuses_bad_forward_arguments for rnn_ln._backward_triton: the gradients, the saved output and
+    the workspace too (an inference forward's h_proj, a step's rows only, included)."""
+    _expect_gpu_refusal("layer_norm_lstm_layer_backward", _GPU_BAD_BACKWARD, case, backward=True)
+
+
+def test_gpu_path_checks_accept_what_the_kernels_take():
+    """The GPU path's checks refuse nothing the kernels take: the layer as the op layer passes it, with or without
+    bias and zoneout mask."""
+    e, fake = _fake_cuda_maker()
+    with fake:
+        f = _fake_cuda_ln_args(e, backward=False)
+        b = _fake_cuda_ln_args(e, backward=True)
+    forward_tensors = list(f.values())[:14]
+    assert ln_ops._check_kernel_layer("f", *forward_tensors) == (8, 8, 3)
+    forward_tensors[4] = forward_tensors[13] = None  # bias, zoneout_mask
+    assert ln_ops._check_kernel_layer("f", *forward_tensors) == (8, 8, 3)
+    values = list(b.values())
+    ln_ops._check_kernel_backward(*values[:17], *values[18:24])
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs the Triton interpreter (CPU tensors, TRITON_INTERPRET=1)")
+def test_triton_raw_ops_refuse_misshapen_or_strided_tensors():
+    """The raw ops on the Triton backend (the interpreter, on CPU tensors) refuse what the C++ kernel refuses, with the
+    argument's name, before a cell runs (each case here would otherwise run and give wrong numbers, or be refused
+    without its name)."""
+    import re
+
+    I, H, B = 5, 8, 3
+    G4 = 4 * H
+    f = dict(x=torch.randn(9, I), batch_sizes=torch.tensor([3, 3, 2, 1]), w_ih=torch.randn(G4, I),
+             w_hh=torch.randn(G4, H), bias=torch.randn(G4), ln_ih_weight=torch.rand(G4), ln_ih_bias=torch.randn(G4),
+             ln_hh_weight=torch.rand(G4), ln_hh_bias=torch.randn(G4), ln_cell_weight=torch.rand(H),
+             ln_cell_bias=torch.randn(H), h0=torch.randn(B, H), c0=torch.randn(B, H), zoneout_mask=None)
+    forward = lambda **kw: torch.ops.fastnn.layer_norm_lstm_layer_forward(  # noqa: E731
+        *{**f, **kw}.values(), 0.0, False, True)
+    strided = lambda t: t.t().contiguous().t()  # noqa: E731
+    who = "layer_norm_lstm_layer_forward"
+    with fastnn.use_backend("triton"):
+        for name, value, message in (
+                ("ln_ih_weight", torch.rand(G4 + 1), f"ln_ih_weight must have shape ({G4},), got ({G4 + 1},)"),
+                ("ln_cell_bias", torch.randn(H + 1), f"ln_cell_bias must have shape ({H},), got ({H + 1},)"),
+                ("w_ih", torch.randn(G4 + 1, I), f"w_ih must have shape ({G4}, {I}), got ({G4 + 1}, {I})"),
+                ("bias", torch.randn(G4 + 1), f"bias must have shape ({G4},), got ({G4 + 1},)"),
+                ("h0", strided(f["h0"]), "h0 must be contiguous"),
+                ("c0", torch.randn(B + 1, H), f"c0 must have shape ({B}, {H}), got ({B + 1}, {H})"),
+                ("zoneout_mask", torch.rand(9, H + 1), f"zoneout_mask must have shape (9, {H}), got (9, {H + 1})")):
+            with pytest.raises(ValueError, match="^" + re.escape(f"{who}: {message}")):
+                forward(**{name: value})
+        y, h_n, c_n, *workspace = forward()
+        grads = dict(dy=torch.randn_like(y), dh_n=torch.randn_like(h_n), dc_n=torch.randn_like(c_n))
+        backward = lambda **kw: torch.ops.fastnn.layer_norm_lstm_layer_backward(  # noqa: E731
+            *{**grads, **kw}.values(), *f.values(), 0.0, y, *workspace, False, True, True)
+        who = "layer_norm_lstm_layer_backward"
+        for name, value, message in (
+                ("dc_n", torch.randn(B + 1, H), f"dc_n must have shape ({B}, {H}), got ({B + 1}, {H})"),
+                ("dy", torch.randn(9, H + 1), f"dy must have shape (9, {H}), got (9, {H + 1})"),
+                ("dh_n", strided(grads["dh_n"]), "dh_n must be contiguous")):
+            with pytest.raises(ValueError, match="^" + re.escape(f"{who}: {message}")):
+                backward(**{name: value})
+        assert all(torch.isfinite(g).all() for g in backward())

@@ -156,6 +156,7 @@ def _persistent_takes(mode, x, w_hh, w_hr, h0) -> bool:
 def _forward_triton(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, train):
     """Workspace dtypes: gates and r in x's dtype, aux (the per-step c / h W_hn^T + b_hn) in float32 (the
     persistent forward's too, which the Triton backward reads)."""
+    _check_kernel_layer("rnn_layer_forward", mode, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)
     if _persistent_takes(mode, x, w_hh, w_hr, h0):
         return _fresh_empties(_C.rnn_layer_forward_persistent_cuda(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, h0,
                                                                    c0, reverse, train))
@@ -165,6 +166,7 @@ def _forward_triton(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, 
 
 def _backward_triton(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
                      reverse, want_dx, want_dweights, want_dh0=True):
+    _check_kernel_backward(mode, dy, dh_n, dc_n, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux)
     if _persistent_takes(mode, x, w_hh, w_hr, h0):
         # the recurrence in one persistent launch; the weight gradients as one GEMM each after it
         rec = _C.rnn_layer_backward_persistent_cuda(mode, dy, dh_n, dc_n, batch_sizes, w_hh, h0, c0, y, gates,
@@ -174,6 +176,97 @@ def _backward_triton(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_h
     return _fresh_empties(_triton_rnn.rnn_layer_backward(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh,
                                                          w_hr, h0, c0, y, gates, aux, r, reverse, want_dx,
                                                          want_dweights))
+
+
+# The GPU kernels' own checks. The CPU kernel checks its arguments in C++ (csrc/cpu/rnn_cpu.cpp check_shapes,
+# check_contiguous, rnn_steps.h check_dense); on CUDA the Triton cells and the persistent kernel index raw
+# pointers with the layer's extents too, so a direct call of a raw op with a misshapen or strided tensor would
+# read or write out of bounds (corrupting the CUDA context) or read a strided state as dense. _forward_triton
+# and _backward_triton, the one way into either GPU kernel, run these first: the CPU kernel's shape and
+# contiguity checks, and x's dtype and device for every tensor (the CPU kernel's data_ptr<T> and the persistent
+# launcher refuse another dtype; Triton's launcher refuses a CPU tensor's pointer but not another GPU's).
+# Per tensor four C calls (~0.4 us on a 2-vCPU Xeon), no allocation.
+
+def check_dense(who: str, x: Tensor, tensors, any_dtype=(), any_strides=()) -> None:
+    """Each (name, tensor or None for absent, expected shape) in `tensors` has that shape, is contiguous, and
+    has x's dtype and device; names in any_dtype may have another dtype, those in any_strides other strides.
+    The error names the argument and what was expected."""
+    dt, dev = x.dtype, x.get_device()  # (get_device: an int, cheaper than comparing torch.device objects)
+    for name, t, shape in tensors:
+        if t is not None and (t.shape != shape or t.get_device() != dev
+                              or (t.dtype is not dt and name not in any_dtype)
+                              or (not t.is_contiguous() and name not in any_strides)):
+            _refuse_dense(who, name, t, shape, x, name in any_dtype)
+
+
+def _refuse_dense(who: str, name: str, t: Tensor, shape, x: Tensor, any_dtype: bool) -> None:
+    if t.get_device() != x.get_device():
+        raise ValueError(f"{who}: {name} is on {t.device} but x is on {x.device}; expected the same device")
+    if t.dtype is not x.dtype and not any_dtype:
+        raise _checks.DtypeMismatchError(f"{who}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if t.shape != shape:
+        want = "(" + ", ".join(str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
+        raise _checks.SizeMismatchError(f"{who}: {name} must have shape {want}, got {tuple(t.shape)}")
+    raise ValueError(f"{who}: {name} must be contiguous (the kernels read it as a dense row-major array); got "
+                     f"strides {t.stride()} for shape {tuple(t.shape)}")
+
+
+_GATES = {"lstm": 4, "gru": 3}
+
+
+def _check_kernel_layer(who: str, mode: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                        b_hh: Optional[Tensor], w_hr: Optional[Tensor], h0: Tensor,
+                        c0: Optional[Tensor]) -> Tuple[int, int, int, int, int]:
+    """The forward's arguments as the GPU kernels read them (csrc/families/rnn.h) -> (rows, G, H, P, B).
+    batch_sizes is the launchers' to check (kernels/rnn.py _Layer, rnn_persistent_plan.h step_meta)."""
+    G = _GATES.get(mode)
+    if G is None:
+        raise ValueError(f"{who}: mode must be one of {ref.MODES}, got {mode!r}")
+    try:  # (unpacking: cheaper than checking dim() first)
+        rows, I = x.shape
+        GH, P = w_hh.shape
+        B = h0.shape[0]  # h0's whole shape is check_dense's
+    except (ValueError, IndexError):
+        raise _checks.SizeMismatchError(f"{who}: x must be (rows, input_size), w_hh ({G} * hidden_size, P) and h0 "
+                                        f"(batch, P); got x {tuple(x.shape)}, w_hh {tuple(w_hh.shape)}, h0 "
+                                        f"{tuple(h0.shape)}") from None
+    H = GH // G
+    if GH != G * H or (P != H if w_hr is None else P >= H) or (b_ih is None) != (b_hh is None) or (
+            c0 is None and G == 4):
+        if GH != G * H:
+            raise _checks.SizeMismatchError(f"{who}: w_hh must be ({G} * hidden_size, P), got {tuple(w_hh.shape)}")
+        if w_hr is None and P != H:
+            raise _checks.SizeMismatchError(f"{who}: without w_hr, w_hh must have shape ({GH}, {H}), got "
+                                            f"{tuple(w_hh.shape)}")
+        if w_hr is not None and P >= H:
+            raise _checks.SizeMismatchError(f"{who}: with w_hr, w_hh's second size P must be below hidden_size {H}; "
+                                            f"got w_hh {tuple(w_hh.shape)}")
+        if (b_ih is None) != (b_hh is None):
+            raise ValueError(f"{who}: b_ih and b_hh must be both given or both absent")
+        raise ValueError(f"{who}: the LSTM needs c0")
+    if not x.is_contiguous():  # (x's shape, dtype and device are the reference)
+        _refuse_dense(who, "x", x, (rows, I), x, False)
+    # (w_hr only enters torch.mm: any strides)
+    check_dense(who, x, (("w_ih", w_ih, (GH, I)), ("w_hh", w_hh, (GH, P)), ("b_ih", b_ih, (GH,)),
+                         ("b_hh", b_hh, (GH,)), ("w_hr", w_hr, (P, H)), ("h0", h0, (B, P)), ("c0", c0, (B, H))),
+                any_strides=("w_hr",))
+    return rows, G, H, P, B
+
+
+def _check_kernel_backward(mode, dy, dh_n, dc_n, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux) -> None:
+    """The backward's arguments as the GPU kernels read them; aux may have any float dtype (the launchers take
+    it to float32), gates and aux only need the right number of elements (as on the CPU). r enters torch.mm
+    only."""
+    who = "rnn_layer_backward"
+    rows, G, H, P, B = _check_kernel_layer(who, mode, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)
+    if mode == "lstm" and dc_n is None:
+        raise ValueError(f"{who}: the LSTM needs dc_n")
+    check_dense(who, x, (("dy", dy, (rows, P)), ("y", y, (rows, P)), ("dh_n", dh_n, (B, P)), ("dc_n", dc_n, (B, H)),
+                         ("gates", gates, gates.shape), ("aux", aux, aux.shape)), any_dtype=("aux",))
+    if gates.numel() != rows * G * H or aux.numel() != rows * H:
+        raise _checks.SizeMismatchError(f"{who}: the workspace must hold gates ({rows}, {G * H}) and aux ({rows}, "
+                                        f"{H}) elements, got {tuple(gates.shape)} and {tuple(aux.shape)} (was the "
+                                        "forward run with train=True?)")
 
 
 if _triton_rnn is not None:

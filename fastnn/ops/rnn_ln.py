@@ -24,9 +24,9 @@ from torch.nn.utils.rnn import PackedSequence
 from .._backend import _C, pick
 from ..reference import rnn as ref
 from . import _checks
-from .rnn import (RNN_DTYPES, _compute_dtype, _contig, _fresh_empties, _lift, autocast_off, check_dropout,
-                  check_stacked_weights, empty_batch_outputs, initial_states, keeps_workspace, pack_input, run_stacked,
-                  unpack_output, workspace_dtype)
+from .rnn import (RNN_DTYPES, _compute_dtype, _contig, _fresh_empties, _lift, _refuse_dense, autocast_off,
+                  check_dense, check_dropout, check_stacked_weights, empty_batch_outputs, initial_states,
+                  keeps_workspace, pack_input, run_stacked, unpack_output, workspace_dtype)
 
 try:  # the Triton cells (CUDA; CPU tensors under TRITON_INTERPRET=1)
     from ..kernels import rnn_ln as _triton_ln
@@ -99,12 +99,59 @@ def _backward_cpp(dy, *args):
 
 def _forward_triton(x, *args):
     """fp16 / bf16 run in float32 as in _forward_cpp: y, h_n, c_n are rounded back, the workspace stays float32."""
-    y, h, c, *workspace = _triton_ln.layer_norm_lstm_forward(*_lift([x, *args]))
+    lifted = _lift([x, *args])
+    _check_kernel_layer("layer_norm_lstm_layer_forward", *lifted[:14])
+    y, h, c, *workspace = _triton_ln.layer_norm_lstm_forward(*lifted)
     return _fresh_empties([t.to(x.dtype) for t in (y, h, c)] + workspace)
 
 
 def _backward_triton(dy, *args):
-    return _fresh_empties([g.to(dy.dtype) for g in _triton_ln.layer_norm_lstm_backward(*_lift([dy, *args]))])
+    lifted = _lift([dy, *args])
+    _check_kernel_backward(*lifted[:17], *lifted[18:24])
+    return _fresh_empties([g.to(dy.dtype) for g in _triton_ln.layer_norm_lstm_backward(*lifted)])
+
+
+# The Triton kernels' own checks (rnn.py's check_dense, which says why): the C++ kernel's (csrc/cpu/rnn_ln_cpu.cpp
+# check_layer, check_dense), on the arguments as lifted to float32, before any launch.
+
+def _check_kernel_layer(who: str, x: Tensor, batch_sizes: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor],
+                        ln_ih_weight: Tensor, ln_ih_bias: Tensor, ln_hh_weight: Tensor, ln_hh_bias: Tensor,
+                        ln_cell_weight: Tensor, ln_cell_bias: Tensor, h0: Tensor, c0: Tensor,
+                        zoneout_mask: Optional[Tensor]) -> Tuple[int, int, int]:
+    """The forward's arguments as the kernels read them -> (rows, H, B). batch_sizes is the launcher's to check
+    (kernels/rnn.py _Layer)."""
+    try:  # (unpacking: cheaper than checking dim() first)
+        rows, I = x.shape
+        G4, H = w_hh.shape
+        B = h0.shape[0]  # h0's whole shape is check_dense's
+        ok = G4 == 4 * H
+    except (ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise _checks.SizeMismatchError(f"{who}: x must be (rows, input_size), w_hh (4 * hidden_size, hidden_size) and "
+                                        f"h0 (batch, hidden_size); got x {tuple(x.shape)}, w_hh {tuple(w_hh.shape)}, "
+                                        f"h0 {tuple(h0.shape)}")
+    if not x.is_contiguous():  # (x's shape, dtype and device are the reference)
+        _refuse_dense(who, "x", x, (rows, I), x, False)
+    check_dense(who, x, (("w_ih", w_ih, (G4, I)), ("w_hh", w_hh, (G4, H)), ("bias", bias, (G4,)),
+                         ("ln_ih_weight", ln_ih_weight, (G4,)), ("ln_ih_bias", ln_ih_bias, (G4,)),
+                         ("ln_hh_weight", ln_hh_weight, (G4,)), ("ln_hh_bias", ln_hh_bias, (G4,)),
+                         ("ln_cell_weight", ln_cell_weight, (H,)), ("ln_cell_bias", ln_cell_bias, (H,)),
+                         ("h0", h0, (B, H)), ("c0", c0, (B, H)), ("zoneout_mask", zoneout_mask, (rows, H))))
+    return rows, H, B
+
+
+def _check_kernel_backward(dy: Tensor, dh_n: Tensor, dc_n: Tensor, *args) -> None:
+    """The backward's arguments as the kernels read them: dy, dh_n, dc_n, the forward's 14 tensor arguments (x to
+    zoneout_mask), then y and the workspace gates, x_proj, h_proj, cells, stats."""
+    who = "layer_norm_lstm_layer_backward"
+    x = args[0]
+    rows, H, B = _check_kernel_layer(who, *args[:14])
+    y, gates, x_proj, h_proj, cells, stats = args[14:]
+    check_dense(who, x, (("dy", dy, (rows, H)), ("dh_n", dh_n, (B, H)), ("dc_n", dc_n, (B, H)), ("y", y, (rows, H)),
+                         ("gates", gates, (rows, 4 * H)), ("x_proj", x_proj, (rows, 4 * H)),
+                         ("h_proj", h_proj, (rows, 4 * H)), ("cells", cells, (rows, H)),
+                         ("stats", stats, (rows, _STATS))))
 
 
 _FORWARD_IMPLS = {"reference": _forward_reference, "cpp": _forward_cpp}
