@@ -548,6 +548,19 @@ def test_nonfinite_input_propagates():
     assert torch.isnan(out[1:, 0]).all() and torch.isfinite(out[:, 1]).all() and torch.isfinite(out[0]).all()
 
 
+def _raw_layer_forward(I, H, B):
+    """A valid raw layer_norm_lstm_layer_forward call of 9 packed rows (batch_sizes 3, 3, 2, 1): its tensors by name,
+    and the call with some of them replaced (forward(name=tensor))."""
+    G4 = 4 * H
+    f = dict(x=torch.randn(9, I), batch_sizes=torch.tensor([3, 3, 2, 1]), w_ih=torch.randn(G4, I),
+             w_hh=torch.randn(G4, H), bias=torch.randn(G4), ln_ih_weight=torch.rand(G4), ln_ih_bias=torch.randn(G4),
+             ln_hh_weight=torch.rand(G4), ln_hh_bias=torch.randn(G4), ln_cell_weight=torch.rand(H),
+             ln_cell_bias=torch.randn(H), h0=torch.randn(B, H), c0=torch.randn(B, H), zoneout_mask=None)
+    forward = lambda **kw: torch.ops.fastnn.layer_norm_lstm_layer_forward(  # noqa: E731
+        *{**f, **kw}.values(), 0.0, False, True)
+    return f, forward
+
+
 def test_raw_ops_refuse_misshapen_or_strided_tensors():
     """A direct call of the raw ops (which skip the module's checks) with a misshapen or strided tensor is refused
     with its name: the C++ kernel reads every tensor as a dense array with the layer's extents (an empty ln
@@ -557,12 +570,7 @@ def test_raw_ops_refuse_misshapen_or_strided_tensors():
     torch.manual_seed(0)
     I, H, B = 5, 8, 3
     G4 = 4 * H
-    f = dict(x=torch.randn(9, I), batch_sizes=torch.tensor([3, 3, 2, 1]), w_ih=torch.randn(G4, I),
-             w_hh=torch.randn(G4, H), bias=torch.randn(G4), ln_ih_weight=torch.rand(G4), ln_ih_bias=torch.randn(G4),
-             ln_hh_weight=torch.rand(G4), ln_hh_bias=torch.randn(G4), ln_cell_weight=torch.rand(H),
-             ln_cell_bias=torch.randn(H), h0=torch.randn(B, H), c0=torch.randn(B, H), zoneout_mask=None)
-    forward = lambda **kw: torch.ops.fastnn.layer_norm_lstm_layer_forward(  # noqa: E731
-        *{**f, **kw}.values(), 0.0, False, True)
+    f, forward = _raw_layer_forward(I, H, B)
     strided = lambda t: t.t().contiguous().t()  # noqa: E731
     for name, value in (("ln_ih_weight", torch.rand(0)), ("ln_cell_bias", torch.rand(H - 1)),
                         ("w_ih", torch.randn(1, I)), ("bias", torch.randn(G4 + 1)), ("h0", strided(f["h0"])),
@@ -712,12 +720,7 @@ def test_triton_raw_ops_refuse_misshapen_or_strided_tensors():
 
     I, H, B = 5, 8, 3
     G4 = 4 * H
-    f = dict(x=torch.randn(9, I), batch_sizes=torch.tensor([3, 3, 2, 1]), w_ih=torch.randn(G4, I),
-             w_hh=torch.randn(G4, H), bias=torch.randn(G4), ln_ih_weight=torch.rand(G4), ln_ih_bias=torch.randn(G4),
-             ln_hh_weight=torch.rand(G4), ln_hh_bias=torch.randn(G4), ln_cell_weight=torch.rand(H),
-             ln_cell_bias=torch.randn(H), h0=torch.randn(B, H), c0=torch.randn(B, H), zoneout_mask=None)
-    forward = lambda **kw: torch.ops.fastnn.layer_norm_lstm_layer_forward(  # noqa: E731
-        *{**f, **kw}.values(), 0.0, False, True)
+    f, forward = _raw_layer_forward(I, H, B)
     strided = lambda t: t.t().contiguous().t()  # noqa: E731
     who = "layer_norm_lstm_layer_forward"
     with fastnn.use_backend("triton"):
