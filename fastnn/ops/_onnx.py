@@ -1,18 +1,20 @@
 """ONNX export: what fastnn's ops become inside ``torch.onnx.export(..., dynamo=True)``.
 
-torch's ONNX exporter knows aten and torchvision ops, not fastnn's custom ops. So while an export is tracing
-(``torch.onnx.is_in_onnx_export()``), the public functions build their result from standard ONNX operators
-instead of calling the custom op: RoiAlign (opset 16), MaxRoiPool and NonMaxSuppression through
-``torch.onnx.ops.symbolic`` (detection_postprocess: NonMaxSuppression between dense top-k's); plain aten
-compositions for the FPN top-down add, SPP / SPPF pooling, box IoU and heatmap peaks; torch's own ops for the LSTM / GRU layers and cells and for scaled_dot_product_attention,
-whose parameters and semantics fastnn's share. The exporter translates the aten ops itself. A plain
-``torch.onnx.export(model, args)`` of a model built from fastnn's layers then needs nothing else, as with
-torch.nn's and torchvision's.
+torch's ONNX exporter knows aten and torchvision ops, not fastnn's custom ops. So while an export traces (the
+exporter's flag, read only when a tracing mode is active), the public functions build their result from
+standard ONNX operators instead of calling the custom op:
+- RoiAlign (opset 16), MaxRoiPool and NonMaxSuppression through ``torch.onnx.ops.symbolic`` (roi_align,
+  roi_pool, nms, batched_nms; detection_postprocess as NonMaxSuppression between TopK's);
+- aten compositions the exporter translates: the FPN top-down add, SPP / SPPF pooling, box IoU, heatmap peaks;
+- torch's own ops on the same parameters: the LSTM / GRU layers and cells, scaled_dot_product_attention.
+A plain ``torch.onnx.export(model, args)`` of a model built from fastnn's layers then needs nothing else, as
+with torch.nn's and torchvision's.
 
-The graphs compute what the eager ops compute (tests/test_onnx.py runs them in onnxruntime against fastnn on
-the same inputs); the differences are named where they are made: floating-point inputs are computed in float32
-(float64 stays float64 where ONNX allows), and batched_nms separates categories by offsetting the boxes, as
-torchvision's own batched_nms does for export.
+The graphs compute what the eager ops compute: tests/test_onnx.py runs them in onnxruntime against fastnn on
+the same inputs, edge cases included (NaN and infinite boxes, ties, thresholds, float64 scores, dynamic
+counts). What differs is said where it is made: NonMaxSuppression computes IoU in float32; a multi-level
+roi_align pools every RoI at every level; roi_pool in float64, NMS with a negative IoU threshold, an LSTM with
+proj_size and a PackedSequence are refused by name.
 """
 from __future__ import annotations
 
@@ -21,29 +23,35 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from ..reference.boxes import threshold_below
+
+
+_exporter_flags = []  # torch's exporter flag module, imported at the first call made while tracing
+
 
 def _exporter_flag() -> bool:
     # torch.onnx.is_in_onnx_export() reads this flag too, but under the exporter's strict (dynamo) capture, its
-    # second try, that call reads False under dynamo; the flag itself reads as it is
-    try:
-        from torch.onnx._internal.exporter import _flags
-    except ImportError:
-        return False
-    return bool(getattr(_flags, "_is_onnx_exporting", False))
+    # second try, that call reads False; the flag itself reads as it is
+    if not _exporter_flags:
+        try:
+            from torch.onnx._internal.exporter import _flags
+        except ImportError:
+            _flags = None
+        _exporter_flags.append(_flags)
+    return bool(getattr(_exporter_flags[0], "_is_onnx_exporting", False))
 
 
 def exporting() -> bool:
     """True while torch.onnx.export traces a model. Outside any tracing (plain eager calls) it returns False
-    without asking torch.onnx, whose check costs ~3 us."""
-    if not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
-            or torch._C._get_tracing_state() is not None):
-        return False
-    if not (_exporter_flag() or torch.onnx.is_in_onnx_export()):
-        return False
+    without asking torch.onnx."""
     if torch._C._get_tracing_state() is not None:  # (the TorchScript-based exporter traces with torch.jit)
-        raise RuntimeError("fastnn's ops export to ONNX through torch.onnx.export(..., dynamo=True), the default; "
-                           "the TorchScript-based exporter (dynamo=False) cannot take them")
-    return True
+        if torch.onnx.is_in_onnx_export():
+            raise RuntimeError("fastnn's ops export to ONNX through torch.onnx.export(..., dynamo=True), the "
+                               "default; the TorchScript-based exporter (dynamo=False) cannot take them")
+        return False
+    if not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0):
+        return False
+    return _exporter_flag()
 
 
 def _float32_or_64(t: Tensor) -> torch.dtype:
@@ -53,7 +61,9 @@ def _float32_or_64(t: Tensor) -> torch.dtype:
 def roi_align(features: List[Tensor], rois: Tensor, levels: Optional[Tensor], scales: List[float], pooled_h: int,
               pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """fastnn.ops.roi_align / multi_scale_roi_align as ONNX RoiAlign nodes: one per level over every RoI, each
-    RoI then taking its own level's result (ONNX has no per-RoI level, so a graph of L levels pools L times)."""
+    RoI then taking its own level's result (ONNX has no per-RoI level, so a graph of L levels pools L times).
+    A RoI with a non-finite corner on the map pools zeros, as in the eager op (onnxruntime refuses such a RoI,
+    so it reaches RoiAlign as an empty box)."""
     dtype = features[0].dtype
     compute = _float32_or_64(features[0])
     coords = rois[:, 1:].to(compute)
@@ -63,36 +73,62 @@ def roi_align(features: List[Tensor], rois: Tensor, levels: Optional[Tensor], sc
                  sampling_ratio=max(sampling_ratio, 0))  # ONNX's 0 is the adaptive count that <= 0 means here
     out = None
     for level, (feature, scale) in enumerate(zip(features, scales)):
+        bad = ~torch.isfinite(coords * scale).all(1)
         pooled = torch.onnx.ops.symbolic(
-            "::RoiAlign", (feature.to(compute), coords, batch), dict(attrs, spatial_scale=float(scale)),
+            "::RoiAlign", (feature.to(compute), torch.where(bad[:, None], 0.0, coords), batch),
+            dict(attrs, spatial_scale=float(scale)),
             dtype=compute, shape=(rois.shape[0], feature.shape[1], pooled_h, pooled_w), version=16)
+        pooled = torch.where(bad[:, None, None, None], 0.0, pooled)
         out = pooled if out is None else torch.where((levels == level)[:, None, None, None], pooled, out)
     return out.to(dtype)
 
 
 def roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int) -> Tensor:
-    """fastnn.ops.roi_pool as an ONNX MaxRoiPool node (Fast R-CNN's rounding and bins, empty bins 0)."""
-    compute = _float32_or_64(input)
+    """fastnn.ops.roi_pool as an ONNX MaxRoiPool node (Fast R-CNN's rounding and bins, empty bins 0). The corners
+    are scaled here, in the kernels' dtype, and treated as the kernels treat them: a non-finite one pools zeros,
+    finite ones saturate at +-2^29 (onnxruntime's integer cast of a larger one is undefined)."""
+    if input.dtype == torch.float64:
+        raise RuntimeError("ONNX export of roi_pool in float64 is not supported (onnxruntime has no float64 "
+                           "MaxRoiPool); convert the features to float32 first")
+    corners = rois[:, 1:].to(torch.float32) * torch.tensor(spatial_scale, dtype=torch.float32)
+    bad = ~torch.isfinite(corners).all(1)
+    corners = torch.where(bad[:, None], 0.0, corners).clamp(-2.0 ** 29, 2.0 ** 29)
+    scaled_rois = torch.cat([rois[:, :1].to(torch.float32), corners], 1)
     out = torch.onnx.ops.symbolic(
-        "::MaxRoiPool", (input.to(compute), rois.to(compute)),
-        dict(pooled_shape=[pooled_h, pooled_w], spatial_scale=float(spatial_scale)),
-        dtype=compute, shape=(rois.shape[0], input.shape[1], pooled_h, pooled_w))
-    return out.to(input.dtype)
+        "::MaxRoiPool", (input.to(torch.float32), scaled_rois),
+        dict(pooled_shape=[pooled_h, pooled_w], spatial_scale=1.0),
+        dtype=torch.float32, shape=(rois.shape[0], input.shape[1], pooled_h, pooled_w))
+    return torch.where(bad[:, None, None, None], 0.0, out).to(input.dtype)
 
 
 def spp_pool(x: Tensor, levels: List[int], mode: str) -> Tensor:
     """fastnn.ops.spp_pool from slices: the exporter has no ONNX form for adaptive pooling where a level does
     not divide the map, so each bin (torch's adaptive bins, fastnn.reference.spp.adaptive_bins) is a slice
-    reduced by ReduceMax / ReduceMean, in the eager layout (level blocks; channel-major inside a level)."""
+    reduced by ReduceMax / ReduceMean, in the eager layout (level blocks; channel-major inside a level);
+    float16 / bfloat16 are averaged in float32, as the kernels do."""
     from ..reference.spp import adaptive_bins
 
+    compute = x.to(_float32_or_64(x))
     blocks = []
     for level in levels:
         rows, cols = adaptive_bins(x.shape[2], level), adaptive_bins(x.shape[3], level)
-        bins = [x[:, :, r0:r1, c0:c1] for r0, r1 in rows for c0, c1 in cols]
+        bins = [compute[:, :, r0:r1, c0:c1] for r0, r1 in rows for c0, c1 in cols]
         pooled = [b.amax((2, 3)) if mode == "max" else b.mean((2, 3)) for b in bins]
         blocks.append(torch.stack(pooled, 2).flatten(1))
-    return torch.cat(blocks, 1)
+    return torch.cat(blocks, 1).to(x.dtype)
+
+
+def fpn_topdown_add(lateral: Tensor, top: Tensor) -> Tensor:
+    """fastnn.ops.fpn_topdown_add by index_select with torch's nearest rule (source min(floor(o * float32(h / H)),
+    h - 1)): the exporter's Resize picks other rows for some size ratios."""
+    up = top
+    for dim in (2, 3):
+        n_in, n_out = top.shape[dim], lateral.shape[dim]
+        scale = torch.tensor(n_in, dtype=torch.float32) / torch.tensor(n_out, dtype=torch.float32)
+        source = torch.floor(torch.arange(n_out, dtype=torch.float32) * scale).long().clamp(max=n_in - 1)
+        up = up.index_select(dim, source)
+    compute = _float32_or_64(lateral)
+    return (lateral.to(compute) + up.to(compute)).to(lateral.dtype)
 
 
 def _data_dependent_size(like: Tensor):
@@ -102,30 +138,57 @@ def _data_dependent_size(like: Tensor):
     return torch.ones_like(like, dtype=torch.bool).nonzero().shape[0]
 
 
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Optional[Tensor] = None) -> Tensor:
-    """fastnn.ops.nms (idxs None) or batched_nms as an ONNX NonMaxSuppression node, in float32.
+def _iou_threshold(iou_threshold: float) -> Tensor:
+    """The eager ops' ``IoU > iou_threshold`` for NonMaxSuppression's float32 IoU and its [0, 1] range."""
+    if iou_threshold < 0:
+        raise RuntimeError(f"ONNX export of NMS needs iou_threshold >= 0 (ONNX's NonMaxSuppression takes [0, 1] "
+                           f"and never suppresses disjoint boxes), got {iou_threshold}")
+    # the largest float32 not above the threshold (the eager ops compare with the double); above 1 nothing is
+    # suppressed, as at 1
+    return torch.tensor([min(threshold_below(iou_threshold, torch.float32), 1.0)], dtype=torch.float32)
 
-    A box with a NaN coordinate or score is neither kept nor suppresses anything, as in the eager op: its
-    coordinates become NaN (every IoU with it is NaN, never above the threshold) and it is dropped from the
-    result. Categories are kept apart by offsetting each category's boxes past all others' (torchvision's
-    batched_nms does the same for export)."""
-    boxes = boxes.to(torch.float32)
-    scores = scores.to(torch.float32)
-    bad = torch.isnan(scores) | torch.isnan(boxes).any(1)
-    if idxs is not None:
-        # the span of the finite coordinates and 0 (an infinite box stays infinite, and no box count is empty)
-        finite = torch.cat([torch.where(torch.isfinite(boxes), boxes, 0.0).flatten(), boxes.new_zeros(1)])
-        span = finite.max() - finite.min() + 1
-        boxes = boxes + (idxs.to(torch.float32) * span)[:, None]
-    boxes = torch.where(bad[:, None], torch.full_like(boxes, float("nan")), boxes)
-    scores = torch.where(bad, torch.full_like(scores, float("-inf")), scores)
-    selected = torch.onnx.ops.symbolic(
-        "::NonMaxSuppression",
-        (boxes[None], scores[None, None], torch.tensor([boxes.shape[0]], dtype=torch.int64),
-         torch.tensor([iou_threshold], dtype=torch.float32)),
+
+def _rank_scores(values: Tensor, active: Tensor) -> Tensor:
+    """float32 scores for NonMaxSuppression that order the active entries of each row as the eager ops do:
+    count - rank in the row's descending order of `values` (any float dtype; no NaN), equal values by index
+    (ONNX TopK's rule); -inf for the inactive. Exact below 2^24 entries a row."""
+    count = values.shape[-1]
+    order = torch.topk(values, count, dim=-1).indices
+    positions = torch.arange(count).expand_as(order)
+    rank = torch.empty_like(order).scatter(-1, order, positions)
+    return torch.where(active, (count - rank).to(torch.float32), float("-inf"))
+
+
+def _non_max_suppression(boxes: Tensor, scores: Tensor, iou_threshold: Tensor) -> Tensor:
+    """ONNX NonMaxSuppression over (batches, boxes, 4) and (batches, classes, boxes): (selected, 3) rows of
+    (batch, class, box); -inf scores never selected."""
+    return torch.onnx.ops.symbolic(
+        "::NonMaxSuppression", (boxes, scores, torch.tensor([scores.shape[-1]], dtype=torch.int64), iou_threshold,
+                                torch.tensor([float("-inf")])),
         None, dtype=torch.int64, shape=(_data_dependent_size(scores), 3))
-    keep = selected[:, 2]
-    return keep[~bad[keep]]
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Optional[Tensor] = None) -> Tensor:
+    """fastnn.ops.nms (idxs None) or batched_nms as an ONNX NonMaxSuppression node.
+
+    Boxes are ranked in the scores' own precision (float64 included) and NonMaxSuppression gets their ranks; a
+    box with a NaN coordinate or score is neither kept nor suppresses anything, as in the eager op. Categories
+    are ONNX's class dimension (one row of scores per distinct idxs value), so no box offsets are involved.
+    IoU is computed in float32."""
+    scores = scores.to(_float32_or_64(scores))
+    bad = torch.isnan(scores) | torch.isnan(boxes).any(1)
+    rank = _rank_scores(torch.where(bad, float("-inf"), scores), ~bad)
+    boxes = torch.where(bad[:, None], float("nan"), boxes.to(torch.float32))
+    if idxs is None:
+        table = rank[None]
+    else:
+        categories, category = torch.unique(idxs, return_inverse=True)
+        table = torch.full((categories.shape[0], rank.shape[0]), float("-inf"))
+        table = table.scatter(0, category[None], rank[None])
+    selected = _non_max_suppression(boxes[None], table[None], _iou_threshold(iou_threshold))
+    category, keep = selected[:, 1], selected[:, 2]
+    keep = keep[table[category, keep] > float("-inf")]
+    return keep[torch.argsort(rank[keep], descending=True)]  # by score across the categories, as eager
 
 
 def rnn(module, input, hx):
@@ -164,64 +227,61 @@ def rnn(module, input, hx):
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                                  dropout_p: float, is_causal: bool, scale: float, enable_gqa: bool) -> Tensor:
-    """fastnn.ops.scaled_dot_product_attention as torch's, which the exporter decomposes, with fastnn's one
-    difference kept: a query row whose keys are all masked gives zeros (torch's softmax gives NaN)."""
-    if attn_mask is not None and attn_mask.dtype != torch.bool:  # (torch's takes the query's dtype only)
-        attn_mask = attn_mask.to(query.dtype)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
-                                                           scale=scale, enable_gqa=enable_gqa)
-    if attn_mask is None:
-        return out
-    masked = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == float("-inf")
-    dead = masked.all(-1, keepdim=True)
-    return torch.where(dead, torch.zeros((), dtype=out.dtype), out)
+    """fastnn.ops.scaled_dot_product_attention as torch's, which the exporter decomposes: float16 / bfloat16 in
+    float32 as the kernels compute them, and fastnn's one difference from torch kept: a query row whose keys
+    are all masked (False, or -inf in a float mask) gives zeros, where torch's softmax gives NaN."""
+    compute = _float32_or_64(query)
+    q, k, v = (t.to(compute) for t in (query, key, value))
+    dead = None
+    if attn_mask is not None:
+        masked = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == float("-inf")
+        dead = masked.all(-1, keepdim=True)
+        if attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.to(compute)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
+                                                           enable_gqa=enable_gqa)
+    if dead is not None:
+        out = torch.where(dead, 0.0, out)
+    return out.to(query.dtype)
 
 
 def detection_postprocess(boxes: Tensor, scores: Tensor, score_threshold: float, iou_threshold: float,
                           max_detections: int, class_agnostic: bool, pre_nms_top_k: int):
-    """fastnn.ops.detection_postprocess from an ONNX NonMaxSuppression node and dense top-k's.
+    """fastnn.ops.detection_postprocess from ONNX NonMaxSuppression and TopK nodes.
 
     The candidates (score > threshold, no NaN) keep their scores in a (B, N * C) matrix indexed n * C + c, the
-    rest -inf; a top-k per image applies pre_nms_top_k; NonMaxSuppression runs with ONNX's class dimension
-    for boxes shared by the classes, else over the flattened (box, class) pairs (classes apart by a box offset
-    unless class_agnostic); the survivors' scores go back into a dense matrix, whose top max_detections per
-    image are the outputs. Equal scores rank by the lower flat index in ONNX's TopK, as in the eager op. IoU is
-    computed in float32 (ONNX's NonMaxSuppression takes no other type)."""
+    rest -inf, and are ranked per image in the scores' precision (equal scores by the lower flat index: ONNX
+    TopK's rule and the eager op's); the first pre_nms_top_k ranks stay in. NonMaxSuppression gets the ranks,
+    per class with ONNX's class dimension (boxes shared by the classes) or (image, class) as its batch
+    dimension (a box per class), or over all (box, class) pairs of an image when class_agnostic. The survivors
+    go back into a dense matrix, whose top max_detections per image are the outputs. IoU is computed in
+    float32 (ONNX's NonMaxSuppression takes no other type)."""
     bsz, n, c = scores.shape
-    compute = _float32_or_64(scores)
+    compute = scores.to(_float32_or_64(scores))
     shared = boxes.dim() == 3
     box_nan = torch.isnan(boxes).any(-1)
-    valid = (scores.to(compute) > score_threshold) & ~(box_nan[:, :, None] if shared else box_nan)
-    ranked = torch.where(valid, scores.to(torch.float32), float("-inf")).reshape(bsz, n * c)
-    if 0 <= pre_nms_top_k < n * c:
-        top = torch.topk(ranked, pre_nms_top_k, dim=1).indices
-        kept = torch.zeros_like(ranked, dtype=torch.bool).scatter(1, top, True)
-        ranked = torch.where(kept, ranked, float("-inf"))
-    every = torch.tensor([n * c], dtype=torch.int64)
-    nms_args = (torch.tensor([iou_threshold], dtype=torch.float32), torch.tensor([float("-inf")]))
+    valid = (compute > score_threshold) & ~(box_nan[:, :, None] if shared else box_nan)
+    ranked = torch.where(valid, compute, float("-inf")).reshape(bsz, n * c)
+    rank = _rank_scores(ranked, valid.reshape(bsz, n * c))
+    if pre_nms_top_k >= 0:  # (rank n * c - r for the r-th best)
+        rank = torch.where(rank > n * c - pre_nms_top_k, rank, float("-inf"))
+    threshold = _iou_threshold(iou_threshold)
     flat_boxes = (boxes[:, :, None, :].expand(bsz, n, c, 4) if shared else boxes).reshape(bsz, n * c, 4)
-    if shared and not class_agnostic:  # ONNX's own classes: scores (B, C, N), results (image, class, box)
-        selected = torch.onnx.ops.symbolic(
-            "::NonMaxSuppression", (boxes.to(torch.float32), ranked.reshape(bsz, n, c).transpose(1, 2), every,
-                                    *nms_args),
-            None, dtype=torch.int64, shape=(_data_dependent_size(ranked), 3))
-        flat = selected[:, 2] * c + selected[:, 1]
-    else:
-        nms_boxes = flat_boxes.to(torch.float32)
-        if not class_agnostic:
-            finite = torch.cat([torch.where(torch.isfinite(nms_boxes), nms_boxes, 0.0).flatten(),
-                                nms_boxes.new_zeros(1)])
-            classes = (torch.arange(n * c) % c).to(torch.float32)
-            nms_boxes = nms_boxes + (classes * (finite.max() - finite.min() + 1))[None, :, None]
-        selected = torch.onnx.ops.symbolic(
-            "::NonMaxSuppression", (nms_boxes, ranked[:, None, :], every, *nms_args),
-            None, dtype=torch.int64, shape=(_data_dependent_size(ranked), 3))
-        flat = selected[:, 2]
-    image = selected[:, 0]
-    survived = ranked[image, flat] > float("-inf")  # (whatever NonMaxSuppression does with -inf scores)
+    if class_agnostic:  # every (box, class) pair of an image in one race
+        selected = _non_max_suppression(flat_boxes.to(torch.float32), rank[:, None, :], threshold)
+        image, flat = selected[:, 0], selected[:, 2]
+    elif shared:  # ONNX's classes: scores (B, C, N), results (image, class, box)
+        selected = _non_max_suppression(boxes.to(torch.float32), rank.reshape(bsz, n, c).transpose(1, 2), threshold)
+        image, flat = selected[:, 0], selected[:, 2] * c + selected[:, 1]
+    else:  # a box per class: (image, class) as the batch, results (image * C + class, 0, box)
+        per_class = boxes.to(torch.float32).permute(0, 2, 1, 3).reshape(bsz * c, n, 4)
+        ranks = rank.reshape(bsz, n, c).permute(0, 2, 1).reshape(bsz * c, 1, n)
+        selected = _non_max_suppression(per_class, ranks, threshold)
+        image, flat = selected[:, 0] // c, selected[:, 2] * c + selected[:, 0] % c
+    survived = rank[image, flat] > float("-inf")  # (whatever NonMaxSuppression does with -inf scores)
     image, flat = image[survived], flat[survived]
     pad = max_detections  # columns of -inf, so that the top-k has max_detections columns to take
-    dense = torch.full((bsz, n * c + pad), float("-inf"))
+    dense = torch.full((bsz, n * c + pad), float("-inf"), dtype=ranked.dtype)
     dense = dense.index_put((image, flat), ranked[image, flat])
     best, index = torch.topk(dense, max_detections, dim=1)
     filled = best > float("-inf")

@@ -598,8 +598,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask must be None when is_causal=True (as in torch)")
     if _onnx.exporting():
-        mask = None if attn_mask is None else _bias_for(attn_mask, query, (*lead, Hq, L, S), "attn_mask")
-        return _onnx.scaled_dot_product_attention(query, key, value, mask, p, bool(is_causal), s,
+        _bias_for(attn_mask, query, (*lead, Hq, L, S), "attn_mask")  # (its checks; the graph broadcasts the mask)
+        return _onnx.scaled_dot_product_attention(query, key, value, attn_mask, p, bool(is_causal), s,
                                                   bool(enable_gqa))
     B = math.prod(lead) if lead else 1
     q4 = query.reshape(B, Hq, L, E).transpose(1, 2)

@@ -488,7 +488,10 @@ def matrix_nms(boxes: Tensor, scores: Tensor, labels: Optional[Tensor] = None, k
     ct = torch.float64 if torch.float64 in (boxes.dtype, scores.dtype) else torch.float32
     if n == 0:
         return scores.clone()
-    order = torch.sort(scores.detach(), descending=True, stable=True).indices
+    if _onnx.exporting():  # (no ONNX form of a stable sort; TopK orders equal values by index, as it does)
+        order = torch.topk(scores.detach(), n).indices
+    else:
+        order = torch.sort(scores.detach(), descending=True, stable=True).indices
     # a pair with no defined IoU (0 / 0 of two empty boxes, a NaN coordinate) overlaps nothing, as in the
     # reference: left NaN, the max / min below would spread it to every score
     iou = torch.nan_to_num(box_iou(boxes[order], boxes[order]).to(ct), nan=0.0).triu(diagonal=1)

@@ -160,6 +160,6 @@ def fpn_topdown_add(lateral: Tensor, top: Tensor) -> Tensor:
                          "expected the same number of channels")
     if lateral.numel() and (top.shape[2] == 0 or top.shape[3] == 0):
         raise ValueError(f"top must have a non-empty spatial size to upsample, got shape {tuple(top.shape)}")
-    if _onnx.exporting():  # (its aten composition exports as it is)
-        return ref.fpn_topdown_add(lateral, top)
+    if _onnx.exporting():
+        return _onnx.fpn_topdown_add(lateral, top)
     return _direct.call(torch.ops.fastnn.fpn_topdown_add, _fpn_topdown_add_body, _FpnTopdownAddFunction, lateral, top)
