@@ -12,9 +12,8 @@ with torch.nn's and torchvision's.
 
 The graphs compute what the eager ops compute: tests/test_onnx.py runs them in onnxruntime against fastnn on
 the same inputs, edge cases included (NaN and infinite boxes, ties, thresholds, float64 scores, dynamic
-counts). What differs is said where it is made: NonMaxSuppression computes IoU in float32; a multi-level
-roi_align pools every RoI at every level; roi_pool in float64, NMS with a negative IoU threshold, an LSTM with
-proj_size and a PackedSequence are refused by name.
+counts). What differs is said where it is made: NonMaxSuppression computes IoU in float32; roi_pool in
+float64, NMS with a negative IoU threshold, an LSTM with proj_size and a PackedSequence are refused by name.
 """
 from __future__ import annotations
 
@@ -60,10 +59,10 @@ def _float32_or_64(t: Tensor) -> torch.dtype:
 
 def roi_align(features: List[Tensor], rois: Tensor, levels: Optional[Tensor], scales: List[float], pooled_h: int,
               pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
-    """fastnn.ops.roi_align / multi_scale_roi_align as ONNX RoiAlign nodes: one per level over every RoI, each
-    RoI then taking its own level's result (ONNX has no per-RoI level, so a graph of L levels pools L times).
-    A RoI with a non-finite corner on the map pools zeros, as in the eager op (onnxruntime refuses such a RoI,
-    so it reaches RoiAlign as an empty box)."""
+    """fastnn.ops.roi_align / multi_scale_roi_align as ONNX RoiAlign nodes, one per level over that level's RoIs
+    (selected by NonZero, written back by ScatterND, as torchvision's export does). A RoI with a non-finite
+    corner on the map pools zeros, as in the eager op (onnxruntime refuses such a RoI, so it reaches RoiAlign as
+    an empty box)."""
     dtype = features[0].dtype
     compute = _float32_or_64(features[0])
     coords = rois[:, 1:].to(compute)
@@ -71,15 +70,20 @@ def roi_align(features: List[Tensor], rois: Tensor, levels: Optional[Tensor], sc
     attrs = dict(coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel", mode="avg",
                  output_height=pooled_h, output_width=pooled_w,
                  sampling_ratio=max(sampling_ratio, 0))  # ONNX's 0 is the adaptive count that <= 0 means here
-    out = None
-    for level, (feature, scale) in enumerate(zip(features, scales)):
+    def pool(feature, scale, coords, batch):
         bad = ~torch.isfinite(coords * scale).all(1)
         pooled = torch.onnx.ops.symbolic(
             "::RoiAlign", (feature.to(compute), torch.where(bad[:, None], 0.0, coords), batch),
             dict(attrs, spatial_scale=float(scale)),
-            dtype=compute, shape=(rois.shape[0], feature.shape[1], pooled_h, pooled_w), version=16)
-        pooled = torch.where(bad[:, None, None, None], 0.0, pooled)
-        out = pooled if out is None else torch.where((levels == level)[:, None, None, None], pooled, out)
+            dtype=compute, shape=(coords.shape[0], feature.shape[1], pooled_h, pooled_w), version=16)
+        return torch.where(bad[:, None, None, None], 0.0, pooled)
+
+    if levels is None:
+        return pool(features[0], scales[0], coords, batch).to(dtype)
+    out = torch.zeros((rois.shape[0], features[0].shape[1], pooled_h, pooled_w), dtype=compute)
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        chosen = torch.nonzero(levels == level).squeeze(1)
+        out = out.index_put((chosen,), pool(feature, scale, coords[chosen], batch[chosen]))
     return out.to(dtype)
 
 
