@@ -73,6 +73,8 @@ def test_roi_align_exports_in_its_compute_dtype(dtype):
     assert got.dtype == dtype
     # the graph pools float16 / bfloat16 in float32 and rounds once, as the kernels do
     torch.testing.assert_close(got, model(x, rois), rtol=0, atol=1e-12 if dtype == torch.float64 else 0)
+    if dtype == torch.float16:  # (roi_pool: float64 is refused, test_roi_export_edge_boxes)
+        _assert_exports_like_eager(_Fn(lambda f, r: ops.roi_pool(f, r, 3, 0.37)), x, rois)
 
 
 def test_roi_align_exports_box_lists():

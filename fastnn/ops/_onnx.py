@@ -70,6 +70,7 @@ def roi_align(features: List[Tensor], rois: Tensor, levels: Optional[Tensor], sc
     attrs = dict(coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel", mode="avg",
                  output_height=pooled_h, output_width=pooled_w,
                  sampling_ratio=max(sampling_ratio, 0))  # ONNX's 0 is the adaptive count that <= 0 means here
+
     def pool(feature, scale, coords, batch):
         bad = ~torch.isfinite(coords * scale).all(1)
         pooled = torch.onnx.ops.symbolic(
