@@ -22,7 +22,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ..reference.boxes import threshold_below
+from ..reference.boxes import compute_dtype, threshold_below
+from ..reference.fpn import nearest_source
 
 
 _exporter_flags = []  # torch's exporter flag module, imported at the first call made while tracing
@@ -53,10 +54,6 @@ def exporting() -> bool:
     return _exporter_flag()
 
 
-def _float32_or_64(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def roi_align(features: List[Tensor], rois: Tensor, levels: Optional[Tensor], scales: List[float], pooled_h: int,
               pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """fastnn.ops.roi_align / multi_scale_roi_align as ONNX RoiAlign nodes, one per level over that level's RoIs
@@ -64,7 +61,7 @@ def roi_align(features: List[Tensor], rois: Tensor, levels: Optional[Tensor], sc
     corner on the map pools zeros, as in the eager op (onnxruntime refuses such a RoI, so it reaches RoiAlign as
     an empty box)."""
     dtype = features[0].dtype
-    compute = _float32_or_64(features[0])
+    compute = compute_dtype(features[0].dtype)
     coords = rois[:, 1:].to(compute)
     batch = rois[:, 0].to(torch.int64)
     attrs = dict(coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel", mode="avg",
@@ -113,7 +110,7 @@ def spp_pool(x: Tensor, levels: List[int], mode: str) -> Tensor:
     float16 / bfloat16 are averaged in float32, as the kernels do."""
     from ..reference.spp import adaptive_bins
 
-    compute = x.to(_float32_or_64(x))
+    compute = x.to(compute_dtype(x.dtype))
     blocks = []
     for level in levels:
         rows, cols = adaptive_bins(x.shape[2], level), adaptive_bins(x.shape[3], level)
@@ -124,15 +121,12 @@ def spp_pool(x: Tensor, levels: List[int], mode: str) -> Tensor:
 
 
 def fpn_topdown_add(lateral: Tensor, top: Tensor) -> Tensor:
-    """fastnn.ops.fpn_topdown_add by index_select with torch's nearest rule (source min(floor(o * float32(h / H)),
-    h - 1)): the exporter's Resize picks other rows for some size ratios."""
+    """fastnn.ops.fpn_topdown_add by index_select with torch's nearest rule (fastnn.reference.fpn.nearest_source):
+    the exporter's Resize picks other rows for some size ratios."""
     up = top
     for dim in (2, 3):
-        n_in, n_out = top.shape[dim], lateral.shape[dim]
-        scale = torch.tensor(n_in, dtype=torch.float32) / torch.tensor(n_out, dtype=torch.float32)
-        source = torch.floor(torch.arange(n_out, dtype=torch.float32) * scale).long().clamp(max=n_in - 1)
-        up = up.index_select(dim, source)
-    compute = _float32_or_64(lateral)
+        up = up.index_select(dim, nearest_source(top.shape[dim], lateral.shape[dim]))
+    compute = compute_dtype(lateral.dtype)
     return (lateral.to(compute) + up.to(compute)).to(lateral.dtype)
 
 
@@ -180,7 +174,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Optional[Tens
     box with a NaN coordinate or score is neither kept nor suppresses anything, as in the eager op. Categories
     are ONNX's class dimension (one row of scores per distinct idxs value), so no box offsets are involved.
     IoU is computed in float32."""
-    scores = scores.to(_float32_or_64(scores))
+    scores = scores.to(compute_dtype(scores.dtype))
     bad = torch.isnan(scores) | torch.isnan(boxes).any(1)
     rank = _rank_scores(torch.where(bad, float("-inf"), scores), ~bad)
     boxes = torch.where(bad[:, None], float("nan"), boxes.to(torch.float32))
@@ -235,7 +229,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """fastnn.ops.scaled_dot_product_attention as torch's, which the exporter decomposes: float16 / bfloat16 in
     float32 as the kernels compute them, and fastnn's one difference from torch kept: a query row whose keys
     are all masked (False, or -inf in a float mask) gives zeros, where torch's softmax gives NaN."""
-    compute = _float32_or_64(query)
+    compute = compute_dtype(query.dtype)
     q, k, v = (t.to(compute) for t in (query, key, value))
     dead = None
     if attn_mask is not None:
@@ -262,7 +256,7 @@ def detection_postprocess(boxes: Tensor, scores: Tensor, score_threshold: float,
     go back into a dense matrix, whose top max_detections per image are the outputs. IoU is computed in
     float32 (ONNX's NonMaxSuppression takes no other type)."""
     bsz, n, c = scores.shape
-    compute = scores.to(_float32_or_64(scores))
+    compute = scores.to(compute_dtype(scores.dtype))
     shared = boxes.dim() == 3
     box_nan = torch.isnan(boxes).any(-1)
     valid = (compute > score_threshold) & ~(box_nan[:, :, None] if shared else box_nan)
@@ -314,6 +308,6 @@ def heatmap_peaks(heatmap: Tensor, k: int, kernel: int):
     """fastnn.ops.heatmap_peaks as MaxPool + TopK (whose equal values come lower index first, as the eager op
     orders them)."""
     b, c, h, w = heatmap.shape
-    heat = heatmap.to(_float32_or_64(heatmap))
+    heat = heatmap.to(compute_dtype(heatmap.dtype))
     scores, order = torch.topk(peak_scores(heat, kernel).reshape(b, c * h * w), k, dim=1)
     return scores.to(heatmap.dtype), order // (h * w), (order % (h * w)) // w, order % w
