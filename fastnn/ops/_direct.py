@@ -10,7 +10,7 @@ custom op, which then runs the same body.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -51,7 +51,7 @@ def autograd_function(body: Callable, setup_context: Callable, backward: Callabl
     with a separate setup_context, Function.apply binds the arguments to forward's signature through
     inspect.signature on every call: ~90 us a call with torch 2.14, as much as a small cell step's kernel.
     The direct path runs in plain eager mode only, where the older form behaves the same (functorch
-    transforms, which need the newer form, take the custom op instead)."""
+    transforms, which need the newer form, take the op's transformable Function instead: register_autograd)."""
     params = inspect.signature(body).parameters.values()
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if any(p.kind not in positional for p in params):
@@ -77,7 +77,156 @@ def call(op: Callable, body: Callable, function: Optional[type], *args):
     without autograd."""
     tensors = [a for a in args if isinstance(a, Tensor)]
     if not plain_eager(*tensors):
-        return op(*args)
+        return run_op(op, *args)
     if function is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return function.apply(*args)
     return body(*args)
+
+
+# ---------------------------------------------------------------- torch.func (functorch) transforms
+# torch.library's custom_op implements register_autograd with an autograd.Function of the older form (forward
+# takes ctx), which torch.func.grad / vjp / jacrev / vmap refuse (pytorch/pytorch#168393, #170834, #179652,
+# open in torch 2.14). torch.nn.LSTM, scaled_dot_product_attention and torchvision's box_iou work under those
+# transforms, so their drop-ins must too: while a transform is active, an op with autograd is called through a
+# Function of the newer form (a separate setup_context, generate_vmap_rule) that calls the op and reuses the
+# op's own setup_context and backward. Its backward's op is called through a Function whose backward raises:
+# torch.func.grad differentiates with create_graph=True, so the backward op's custom-op autograd would refuse
+# even a first derivative, and a gradient without history would make a second derivative silently zero.
+
+_TRANSFORMABLE: Dict[str, Tuple[Optional[type], type]] = {}  # op name -> (plain Function, flattening Function)
+
+
+def _op_name(op) -> str:
+    """'ns::name' of a CustomOpDef, an OpOverloadPacket or an OpOverload."""
+    name = getattr(op, "_qualname", None) or getattr(op, "_qualified_op_name", None)
+    if name is None:  # an OpOverload
+        name = op._schema.name
+    return name
+
+
+def _flat(args) -> tuple:
+    """(lengths, flat): lists of tensors (Tensor[] in a schema) spread out, so that autograd sees their tensors;
+    lengths[i] is None for an argument kept whole, else its list's length."""
+    lengths = tuple(len(a) if isinstance(a, (list, tuple)) and any(isinstance(t, Tensor) for t in a) else None
+                    for a in args)
+    flat = []
+    for a, n in zip(args, lengths):
+        flat.extend(a if n is not None else (a,))
+    return lengths, flat
+
+
+def _unflat(lengths, flat) -> list:
+    args, i = [], 0
+    for n in lengths:
+        if n is None:
+            args.append(flat[i])
+            i += 1
+        else:
+            args.append(list(flat[i:i + n]))
+            i += n
+    return args
+
+
+def _function(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> type:
+    """An autograd.Function of the newer form, vmap by generate_vmap_rule, forward mode refused by name."""
+    def jvp(ctx, *tangents):
+        raise RuntimeError(f"{name} has no forward-mode derivative in fastnn (torch.func.jvp, jacfwd, "
+                           "torch.autograd.forward_ad); reverse mode works: torch.func.vjp, grad, jacrev")
+
+    return type(f"{name.split('::')[-1]}_transformable", (torch.autograd.Function,),
+                {"generate_vmap_rule": True, "forward": staticmethod(forward),
+                 "setup_context": staticmethod(setup_context), "backward": staticmethod(backward),
+                 "jvp": staticmethod(jvp)})
+
+
+def _run(op, *args):
+    output = op(*args)
+    # (a Function's tensors must be returned as a tuple: a list would reach the caller untracked)
+    return tuple(output) if isinstance(output, list) else output
+
+
+def _flattening(name: str, op, setup_context: Callable, backward: Callable) -> type:
+    """The Function for calls with a Tensor[] argument: apply(lengths, *flat) (_flat), each list's gradients
+    spread out the same way."""
+    def setup(ctx, inputs, output):
+        ctx.fastnn_lengths = inputs[0]
+        setup_context(ctx, tuple(_unflat(inputs[0], inputs[1:])), output)
+
+    def backward_flat(ctx, *grads):
+        flat = [None]  # (lengths)
+        for g, n in zip(backward(ctx, *grads), ctx.fastnn_lengths):
+            flat.extend((g if g is not None else (None,) * n) if n is not None else (g,))
+        return tuple(flat)
+
+    return _function(name, lambda lengths, *flat: _run(op, *_unflat(lengths, flat)), setup, backward_flat)
+
+
+def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """op.register_autograd(backward, setup_context=setup_context), and the Functions that run_op calls under a
+    torch.func transform. backward(ctx, *grads) returns one gradient per op argument (a list of them for a
+    Tensor[] argument); for a call with a Tensor[] argument, ctx.needs_input_grad counts the list's tensors one
+    by one under a transform, so such an op's backward must not index it."""
+    op.register_autograd(backward, setup_context=setup_context)
+    name = _op_name(op)
+    plain = _function(name, lambda *args: _run(op, *args), setup_context, backward)
+    _TRANSFORMABLE[name] = (plain, _flattening(name, op, setup_context, backward))
+
+
+def register_backward_op(op) -> None:
+    """Marks op as a backward op without a derivative of its own: under a torch.func transform run_op calls it
+    through a Function whose backward raises, naming the op (a gradient of a gradient is not supported)."""
+    name = _op_name(op)
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(f"{name} has no derivative: fastnn does not differentiate this op's gradient again "
+                           "(a second derivative through it, e.g. torch.func.grad of torch.func.grad)")
+
+    _TRANSFORMABLE[name] = (None, _flattening(name, op, lambda ctx, inputs, output: None, refuse))
+
+
+def register_loop_vmap(op) -> None:
+    """A torch.vmap rule for op that runs it once per batch entry and stacks the results, for an op whose
+    schema functorch's own fallback (the same loop) refuses: a Tensor[] argument or result."""
+    def select(arg, dim, b):
+        if dim is None:
+            return arg
+        if isinstance(arg, (list, tuple)):
+            return [a if d is None else a.select(d, b) for a, d in zip(arg, dim)]
+        return arg.select(dim, b)
+
+    def rule(info, in_dims, *args):
+        if info.batch_size == 0:
+            raise ValueError(f"{_op_name(op)} under torch.vmap needs a batch of at least one entry, got 0")
+        results = [op(*(select(a, d, b) for a, d in zip(args, in_dims))) for b in range(info.batch_size)]
+        if isinstance(results[0], Tensor):
+            return torch.stack(results), 0
+        stacked = [torch.stack(parts) for parts in zip(*results)]
+        return stacked, [0] * len(stacked)
+
+    torch.library.register_vmap(op, rule)
+
+
+def vmapped(t: Tensor) -> bool:
+    """Whether t is (or wraps) a tensor batched by torch.vmap: its memory format cannot be queried there (a
+    setup_context run by generate_vmap_rule sees such tensors), so layout choices take the contiguous one."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def run_op(op, *args):
+    """op(*args) (a custom op's OpOverloadPacket, all arguments positional); while a torch.func transform is
+    active, through the op's transformable Function (register_autograd / register_backward_op), if it has one.
+    Returns what the op returns (a tuple for a Tensor[] result under a transform)."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        fns = _TRANSFORMABLE.get(_op_name(op))
+        if fns is not None:
+            plain, flat = fns
+            lengths, flat_args = _flat(args)
+            if plain is not None and all(n is None for n in lengths):
+                return plain.apply(*args)
+            return flat.apply(lengths, *flat_args)
+    return op(*args)

@@ -13,6 +13,7 @@ Kernels:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Optional, Sequence, Tuple
@@ -330,7 +331,9 @@ def _forward_backward(ctx, dout, dlse):
     # gradients without history, silently)
     direct = not torch.is_grad_enabled() and _direct.plain_eager(dout, q, k, v, out, lse, cu_q, cu_k, used_k, bias,
                                                                  seed)
-    dq, dk, dv, dbias = (_attention_backward_body if direct else torch.ops.fastnn.attention_backward)(
+    backward = _attention_backward_body if direct else functools.partial(_direct.run_op,
+                                                                         torch.ops.fastnn.attention_backward)
+    dq, dk, dv, dbias = backward(
         dout, q, k, v, out, lse, cu_q, cu_k, used_k, max_q, max_k, bias, bias_grad, scale, softcap, wl, wr, br, p,
         seed)
     grads = [dq, dk, dv] + [None] * (len(_FORWARD_ARGS) - 3)
@@ -339,7 +342,8 @@ def _forward_backward(ctx, dout, dlse):
     return tuple(grads)
 
 
-_attention_forward_op.register_autograd(_forward_backward, setup_context=_forward_setup_context)
+_direct.register_autograd(_attention_forward_op, _forward_backward, _forward_setup_context)
+_direct.register_backward_op(_attention_backward_op)
 
 
 _AttentionFunction = _direct.autograd_function(_attention_forward_body, _forward_setup_context, _forward_backward)

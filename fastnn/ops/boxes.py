@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .._backend import _C, pick
 from ..reference import boxes as ref
-from . import _checks, _onnx
+from . import _checks, _direct, _onnx
 
 # Dispatch preference per device (first usable wins; use_backend overrides). On an H100 the CUDA C++ NMS
 # beats the Triton one at 1k-100k boxes (0.95 vs 2.07 ms at 10k, bench/NOTES.md); IoU has Triton only.
@@ -302,11 +302,12 @@ def _iou_setup_context(ctx, inputs, output):
 
 def _iou_backward(ctx, grad):
     boxes1, boxes2 = ctx.saved_tensors
-    g1, g2 = torch.ops.fastnn.pairwise_box_iou_backward(grad, boxes1, boxes2, ctx.generalized)
+    g1, g2 = _direct.run_op(torch.ops.fastnn.pairwise_box_iou_backward, grad, boxes1, boxes2, ctx.generalized)
     return g1, g2, None
 
 
-_pairwise_box_iou_op.register_autograd(_iou_backward, setup_context=_iou_setup_context)
+_direct.register_autograd(_pairwise_box_iou_op, _iou_backward, _iou_setup_context)
+_direct.register_backward_op(_pairwise_box_iou_backward_op)
 
 
 def _pairwise(boxes1: Tensor, boxes2: Tensor, generalized: bool) -> Tensor:
@@ -316,7 +317,7 @@ def _pairwise(boxes1: Tensor, boxes2: Tensor, generalized: bool) -> Tensor:
     common = torch.promote_types(boxes1.dtype, boxes2.dtype)
     if _onnx.exporting():  # (its aten composition exports as it is)
         return ref.pairwise_box_iou(boxes1.to(common), boxes2.to(common), generalized)
-    return torch.ops.fastnn.pairwise_box_iou(boxes1.to(common), boxes2.to(common), generalized)
+    return _direct.run_op(torch.ops.fastnn.pairwise_box_iou, boxes1.to(common), boxes2.to(common), generalized)
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:

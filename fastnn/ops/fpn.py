@@ -33,7 +33,10 @@ def _triton_fpn():
 
 
 def channels_last(t: Tensor) -> bool:
-    """Whether the op treats a 4-d tensor as channels_last: dense in that layout and not also contiguous."""
+    """Whether the op treats a 4-d tensor as channels_last: dense in that layout and not also contiguous (never
+    under torch.vmap, where the layout cannot be queried)."""
+    if _direct.vmapped(t):
+        return False
     return (not t.is_contiguous()) and t.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -116,11 +119,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     grad_top = None
     if ctx.needs_input_grad[1]:
-        grad_top = torch.ops.fastnn.fpn_topdown_add_backward(grad, ctx.top_hw, ctx.top_channels_last)
+        grad_top = _direct.run_op(torch.ops.fastnn.fpn_topdown_add_backward, grad, ctx.top_hw,
+                                  ctx.top_channels_last)
     return grad, grad_top
 
 
-_fpn_topdown_add_op.register_autograd(_backward, setup_context=_setup_context)
+_direct.register_autograd(_fpn_topdown_add_op, _backward, _setup_context)
+_direct.register_backward_op(_fpn_topdown_add_backward_op)
 # the op's body with its autograd, without torch.library's dispatch (~20 us a call), in plain eager mode
 _FpnTopdownAddFunction = _direct.autograd_function(_fpn_topdown_add_body, _setup_context, _backward)
 

@@ -17,6 +17,7 @@ Packed batches (PackedSequence) run as they are: step t computes only its batch_
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -69,6 +70,33 @@ def _backward_reference(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, 
     _, vjp = torch.func.vjp(layer, *[given[k] for k in keys])
     grads = dict(zip(keys, vjp((dy, dh_n) if mode == "gru" else (dy, dh_n, dc_n))))
     return [grads.get(k) for k in names]
+
+
+def second_order(first_order, primals, cotangents):
+    """The vector-Jacobian product of first_order (a differentiable reference's gradients, a list with None
+    for an absent one) at primals (None for an absent one) with the cotangents of its results (None, or an
+    empty tensor where the kernel's result was not asked for: zeros): a backward op's own backward, so that
+    create_graph=True and torch.func.grad of a grad differentiate the fast kernels' gradients."""
+    present = [i for i, p in enumerate(primals) if p is not None]
+    kept = []
+
+    def grads(*given):
+        full = list(primals)
+        for i, p in zip(present, given):
+            full[i] = p
+        out = first_order(*full)
+        kept[:] = [k for k, g in enumerate(out) if g is not None]
+        return tuple(out[k] for k in kept)
+
+    outs, vjp = torch.func.vjp(grads, *(primals[i] for i in present))
+    cots = []
+    for k, out in zip(kept, outs):
+        c = cotangents[k] if k < len(cotangents) else None
+        cots.append(torch.zeros_like(out) if c is None or c.shape != out.shape else c)
+    result = [None] * len(primals)
+    for i, g in zip(present, vjp(tuple(cots))):
+        result[i] = g
+    return result
 
 
 def _lift(args):
@@ -377,14 +405,13 @@ def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
     else:
         dc_n = None
     want_dweights = any(need[3:8])
-    # create_graph=True (double backward): the reference's torch.func.vjp, called directly rather than through
-    # the op, gives gradients that are differentiable themselves (at reference speed)
-    if torch.is_grad_enabled():
-        backward = _backward_reference
-    elif _direct.plain_eager(dy, dh_n, dc_n, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r):
+    # create_graph=True (double backward; torch.func.grad always) takes the op, whose own autograd
+    # (_backward_backward) differentiates these gradients again through the reference
+    if not torch.is_grad_enabled() and _direct.plain_eager(dy, dh_n, dc_n, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0,
+                                                           y, gates, aux, r):
         backward = _layer_backward_body
     else:
-        backward = torch.ops.fastnn.rnn_layer_backward
+        backward = functools.partial(_direct.run_op, torch.ops.fastnn.rnn_layer_backward)
     grads = backward(ctx.mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
                      ctx.reverse, need[1], want_dweights, need[8])
     dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0 = grads
@@ -393,7 +420,32 @@ def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
             keep(dh0, 8), keep(dc0, 9) if c0 is not None else None, None, None)
 
 
-_layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_BACKWARD_ARGS = ("mode", "dy", "dh_n", "dc_n", "x", "batch_sizes", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0",
+                  "y", "gates", "aux", "r", "reverse", "want_dx", "want_dweights", "want_dh0")
+_BACKWARD_PRIMALS = ("dy", "dh_n", "dc_n", "x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
+
+
+def _backward_setup_context(ctx, inputs, output):
+    a = dict(zip(_BACKWARD_ARGS, inputs))
+    ctx.save_for_backward(a["batch_sizes"], *(a[k] for k in _BACKWARD_PRIMALS))
+    ctx.mode, ctx.reverse = a["mode"], a["reverse"]
+
+
+def _backward_backward(ctx, *cotangents):
+    """rnn_layer_backward's own backward: through the reference, which recomputes the layer from the primals
+    (so nothing flows into y or the workspace, which the primals determine)."""
+    batch_sizes, *primals = ctx.saved_tensors
+
+    def first_order(dy, dh_n, dc_n, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0):
+        return _backward_reference(ctx.mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0,
+                                   None, None, None, None, ctx.reverse, True, True)
+
+    grads = dict(zip(_BACKWARD_PRIMALS, second_order(first_order, primals, cotangents)))
+    return tuple(grads.get(k) for k in _BACKWARD_ARGS)
+
+
+_direct.register_autograd(_layer_forward_op, _backward, _setup_context)
+_direct.register_autograd(_layer_backward_op, _backward_backward, _backward_setup_context)
 
 
 # _layer's path in plain eager mode (._direct): the op's body, setup_context and backward without

@@ -15,6 +15,7 @@ to the kernel, so a seed reproduces them and tests can pass their own.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -23,10 +24,10 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .._backend import _C, pick
 from ..reference import rnn as ref
-from . import _checks
+from . import _checks, _direct
 from .rnn import (RNN_DTYPES, _compute_dtype, _contig, _fresh_empties, _lift, _refuse_dense, autocast_off,
                   check_dense, check_dropout, check_stacked_weights, empty_batch_outputs, initial_states,
-                  keeps_workspace, pack_input, run_stacked, unpack_output, workspace_dtype)
+                  keeps_workspace, pack_input, run_stacked, second_order, unpack_output, workspace_dtype)
 
 try:  # the Triton cells (CUDA; CPU tensors under TRITON_INTERPRET=1)
     from ..kernels import rnn_ln as _triton_ln
@@ -248,16 +249,42 @@ def _backward(ctx, dy, dh_n, dc_n, *_workspace_grads):
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
     dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
     want_dweights = any(need[k] for k in _WEIGHT_NAMES)
-    # create_graph=True (double backward): the reference's torch.func.vjp, called directly rather than through
-    # the op, gives gradients that are differentiable themselves (at reference speed)
-    backward = _backward_reference if torch.is_grad_enabled() else torch.ops.fastnn.layer_norm_lstm_layer_backward
+    # (under create_graph=True, and torch.func.grad, the op's own autograd differentiates these gradients again
+    # through the reference: _backward_backward)
+    backward = functools.partial(_direct.run_op, torch.ops.fastnn.layer_norm_lstm_layer_backward)
     grads = backward(dy, dh_n, dc_n, x, batch_sizes, *weights, h0, c0, zoneout_mask, ctx.zoneout, y, *workspace,
                      ctx.reverse, need["x"], want_dweights)
     by_name = dict(zip(_DIFFERENTIABLE, grads))
     return tuple(by_name[k] if k in by_name and need[k] else None for k in _FORWARD_ARGS)
 
 
-_layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_BACKWARD_ARGS = (("dy", "dh_n", "dc_n", "x", "batch_sizes") + _WEIGHT_NAMES
+                  + ("h0", "c0", "zoneout_mask", "zoneout", "y", "gates", "x_proj", "h_proj", "cells", "stats",
+                     "reverse", "want_dx", "want_dweights"))
+_BACKWARD_PRIMALS = ("dy", "dh_n", "dc_n") + _DIFFERENTIABLE
+
+
+def _backward_setup_context(ctx, inputs, output):
+    a = dict(zip(_BACKWARD_ARGS, inputs))
+    ctx.save_for_backward(a["batch_sizes"], a["zoneout_mask"], *(a[k] for k in _BACKWARD_PRIMALS))
+    ctx.zoneout, ctx.reverse = a["zoneout"], a["reverse"]
+
+
+def _backward_backward(ctx, *cotangents):
+    """layer_norm_lstm_layer_backward's own backward, through the reference (as rnn's _backward_backward)."""
+    batch_sizes, zoneout_mask, *primals = ctx.saved_tensors
+
+    def first_order(dy, dh_n, dc_n, x, *rest):
+        weights, (h0, c0) = rest[:-2], rest[-2:]
+        return _backward_reference(dy, dh_n, dc_n, x, batch_sizes, *weights, h0, c0, zoneout_mask, ctx.zoneout, None,
+                                   None, None, None, None, None, ctx.reverse, True, True)
+
+    grads = dict(zip(_BACKWARD_PRIMALS, second_order(first_order, primals, cotangents)))
+    return tuple(grads.get(k) for k in _BACKWARD_ARGS)
+
+
+_direct.register_autograd(_layer_forward_op, _backward, _setup_context)
+_direct.register_autograd(_layer_backward_op, _backward_backward, _backward_setup_context)
 
 
 # ---------------------------------------------------------------- validation
@@ -306,8 +333,8 @@ def _layer(x: Tensor, batch_sizes: Tensor, weights: ref.LayerNormLSTMWeights, h0
     if x.shape[0] == 0 or h0.shape[0] == 0:
         return empty_batch_outputs(x, h0, c0, tensors)
     train = keeps_workspace(tensors)
-    y, h, c, *_ = torch.ops.fastnn.layer_norm_lstm_layer_forward(
-        x.contiguous(), batch_sizes, *(_contig(w) for w in weights), h0.contiguous(), c0.contiguous(),
+    y, h, c, *_ = _direct.run_op(
+        torch.ops.fastnn.layer_norm_lstm_layer_forward, x.contiguous(), batch_sizes, *(_contig(w) for w in weights), h0.contiguous(), c0.contiguous(),
         _contig(zoneout_mask), float(zoneout), reverse, train)
     return y, h, c
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from .._backend import _C, pick
 from ..reference import roi as ref
 from ..reference.boxes import compute_dtype
-from . import _checks, _onnx
+from . import _checks, _direct, _onnx
 
 # Dispatch preference per device (first usable wins; use_backend overrides).
 _PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda",)}
@@ -34,7 +34,9 @@ _PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda",)}
 
 def _is_channels_last(features: Sequence[Tensor]) -> bool:
     """The channels-last kernels run when every level is channels-last and one of them is not also
-    NCHW-contiguous (then nothing is copied); otherwise every level is read NCHW."""
+    NCHW-contiguous (then nothing is copied); otherwise every level is read NCHW (and under torch.vmap)."""
+    if any(_direct.vmapped(f) for f in features):
+        return False
     return (all(f.is_contiguous(memory_format=torch.channels_last) for f in features)
             and any(not f.is_contiguous() for f in features))
 
@@ -113,12 +115,16 @@ def _align_setup_context(ctx, inputs, output):
 
 def _align_backward(ctx, grad):
     rois, levels = ctx.saved_tensors
-    grads = torch.ops.fastnn.roi_align_backward(grad, rois, levels, ctx.scales, ctx.shapes, ctx.channels_last,
+    grads = _direct.run_op(torch.ops.fastnn.roi_align_backward, grad, rois, levels, ctx.scales, ctx.shapes, ctx.channels_last,
                                                 ctx.sampling_ratio, ctx.aligned)
     return list(grads), None, None, None, None, None, None, None
 
 
-_roi_align_op.register_autograd(_align_backward, setup_context=_align_setup_context)
+_direct.register_autograd(_roi_align_op, _align_backward, _align_setup_context)
+_direct.register_backward_op(_roi_align_backward_op)
+# (functorch's fallback loop refuses Tensor[] arguments and results)
+_direct.register_loop_vmap(_roi_align_op)
+_direct.register_loop_vmap(_roi_align_backward_op)
 
 
 # ---------------------------------------------------------------- roi_pool
@@ -194,11 +200,12 @@ def _pool_setup_context(ctx, inputs, output):
 
 def _pool_backward(ctx, grad, grad_argmax):
     rois, argmax = ctx.saved_tensors
-    return (torch.ops.fastnn.roi_pool_backward(grad, rois, argmax, ctx.shape, ctx.channels_last),
+    return (_direct.run_op(torch.ops.fastnn.roi_pool_backward, grad, rois, argmax, ctx.shape, ctx.channels_last),
             None, None, None, None)
 
 
-_roi_pool_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
+_direct.register_autograd(_roi_pool_op, _pool_backward, _pool_setup_context)
+_direct.register_backward_op(_roi_pool_backward_op)
 
 
 # ---------------------------------------------------------------- public functions
@@ -307,7 +314,7 @@ def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, sp
             _aligned(aligned))
     if _onnx.exporting():
         return _onnx.roi_align(*args)
-    return torch.ops.fastnn.roi_align(*args)
+    return _direct.run_op(torch.ops.fastnn.roi_align, *args)
 
 
 def roi_pool(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, spatial_scale: float = 1.0) -> Tensor:
@@ -323,7 +330,7 @@ def roi_pool(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size, spa
     rois = boxes_to_rois(boxes, input)
     if _onnx.exporting():
         return _onnx.roi_pool(input, rois, _scale(spatial_scale), pooled_h, pooled_w)
-    out, _ = torch.ops.fastnn.roi_pool(input, rois, _scale(spatial_scale), pooled_h, pooled_w)
+    out, _ = _direct.run_op(torch.ops.fastnn.roi_pool, input, rois, _scale(spatial_scale), pooled_h, pooled_w)
     return out
 
 
@@ -366,4 +373,4 @@ def multi_scale_roi_align(features: Sequence[Tensor], rois: Tensor, levels: Opti
             _aligned(aligned))
     if _onnx.exporting():
         return _onnx.roi_align(*args)
-    return torch.ops.fastnn.roi_align(*args)
+    return _direct.run_op(torch.ops.fastnn.roi_align, *args)

@@ -118,10 +118,11 @@ def _sppf_setup_context(ctx, inputs, output):
 
 def _sppf_backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    return torch.ops.fastnn.sppf_pool_backward(grad, x, ctx.k), None
+    return _direct.run_op(torch.ops.fastnn.sppf_pool_backward, grad, x, ctx.k), None
 
 
-_sppf_pool_op.register_autograd(_sppf_backward, setup_context=_sppf_setup_context)
+_direct.register_autograd(_sppf_pool_op, _sppf_backward, _sppf_setup_context)
+_direct.register_backward_op(_sppf_pool_backward_op)
 # the op's body with its autograd, without torch.library's dispatch (~20 us a call), in plain eager mode
 _SppfPoolFunction = _direct.autograd_function(_sppf_pool_body, _sppf_setup_context, _sppf_backward)
 
@@ -191,10 +192,11 @@ def _spp_setup_context(ctx, inputs, output):
 
 def _spp_backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    return torch.ops.fastnn.spp_pool_backward(grad, x, ctx.levels, ctx.mode), None, None
+    return _direct.run_op(torch.ops.fastnn.spp_pool_backward, grad, x, ctx.levels, ctx.mode), None, None
 
 
-_spp_pool_op.register_autograd(_spp_backward, setup_context=_spp_setup_context)
+_direct.register_autograd(_spp_pool_op, _spp_backward, _spp_setup_context)
+_direct.register_backward_op(_spp_pool_backward_op)
 _SppPoolFunction = _direct.autograd_function(_spp_pool_body, _spp_setup_context, _spp_backward)
 
 

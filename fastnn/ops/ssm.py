@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._backend import _C, pick
 from ..reference import ssm as ref
-from . import _checks
+from . import _checks, _direct
 
 _PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda",)}
 SCAN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -158,8 +158,8 @@ def _backward(ctx, dout, dlast, dchunks):
     softplus, per_seq, chunk = ctx.flags
     if dout is None:
         dout = torch.zeros_like(u)
-    grads = torch.ops.fastnn.selective_scan_backward(
-        dout.contiguous(), None if dlast is None else dlast.contiguous(), chunks, u, delta, A, B, C, D, z,
+    grads = _direct.run_op(
+        torch.ops.fastnn.selective_scan_backward, dout.contiguous(), None if dlast is None else dlast.contiguous(), chunks, u, delta, A, B, C, D, z,
         delta_bias, softplus, init, seq_idx, per_seq, chunk, torch.are_deterministic_algorithms_enabled())
     du, ddelta, dz, dA, dB, dC, dD, dbias, dinit = grads
     present = lambda g, t: g if t is not None else None  # noqa: E731
@@ -167,7 +167,8 @@ def _backward(ctx, dout, dlast, dchunks):
             present(dinit, init), None, None, None, None)
 
 
-_scan_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_direct.register_autograd(_scan_forward_op, _backward, _setup_context)
+_direct.register_backward_op(_scan_backward_op)
 
 
 # ---------------------------------------------------------------- public function
@@ -308,8 +309,8 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         _checks.same_device("u", u, initial_state=initial_state)
         initial_state = initial_state.to(ct).contiguous()
     conv = lambda t: None if t is None else t.to(ct).contiguous()  # noqa: E731
-    out, last, _ = torch.ops.fastnn.selective_scan_forward(
-        u.contiguous(), delta.contiguous(), conv(A), conv(B), conv(C), conv(D), None if z is None else z.contiguous(),
+    out, last, _ = _direct.run_op(
+        torch.ops.fastnn.selective_scan_forward, u.contiguous(), delta.contiguous(), conv(A), conv(B), conv(C), conv(D), None if z is None else z.contiguous(),
         conv(delta_bias), delta_softplus, initial_state, seq_idx, per_seq, num_states,
         chunk_size_for(u.device.type, N))
     return (out, last) if return_last_state else out

@@ -205,13 +205,14 @@ def _conv_setup_context(ctx, inputs, output):
 
 def _conv_backward(ctx, dout, dfinal):
     x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
-    dx, dw, db, dinit = torch.ops.fastnn.causal_conv1d_backward(
-        dout, dfinal if ctx.return_final_states else None, x, weight, bias, seq_idx, initial_states, ctx.silu)
+    dx, dw, db, dinit = _direct.run_op(
+        torch.ops.fastnn.causal_conv1d_backward, dout, dfinal if ctx.return_final_states else None, x, weight, bias, seq_idx, initial_states, ctx.silu)
     return (dx, dw, db if bias is not None else None, None, dinit if initial_states is not None else None, None,
             None)
 
 
-_conv_forward_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+_direct.register_autograd(_conv_forward_op, _conv_backward, _conv_setup_context)
+_direct.register_backward_op(_conv_backward_op)
 
 
 # ---------------------------------------------------------------- decode: conv state update
@@ -416,7 +417,7 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
         _checks.tensor(final_states_out, "final_states_out", dtypes=_checks.FLOAT_DTYPES, shape=(Bsz, D, W - 1))
         _dtype_is(final_states_out, "final_states_out", x.dtype, "x's dtype")
         _checks.same_device("x", x, final_states_out=final_states_out)
-    out, final = torch.ops.fastnn.causal_conv1d_forward(x, weight, bias, seq_idx, initial_states,
+    out, final = _direct.run_op(torch.ops.fastnn.causal_conv1d_forward, x, weight, bias, seq_idx, initial_states,
                                                         return_final_states, silu)
     if not return_final_states:
         return out
