@@ -228,12 +228,42 @@ def test_plain_calls_keep_the_custom_ops():
     assert "fastnn.rnn_layer_forward" in ep.graph_module.print_readable(print_output=False)  # (in autocast's wrap)
 
 
+@pytest.mark.parametrize("name,kw,shape", RNN_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(RNN_CASES)])
+def test_rnn_forward_mode_matches_torch(name, kw, shape):
+    """Forward mode through the reference, as torch.nn's layers have it: torch.func.jvp, jacfwd, hessian
+    (forward over reverse: the backward op's own jvp), and torch.autograd.forward_ad's dual tensors."""
+    ours, theirs = _rnn_pair(name, kw)
+    x = torch.randn(*shape, dtype=F64)
+    v = torch.randn_like(x)
+    results = []
+    for m in (ours, theirs):
+        params = {k: w.detach() for k, w in m.named_parameters()}
+        out = lambda x: _first(m(x))  # noqa: E731
+        with torch.autograd.forward_ad.dual_level():
+            dual = _first(m(torch.autograd.forward_ad.make_dual(x, v)))
+            tangent = torch.autograd.forward_ad.unpack_dual(dual).tangent
+        results.append((torch.func.jvp(out, (x,), (v,))[1], torch.func.jacfwd(out)(x), tangent,
+                        torch.func.hessian(_loss(m), argnums=1)(params, x)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_forward_mode_is_refused_by_name():
-    """No forward-mode derivatives (torch.nn.LSTM has them): torch.func.jvp raises naming the op and pointing to
-    reverse mode, rather than autograd.Function's generic message."""
-    x, lstm = torch.randn(5, 2, 3, dtype=F64), fastnn.nn.LSTM(3, 4).double()
-    with pytest.raises(RuntimeError, match=r"fastnn::rnn_layer_forward has no forward-mode derivative.*jacrev"):
-        torch.func.jvp(lambda x: lstm(x)[0], (x,), (torch.ones_like(x),))
+    """Where fastnn has no forward mode, torch.func.jvp and torch.autograd.forward_ad raise naming the op
+    and pointing to reverse mode. (torch.library's custom ops, and torchvision's roi_align, return no tangent
+    there, silently; torch's CPU attention raises.)"""
     feat, rois = torch.randn(1, 2, 6, 6, dtype=F64), torch.tensor([[0, 1.0, 1, 4, 4]], dtype=F64)
-    with pytest.raises(RuntimeError, match=r"fastnn::roi_align has no forward-mode derivative"):
+    with pytest.raises(RuntimeError, match=r"fastnn::roi_align has no forward-mode derivative.*jacrev"):
         torch.func.jvp(lambda f: ops.roi_align(f, rois, 2), (feat,), (torch.ones_like(feat),))
+    q = torch.randn(1, 2, 4, 8, dtype=F64)
+    x, lnlstm = torch.randn(5, 2, 3, dtype=F64), fastnn.nn.LayerNormLSTM(3, 4).double()
+    with torch.autograd.forward_ad.dual_level():
+        for run, op in ((lambda: ops.roi_align(torch.autograd.forward_ad.make_dual(feat, feat), rois, 2),
+                         "roi_align"),
+                        (lambda: ops.scaled_dot_product_attention(*[torch.autograd.forward_ad.make_dual(q, q)] * 3),
+                         "attention_forward"),
+                        (lambda: ops.box_iou(*[torch.autograd.forward_ad.make_dual(rois[:, 1:], rois[:, 1:])] * 2),
+                         "pairwise_box_iou"),
+                        (lambda: lnlstm(torch.autograd.forward_ad.make_dual(x, x)), "layer_norm_lstm_layer_forward")):
+            with pytest.raises(RuntimeError, match=f"fastnn::{op} has no forward-mode derivative"):
+                run()

@@ -13,16 +13,24 @@ import inspect
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
+def _transforming() -> bool:
+    """A torch.func transform is active, or a forward-mode AD level (torch.autograd.forward_ad.dual_level): the
+    ops' tensors may carry tangents, which neither an op's body nor torch.library's custom-op autograd sees (it
+    would drop them silently)."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
 def plain_eager(*tensors: Optional[Tensor]) -> bool:
     """True when a call with these tensors (None for an absent optional) may skip the custom op's dispatch
     and run its body directly: the dispatcher would reach the same body and nothing would record the call."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
-            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0 or _transforming()
+            or torch._C._get_tracing_state() is not None):
         return False
     for t in tensors:  # (meta tensors: the op's fake gives their shapes; a body may read data)
         if t is not None and (type(t) not in _PLAIN or t.is_meta):
@@ -127,16 +135,33 @@ def _unflat(lengths, flat) -> list:
     return args
 
 
-def _function(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> type:
-    """An autograd.Function of the newer form, vmap by generate_vmap_rule, forward mode refused by name."""
-    def jvp(ctx, *tangents):
-        raise RuntimeError(f"{name} has no forward-mode derivative in fastnn (torch.func.jvp, jacfwd, "
-                           "torch.autograd.forward_ad); reverse mode works: torch.func.vjp, grad, jacrev")
+def _function(name: str, forward: Callable, setup_context: Callable, backward: Callable,
+              jvp: Optional[Callable] = None) -> type:
+    """An autograd.Function of the newer form, vmap by generate_vmap_rule. jvp(args, tangents) -> the outputs'
+    tangents (forward mode); without one, forward mode is refused by name."""
+    if jvp is None:
+        def forward_mode(ctx, *tangents):
+            raise RuntimeError(f"{name} has no forward-mode derivative in fastnn (torch.func.jvp, jacfwd, "
+                               "torch.autograd.forward_ad); reverse mode works: torch.func.vjp, grad, jacrev")
+        setup = setup_context
+    else:
+        def setup(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+            # (jvp reads the inputs' tensors through save_for_forward, as functorch requires)
+            ctx.fastnn_inputs = [None if isinstance(a, Tensor) else a for a in inputs]
+            ctx.fastnn_tensors_at = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
+            ctx.save_for_forward(*(inputs[i] for i in ctx.fastnn_tensors_at))
+
+        def forward_mode(ctx, *tangents):
+            args = list(ctx.fastnn_inputs)
+            for i, t in zip(ctx.fastnn_tensors_at, ctx.saved_tensors):
+                args[i] = t
+            return jvp(args, tangents)
 
     return type(f"{name.split('::')[-1]}_transformable", (torch.autograd.Function,),
                 {"generate_vmap_rule": True, "forward": staticmethod(forward),
-                 "setup_context": staticmethod(setup_context), "backward": staticmethod(backward),
-                 "jvp": staticmethod(jvp)})
+                 "setup_context": staticmethod(setup), "backward": staticmethod(backward),
+                 "jvp": staticmethod(forward_mode)})
 
 
 def _run(op, *args):
@@ -161,14 +186,17 @@ def _flattening(name: str, op, setup_context: Callable, backward: Callable) -> t
     return _function(name, lambda lengths, *flat: _run(op, *_unflat(lengths, flat)), setup, backward_flat)
 
 
-def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+def register_autograd(op, backward: Callable, setup_context: Callable, jvp: Optional[Callable] = None) -> None:
     """op.register_autograd(backward, setup_context=setup_context), and the Functions that run_op calls under a
     torch.func transform. backward(ctx, *grads) returns one gradient per op argument (a list of them for a
     Tensor[] argument); for a call with a Tensor[] argument, ctx.needs_input_grad counts the list's tensors one
-    by one under a transform, so such an op's backward must not index it."""
+    by one under a transform, so such an op's backward must not index it. jvp(args, tangents), if given, is the
+    forward mode under a transform (torch.func.jvp, jacfwd, hessian) of calls without a Tensor[] argument:
+    the outputs' tangents (None for a non-differentiable one) from the op's arguments and their tangents (None
+    for a non-tensor, or a tensor without one)."""
     op.register_autograd(backward, setup_context=setup_context)
     name = _op_name(op)
-    plain = _function(name, lambda *args: _run(op, *args), setup_context, backward)
+    plain = _function(name, lambda *args: _run(op, *args), setup_context, backward, jvp)
     _TRANSFORMABLE[name] = (plain, _flattening(name, op, setup_context, backward))
 
 
@@ -221,7 +249,7 @@ def run_op(op, *args):
     """op(*args) (a custom op's OpOverloadPacket, all arguments positional); while a torch.func transform is
     active, through the op's transformable Function (register_autograd / register_backward_op), if it has one.
     Returns what the op returns (a tuple for a Tensor[] result under a transform)."""
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+    if not torch.compiler.is_compiling() and _transforming():
         fns = _TRANSFORMABLE.get(_op_name(op))
         if fns is not None:
             plain, flat = fns

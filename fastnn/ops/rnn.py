@@ -99,6 +99,32 @@ def second_order(first_order, primals, cotangents):
     return result
 
 
+def linearised(fn, primals, tangents):
+    """torch.func.jvp of fn (a differentiable reference; None among its results for an absent one) at primals
+    (None for an absent one) along tangents (None: zero): the results' tangents, None where a result is None."""
+    present = [i for i, p in enumerate(primals) if p is not None]
+    kept, count = [], [0]
+
+    def f(*given):
+        full = list(primals)
+        for i, p in zip(present, given):
+            full[i] = p
+        out = fn(*full)
+        kept[:], count[0] = [k for k, o in enumerate(out) if o is not None], len(out)
+        return tuple(out[k] for k in kept)
+
+    # J t as the vjp of the (linear) vjp: reverse mode only, because torch.func.jvp inside a
+    # torch.autograd.forward_ad level is nested forward mode, which torch refuses
+    outs, pullback = torch.func.vjp(f, *(primals[i] for i in present))
+    _, pullback_of_pullback = torch.func.vjp(lambda *u: pullback(u), *(torch.zeros_like(o) for o in outs))
+    tangents_out = pullback_of_pullback(tuple(torch.zeros_like(primals[i]) if tangents[i] is None else tangents[i]
+                                              for i in present))
+    result = [None] * count[0]
+    for k, t in zip(kept, tangents_out):
+        result[k] = t
+    return result
+
+
 def _lift(args):
     """fp16 / bf16 tensors to float32 (the C++ kernel's compute dtype); others as they are."""
     low = (torch.float16, torch.bfloat16)
@@ -431,21 +457,54 @@ def _backward_setup_context(ctx, inputs, output):
     ctx.mode, ctx.reverse = a["mode"], a["reverse"]
 
 
+def _reference_grads(mode, batch_sizes, reverse):
+    """The differentiable reference's (dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dh0, dc0), None where absent, as a
+    function of _BACKWARD_PRIMALS."""
+    def first_order(dy, dh_n, dc_n, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0):
+        return _backward_reference(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0,
+                                   None, None, None, None, reverse, True, True)
+    return first_order
+
+
 def _backward_backward(ctx, *cotangents):
     """rnn_layer_backward's own backward: through the reference, which recomputes the layer from the primals
     (so nothing flows into y or the workspace, which the primals determine)."""
     batch_sizes, *primals = ctx.saved_tensors
-
-    def first_order(dy, dh_n, dc_n, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0):
-        return _backward_reference(ctx.mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0,
-                                   None, None, None, None, ctx.reverse, True, True)
-
+    first_order = _reference_grads(ctx.mode, batch_sizes, ctx.reverse)
     grads = dict(zip(_BACKWARD_PRIMALS, second_order(first_order, primals, cotangents)))
     return tuple(grads.get(k) for k in _BACKWARD_ARGS)
 
 
-_direct.register_autograd(_layer_forward_op, _backward, _setup_context)
-_direct.register_autograd(_layer_backward_op, _backward_backward, _backward_setup_context)
+_LAYER_INPUTS = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
+
+
+def _forward_jvp(args, tangents):
+    """rnn_layer_forward's forward mode (torch.func.jvp, jacfwd, hessian), through the reference: tangents of
+    y, h_n and c_n; none for the workspace."""
+    a, t = dict(zip(_FORWARD_ARGS, args)), dict(zip(_FORWARD_ARGS, tangents))
+    sizes = a["batch_sizes"].tolist()
+
+    def layer(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0):
+        return ref.rnn_layer(a["mode"], x, sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, a["reverse"])
+
+    dy, dh, dc = linearised(layer, [a[k] for k in _LAYER_INPUTS], [t[k] for k in _LAYER_INPUTS])
+    x = a["x"]
+    return (dy.to(x.dtype), dh.to(x.dtype), x.new_zeros(0) if dc is None else dc.to(x.dtype), None, None, None)
+
+
+def _backward_jvp(args, tangents):
+    """rnn_layer_backward's forward mode (forward-over-reverse: torch.func.hessian), through the reference;
+    zeros where the op returned an empty placeholder."""
+    a, t = dict(zip(_BACKWARD_ARGS, args)), dict(zip(_BACKWARD_ARGS, tangents))
+    first_order = _reference_grads(a["mode"], a["batch_sizes"], a["reverse"])
+    out = linearised(first_order, [a[k] for k in _BACKWARD_PRIMALS], [t[k] for k in _BACKWARD_PRIMALS])
+    wanted = [a["want_dx"]] + [a["want_dweights"]] * 5 + [a["want_dh0"], True]
+    empty = a["x"].new_zeros(0)
+    return tuple(g if g is not None and on else empty for g, on in zip(out, wanted))
+
+
+_direct.register_autograd(_layer_forward_op, _backward, _setup_context, _forward_jvp)
+_direct.register_autograd(_layer_backward_op, _backward_backward, _backward_setup_context, _backward_jvp)
 
 
 # _layer's path in plain eager mode (._direct): the op's body, setup_context and backward without
