@@ -112,11 +112,16 @@ def _op_name(op) -> str:
     return name
 
 
+class _Lengths(tuple):
+    """The structure _flat removed. (A tuple subclass that torch's pytree does not open: as a plain tuple among
+    a Function's arguments, functorch's vmap of its jvp would count its items as arguments.)"""
+
+
 def _flat(args) -> tuple:
     """(lengths, flat): lists of tensors (Tensor[] in a schema) spread out, so that autograd sees their tensors;
     lengths[i] is None for an argument kept whole, else its list's length."""
-    lengths = tuple(len(a) if isinstance(a, (list, tuple)) and any(isinstance(t, Tensor) for t in a) else None
-                    for a in args)
+    lengths = _Lengths(len(a) if isinstance(a, (list, tuple)) and any(isinstance(t, Tensor) for t in a) else None
+                       for a in args)
     flat = []
     for a, n in zip(args, lengths):
         flat.extend(a if n is not None else (a,))
@@ -210,6 +215,64 @@ def register_backward_op(op) -> None:
                            "(a second derivative through it, e.g. torch.func.grad of torch.func.grad)")
 
     _TRANSFORMABLE[name] = (None, _flattening(name, op, lambda ctx, inputs, output: None, refuse))
+
+
+# ---------------------------------------------------------------- derivatives through a differentiable reference
+
+class _Restricted:
+    """fn(*primals) as a function of its present (not None) primals only, returning its results that are not
+    None: the form torch.func.vjp takes. After a call, kept lists those results' positions among count."""
+
+    def __init__(self, fn, primals):
+        self.fn, self.primals = fn, list(primals)
+        self.present = [i for i, p in enumerate(primals) if p is not None]
+        self.kept, self.count = [], 0
+
+    def __call__(self, *given):
+        full = list(self.primals)
+        for i, p in zip(self.present, given):
+            full[i] = p
+        out = self.fn(*full)
+        self.kept, self.count = [k for k, o in enumerate(out) if o is not None], len(out)
+        return tuple(out[k] for k in self.kept)
+
+    def vjp(self):
+        return torch.func.vjp(self, *(self.primals[i] for i in self.present))
+
+
+def _spread(values, positions, count: int) -> list:
+    """values placed at positions of a list of count (None elsewhere)."""
+    result = [None] * count
+    for k, v in zip(positions, values):
+        result[k] = v
+    return result
+
+
+def second_order(first_order, primals, cotangents):
+    """The vector-Jacobian product of first_order (a differentiable reference's gradients, a list with None
+    for an absent one) at primals (None for an absent one) with the cotangents of its results (None, or an
+    empty tensor where the kernel's result was not asked for: zeros): a backward op's own backward, so that
+    create_graph=True and torch.func.grad of a grad differentiate the fast kernels' gradients."""
+    f = _Restricted(first_order, primals)
+    outs, pullback = f.vjp()
+    cots = []
+    for k, out in zip(f.kept, outs):
+        c = cotangents[k] if k < len(cotangents) else None
+        cots.append(torch.zeros_like(out) if c is None or c.shape != out.shape else c)
+    return _spread(pullback(tuple(cots)), f.present, len(primals))
+
+
+def linearised(fn, primals, tangents):
+    """The Jacobian-vector product of fn (a differentiable reference; None among its results for an absent one)
+    at primals (None for an absent one) along tangents (None: zero): the results' tangents, None where a
+    result is None. Forward mode for an op without a forward-mode kernel."""
+    f = _Restricted(fn, primals)
+    outs, pullback = f.vjp()
+    # J t as the vjp of the (linear) vjp: reverse mode only, because torch.func.jvp inside a
+    # torch.autograd.forward_ad level is nested forward mode, which torch refuses
+    _, pullback_of_pullback = torch.func.vjp(lambda *u: pullback(u), *(torch.zeros_like(o) for o in outs))
+    along = tuple(torch.zeros_like(primals[i]) if tangents[i] is None else tangents[i] for i in f.present)
+    return _spread(pullback_of_pullback(along), f.kept, f.count)
 
 
 def register_loop_vmap(op) -> None:

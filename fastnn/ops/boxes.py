@@ -306,7 +306,15 @@ def _iou_backward(ctx, grad):
     return g1, g2, None
 
 
-_direct.register_autograd(_pairwise_box_iou_op, _iou_backward, _iou_setup_context)
+def _iou_jvp(args, tangents):
+    """Forward mode through the reference, whose torch ops are torchvision's (which has it)."""
+    boxes1, boxes2, generalized = args
+    (tangent,) = _direct.linearised(lambda b1, b2: (ref.pairwise_box_iou(b1, b2, generalized),), [boxes1, boxes2],
+                                    tangents[:2])
+    return tangent
+
+
+_direct.register_autograd(_pairwise_box_iou_op, _iou_backward, _iou_setup_context, _iou_jvp)
 _direct.register_backward_op(_pairwise_box_iou_backward_op)
 
 

@@ -72,59 +72,6 @@ def _backward_reference(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, 
     return [grads.get(k) for k in names]
 
 
-def second_order(first_order, primals, cotangents):
-    """The vector-Jacobian product of first_order (a differentiable reference's gradients, a list with None
-    for an absent one) at primals (None for an absent one) with the cotangents of its results (None, or an
-    empty tensor where the kernel's result was not asked for: zeros): a backward op's own backward, so that
-    create_graph=True and torch.func.grad of a grad differentiate the fast kernels' gradients."""
-    present = [i for i, p in enumerate(primals) if p is not None]
-    kept = []
-
-    def grads(*given):
-        full = list(primals)
-        for i, p in zip(present, given):
-            full[i] = p
-        out = first_order(*full)
-        kept[:] = [k for k, g in enumerate(out) if g is not None]
-        return tuple(out[k] for k in kept)
-
-    outs, vjp = torch.func.vjp(grads, *(primals[i] for i in present))
-    cots = []
-    for k, out in zip(kept, outs):
-        c = cotangents[k] if k < len(cotangents) else None
-        cots.append(torch.zeros_like(out) if c is None or c.shape != out.shape else c)
-    result = [None] * len(primals)
-    for i, g in zip(present, vjp(tuple(cots))):
-        result[i] = g
-    return result
-
-
-def linearised(fn, primals, tangents):
-    """torch.func.jvp of fn (a differentiable reference; None among its results for an absent one) at primals
-    (None for an absent one) along tangents (None: zero): the results' tangents, None where a result is None."""
-    present = [i for i, p in enumerate(primals) if p is not None]
-    kept, count = [], [0]
-
-    def f(*given):
-        full = list(primals)
-        for i, p in zip(present, given):
-            full[i] = p
-        out = fn(*full)
-        kept[:], count[0] = [k for k, o in enumerate(out) if o is not None], len(out)
-        return tuple(out[k] for k in kept)
-
-    # J t as the vjp of the (linear) vjp: reverse mode only, because torch.func.jvp inside a
-    # torch.autograd.forward_ad level is nested forward mode, which torch refuses
-    outs, pullback = torch.func.vjp(f, *(primals[i] for i in present))
-    _, pullback_of_pullback = torch.func.vjp(lambda *u: pullback(u), *(torch.zeros_like(o) for o in outs))
-    tangents_out = pullback_of_pullback(tuple(torch.zeros_like(primals[i]) if tangents[i] is None else tangents[i]
-                                              for i in present))
-    result = [None] * count[0]
-    for k, t in zip(kept, tangents_out):
-        result[k] = t
-    return result
-
-
 def _lift(args):
     """fp16 / bf16 tensors to float32 (the C++ kernel's compute dtype); others as they are."""
     low = (torch.float16, torch.bfloat16)
@@ -471,7 +418,7 @@ def _backward_backward(ctx, *cotangents):
     (so nothing flows into y or the workspace, which the primals determine)."""
     batch_sizes, *primals = ctx.saved_tensors
     first_order = _reference_grads(ctx.mode, batch_sizes, ctx.reverse)
-    grads = dict(zip(_BACKWARD_PRIMALS, second_order(first_order, primals, cotangents)))
+    grads = dict(zip(_BACKWARD_PRIMALS, _direct.second_order(first_order, primals, cotangents)))
     return tuple(grads.get(k) for k in _BACKWARD_ARGS)
 
 
@@ -487,7 +434,7 @@ def _forward_jvp(args, tangents):
     def layer(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0):
         return ref.rnn_layer(a["mode"], x, sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, a["reverse"])
 
-    dy, dh, dc = linearised(layer, [a[k] for k in _LAYER_INPUTS], [t[k] for k in _LAYER_INPUTS])
+    dy, dh, dc = _direct.linearised(layer, [a[k] for k in _LAYER_INPUTS], [t[k] for k in _LAYER_INPUTS])
     x = a["x"]
     return (dy.to(x.dtype), dh.to(x.dtype), x.new_zeros(0) if dc is None else dc.to(x.dtype), None, None, None)
 
@@ -497,7 +444,7 @@ def _backward_jvp(args, tangents):
     zeros where the op returned an empty placeholder."""
     a, t = dict(zip(_BACKWARD_ARGS, args)), dict(zip(_BACKWARD_ARGS, tangents))
     first_order = _reference_grads(a["mode"], a["batch_sizes"], a["reverse"])
-    out = linearised(first_order, [a[k] for k in _BACKWARD_PRIMALS], [t[k] for k in _BACKWARD_PRIMALS])
+    out = _direct.linearised(first_order, [a[k] for k in _BACKWARD_PRIMALS], [t[k] for k in _BACKWARD_PRIMALS])
     wanted = [a["want_dx"]] + [a["want_dweights"]] * 5 + [a["want_dh0"], True]
     empty = a["x"].new_zeros(0)
     return tuple(g if g is not None and on else empty for g, on in zip(out, wanted))

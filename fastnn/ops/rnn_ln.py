@@ -27,7 +27,7 @@ from ..reference import rnn as ref
 from . import _checks, _direct
 from .rnn import (RNN_DTYPES, _compute_dtype, _contig, _fresh_empties, _lift, _refuse_dense, autocast_off,
                   check_dense, check_dropout, check_stacked_weights, empty_batch_outputs, initial_states,
-                  keeps_workspace, pack_input, run_stacked, second_order, unpack_output, workspace_dtype)
+                  keeps_workspace, pack_input, run_stacked, unpack_output, workspace_dtype)
 
 try:  # the Triton cells (CUDA; CPU tensors under TRITON_INTERPRET=1)
     from ..kernels import rnn_ln as _triton_ln
@@ -279,7 +279,7 @@ def _backward_backward(ctx, *cotangents):
         return _backward_reference(dy, dh_n, dc_n, x, batch_sizes, *weights, h0, c0, zoneout_mask, ctx.zoneout, None,
                                    None, None, None, None, None, ctx.reverse, True, True)
 
-    grads = dict(zip(_BACKWARD_PRIMALS, second_order(first_order, primals, cotangents)))
+    grads = dict(zip(_BACKWARD_PRIMALS, _direct.second_order(first_order, primals, cotangents)))
     return tuple(grads.get(k) for k in _BACKWARD_ARGS)
 
 
