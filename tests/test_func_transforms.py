@@ -188,6 +188,40 @@ def test_rnn_per_sample_gradients_match_torch_loop(name, kw, shape):
             torch.testing.assert_close(got[k][i], p.grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name,kw,shape", RNN_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(RNN_CASES)])
+def test_rnn_differentiated_around_vmap_matches_torch(name, kw, shape):
+    """Autograd outside a vmap (a loss over vmap(module), by .backward() and by torch.func.grad) and
+    jacrev of jacrev: the vmapped backward reads its saved tensors with the batch dimensions that forward mode's
+    save_for_forward also sets."""
+    ours, theirs = _rnn_pair(name, kw)
+    xs = torch.randn(3, *shape, dtype=F64)
+    out = lambda m: lambda x: _first(m(x))  # noqa: E731
+    want = _autograd(lambda x: torch.stack([out(theirs)(t) for t in x]), xs)
+    torch.testing.assert_close(grad(lambda x: vmap(out(ours))(x).square().sum())(xs), want, rtol=1e-10, atol=1e-12)
+    leaf = xs.clone().requires_grad_()
+    vmap(out(ours))(leaf).square().sum().backward()
+    torch.testing.assert_close(leaf.grad, want, rtol=1e-10, atol=1e-12)
+    hessians = [jacrev(jacrev(lambda x: out(m)(x).square().sum()))(xs[0]) for m in (ours, theirs)]
+    torch.testing.assert_close(*hessians, rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_and_zoneout_under_vmap_randomness():
+    """Random masks under vmap: randomness="same" draws what a plain call draws after the same seed, "different"
+    draws per entry (MultiheadAttention's dropout on both its paths, LayerNormLSTM's zoneout)."""
+    mha = fastnn.nn.MultiheadAttention(8, 2, dropout=0.3, dtype=F64).train()
+    lnlstm = fastnn.nn.LayerNormLSTM(3, 4, zoneout=0.3).double().train()
+    s, x = torch.randn(4, 2, 8, dtype=F64), torch.randn(5, 2, 3, dtype=F64)
+    for f, a in ((lambda s: mha(s, s, s)[0], s), (lambda s: mha(s, s, s, need_weights=False)[0], s),
+                 (lambda x: lnlstm(x)[0], x)):
+        torch.manual_seed(7)
+        plain = f(a)
+        torch.manual_seed(7)
+        same = vmap(f, randomness="same")(torch.stack([a, a]))
+        torch.testing.assert_close(same, torch.stack([plain, plain]), rtol=0, atol=0)
+        different = vmap(f, randomness="different")(torch.stack([a, a]))
+        assert (different[0] != different[1]).any()
+
+
 def test_jacrev_of_cells_and_layer_norm_lstm():
     """jacrev (vmap over vjp) of the cells equals torch.nn's; of LayerNormLSTM, its reference's."""
     for name in ("LSTMCell", "GRUCell"):

@@ -178,7 +178,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         w = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
         if p > 0:
             N, H, L, S = w.shape
-            seed = int(ops_attention._draw_seed(p))
+            seed = ops_attention._draw_seed(p)  # (a tensor: under torch.vmap it may differ per entry)
             rows = (torch.arange(H, device=w.device).view(H, 1, 1) * (N * L)
                     + torch.arange(N, device=w.device).view(N, 1, 1, 1) * L + torch.arange(L, device=w.device).view(L, 1))
             w = w * dropout_keep(seed, p, rows, torch.arange(S, device=w.device)).to(w.dtype) / (1.0 - p)

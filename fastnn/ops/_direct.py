@@ -140,28 +140,43 @@ def _unflat(lengths, flat) -> list:
     return args
 
 
+class _RecordingContext:
+    """A Function's ctx as an op's setup_context sees it, recording what it saves for backward."""
+
+    def __init__(self, ctx):
+        object.__setattr__(self, "ctx", ctx)
+        object.__setattr__(self, "saved", ())
+
+    def save_for_backward(self, *tensors):
+        object.__setattr__(self, "saved", tensors)
+        self.ctx.save_for_backward(*tensors)
+
+    def __getattr__(self, name):
+        return getattr(self.ctx, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.ctx, name, value)
+
+
 def _function(name: str, forward: Callable, setup_context: Callable, backward: Callable,
               jvp: Optional[Callable] = None) -> type:
-    """An autograd.Function of the newer form, vmap by generate_vmap_rule. jvp(args, tangents) -> the outputs'
-    tangents (forward mode); without one, forward mode is refused by name."""
+    """An autograd.Function of the newer form, vmap by generate_vmap_rule. jvp(ctx, *tangents) -> the outputs'
+    tangents (forward mode; ctx.saved_tensors there are those setup_context saved for backward); without
+    one, forward mode is refused by name."""
     if jvp is None:
         def forward_mode(ctx, *tangents):
             raise RuntimeError(f"{name} has no forward-mode derivative in fastnn (torch.func.jvp, jacfwd, "
                                "torch.autograd.forward_ad); reverse mode works: torch.func.vjp, grad, jacrev")
         setup = setup_context
     else:
-        def setup(ctx, inputs, output):
-            setup_context(ctx, inputs, output)
-            # (jvp reads the inputs' tensors through save_for_forward, as functorch requires)
-            ctx.fastnn_inputs = [None if isinstance(a, Tensor) else a for a in inputs]
-            ctx.fastnn_tensors_at = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
-            ctx.save_for_forward(*(inputs[i] for i in ctx.fastnn_tensors_at))
+        forward_mode = jvp
 
-        def forward_mode(ctx, *tangents):
-            args = list(ctx.fastnn_inputs)
-            for i, t in zip(ctx.fastnn_tensors_at, ctx.saved_tensors):
-                args[i] = t
-            return jvp(args, tangents)
+        def setup(ctx, inputs, output):
+            recording = _RecordingContext(ctx)
+            setup_context(recording, inputs, output)
+            # jvp's tensors go through save_for_forward, as functorch requires; the same ones as for backward,
+            # because under vmap the last of the two calls sets the batch dimensions both are read with
+            ctx.save_for_forward(*recording.saved)
 
     return type(f"{name.split('::')[-1]}_transformable", (torch.autograd.Function,),
                 {"generate_vmap_rule": True, "forward": staticmethod(forward),
@@ -195,10 +210,10 @@ def register_autograd(op, backward: Callable, setup_context: Callable, jvp: Opti
     """op.register_autograd(backward, setup_context=setup_context), and the Functions that run_op calls under a
     torch.func transform. backward(ctx, *grads) returns one gradient per op argument (a list of them for a
     Tensor[] argument); for a call with a Tensor[] argument, ctx.needs_input_grad counts the list's tensors one
-    by one under a transform, so such an op's backward must not index it. jvp(args, tangents), if given, is the
-    forward mode under a transform (torch.func.jvp, jacfwd, hessian) of calls without a Tensor[] argument:
-    the outputs' tangents (None for a non-differentiable one) from the op's arguments and their tangents (None
-    for a non-tensor, or a tensor without one)."""
+    by one under a transform, so such an op's backward must not index it. jvp(ctx, *tangents), if given, is the
+    forward mode under a transform or forward AD (torch.func.jvp, jacfwd, hessian, forward_ad) of calls without a
+    Tensor[] argument: the outputs' tangents (None for a non-differentiable one) from the arguments' tangents
+    (None for a non-tensor, or a tensor without one) and what setup_context saved in ctx."""
     op.register_autograd(backward, setup_context=setup_context)
     name = _op_name(op)
     plain = _function(name, lambda *args: _run(op, *args), setup_context, backward, jvp)

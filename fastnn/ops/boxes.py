@@ -306,11 +306,11 @@ def _iou_backward(ctx, grad):
     return g1, g2, None
 
 
-def _iou_jvp(args, tangents):
+def _iou_jvp(ctx, *tangents):
     """Forward mode through the reference, whose torch ops are torchvision's (which has it)."""
-    boxes1, boxes2, generalized = args
-    (tangent,) = _direct.linearised(lambda b1, b2: (ref.pairwise_box_iou(b1, b2, generalized),), [boxes1, boxes2],
-                                    tangents[:2])
+    boxes1, boxes2 = ctx.saved_tensors
+    (tangent,) = _direct.linearised(lambda b1, b2: (ref.pairwise_box_iou(b1, b2, ctx.generalized),),
+                                    [boxes1, boxes2], tangents[:2])
     return tangent
 
 

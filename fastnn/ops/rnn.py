@@ -402,6 +402,7 @@ def _backward_setup_context(ctx, inputs, output):
     a = dict(zip(_BACKWARD_ARGS, inputs))
     ctx.save_for_backward(a["batch_sizes"], *(a[k] for k in _BACKWARD_PRIMALS))
     ctx.mode, ctx.reverse = a["mode"], a["reverse"]
+    ctx.wanted = [a["want_dx"]] + [a["want_dweights"]] * 5 + [a["want_dh0"], True]  # (the results that are not empty)
 
 
 def _reference_grads(mode, batch_sizes, reverse):
@@ -425,29 +426,29 @@ def _backward_backward(ctx, *cotangents):
 _LAYER_INPUTS = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
 
 
-def _forward_jvp(args, tangents):
-    """rnn_layer_forward's forward mode (torch.func.jvp, jacfwd, hessian), through the reference: tangents of
-    y, h_n and c_n; none for the workspace."""
-    a, t = dict(zip(_FORWARD_ARGS, args)), dict(zip(_FORWARD_ARGS, tangents))
-    sizes = a["batch_sizes"].tolist()
+def _forward_jvp(ctx, *tangents):
+    """rnn_layer_forward's forward mode (torch.func.jvp, jacfwd, hessian, forward_ad), through the reference:
+    tangents of y, h_n and c_n; none for the workspace."""
+    x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0 = ctx.saved_tensors[:9]
+    t = dict(zip(_FORWARD_ARGS, tangents))
+    sizes = batch_sizes.tolist()
 
     def layer(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0):
-        return ref.rnn_layer(a["mode"], x, sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, a["reverse"])
+        return ref.rnn_layer(ctx.mode, x, sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, ctx.reverse)
 
-    dy, dh, dc = _direct.linearised(layer, [a[k] for k in _LAYER_INPUTS], [t[k] for k in _LAYER_INPUTS])
-    x = a["x"]
+    dy, dh, dc = _direct.linearised(layer, [x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0], [t[k] for k in _LAYER_INPUTS])
     return (dy.to(x.dtype), dh.to(x.dtype), x.new_zeros(0) if dc is None else dc.to(x.dtype), None, None, None)
 
 
-def _backward_jvp(args, tangents):
-    """rnn_layer_backward's forward mode (forward-over-reverse: torch.func.hessian), through the reference;
+def _backward_jvp(ctx, *tangents):
+    """rnn_layer_backward's forward mode (forward over reverse: torch.func.hessian), through the reference;
     zeros where the op returned an empty placeholder."""
-    a, t = dict(zip(_BACKWARD_ARGS, args)), dict(zip(_BACKWARD_ARGS, tangents))
-    first_order = _reference_grads(a["mode"], a["batch_sizes"], a["reverse"])
-    out = _direct.linearised(first_order, [a[k] for k in _BACKWARD_PRIMALS], [t[k] for k in _BACKWARD_PRIMALS])
-    wanted = [a["want_dx"]] + [a["want_dweights"]] * 5 + [a["want_dh0"], True]
-    empty = a["x"].new_zeros(0)
-    return tuple(g if g is not None and on else empty for g, on in zip(out, wanted))
+    batch_sizes, *primals = ctx.saved_tensors
+    t = dict(zip(_BACKWARD_ARGS, tangents))
+    first_order = _reference_grads(ctx.mode, batch_sizes, ctx.reverse)
+    out = _direct.linearised(first_order, primals, [t[k] for k in _BACKWARD_PRIMALS])
+    empty = primals[_BACKWARD_PRIMALS.index("x")].new_zeros(0)
+    return tuple(g if g is not None and on else empty for g, on in zip(out, ctx.wanted))
 
 
 _direct.register_autograd(_layer_forward_op, _backward, _setup_context, _forward_jvp)

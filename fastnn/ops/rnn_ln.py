@@ -390,7 +390,8 @@ def layer_norm_lstm(input: Union[Tensor, PackedSequence], hx: Optional[Tuple[Ten
         if training and zoneout_masks is not None:
             mask = zoneout_masks[k]
         elif training and zoneout > 0:
-            mask = torch.empty(rows, H, device=seq.x.device, dtype=dtype).bernoulli_(zoneout)
+            # (out of place: under torch.vmap(randomness="different") each entry draws its own)
+            mask = torch.bernoulli(torch.full((rows, H), zoneout, device=seq.x.device, dtype=dtype))
         weights_k = ref.LayerNormLSTMWeights(*(cast(w) for w in weights[k]))
         return _layer(layer_in, seq.batch_sizes, weights_k, h0[k], c0[k], cast(mask),
                       0.0 if training else zoneout, reverse)

@@ -64,14 +64,17 @@ def dropout_threshold(dropout_p: float) -> int:
     return min(1 << 24, int(round(dropout_p * (1 << 24))))
 
 
-def split_seed(seed: int) -> tuple:
-    """(seed_lo, seed_hi): the low and high 32 bits of a 64-bit seed."""
-    seed &= (1 << 64) - 1
+def split_seed(seed) -> tuple:
+    """(seed_lo, seed_hi): the low and high 32 bits of a 64-bit seed, an int or an int64 tensor in [0, 2^63)
+    (as _draw_seed gives; a tensor stays one, so that a seed drawn under torch.vmap can differ per entry)."""
+    if not isinstance(seed, Tensor):
+        seed &= (1 << 64) - 1
     return seed & _M32, (seed >> 32) & _M32
 
 
-def dropout_keep(seed: int, dropout_p: float, rows: Tensor, cols: Tensor) -> Tensor:
-    """Keep mask (bool) of the counter-based dropout for broadcastable int64 row and col indices."""
+def dropout_keep(seed, dropout_p: float, rows: Tensor, cols: Tensor) -> Tensor:
+    """Keep mask (bool) of the counter-based dropout for broadcastable int64 row and col indices; seed as
+    split_seed takes it."""
     lo, hi = split_seed(seed)
     rh = fmix32((rows & _M32) ^ lo)
     ch = fmix32((cols + hi) & _M32)
