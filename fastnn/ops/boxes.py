@@ -314,8 +314,37 @@ def _iou_jvp(ctx, *tangents):
     return tangent
 
 
+def _iou_reference_grads(generalized: bool):
+    """The reference's (d boxes1, d boxes2) as a function of (grad, boxes1, boxes2): torchvision's torch ops,
+    differentiable again."""
+    def first_order(grad, boxes1, boxes2):
+        _, pullback = torch.func.vjp(lambda b1, b2: ref.pairwise_box_iou(b1, b2, generalized), boxes1, boxes2)
+        return list(pullback(grad.to(ref.compute_dtype(boxes1.dtype))))
+    return first_order
+
+
+def _iou_backward_setup_context(ctx, inputs, output):
+    grad, boxes1, boxes2, generalized = inputs
+    ctx.save_for_backward(grad, boxes1, boxes2)
+    ctx.generalized = generalized
+
+
+def _iou_backward_backward(ctx, grad_g1, grad_g2):
+    """pairwise_box_iou_backward's own backward (second derivatives, as torchvision's box ops have), through the
+    reference; the first derivative stays the kernel's."""
+    first_order = _iou_reference_grads(ctx.generalized)
+    return (*_direct.second_order(first_order, list(ctx.saved_tensors), (grad_g1, grad_g2)), None)
+
+
+def _iou_backward_jvp(ctx, *tangents):
+    """Its forward mode (forward over reverse: torch.func.hessian), through the reference."""
+    first_order = _iou_reference_grads(ctx.generalized)
+    return tuple(_direct.linearised(first_order, list(ctx.saved_tensors), tangents[:3]))
+
+
 _direct.register_autograd(_pairwise_box_iou_op, _iou_backward, _iou_setup_context, _iou_jvp)
-_direct.register_backward_op(_pairwise_box_iou_backward_op)
+_direct.register_autograd(_pairwise_box_iou_backward_op, _iou_backward_backward, _iou_backward_setup_context,
+                          _iou_backward_jvp)
 
 
 def _pairwise(boxes1: Tensor, boxes2: Tensor, generalized: bool) -> Tensor:
