@@ -4,8 +4,9 @@ ADInplaceOrView, autograd and backend layers run in Python), several times the k
 
 When nothing could observe the difference, the public function runs the op's body itself: plain eager
 execution on plain, non-meta tensors, with no torch.compile / export / jit tracing, no Python dispatch mode (fake,
-proxy, functional, flop counters), no functorch transform (vmap, grad). In every other case it calls the
-custom op, which then runs the same body.
+proxy, functional, flop counters), no functorch transform (vmap, grad), no forward-AD level. In every other
+case it calls the custom op, which then runs the same body (under a transform or forward AD through run_op's
+Functions, below).
 """
 from __future__ import annotations
 
@@ -97,9 +98,12 @@ def call(op: Callable, body: Callable, function: Optional[type], *args):
 # open in torch 2.14). torch.nn.LSTM, scaled_dot_product_attention and torchvision's box_iou work under those
 # transforms, so their drop-ins must too: while a transform is active, an op with autograd is called through a
 # Function of the newer form (a separate setup_context, generate_vmap_rule) that calls the op and reuses the
-# op's own setup_context and backward. Its backward's op is called through a Function whose backward raises:
+# op's own setup_context and backward. Its backward's op is called through a Function too: one with the backward
+# op's own derivatives (the RNNs', box IoU's: through the reference), or one whose backward raises, because
 # torch.func.grad differentiates with create_graph=True, so the backward op's custom-op autograd would refuse
 # even a first derivative, and a gradient without history would make a second derivative silently zero.
+# A forward-AD level (torch.autograd.forward_ad) takes the same Functions: an op's body, and torch.library's
+# custom-op autograd, would drop the tangents silently.
 
 _TRANSFORMABLE: Dict[str, Tuple[Optional[type], type]] = {}  # op name -> (plain Function, flattening Function)
 
@@ -324,8 +328,9 @@ def vmapped(t: Tensor) -> bool:
 
 
 def run_op(op, *args):
-    """op(*args) (a custom op's OpOverloadPacket, all arguments positional); while a torch.func transform is
-    active, through the op's transformable Function (register_autograd / register_backward_op), if it has one.
+    """op(*args) (a custom op's OpOverloadPacket, all arguments positional); while a torch.func transform or a
+    forward-AD level is active, through the op's transformable Function (register_autograd /
+    register_backward_op), if it has one.
     Returns what the op returns (a tuple for a Tensor[] result under a transform)."""
     if not torch.compiler.is_compiling() and _transforming():
         fns = _TRANSFORMABLE.get(_op_name(op))

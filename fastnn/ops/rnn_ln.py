@@ -334,8 +334,8 @@ def _layer(x: Tensor, batch_sizes: Tensor, weights: ref.LayerNormLSTMWeights, h0
         return empty_batch_outputs(x, h0, c0, tensors)
     train = keeps_workspace(tensors)
     y, h, c, *_ = _direct.run_op(
-        torch.ops.fastnn.layer_norm_lstm_layer_forward, x.contiguous(), batch_sizes, *(_contig(w) for w in weights), h0.contiguous(), c0.contiguous(),
-        _contig(zoneout_mask), float(zoneout), reverse, train)
+        torch.ops.fastnn.layer_norm_lstm_layer_forward, x.contiguous(), batch_sizes, *(_contig(w) for w in weights),
+        h0.contiguous(), c0.contiguous(), _contig(zoneout_mask), float(zoneout), reverse, train)
     return y, h, c
 
 

@@ -115,8 +115,8 @@ def _align_setup_context(ctx, inputs, output):
 
 def _align_backward(ctx, grad):
     rois, levels = ctx.saved_tensors
-    grads = _direct.run_op(torch.ops.fastnn.roi_align_backward, grad, rois, levels, ctx.scales, ctx.shapes, ctx.channels_last,
-                                                ctx.sampling_ratio, ctx.aligned)
+    grads = _direct.run_op(torch.ops.fastnn.roi_align_backward, grad, rois, levels, ctx.scales, ctx.shapes,
+                           ctx.channels_last, ctx.sampling_ratio, ctx.aligned)
     return list(grads), None, None, None, None, None, None, None
 
 

@@ -159,8 +159,9 @@ def _backward(ctx, dout, dlast, dchunks):
     if dout is None:
         dout = torch.zeros_like(u)
     grads = _direct.run_op(
-        torch.ops.fastnn.selective_scan_backward, dout.contiguous(), None if dlast is None else dlast.contiguous(), chunks, u, delta, A, B, C, D, z,
-        delta_bias, softplus, init, seq_idx, per_seq, chunk, torch.are_deterministic_algorithms_enabled())
+        torch.ops.fastnn.selective_scan_backward, dout.contiguous(), None if dlast is None else dlast.contiguous(),
+        chunks, u, delta, A, B, C, D, z, delta_bias, softplus, init, seq_idx, per_seq, chunk,
+        torch.are_deterministic_algorithms_enabled())
     du, ddelta, dz, dA, dB, dC, dD, dbias, dinit = grads
     present = lambda g, t: g if t is not None else None  # noqa: E731
     return (du, ddelta, dA, dB, dC, present(dD, D), present(dz, z), present(dbias, delta_bias), None,
@@ -310,7 +311,7 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         initial_state = initial_state.to(ct).contiguous()
     conv = lambda t: None if t is None else t.to(ct).contiguous()  # noqa: E731
     out, last, _ = _direct.run_op(
-        torch.ops.fastnn.selective_scan_forward, u.contiguous(), delta.contiguous(), conv(A), conv(B), conv(C), conv(D), None if z is None else z.contiguous(),
-        conv(delta_bias), delta_softplus, initial_state, seq_idx, per_seq, num_states,
-        chunk_size_for(u.device.type, N))
+        torch.ops.fastnn.selective_scan_forward, u.contiguous(), delta.contiguous(), conv(A), conv(B), conv(C),
+        conv(D), None if z is None else z.contiguous(), conv(delta_bias), delta_softplus, initial_state, seq_idx,
+        per_seq, num_states, chunk_size_for(u.device.type, N))
     return (out, last) if return_last_state else out

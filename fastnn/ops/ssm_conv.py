@@ -206,7 +206,8 @@ def _conv_setup_context(ctx, inputs, output):
 def _conv_backward(ctx, dout, dfinal):
     x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
     dx, dw, db, dinit = _direct.run_op(
-        torch.ops.fastnn.causal_conv1d_backward, dout, dfinal if ctx.return_final_states else None, x, weight, bias, seq_idx, initial_states, ctx.silu)
+        torch.ops.fastnn.causal_conv1d_backward, dout, dfinal if ctx.return_final_states else None, x, weight, bias,
+        seq_idx, initial_states, ctx.silu)
     return (dx, dw, db if bias is not None else None, None, dinit if initial_states is not None else None, None,
             None)
 
