@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 import fastnn
+from fastnn.ops import rnn_ln as rnn_ln_ops
 from fastnn.reference import rnn as ref
 
 from ..harness import Case
@@ -62,7 +63,7 @@ _MASK_SEED = 7
 def _draw_masks(rows, H, zoneout, dtype, device):
     """The masks the module draws after torch.manual_seed(_MASK_SEED) (one layer: one draw)."""
     torch.manual_seed(_MASK_SEED)
-    return [torch.empty(rows, H, dtype=dtype, device=device).bernoulli_(zoneout)]
+    return [rnn_ln_ops.draw_zoneout_mask(rows, H, zoneout, device, dtype)]
 
 
 def _fwd(run, m, x):

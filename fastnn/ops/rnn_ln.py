@@ -325,6 +325,13 @@ def _check_zoneout(zoneout) -> float:
     return zoneout
 
 
+def draw_zoneout_mask(rows: int, H: int, zoneout: float, device, dtype) -> Tensor:
+    """A training step's zoneout mask for one layer and direction, (rows, H) Bernoulli(zoneout) draws from
+    torch's default generator. (Out of place: under torch.vmap(randomness="different") each entry draws its
+    own; an in-place draw on the unbatched tensor is refused there.)"""
+    return torch.bernoulli(torch.full((rows, H), zoneout, device=device, dtype=dtype))
+
+
 def _layer(x: Tensor, batch_sizes: Tensor, weights: ref.LayerNormLSTMWeights, h0: Tensor, c0: Tensor,
            zoneout_mask: Optional[Tensor], zoneout: float, reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """One validated layer and direction: runs the custom op (empty inputs answered here). zoneout_mask
@@ -390,8 +397,7 @@ def layer_norm_lstm(input: Union[Tensor, PackedSequence], hx: Optional[Tuple[Ten
         if training and zoneout_masks is not None:
             mask = zoneout_masks[k]
         elif training and zoneout > 0:
-            # (out of place: under torch.vmap(randomness="different") each entry draws its own)
-            mask = torch.bernoulli(torch.full((rows, H), zoneout, device=seq.x.device, dtype=dtype))
+            mask = draw_zoneout_mask(rows, H, zoneout, seq.x.device, dtype)
         weights_k = ref.LayerNormLSTMWeights(*(cast(w) for w in weights[k]))
         return _layer(layer_in, seq.batch_sizes, weights_k, h0[k], c0[k], cast(mask),
                       0.0 if training else zoneout, reverse)
