@@ -255,10 +255,16 @@ def test_mamba_and_attention_modules_under_grad():
 
 
 def test_plain_calls_keep_the_custom_ops():
-    """Outside a transform nothing changes: torch.export still records fastnn's custom ops (the transformable
-    Functions are used only while a torch.func transform is active)."""
+    """Outside a transform nothing changes: the transformable Functions are used only while a torch.func transform
+    or a forward-AD level is active (plain autograd records the custom op's own backward), and torch.export still
+    records fastnn's custom ops."""
     x = torch.randn(2, 3, 12, 12)
     rois = _boxes(2, 3, 12, torch.Generator().manual_seed(4)).float()
+    plain = ops.roi_align(x.clone().requires_grad_(), rois, 3, 1.0, 2).grad_fn
+    assert plain is not None and "transformable" not in type(plain).__name__
+    with torch.autograd.forward_ad.dual_level():
+        dual = ops.box_iou(torch.autograd.forward_ad.make_dual(rois[:, 1:], rois[:, 1:]).requires_grad_(), rois[:, 1:])
+    assert "transformable" in type(dual.grad_fn).__name__
     ep = torch.export.export(fastnn.nn.RoIAlign(3, 1.0, 2), (x, rois))
     assert "fastnn.roi_align" in str(ep.graph)
     ep = torch.export.export(fastnn.nn.LSTM(3, 4), (torch.randn(5, 2, 3),))

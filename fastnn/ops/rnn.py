@@ -54,11 +54,13 @@ def _forward_reference(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c
     return [y, h.clone(), _empty(x) if c is None else c.clone(), none, none.clone(), none.clone()]
 
 
+_LAYER_INPUTS = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")  # a layer's differentiable inputs
+
+
 def _backward_reference(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux,
                         r, reverse, want_dx, want_dweights, want_dh0=True):
-    names = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
-    given = dict(zip(names, (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)))
-    keys = [k for k in names if given[k] is not None]
+    given = dict(zip(_LAYER_INPUTS, (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)))
+    keys = [k for k in _LAYER_INPUTS if given[k] is not None]
     sizes = batch_sizes.tolist()
 
     def layer(*xs):
@@ -69,7 +71,7 @@ def _backward_reference(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, 
 
     _, vjp = torch.func.vjp(layer, *[given[k] for k in keys])
     grads = dict(zip(keys, vjp((dy, dh_n) if mode == "gru" else (dy, dh_n, dc_n))))
-    return [grads.get(k) for k in names]
+    return [grads.get(k) for k in _LAYER_INPUTS]
 
 
 def _lift(args):
@@ -421,9 +423,6 @@ def _backward_backward(ctx, *cotangents):
     first_order = _reference_grads(ctx.mode, batch_sizes, ctx.reverse)
     grads = dict(zip(_BACKWARD_PRIMALS, _direct.second_order(first_order, primals, cotangents)))
     return tuple(grads.get(k) for k in _BACKWARD_ARGS)
-
-
-_LAYER_INPUTS = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")
 
 
 def _forward_jvp(ctx, *tangents):
