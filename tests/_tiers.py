@@ -73,6 +73,61 @@ def run_opcheck(op, args: Iterable[tuple], kwargs: dict | None = None, skip_auto
         tests = tests + ("test_autograd_registration",)
     for a in args:
         torch.library.opcheck(op, a, kwargs or {}, test_utils=tests)
+        check_fake_layout(op, a, kwargs or {})
+
+
+def _relaid(t, layout: str):
+    """A copy of t with the same values in another storage layout: "reversed" (the dimensions' storage order
+    reversed, so the first two and the last two are both swapped) or "sliced" (every other element of a
+    buffer twice as long in the last dimension: not dense)."""
+    if not isinstance(t, torch.Tensor) or t.numel() < 2 or t.dim() == 0:
+        return t
+    if layout == "reversed":
+        if t.dim() < 2:
+            return t
+        out = t.new_empty(t.shape[::-1]).permute(*range(t.dim() - 1, -1, -1))
+    else:
+        out = t.new_empty(*t.shape[:-1], 2 * t.shape[-1])[..., ::2]
+    return out.copy_(t).requires_grad_(t.requires_grad)
+
+
+def check_fake_layout(op, args: tuple, kwargs: dict) -> None:
+    """The fake kernel's outputs have the real kernel's sizes and strides, for the given inputs and for
+    non-contiguous copies of them. opcheck compares sizes only; a stride that differs makes a compiled
+    graph fail its inductor-generated assert (or read an output with the wrong layout)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch.utils._pytree import tree_flatten, tree_map_only
+
+    for layout in ("given", "reversed", "sliced"):
+        variant = args if layout == "given" else tree_map_only(torch.Tensor, lambda t: _relaid(t, layout), args)
+        detached = tree_map_only(torch.Tensor, torch.Tensor.detach, variant)
+        with torch.no_grad():
+            try:
+                real = op(*detached, **kwargs)
+            except (RuntimeError, ValueError):
+                if layout == "given":
+                    raise
+                continue  # a raw op that takes contiguous inputs only (its public function makes them so)
+            # data-dependent output sizes (nms, the peak counts) become symbols, compared only where concrete
+            with FakeTensorMode(shape_env=ShapeEnv(allow_dynamic_output_shape_ops=True)) as mode:
+                fake = op(*tree_map_only(torch.Tensor, lambda t: mode.from_tensor(t, static_shapes=True), detached),
+                         **kwargs)
+        real_flat, fake_flat = tree_flatten(real)[0], tree_flatten(fake)[0]
+        assert len(real_flat) == len(fake_flat)
+        where = f"{op}, inputs {layout}"
+        for i, (r, f) in enumerate(zip(real_flat, fake_flat)):
+            if not isinstance(r, torch.Tensor):
+                continue
+            assert r.dim() == f.dim(), f"{where}: output {i} has {f.dim()} dims (fake), {r.dim()} (real)"
+            for d in range(r.dim()):
+                fs, fst = f.shape[d], f.stride(d)
+                if isinstance(fs, int):
+                    assert fs == r.shape[d], f"{where}: output {i} shape {tuple(f.shape)} (fake) != {tuple(r.shape)}"
+                # a stride matters only along a dimension of more than one element
+                if r.shape[d] > 1 and isinstance(fst, int):
+                    assert fst == r.stride(d), (f"{where}: output {i} strides {f.stride()} (fake) != {r.stride()} "
+                                                f"(real), shape {tuple(r.shape)}")
 
 
 def run_gradcheck(fn: Callable, inputs: tuple, backends: Sequence[str], **kw) -> None:

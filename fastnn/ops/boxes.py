@@ -291,7 +291,7 @@ def _pairwise_box_iou_backward_op(grad: Tensor, boxes1: Tensor, boxes2: Tensor,
 
 @_pairwise_box_iou_backward_op.register_fake
 def _pairwise_box_iou_backward_fake(grad, boxes1, boxes2, generalized):
-    return torch.empty_like(boxes1), torch.empty_like(boxes2)
+    return boxes1.new_empty(boxes1.shape), boxes2.new_empty(boxes2.shape)  # dense, as the kernels write them
 
 
 def _iou_setup_context(ctx, inputs, output):

@@ -51,7 +51,8 @@ def _forward_reference(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c
     with torch.no_grad():
         y, h, c = ref.rnn_layer(mode, x, batch_sizes.tolist(), w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse)
     none = x.new_empty(0, dtype=workspace_dtype(x.dtype))
-    return [y, h.clone(), _empty(x) if c is None else c.clone(), none, none.clone(), none.clone()]
+    # dense copies: with no steps h and c are h0 and c0 themselves, whatever their strides
+    return [y, h.clone(memory_format=torch.contiguous_format), _empty(x) if c is None else c.clone(memory_format=torch.contiguous_format), none, none.clone(), none.clone()]
 
 
 _LAYER_INPUTS = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")  # a layer's differentiable inputs
@@ -313,7 +314,7 @@ def _layer_forward_fake(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, 
     else:
         dtypes = (workspace_dtype(x.dtype),) * 3
     ws = lambda i, *shape: x.new_empty(*(shape if keeps else (0,)), dtype=dtypes[i])  # noqa: E731
-    return (x.new_empty(rows, h0.shape[1]), torch.empty_like(h0), _empty(x) if c0 is None else torch.empty_like(c0),
+    return (x.new_empty(rows, h0.shape[1]), h0.new_empty(h0.shape), _empty(x) if c0 is None else c0.new_empty(c0.shape),
             ws(0, rows, G * H), ws(1, rows, H), ws(2, rows, H) if w_hr is not None else ws(2, 0))
 
 
@@ -350,7 +351,8 @@ def _layer_backward_body(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih,
 @_layer_backward_op.register_fake
 def _layer_backward_fake(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, gates, aux, r,
                          reverse, want_dx, want_dweights, want_dh0=True):
-    like = lambda t, on: torch.empty_like(t) if (t is not None and on) else _empty(x)  # noqa: E731
+    # dense row-major, as every backend returns them (empty_like would copy a strided input's layout)
+    like = lambda t, on: t.new_empty(t.shape) if (t is not None and on) else _empty(x)  # noqa: E731
     return (like(x, want_dx), like(w_ih, want_dweights), like(w_hh, want_dweights), like(b_ih, want_dweights),
             like(b_hh, want_dweights), like(w_hr, want_dweights), like(h0, want_dh0), like(c0, True))
 

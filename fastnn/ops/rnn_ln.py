@@ -65,7 +65,7 @@ def _forward_reference(x, batch_sizes, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bia
     with torch.no_grad():
         y, h, c = ref.layer_norm_lstm_layer(x, batch_sizes.tolist(), weights, h0, c0,
                                             _zoneout_keep(zoneout_mask, zoneout), reverse)
-    return [y, h.clone(), c.clone()] + [x.new_empty(0, dtype=workspace_dtype(x.dtype)) for _ in range(5)]
+    return [y, h.clone(memory_format=torch.contiguous_format), c.clone(memory_format=torch.contiguous_format)] + [x.new_empty(0, dtype=workspace_dtype(x.dtype)) for _ in range(5)]
 
 
 def _backward_reference(dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight,
@@ -193,7 +193,7 @@ def _layer_forward_fake(x, batch_sizes, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bi
     # the workspace's shapes follow the backend (the reference keeps none), as its pick does in the real op
     shapes = _workspace_shapes(x.shape[0], h0.shape[1]) if train and _keeps_workspace(x) else ((0,),) * 5
     ws_dtype = workspace_dtype(x.dtype)
-    return (x.new_empty(x.shape[0], h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0),
+    return (x.new_empty(x.shape[0], h0.shape[1]), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
             *(x.new_empty(s, dtype=ws_dtype) for s in shapes))
 
 
@@ -222,9 +222,10 @@ def _layer_backward_op(dy: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, batch_
 def _layer_backward_fake(dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight,
                          ln_hh_bias, ln_cell_weight, ln_cell_bias, h0, c0, zoneout_mask, zoneout, y, gates, x_proj,
                          h_proj, cells, stats, reverse, want_dx, want_dweights):
-    like = lambda t, on: torch.empty_like(t) if (t is not None and on) else _empty(x)  # noqa: E731
+    # dense row-major, as every backend returns them (empty_like would copy a strided input's layout)
+    like = lambda t, on: t.new_empty(t.shape) if (t is not None and on) else _empty(x)  # noqa: E731
     weights = (w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias)
-    return (like(x, want_dx), *(like(w, want_dweights) for w in weights), torch.empty_like(h0), torch.empty_like(c0))
+    return (like(x, want_dx), *(like(w, want_dweights) for w in weights), like(h0, True), like(c0, True))
 
 
 _FORWARD_ARGS = ("x", "batch_sizes") + _WEIGHT_NAMES + ("h0", "c0", "zoneout_mask", "zoneout", "reverse", "train")

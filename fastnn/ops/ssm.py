@@ -115,7 +115,7 @@ def _scan_forward_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
                        per_sequence_states, num_states, chunk_size):
     Bsz, Dm, L = u.shape
     N = A.shape[1]
-    return (torch.empty_like(u), A.new_empty(num_states, Dm, N),
+    return (u.new_empty(u.shape), A.new_empty(num_states, Dm, N),
             A.new_empty(Bsz, Dm, -(-L // chunk_size), N))
 
 
@@ -137,9 +137,10 @@ def _scan_backward_op(dout: Tensor, dlast_state: Optional[Tensor], chunk_states:
 @_scan_backward_op.register_fake
 def _scan_backward_fake(dout, dlast_state, chunk_states, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                         initial_state, seq_idx, per_sequence_states, chunk_size, deterministic):
-    maybe = lambda t: _empty(u) if t is None else torch.empty_like(t)  # noqa: E731
-    return (torch.empty_like(u), torch.empty_like(u), maybe(z), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(C), maybe(D), maybe(delta_bias), maybe(initial_state))
+    # dense row-major, as every backend returns them
+    maybe = lambda t: _empty(u) if t is None else t.new_empty(t.shape)  # noqa: E731
+    return (u.new_empty(u.shape), u.new_empty(u.shape), maybe(z), A.new_empty(A.shape), B.new_empty(B.shape),
+            C.new_empty(C.shape), maybe(D), maybe(delta_bias), maybe(initial_state))
 
 
 _FORWARD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "initial_state",
@@ -211,7 +212,8 @@ def check_cu_seqlens(cu_seqlens: Tensor, total: int, reference_name: str, refere
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries; got shape {tuple(cu_seqlens.shape)}")
     _checks.values((cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (cu_seqlens.diff() > 0).all(),
-                   lambda: f"cu_seqlens must start at 0, increase strictly (no empty sequence) and end at {total} "
+                   lambda: f"cu_seqlens must start at 0, increase strictly (no empty sequence) and end at "
+                           f"{_checks.size_text(total, 'L')} "
                            f"(the packed length); got {_checks.shown(cu_seqlens)}")
 
 

@@ -148,7 +148,7 @@ def _conv_forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx:
     ct = ref.compute_dtype(x.dtype)
     if x.numel() == 0:
         # no steps: the final states are the initial ones (zeros without them)
-        final = (initial_states.clone() if initial_states is not None and L == 0
+        final = (initial_states.clone(memory_format=torch.contiguous_format) if initial_states is not None and L == 0
                  else x.new_zeros(Bsz, D, W - 1)) if return_final_states else x.new_empty(0)
         return x.new_empty(Bsz, D, L), final
     impl = _pick("causal_conv1d", x.device, _FORWARD_IMPLS)
@@ -180,9 +180,9 @@ def _conv_backward_op(dout: Tensor, dfinal_states: Optional[Tensor], x: Tensor, 
     if x.numel() == 0:
         dinit = x.new_empty(0)
         if want_dinit:  # L == 0: final_states were the initial states; B or D == 0: nothing
-            dinit = (dfinal_states.clone() if dfinal_states is not None and L == 0
-                     else torch.zeros_like(initial_states))
-        return (torch.zeros_like(x), torch.zeros_like(weight), weight.new_zeros(D, dtype=bias_dtype), dinit)
+            dinit = (dfinal_states.clone(memory_format=torch.contiguous_format) if dfinal_states is not None and L == 0
+                     else initial_states.new_zeros(initial_states.shape))
+        return (x.new_zeros(x.shape), weight.new_zeros(weight.shape), weight.new_zeros(D, dtype=bias_dtype), dinit)
     impl = _pick("causal_conv1d_backward", x.device, _BACKWARD_IMPLS)
     dx, dw, db, dinit = impl(dout.contiguous(), _opt(dfinal_states), x.contiguous(), weight.to(ct).contiguous(),
                              _opt(bias, ct), _opt(seq_idx), _opt(initial_states), silu, want_dinit)
@@ -192,8 +192,10 @@ def _conv_backward_op(dout: Tensor, dfinal_states: Optional[Tensor], x: Tensor, 
 @_conv_backward_op.register_fake
 def _conv_backward_fake(dout, dfinal_states, x, weight, bias, seq_idx, initial_states, silu):
     bias_dtype = bias.dtype if bias is not None else weight.dtype
-    dinit = torch.empty_like(initial_states) if initial_states is not None else x.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0], dtype=bias_dtype), dinit
+    # dense row-major, as the kernels write them (empty_like would copy a strided input's layout: Mamba's x is
+    # a transposed view, and a compiled graph's stride assert failed)
+    dinit = initial_states.new_empty(initial_states.shape) if initial_states is not None else x.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0], dtype=bias_dtype), dinit
 
 
 def _conv_setup_context(ctx, inputs, output):
@@ -359,7 +361,8 @@ def _check_indices(idx, name: str, batch: int, cache_rows: int, x: Tensor) -> No
     # value checks on CPU tensors only (on CUDA they would cost a host sync every decode step)
     if idx.device.type == "cpu" and idx.numel():
         _checks.values(((idx >= 0) & (idx < cache_rows)).all(),
-                       lambda: f"{name} must be in [0, {cache_rows}) (the cache's batch size); got {_checks.shown(idx)}")
+                       lambda: f"{name} must be in [0, {_checks.size_text(cache_rows, 'cache rows')}) (the cache's batch "
+                               f"size); got {_checks.shown(idx)}")
         # two rows updating one cache row would race on the GPU and apply in turn on the CPU: refused
         _checks.values((idx.sort().values.diff() != 0).all(),
                        lambda: f"{name} must be distinct (each cache row updated by one batch row); got "
