@@ -70,7 +70,9 @@ def real_number(x, name: str, *, allow_nan: bool = False) -> float:
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
     x = float(x)
-    if math.isnan(x) and not allow_nan:
+    # x != x, not math.isnan: under torch.compile(dynamic=True) a module's float attribute arrives as a
+    # SymFloat, which math.isnan cannot trace.
+    if not allow_nan and x != x:
         raise ValueError(f"{name} must not be NaN")
     return x
 
@@ -86,9 +88,16 @@ def values(ok: Tensor, message: Callable[[], str]) -> None:
         raise ValueError(message())
 
 
+def size_text(n, name: str) -> str:
+    """A size for an error message of values(): the number itself, or `name` where the size is symbolic (under
+    torch.compile with dynamic shapes, whose assert messages must be constants)."""
+    return f"{n}" if isinstance(n, int) else name
+
+
 def shown(t: Tensor, most: int = 8) -> str:
-    """The first values of a 1-D tensor for an error message (the values themselves outside torch.compile)."""
+    """The first values of a 1-D tensor for an error message (the values themselves outside torch.compile;
+    there, the message is a constant of the graph, so it names no size that may be symbolic)."""
     if torch.compiler.is_compiling():
-        return f"a tensor of shape {tuple(t.shape)}"
+        return f"a {t.dim()}-D tensor"
     flat = t.reshape(-1)
     return f"{flat[:most].tolist()}{'...' if flat.numel() > most else ''}"

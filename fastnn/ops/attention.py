@@ -426,7 +426,8 @@ def _scale_value(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     value = _checks.real_number(scale, "scale")
-    if not math.isfinite(value):  # inf * 0 scores would be NaN, and every other score infinite
+    # abs() == inf, not math.isinf: a SymFloat under torch.compile(dynamic=True) cannot go through math
+    if abs(value) == math.inf:  # inf * 0 scores would be NaN, and every other score infinite
         raise ValueError(f"scale must be finite; got {value}")
     return value
 
@@ -440,7 +441,7 @@ def _dropout_value(dropout_p) -> float:
 
 def _softcap_value(softcap) -> float:
     c = _checks.real_number(softcap, "softcap")
-    if c < 0 or math.isinf(c):
+    if c < 0 or c == math.inf:
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it); got {c}")
     return c
 
@@ -647,10 +648,11 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     _check_heads(q.shape[2], k_cache.shape[2], "q", "k_cache", True)
     _checks.tensor(cache_seqlens, "cache_seqlens", integer=True, shape=(q.shape[0],))
     _checks.same_device("q", q, cache_seqlens=cache_seqlens)
-    if cache_seqlens.device.type == "cpu" and cache_seqlens.numel() and (
-            bool((cache_seqlens < 0).any()) or int(cache_seqlens.max()) > k_cache.shape[1]):
-        raise ValueError(f"cache_seqlens must be in [0, {k_cache.shape[1]}] (the cache length); "
-                         f"got {cache_seqlens.tolist()[:8]}")
+    # eager CUDA skips the check (a host read per decode step); a compiled graph checks on the device
+    if cache_seqlens.numel() and (cache_seqlens.device.type == "cpu" or torch.compiler.is_compiling()):
+        _checks.values(((cache_seqlens >= 0) & (cache_seqlens <= k_cache.shape[1])).all(),
+                       lambda: f"cache_seqlens must be in [0, {_checks.size_text(k_cache.shape[1], 'k_cache.shape[1]')}] "
+                               f"(the cache length); got {_checks.shown(cache_seqlens)}")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = automatic); got {num_splits!r}")
     left, right = _window_pair(window, bool(causal))
