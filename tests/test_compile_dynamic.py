@@ -3,7 +3,8 @@ automatic dynamic shapes (a second shape recompiles with symbolic sizes). Each p
 two shapes through one compiled function and must give the eager results, gradients included where the op
 has them. Failures this caught: module float attributes (dropout, softcap) arriving as SymFloats that
 math.isnan / isinf cannot trace; value-check messages that formatted a symbolic size; attention_decode's
-host read of cache_seqlens."""
+host read of cache_seqlens. Also torch.export with dynamic dimensions, run at another shape: selective_scan's
+chunk-state count, a dimension of its own once, was 1 at the example's L and bounded the exported L to 256."""
 from collections import OrderedDict
 
 import pytest
@@ -210,3 +211,43 @@ def test_compiled_value_checks_raise(dynamic):
     compiled(*CASES["selective_state_update"][1])
     with pytest.raises(RuntimeError, match=r"state_batch_indices must be in \[0, "):
         compiled(*args[:-1], torch.tensor([5, 1, 0]))
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, fn, modules):
+        super().__init__()
+        self.fn, self.held = fn, torch.nn.ModuleList(modules)
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _export_cases():
+    torch.manual_seed(0)
+    batch, steps = torch.export.Dim("batch", min=2, max=64), torch.export.Dim("steps", min=2, max=4096)
+    rois = torch.export.Dim("rois", min=2, max=4096)
+    mamba, lstm = fnn.Mamba(32, d_state=8).eval(), fnn.LSTM(8, 16, num_layers=2).eval()
+    mha, sppf = fnn.MultiheadAttention(16, 4, batch_first=True).eval(), fnn.SPPF(4, 8).eval()
+    return {
+        # L = 9 and 300: one chunk of saved states and two (the chunk count once bounded an exported L)
+        "mamba": (mamba, [mamba], (torch.randn(2, 9, 32),), ({0: batch, 1: steps},), (torch.randn(3, 300, 32),)),
+        "lstm": (lambda x: lstm(x)[0], [lstm], (torch.randn(5, 3, 8),), ({0: steps, 1: batch},),
+                 (torch.randn(7, 4, 8),)),
+        "mha": (lambda x: mha(x, x, x)[0], [mha], (torch.randn(2, 5, 16),), ({0: batch, 1: steps},),
+                (torch.randn(3, 7, 16),)),
+        "sppf": (sppf, [sppf], (torch.randn(2, 4, 12, 12),), ({0: batch},), (torch.randn(3, 4, 12, 12),)),
+        "roi_align": (lambda f, r: ops.roi_align(f, r, (3, 3), 0.5, 2, True), [],
+                      (torch.randn(2, 4, 16, 16), _rois(5)), (None, {0: rois}),
+                      (torch.randn(2, 4, 16, 16), _rois(9))),
+    }
+
+
+EXPORT_CASES = _export_cases()
+
+
+@pytest.mark.parametrize("name", sorted(EXPORT_CASES))
+def test_export_dynamic_shapes(name):
+    """torch.export with dynamic dimensions: the exported program runs at another shape and matches eager."""
+    fn, modules, example, dims, other = EXPORT_CASES[name]
+    program = torch.export.export(_Wrapped(fn, modules), example, dynamic_shapes=(dims,))
+    torch.testing.assert_close(program.module()(*other), fn(*other), rtol=1e-5, atol=1e-5)

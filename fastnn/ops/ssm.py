@@ -103,11 +103,13 @@ def _scan_forward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
                      z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
                      initial_state: Optional[Tensor], seq_idx: Optional[Tensor], per_sequence_states: bool,
                      num_states: int, chunk_size: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """(out, last_state (num_states, D, N), chunk_states (B, D, ceil(L / chunk_size), N))."""
+    """(out, last_state (num_states, D, N), chunk_states (B, D * ceil(L / chunk_size) * N): the states
+    before each chunk, (D, chunks, N) row-major per batch row). The chunk count is not a dimension of its own:
+    it is 1 for every L up to chunk_size, and torch.export / dynamic shapes would guard on that 1 and bound L."""
     impl = _pick("selective_scan", u, _FORWARD_IMPLS)
     out, last, chunks = impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
                              per_sequence_states, chunk_size)
-    return out, last, chunks
+    return out, last, chunks.flatten(1)
 
 
 @_scan_forward_op.register_fake
@@ -115,8 +117,7 @@ def _scan_forward_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
                        per_sequence_states, num_states, chunk_size):
     Bsz, Dm, L = u.shape
     N = A.shape[1]
-    return (u.new_empty(u.shape), A.new_empty(num_states, Dm, N),
-            A.new_empty(Bsz, Dm, -(-L // chunk_size), N))
+    return u.new_empty(u.shape), A.new_empty(num_states, Dm, N), A.new_empty(Bsz, Dm * -(-L // chunk_size) * N)
 
 
 @torch.library.custom_op("fastnn::selective_scan_backward", mutates_args=())
@@ -128,8 +129,17 @@ def _scan_backward_op(dout: Tensor, dlast_state: Optional[Tensor], chunk_states:
                                                     Tensor, Tensor]:
     """(du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dinitial_state); an empty tensor where the input is
     absent."""
+    if u.dim() != 3 or A.dim() != 2 or chunk_size <= 0:
+        raise RuntimeError(f"selective_scan_backward: u must be (B, D, L), A (D, N) and chunk_size positive; got "
+                           f"{tuple(u.shape)}, {tuple(A.shape)} and {chunk_size}")
+    Bsz, Dm, L = u.shape
+    boundary = (Bsz, Dm, -(-L // chunk_size), A.shape[1])
+    if tuple(chunk_states.shape) != (Bsz, boundary[1] * boundary[2] * boundary[3]):
+        raise RuntimeError(f"selective_scan_backward: chunk_states must be ({Bsz}, "
+                           f"{boundary[1] * boundary[2] * boundary[3]}) (D x chunks x N per batch row), got "
+                           f"{tuple(chunk_states.shape)}")
     impl = _pick("selective_scan_backward", u, _BACKWARD_IMPLS)
-    got = impl(dout, dlast_state, chunk_states, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+    got = impl(dout, dlast_state, chunk_states.view(boundary), u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                initial_state, seq_idx, per_sequence_states, chunk_size, deterministic)
     return tuple(_empty(u) if g is None else g for g in got)
 
