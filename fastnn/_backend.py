@@ -132,3 +132,10 @@ def pick(op: str, device: torch.device, impls: Mapping[str, Callable], preferenc
         reasons = "; ".join(f"{n}: {unusable_reason(n, device)}" for n in preference if n in impls)
         _log.warning("fastnn.%s on %s runs the slow reference implementation (%s)", op, device.type, reasons)
     return impls["reference"]
+
+
+def dense_copies(tensors: Sequence[Optional[torch.Tensor]]) -> list:
+    """Row-major copies of a reference backend's results (None stays None). A custom op may not return an
+    input or a view of one (with no steps, a state out is the state in), and its fake kernel promises dense
+    outputs, while torch.func.vjp gives gradients in their inputs' layouts."""
+    return [None if t is None else t.clone(memory_format=torch.contiguous_format) for t in tensors]

@@ -66,14 +66,17 @@ def assert_same_nonfinite_and_close(out: torch.Tensor, ref: torch.Tensor, rtol: 
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
-def run_opcheck(op, args: Iterable[tuple], kwargs: dict | None = None, skip_autograd: bool = False) -> None:
-    """torch.library.opcheck on each argument tuple (schema, fake, autograd registration, AOT dispatch)."""
+def run_opcheck(op, args: Iterable[tuple], kwargs: dict | None = None, skip_autograd: bool = False,
+                strided_inputs: bool = True) -> None:
+    """torch.library.opcheck on each argument tuple (schema, fake, autograd registration, AOT dispatch), and
+    check_fake_layout. strided_inputs=False: the op refuses every non-dense input (its public function passes
+    dense copies), so only the given layout is compared."""
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     if not skip_autograd:
         tests = tests + ("test_autograd_registration",)
     for a in args:
         torch.library.opcheck(op, a, kwargs or {}, test_utils=tests)
-        check_fake_layout(op, a, kwargs or {})
+        check_fake_layout(op, a, kwargs or {}, strided_inputs)
 
 
 def _relaid(t, layout: str):
@@ -91,31 +94,49 @@ def _relaid(t, layout: str):
     return out.copy_(t).requires_grad_(t.requires_grad)
 
 
-def check_fake_layout(op, args: tuple, kwargs: dict) -> None:
-    """The fake kernel's outputs have the real kernel's sizes and strides, for the given inputs and for
-    non-contiguous copies of them. opcheck compares sizes only; a stride that differs makes a compiled
-    graph fail its inductor-generated assert (or read an output with the wrong layout)."""
+def check_fake_layout(op, args: tuple, kwargs: dict, strided_inputs: bool = True) -> None:
+    """The fake kernel's outputs have the real kernel's sizes and strides, for the given inputs and, one tensor
+    argument at a time, for re-laid copies of it (see _relaid). opcheck compares sizes only; a stride that
+    differs makes a compiled graph fail its inductor-generated assert (or read an output in the wrong layout).
+    A re-laid argument the op refuses is skipped (a raw op reads some inputs as dense arrays; its public
+    function makes them so), but unless strided_inputs is False at least one must be accepted."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
-    from torch.utils._pytree import tree_flatten, tree_map_only
+    from torch.utils._pytree import tree_flatten, tree_unflatten
 
-    for layout in ("given", "reversed", "sliced"):
-        variant = args if layout == "given" else tree_map_only(torch.Tensor, lambda t: _relaid(t, layout), args)
-        detached = tree_map_only(torch.Tensor, torch.Tensor.detach, variant)
+    leaves, spec = tree_flatten(args)
+
+    def inputs(position=None, layout=None):
+        # fresh copies each time: the mutating ops write into their inputs
+        flat = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in leaves]
+        if position is not None:
+            flat[position] = _relaid(leaves[position].detach(), layout)
+        return tree_unflatten(flat, spec)
+
+    variants = [("given inputs", None, None)]
+    for i, a in enumerate(leaves):
+        for layout in ("reversed", "sliced"):
+            if isinstance(a, torch.Tensor) and _relaid(a, layout) is not a:
+                variants.append((f"argument {i} {layout}", i, layout))
+    accepted = 0
+    for what, position, layout in variants:
+        real_args = inputs(position, layout)
         with torch.no_grad():
             try:
-                real = op(*detached, **kwargs)
+                real = op(*real_args, **kwargs)
             except (RuntimeError, ValueError):
-                if layout == "given":
+                if position is None:
                     raise
-                continue  # a raw op that takes contiguous inputs only (its public function makes them so)
+                continue
+            accepted += position is not None
             # data-dependent output sizes (nms, the peak counts) become symbols, compared only where concrete
+            plain = tree_flatten(inputs(position, layout))[0]
             with FakeTensorMode(shape_env=ShapeEnv(allow_dynamic_output_shape_ops=True)) as mode:
-                fake = op(*tree_map_only(torch.Tensor, lambda t: mode.from_tensor(t, static_shapes=True), detached),
-                         **kwargs)
+                fake = op(*tree_unflatten([mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor)
+                                           else a for a in plain], spec), **kwargs)
         real_flat, fake_flat = tree_flatten(real)[0], tree_flatten(fake)[0]
         assert len(real_flat) == len(fake_flat)
-        where = f"{op}, inputs {layout}"
+        where = f"{op}, {what}"
         for i, (r, f) in enumerate(zip(real_flat, fake_flat)):
             if not isinstance(r, torch.Tensor):
                 continue
@@ -124,10 +145,12 @@ def check_fake_layout(op, args: tuple, kwargs: dict) -> None:
                 fs, fst = f.shape[d], f.stride(d)
                 if isinstance(fs, int):
                     assert fs == r.shape[d], f"{where}: output {i} shape {tuple(f.shape)} (fake) != {tuple(r.shape)}"
-                # a stride matters only along a dimension of more than one element
-                if r.shape[d] > 1 and isinstance(fst, int):
+                # a stride matters only along a dimension of more than one element, of a non-empty tensor
+                if r.shape[d] > 1 and r.numel() and isinstance(fst, int):
                     assert fst == r.stride(d), (f"{where}: output {i} strides {f.stride()} (fake) != {r.stride()} "
                                                 f"(real), shape {tuple(r.shape)}")
+    assert accepted or not strided_inputs or len(variants) == 1, \
+        f"{op}: refused every re-laid argument, so no layout was compared (strided_inputs=False if by design)"
 
 
 def run_gradcheck(fn: Callable, inputs: tuple, backends: Sequence[str], **kw) -> None:

@@ -3,7 +3,9 @@ automatic dynamic shapes (a second shape recompiles with symbolic sizes). Each p
 two shapes through one compiled function and must give the eager results, gradients included where the op
 has them. Failures this caught: module float attributes (dropout, softcap) arriving as SymFloats that
 math.isnan / isinf cannot trace; value-check messages that formatted a symbolic size; attention_decode's
-host read of cache_seqlens. Also torch.export with dynamic dimensions, run at another shape: selective_scan's
+host read of cache_seqlens. test_no_recompile_per_size counts the compiles over four sizes: a size formatted
+into a message, a global filled in during the first trace, or a sort().diff() of a batch of 2 each made the graph
+compile again. Also torch.export with dynamic dimensions, run at another shape: selective_scan's
 chunk-state count, a dimension of its own once, was 1 at the example's L and bounded the exported L to 256."""
 from collections import OrderedDict
 
@@ -34,6 +36,15 @@ def _scan_args(b, length, groups=1):
 def _ssu_args(b, rows):
     return (torch.randn(rows, 4, 8), torch.randn(b, 4), torch.randn(b, 4), -torch.rand(4, 8), torch.randn(b, 8),
             torch.randn(b, 8), torch.randn(4))
+
+
+_DETECTIONS = [(_boxes(4), torch.rand(4)) for _ in range(3)]
+
+
+def _fixed_detector(images):
+    """A stand-in detector for multiscale_detect: the same detections whatever the scale."""
+    return [{"boxes": b, "scores": s, "labels": torch.zeros(4, dtype=torch.long)}
+            for b, s in _DETECTIONS[:images.shape[0]]]
 
 
 def _cases():
@@ -125,6 +136,9 @@ def _cases():
                                   (torch.stack([_boxes(57)] * 3), torch.rand(3, 57, 3)), False),
         "heatmap_peaks": (lambda h: ops.heatmap_peaks(h, 5), (torch.rand(2, 3, 16, 16),), (torch.rand(3, 3, 20, 18),),
                           False),
+        # the scales as arguments: floats that dynamic=True makes symbolic (its check once called math.isfinite)
+        "multiscale_detect": (lambda im, s0, s1: ops.multiscale_detect(_fixed_detector, im, (s0, s1)),
+                              (torch.randn(2, 3, 32, 32), 0.5, 1.0), (torch.randn(2, 3, 40, 48), 0.75, 1.0), False),
         "decode_fcos": (lambda p, d: ops.decode_fcos(p, d, stride=8.0), (torch.rand(10, 2) * 50, torch.rand(10, 4)),
                         (torch.rand(13, 2) * 50, torch.rand(13, 4)), False),
         "decode_yolo": (lambda p: ops.decode_yolo(p, None, 8.0, 8), (torch.randn(2, 64, 4, 5),),
@@ -251,3 +265,44 @@ def test_export_dynamic_shapes(name):
     fn, modules, example, dims, other = EXPORT_CASES[name]
     program = torch.export.export(_Wrapped(fn, modules), example, dynamic_shapes=(dims,))
     torch.testing.assert_close(program.module()(*other), fn(*other), rtol=1e-5, atol=1e-5)
+
+
+def _at_size(name, n):
+    """The arguments of case `name` at a size that grows with n = 0, 1, 2, 3 (batch, length or cache size)."""
+    b, length = 2 + n, 9 + 4 * n
+    if name == "selective_scan_cu_seqlens":
+        return (*_scan_args(1, length), torch.tensor([0, length // 3, length]))
+    if name == "attention_decode":
+        cache = 12 + 4 * n
+        return (torch.randn(b, 1, 4, 16), torch.randn(b, cache, 4, 16), torch.randn(b, cache, 4, 16),
+                torch.randint(1, cache + 1, (b,)))
+    # (no two sizes equal at the first call: dynamo would assume they always are)
+    if name == "selective_state_update":
+        return (*_ssu_args(b, b + 3), torch.randperm(b + 3)[:b])
+    if name == "causal_conv1d_update":
+        return (torch.randn(b, 4), torch.randn(b + 3, 4, 3), torch.randn(4, 4), torch.randperm(b + 3)[:b])
+    if name == "lstm":
+        return (torch.randn(length, b, 8),)
+    assert name == "mamba"
+    return (torch.randn(b, (9, 200, 300, 520)[n], 32),)  # one chunk of saved states, then two and three
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+@pytest.mark.parametrize("name", ["selective_scan_cu_seqlens", "attention_decode", "selective_state_update",
+                                  "causal_conv1d_update", "lstm", "mamba"])
+def test_no_recompile_per_size(name, dynamic):
+    """No compile after the sizes have gone symbolic (the first call with dynamic=True, the second with the
+    default): no check specialises the graph to a size (a size formatted into an assert's message once did, and
+    a compiled decode loop recompiled at every new cache size until dynamo's recompile limit)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    fn = CASES[name][0]
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=counter)
+    settled = None
+    for n in range(4):
+        _compare(fn, compiled, _at_size(name, n), False)
+        if n == (0 if dynamic else 1):  # the default compiles again, with symbolic sizes, at the second size
+            settled = counter.frame_count
+    assert counter.frame_count == settled, f"{counter.frame_count - settled} compiles after the sizes went symbolic"

@@ -11,7 +11,8 @@ import fastnn
 from fastnn.ops import rnn as rnn_ops
 from fastnn.reference import rnn as ref
 
-from _tiers import backends_under_test, check_compiles, expect_error, lowp_close, run_gradcheck, run_opcheck
+from _tiers import (backends_under_test, check_compiles, check_fake_layout, expect_error, lowp_close, run_gradcheck,
+                    run_opcheck)
 
 CPU_BACKENDS = backends_under_test("cpu", ["reference", "cpp"])
 TRITON = backends_under_test("cpu", ["triton"])  # the interpreter (fp16 / fp32; kernel tests: test_rnn_triton.py)
@@ -773,15 +774,19 @@ def test_module_on_triton_matches_torch(mode, backend):
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS + TRITON)
 def test_opcheck(backend):
     with fastnn.use_backend(backend):
-        run_opcheck(torch.ops.fastnn.rnn_layer_forward.default, _opcheck_cases(torch.float32))
-        if backend == "reference":
-            return  # its backward runs torch.func.vjp, which opcheck's tensor wrappers cannot run
+        # the C++ kernel reads every input as a dense array (the public function passes dense copies)
+        run_opcheck(torch.ops.fastnn.rnn_layer_forward.default, _opcheck_cases(torch.float32),
+                    strided_inputs=backend != "cpp")
         mode, x, bs, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse, _ = _opcheck_cases(torch.float32)[2]
         y, h, c, gates, aux, r = torch.ops.fastnn.rnn_layer_forward(mode, x, bs, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0,
                                                                     reverse, True)
-        run_opcheck(torch.ops.fastnn.rnn_layer_backward.default,
-                    [(mode, torch.randn_like(y), torch.randn_like(h), torch.randn_like(c), x, bs, w_ih, w_hh, b_ih, b_hh,
-                      w_hr, h0, c0, y, gates, aux, r, reverse, True, True)], skip_autograd=True)
+        backward = (mode, torch.randn_like(y), torch.randn_like(h), torch.randn_like(c), x, bs, w_ih, w_hh, b_ih, b_hh,
+                    w_hr, h0, c0, y, gates, aux, r, reverse, True, True)
+        if backend == "reference":  # its backward runs torch.func.vjp, which opcheck's tensor wrappers cannot run
+            check_fake_layout(torch.ops.fastnn.rnn_layer_backward.default, backward, {})
+            return
+        run_opcheck(torch.ops.fastnn.rnn_layer_backward.default, [backward], skip_autograd=True,
+                    strided_inputs=backend != "cpp")
 
 
 @pytest.mark.parametrize("mode,proj", [("lstm", 0), ("lstm", 2), ("gru", 0)])

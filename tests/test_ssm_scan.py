@@ -13,7 +13,8 @@ from fastnn import ops
 from fastnn.ops import ssm as ssm_ops
 from fastnn.reference import ssm as ref
 
-from _tiers import backends_under_test, check_compiles, cuda_param, expect_error, run_gradcheck, run_opcheck
+from _tiers import (backends_under_test, check_compiles, check_fake_layout, cuda_param, expect_error, run_gradcheck,
+                    run_opcheck)
 
 IMPLS = tuple(ssm_ops._FORWARD_IMPLS)
 CPU_BACKENDS = backends_under_test("cpu", IMPLS)
@@ -274,6 +275,15 @@ def test_empty_inputs(backend):
             torch.testing.assert_close(last, init.detach())
         (out.sum() + last.sum()).backward()
         assert u.grad.shape == shape and A.grad.shape == A.shape
+    # no steps, only the initial state differentiated: its gradient is the final state's (the reference's vjp
+    # returned that cotangent itself, which a custom op may not: an output aliasing an input)
+    u, A = torch.randn(2, 3, 0), -torch.rand(3, 4)
+    init = torch.randn(2, 3, 4, requires_grad=True)
+    with fastnn.use_backend(backend):  # (the backward too)
+        _, last = ops.selective_scan_fn(u, u.abs(), A, A, A, return_last_state=True, initial_state=init)
+        dlast = torch.randn_like(last)
+        last.backward(dlast)
+    torch.testing.assert_close(init.grad, dlast, rtol=0, atol=0)
 
 
 def test_noncontiguous_inputs_match_contiguous():
@@ -304,11 +314,14 @@ def test_opcheck_forward_and_backward():
     chunk = ssm_ops.chunk_size_for("cpu", 3)
     fwd = (u, delta, A, Bm, Cm, kw["D"], kw["z"], kw["delta_bias"], True, kw["initial_state"], None, False, 2,
            chunk)
-    run_opcheck(torch.ops.fastnn.selective_scan_forward.default, [fwd])
+    # the raw op reads every input as a dense array (selective_scan_fn passes dense copies)
+    run_opcheck(torch.ops.fastnn.selective_scan_forward.default, [fwd], strided_inputs=False)
     _, _, chunks = torch.ops.fastnn.selective_scan_forward(*fwd)
     bwd = (torch.randn_like(u), torch.randn(2, 5, 3), chunks, u, delta, A, Bm, Cm, kw["D"], kw["z"],
            kw["delta_bias"], True, kw["initial_state"], None, False, chunk, True)
-    run_opcheck(torch.ops.fastnn.selective_scan_backward.default, [bwd], skip_autograd=True)
+    run_opcheck(torch.ops.fastnn.selective_scan_backward.default, [bwd], skip_autograd=True, strided_inputs=False)
+    with fastnn.use_backend("reference"):  # torch.func.vjp: gradients in their inputs' layouts before dense_copies
+        check_fake_layout(torch.ops.fastnn.selective_scan_backward.default, bwd, {})
 
 
 @pytest.mark.parametrize("name", ["mamba", "fixed_bc", "seq_idx", "cu_seqlens"])

@@ -89,9 +89,9 @@ def values(ok: Tensor, message: Callable[[], str]) -> None:
 
 
 def size_text(n, name: str) -> str:
-    """A size for an error message of values(): the number itself, or `name` where the size is symbolic (under
-    torch.compile with dynamic shapes, whose assert messages must be constants)."""
-    return f"{n}" if isinstance(n, int) else name
+    """A size for an error message of values(): the number itself eagerly, `name` under torch.compile (the
+    assert's message is a constant of the graph: formatting the size there would specialise the graph to it)."""
+    return name if torch.compiler.is_compiling() else f"{n}"
 
 
 def shown(t: Tensor, most: int = 8) -> str:

@@ -26,19 +26,18 @@ from ..reference.boxes import compute_dtype, threshold_below
 from ..reference.fpn import nearest_source
 
 
-_exporter_flags = []  # torch's exporter flag module, imported at the first call made while tracing
+# torch's exporter flag module, imported with fastnn (~50 ms): imported at the first call made while tracing, a
+# global filled in under torch.compile made every first compile of a fastnn op compile twice
+try:
+    from torch.onnx._internal.exporter import _flags as _exporter_flags
+except ImportError:
+    _exporter_flags = None
 
 
 def _exporter_flag() -> bool:
     # torch.onnx.is_in_onnx_export() reads this flag too, but under the exporter's strict (dynamo) capture, its
     # second try, that call reads False; the flag itself reads as it is
-    if not _exporter_flags:
-        try:
-            from torch.onnx._internal.exporter import _flags
-        except ImportError:
-            _flags = None
-        _exporter_flags.append(_flags)
-    return bool(getattr(_exporter_flags[0], "_is_onnx_exporting", False))
+    return bool(getattr(_exporter_flags, "_is_onnx_exporting", False))
 
 
 def exporting() -> bool:

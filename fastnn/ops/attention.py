@@ -650,8 +650,9 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     _checks.same_device("q", q, cache_seqlens=cache_seqlens)
     # eager CUDA skips the check (a host read per decode step); a compiled graph checks on the device
     if cache_seqlens.numel() and (cache_seqlens.device.type == "cpu" or torch.compiler.is_compiling()):
-        _checks.values(((cache_seqlens >= 0) & (cache_seqlens <= k_cache.shape[1])).all(),
-                       lambda: f"cache_seqlens must be in [0, {_checks.size_text(k_cache.shape[1], 'k_cache.shape[1]')}] "
+        cache_len = k_cache.shape[1]
+        _checks.values(((cache_seqlens >= 0) & (cache_seqlens <= cache_len)).all(),
+                       lambda: f"cache_seqlens must be in [0, {_checks.size_text(cache_len, 'k_cache.shape[1]')}] "
                                f"(the cache length); got {_checks.shown(cache_seqlens)}")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = automatic); got {num_splits!r}")

@@ -25,7 +25,8 @@ def _check_scales(scales) -> list:
         raise TypeError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
     out = []
     for s in scales:
-        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(float(s)) or float(s) <= 0:
+        # comparisons, not math.isfinite: a scale may be a SymFloat under torch.compile(dynamic=True)
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0 < float(s) < math.inf:
             raise ValueError(f"scales must hold positive finite numbers, got {s!r}")
         out.append(float(s))
     return out

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from .._backend import _C, pick
+from .._backend import _C, dense_copies, pick
 from ..reference import rnn as ref
 from . import _checks, _direct
 
@@ -51,8 +51,8 @@ def _forward_reference(mode, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c
     with torch.no_grad():
         y, h, c = ref.rnn_layer(mode, x, batch_sizes.tolist(), w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, reverse)
     none = x.new_empty(0, dtype=workspace_dtype(x.dtype))
-    # dense copies: with no steps h and c are h0 and c0 themselves, whatever their strides
-    return [y, h.clone(memory_format=torch.contiguous_format), _empty(x) if c is None else c.clone(memory_format=torch.contiguous_format), none, none.clone(), none.clone()]
+    h, c = dense_copies([h, c])  # with no steps, h0 and c0 themselves
+    return [y, h, _empty(x) if c is None else c, none, none.clone(), none.clone()]
 
 
 _LAYER_INPUTS = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "h0", "c0")  # a layer's differentiable inputs
@@ -72,7 +72,7 @@ def _backward_reference(mode, dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, b_ih, 
 
     _, vjp = torch.func.vjp(layer, *[given[k] for k in keys])
     grads = dict(zip(keys, vjp((dy, dh_n) if mode == "gru" else (dy, dh_n, dc_n))))
-    return [grads.get(k) for k in _LAYER_INPUTS]
+    return dense_copies([grads.get(k) for k in _LAYER_INPUTS])
 
 
 def _lift(args):

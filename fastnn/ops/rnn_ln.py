@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from .._backend import _C, pick
+from .._backend import _C, dense_copies, pick
 from ..reference import rnn as ref
 from . import _checks, _direct
 from .rnn import (RNN_DTYPES, _compute_dtype, _contig, _fresh_empties, _lift, _refuse_dense, autocast_off,
@@ -65,7 +65,8 @@ def _forward_reference(x, batch_sizes, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bia
     with torch.no_grad():
         y, h, c = ref.layer_norm_lstm_layer(x, batch_sizes.tolist(), weights, h0, c0,
                                             _zoneout_keep(zoneout_mask, zoneout), reverse)
-    return [y, h.clone(memory_format=torch.contiguous_format), c.clone(memory_format=torch.contiguous_format)] + [x.new_empty(0, dtype=workspace_dtype(x.dtype)) for _ in range(5)]
+    h, c = dense_copies([h, c])  # with no steps, h0 and c0 themselves
+    return [y, h, c] + [x.new_empty(0, dtype=workspace_dtype(x.dtype)) for _ in range(5)]
 
 
 def _backward_reference(dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, bias, ln_ih_weight, ln_ih_bias, ln_hh_weight,
@@ -85,7 +86,7 @@ def _backward_reference(dy, dh_n, dc_n, x, batch_sizes, w_ih, w_hh, bias, ln_ih_
 
     _, vjp = torch.func.vjp(layer, *[given[k] for k in keys])
     grads = dict(zip(keys, vjp((dy, dh_n, dc_n))))
-    return [grads.get(k) for k in names]
+    return dense_copies([grads.get(k) for k in names])
 
 
 def _forward_cpp(x, *args):

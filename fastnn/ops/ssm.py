@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._backend import _C, pick
+from .._backend import _C, dense_copies, pick
 from ..reference import ssm as ref
 from . import _checks, _direct
 
@@ -45,7 +45,8 @@ def _forward_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     with torch.no_grad():
         out, last, chunks = ref.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                                seq_idx, per_seq, chunk_size)
-    return out, last.clone(), chunks.clone()  # L = 0 would return the initial state itself (an alias)
+    last, chunks = dense_copies([last, chunks])  # L = 0 would return the initial state itself (an alias)
+    return out, last, chunks
 
 
 def _backward_reference(dout, dlast, chunk_states, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
@@ -64,7 +65,7 @@ def _backward_reference(dout, dlast, chunk_states, u, delta, A, B, C, D, z, delt
 
     (out, last), vjp = torch.func.vjp(scan, *[given[k] for k in keys])
     grads = dict(zip(keys, vjp((dout, torch.zeros_like(last) if dlast is None else dlast))))
-    return [grads.get(k) for k in names]
+    return dense_copies([grads.get(k) for k in names])
 
 
 def _forward_cpp(*args):
@@ -134,8 +135,8 @@ def _scan_backward_op(dout: Tensor, dlast_state: Optional[Tensor], chunk_states:
                            f"{tuple(u.shape)}, {tuple(A.shape)} and {chunk_size}")
     Bsz, Dm, L = u.shape
     boundary = (Bsz, Dm, -(-L // chunk_size), A.shape[1])
-    if tuple(chunk_states.shape) != (Bsz, boundary[1] * boundary[2] * boundary[3]):
-        raise RuntimeError(f"selective_scan_backward: chunk_states must be ({Bsz}, "
+    if tuple(chunk_states.shape) != (Bsz, boundary[1] * boundary[2] * boundary[3]) or not chunk_states.is_contiguous():
+        raise RuntimeError(f"selective_scan_backward: chunk_states must be a contiguous ({Bsz}, "
                            f"{boundary[1] * boundary[2] * boundary[3]}) (D x chunks x N per batch row), got "
                            f"{tuple(chunk_states.shape)}")
     impl = _pick("selective_scan_backward", u, _BACKWARD_IMPLS)

@@ -195,7 +195,8 @@ def _conv_backward_fake(dout, dfinal_states, x, weight, bias, seq_idx, initial_s
     # dense row-major, as the kernels write them (empty_like would copy a strided input's layout: Mamba's x is
     # a transposed view, and a compiled graph's stride assert failed)
     dinit = initial_states.new_empty(initial_states.shape) if initial_states is not None else x.new_empty(0)
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0], dtype=bias_dtype), dinit
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0], dtype=bias_dtype),
+            dinit)
 
 
 def _conv_setup_context(ctx, inputs, output):
@@ -361,10 +362,13 @@ def _check_indices(idx, name: str, batch: int, cache_rows: int, x: Tensor) -> No
     # value checks on CPU tensors only (on CUDA they would cost a host sync every decode step)
     if idx.device.type == "cpu" and idx.numel():
         _checks.values(((idx >= 0) & (idx < cache_rows)).all(),
-                       lambda: f"{name} must be in [0, {_checks.size_text(cache_rows, 'cache rows')}) (the cache's batch "
-                               f"size); got {_checks.shown(idx)}")
+                       lambda: f"{name} must be in [0, {_checks.size_text(cache_rows, 'cache rows')}) (the cache's "
+                               f"batch size); got {_checks.shown(idx)}")
         # two rows updating one cache row would race on the GPU and apply in turn on the CPU: refused
-        _checks.values((idx.sort().values.diff() != 0).all(),
+        # counted per cache row, not by sort().diff(): a compiled graph would specialise to batch 2 (a diff of one)
+        uses = torch.zeros(cache_rows, dtype=torch.int32).index_add_(
+            0, idx.long().clamp(0, max(cache_rows - 1, 0)), torch.ones(idx.shape, dtype=torch.int32))
+        _checks.values((uses <= 1).all(),
                        lambda: f"{name} must be distinct (each cache row updated by one batch row); got "
                                f"{_checks.shown(idx)}")
 
