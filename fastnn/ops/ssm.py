@@ -135,10 +135,10 @@ def _scan_backward_op(dout: Tensor, dlast_state: Optional[Tensor], chunk_states:
                            f"{tuple(u.shape)}, {tuple(A.shape)} and {chunk_size}")
     Bsz, Dm, L = u.shape
     boundary = (Bsz, Dm, -(-L // chunk_size), A.shape[1])
-    if tuple(chunk_states.shape) != (Bsz, boundary[1] * boundary[2] * boundary[3]) or not chunk_states.is_contiguous():
-        raise RuntimeError(f"selective_scan_backward: chunk_states must be a contiguous ({Bsz}, "
-                           f"{boundary[1] * boundary[2] * boundary[3]}) (D x chunks x N per batch row), got "
-                           f"{tuple(chunk_states.shape)}")
+    per_row = Dm * boundary[2] * boundary[3]
+    if tuple(chunk_states.shape) != (Bsz, per_row) or not chunk_states.is_contiguous():
+        raise RuntimeError(f"selective_scan_backward: chunk_states must be a contiguous ({Bsz}, {per_row}) "
+                           f"(D x chunks x N per batch row), got {tuple(chunk_states.shape)}")
     impl = _pick("selective_scan_backward", u, _BACKWARD_IMPLS)
     got = impl(dout, dlast_state, chunk_states.view(boundary), u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                initial_state, seq_idx, per_sequence_states, chunk_size, deterministic)
